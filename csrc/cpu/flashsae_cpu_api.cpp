@@ -1,0 +1,252 @@
+// flashsae._C: the host boundary of the CPU kernels (the role flash_api.cpp plays in FlashAttention).
+//
+// Every binding takes raw addresses (tensor.data_ptr() as a Python int), sizes and dtype codes;
+// no torch headers are involved (DESIGN.md §2). flashsae/_native.py has already checked device,
+// dtype, contiguity and shapes of each tensor; this file checks what only C++ can check cheaply
+// (index ranges, which the kernels would otherwise read out of bounds with) and the size invariants
+// the kernels rely on, then releases the GIL and runs the kernel.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/dtype.h"
+#include "cpu/kernels.h"
+
+namespace py = pybind11;
+using flashsae::DType;
+
+namespace {
+
+using addr_t = std::uintptr_t;
+
+template <typename T = void> T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
+
+void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+void require_positive(int64_t value, const char* name) {
+  if (value < 1) {
+    std::ostringstream m;
+    m << name << ": expected >= 1, got " << value;
+    throw std::invalid_argument(m.str());
+  }
+}
+
+void require_k(int64_t k, int64_t n, const char* name) {
+  if (k < 1 || k > n) {
+    std::ostringstream m;
+    m << name << ": expected 1 <= " << name << " <= n_latents (" << n << "), got " << k;
+    throw std::invalid_argument(m.str());
+  }
+}
+
+void require_address(addr_t a, const char* name) {
+  require(a != 0, std::string(name) + ": null address");
+}
+
+// Every index must be a latent in [0, n) or -1 (an empty slot).
+void check_indices(addr_t idx_addr, int64_t rows, int64_t k, int64_t n, const char* name) {
+  const int32_t* idx = as_ptr<const int32_t>(idx_addr);
+  const int64_t count = rows * k;
+  int64_t bad = -1;
+  for (int64_t p = 0; p < count; ++p) {
+    if (idx[p] < -1 || idx[p] >= n) {
+      bad = p;
+      break;
+    }
+  }
+  if (bad >= 0) {
+    std::ostringstream m;
+    m << name << ": index " << idx[bad] << " at [" << bad / k << ", " << bad % k
+      << "] is out of range; expected a latent in [0, " << n << ") or -1 for an empty slot";
+    throw std::invalid_argument(m.str());
+  }
+}
+
+void check_float_dtype(int code, const char* name) {
+  flashsae::dispatch_float(code, name, [](auto) { return 0; });
+}
+
+// ---------------------------------------------------------------------------------------------
+void topk_state_init(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k, int score_dtype) {
+  require_address(heap_scores, "heap_scores");
+  require_address(heap_indices, "heap_indices");
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  flashsae::cpu::topk_state_init(as_ptr(heap_scores), as_ptr<int32_t>(heap_indices), rows, k, score_dtype);
+}
+
+void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0, int64_t n,
+                      addr_t heap_scores, addr_t heap_indices, int64_t k, addr_t dead_mask,
+                      addr_t aux_scores, addr_t aux_indices, int64_t aux_k, int score_dtype) {
+  require_address(scores, "scores");
+  require_address(heap_scores, "heap_scores");
+  require_address(heap_indices, "heap_indices");
+  require_positive(rows, "rows");
+  require_positive(cols, "cols");
+  require(ld >= cols, "scores: row stride " + std::to_string(ld) + " < cols " + std::to_string(cols));
+  require(col0 >= 0 && col0 + cols <= n, "col0: tile [" + std::to_string(col0) + ", " +
+                                             std::to_string(col0 + cols) + ") leaves [0, " +
+                                             std::to_string(n) + ")");
+  require_k(k, n, "k");
+  require(aux_k >= 0 && aux_k <= n, "aux_k: expected 0 <= aux_k <= n_latents (" +
+                                        std::to_string(n) + "), got " + std::to_string(aux_k));
+  if (aux_k > 0) {
+    require_address(dead_mask, "dead_mask");
+    require_address(aux_scores, "aux_scores");
+    require_address(aux_indices, "aux_indices");
+  }
+  flashsae::cpu::topk_state_merge(as_ptr(scores), ld, rows, cols, col0, as_ptr(heap_scores),
+                                  as_ptr<int32_t>(heap_indices), k, as_ptr<const uint8_t>(dead_mask),
+                                  as_ptr(aux_scores), as_ptr<int32_t>(aux_indices), aux_k, score_dtype);
+}
+
+void topk_state_finish(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k,
+                       int score_dtype, addr_t values, addr_t indices, int value_dtype) {
+  require_address(heap_scores, "heap_scores");
+  require_address(heap_indices, "heap_indices");
+  require_address(values, "values");
+  require_address(indices, "indices");
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  flashsae::cpu::topk_state_finish(as_ptr(heap_scores), as_ptr<const int32_t>(heap_indices), rows, k,
+                                   score_dtype, as_ptr(values), as_ptr<int32_t>(indices), value_dtype);
+}
+
+void sparse_decode_forward(addr_t values, addr_t indices, int64_t rows, int64_t k, addr_t W_dec,
+                           int64_t n, int64_t d, addr_t b_dec, addr_t x_hat, int dtype) {
+  require_address(values, "values");
+  require_address(indices, "indices");
+  require_address(W_dec, "W_dec");
+  require_address(x_hat, "x_hat");
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  check_float_dtype(dtype, "values");
+  check_indices(indices, rows, k, n, "indices");
+  py::gil_scoped_release release;
+  flashsae::cpu::sparse_decode_forward(as_ptr(values), as_ptr<const int32_t>(indices), rows, k,
+                                       as_ptr(W_dec), n, d, as_ptr(b_dec), as_ptr(x_hat), dtype);
+}
+
+void sparse_decode_backward(addr_t grad, addr_t values, addr_t indices, int64_t rows, int64_t k,
+                            addr_t W_dec, int64_t n, int64_t d, addr_t d_values, addr_t dW_dec,
+                            addr_t db_dec, int dtype) {
+  for (auto [a, name] : {std::pair{grad, "grad"}, {values, "values"}, {indices, "indices"},
+                         {W_dec, "W_dec"}, {d_values, "d_values"}, {dW_dec, "dW_dec"}})
+    require_address(a, name);
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  check_float_dtype(dtype, "values");
+  check_indices(indices, rows, k, n, "indices");
+  py::gil_scoped_release release;
+  flashsae::cpu::sparse_decode_backward(as_ptr(grad), as_ptr(values), as_ptr<const int32_t>(indices),
+                                        rows, k, as_ptr(W_dec), n, d, as_ptr(d_values),
+                                        as_ptr(dW_dec), as_ptr(db_dec), dtype);
+}
+
+void topk_encode_backward(addr_t d_values, addr_t values, addr_t indices, int64_t rows, int64_t k,
+                          addr_t x, addr_t b_dec, addr_t W_enc, int64_t n, int64_t d, addr_t dW_enc,
+                          addr_t db_enc, addr_t dx, addr_t db_dec, int dtype) {
+  for (auto [a, name] : {std::pair{d_values, "d_values"}, {values, "values"}, {indices, "indices"},
+                         {x, "x"}, {W_enc, "W_enc"}, {dW_enc, "dW_enc"}, {db_enc, "db_enc"}})
+    require_address(a, name);
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  check_float_dtype(dtype, "x");
+  check_indices(indices, rows, k, n, "indices");
+  py::gil_scoped_release release;
+  flashsae::cpu::topk_encode_backward(as_ptr(d_values), as_ptr(values),
+                                      as_ptr<const int32_t>(indices), rows, k, as_ptr(x),
+                                      as_ptr(b_dec), as_ptr(W_enc), n, d, as_ptr(dW_enc),
+                                      as_ptr(db_enc), as_ptr(dx), as_ptr(db_dec), dtype);
+}
+
+void check_loss_args(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values,
+                     addr_t aux_indices, int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows,
+                     int64_t n, int64_t d, int dtype) {
+  for (auto [a, name] : {std::pair{x, "x"}, {values, "values"}, {indices, "indices"},
+                         {W_dec, "W_dec"}, {b_dec, "b_dec"}})
+    require_address(a, name);
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  require(aux_k >= 0, "aux_k: expected >= 0, got " + std::to_string(aux_k));
+  check_float_dtype(dtype, "x");
+  check_indices(indices, rows, k, n, "indices");
+  if (aux_k > 0) {
+    require_address(aux_values, "aux_values");
+    require_address(aux_indices, "aux_indices");
+    check_indices(aux_indices, rows, aux_k, n, "aux_indices");
+  }
+}
+
+void sae_loss_forward(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values,
+                      addr_t aux_indices, int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows,
+                      int64_t n, int64_t d, addr_t x_hat, addr_t sse, addr_t aux_sse, int dtype) {
+  check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, dtype);
+  require_address(x_hat, "x_hat");
+  require_address(sse, "sse");
+  if (aux_k > 0) require_address(aux_sse, "aux_sse");
+  py::gil_scoped_release release;
+  flashsae::cpu::sae_loss_forward(as_ptr(x), as_ptr(values), as_ptr<const int32_t>(indices), k,
+                                  as_ptr(aux_values), as_ptr<const int32_t>(aux_indices), aux_k,
+                                  as_ptr(W_dec), as_ptr(b_dec), rows, n, d, as_ptr(x_hat),
+                                  as_ptr(sse), as_ptr(aux_sse), dtype);
+}
+
+void sae_loss_backward(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr_t values,
+                       addr_t indices, int64_t k, addr_t aux_values, addr_t aux_indices,
+                       int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows, int64_t n, int64_t d,
+                       addr_t d_values, addr_t d_aux_values, addr_t dW_dec, addr_t db_dec, addr_t dx,
+                       int dtype) {
+  check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, dtype);
+  for (auto [a, name] : {std::pair{g_sse, "grad_sse"}, {d_values, "d_values"}, {dW_dec, "dW_dec"},
+                         {db_dec, "db_dec"}})
+    require_address(a, name);
+  if (aux_k > 0) {
+    require_address(g_aux, "grad_aux_sse");
+    require_address(d_aux_values, "d_aux_values");
+  }
+  py::gil_scoped_release release;
+  flashsae::cpu::sae_loss_backward(as_ptr(g_xhat), as_ptr(g_sse), as_ptr(g_aux), as_ptr(x),
+                                   as_ptr(values), as_ptr<const int32_t>(indices), k,
+                                   as_ptr(aux_values), as_ptr<const int32_t>(aux_indices), aux_k,
+                                   as_ptr(W_dec), as_ptr(b_dec), rows, n, d, as_ptr(d_values),
+                                   as_ptr(d_aux_values), as_ptr(dW_dec), as_ptr(db_dec), as_ptr(dx),
+                                   dtype);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "flashsae CPU kernels (C++17 + OpenMP). Internal: use flashsae.ops.";
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::Float32);
+  m.attr("DTYPE_FLOAT64") = static_cast<int>(DType::Float64);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::BFloat16);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::Float16);
+
+  m.def("openmp_max_threads", &omp_get_max_threads,
+        "Threads the kernels use (shared with torch's pool: torch.set_num_threads applies)");
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("topk_state_init", &topk_state_init, nogil);
+  m.def("topk_state_merge", &topk_state_merge, nogil);
+  m.def("topk_state_finish", &topk_state_finish, nogil);
+  // The bindings below check indices while holding the GIL, then release it themselves.
+  m.def("sparse_decode_forward", &sparse_decode_forward);
+  m.def("sparse_decode_backward", &sparse_decode_backward);
+  m.def("topk_encode_backward", &topk_encode_backward);
+  m.def("sae_loss_forward", &sae_loss_forward);
+  m.def("sae_loss_backward", &sae_loss_backward);
+}

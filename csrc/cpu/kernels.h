@@ -1,0 +1,76 @@
+// CPU kernels of flashsae._C. Only flashsae_cpu_api.cpp calls these; it has already checked the
+// sizes, so the kernels trust them. Index ranges are checked here, where the indices are read.
+//
+// Conventions (DESIGN.md §3): rows of W_enc / W_dec are latents ([n, d], row-major); indices are
+// int32; index -1 marks an empty slot (value ignored), which the aux top-k emits when fewer latents
+// are dead than slots asked for. Every float tensor of one call shares the storage dtype `dtype`;
+// accumulation is float32 (float64 for float64 storage).
+#pragma once
+
+#include <cstdint>
+
+namespace flashsae::cpu {
+
+// ---- running top-k over tiles of pre-activations (topk_select.cpp) -------------------------------
+// State: per row a min-heap of k (score, index) pairs, worst at the root. score_dtype is float32 or
+// float64: the tile is computed in that precision so selection never sees rounded bf16 scores.
+
+// Fills the heaps with sentinels (score -inf, index INT32_MAX) that every real candidate beats.
+void topk_state_init(void* heap_scores, int32_t* heap_indices, int64_t rows, int64_t k, int score_dtype);
+
+// Merges scores[rows, cols] (row stride ld) for latents col0 .. col0+cols-1 into the heaps, using
+// relu(score) as the key; ties go to the lower latent index. Tiles must arrive in ascending col0.
+// When aux_k > 0, latents with dead_mask[col] != 0 also enter a second heap of aux_k slots.
+void topk_state_merge(const void* scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0,
+                      void* heap_scores, int32_t* heap_indices, int64_t k,
+                      const uint8_t* dead_mask, void* aux_scores, int32_t* aux_indices, int64_t aux_k,
+                      int score_dtype);
+
+// Sorts each row (score descending, index ascending) and writes values in value_dtype. Sentinel
+// slots (only possible in the aux heap) become value 0, index -1.
+void topk_state_finish(const void* heap_scores, const int32_t* heap_indices, int64_t rows, int64_t k,
+                       int score_dtype, void* values, int32_t* indices, int value_dtype);
+
+// ---- sparse decoder (sparse_rows.cpp) -------------------------------------------------------------
+// x_hat[b] = b_dec + sum_j values[b, j] W_dec[idx[b, j]]   (b_dec may be null)
+void sparse_decode_forward(const void* values, const int32_t* idx, int64_t rows, int64_t k,
+                           const void* W_dec, int64_t n, int64_t d, const void* b_dec, void* x_hat,
+                           int dtype);
+
+// d_values[b, j] = grad[b] . W_dec[idx[b, j]]   (0 where idx = -1)
+// dW_dec[i] = sum over pairs (b, j) with idx[b, j] = i of values[b, j] grad[b]   (every row written)
+// db_dec = sum_b grad[b]   (if db_dec is not null)
+// Race-free and deterministic: pairs are bucketed by latent (stable counting sort), and each latent
+// row is summed by one thread in pair order.
+void sparse_decode_backward(const void* grad, const void* values, const int32_t* idx, int64_t rows,
+                            int64_t k, const void* W_dec, int64_t n, int64_t d, void* d_values,
+                            void* dW_dec, void* db_dec, int dtype);
+
+// ---- encoder backward (sparse_rows.cpp) -----------------------------------------------------------
+// d_pre = d_values * [values > 0] over the k selected slots, then
+//   dW_enc[i] = sum d_pre * (x[b] - b_dec), db_enc[i] = sum d_pre   (every row written)
+//   dx[b] = sum_j d_pre[b, j] W_enc[idx[b, j]]   (if dx) and db_dec = -sum_b dx[b]  (if db_dec)
+void topk_encode_backward(const void* d_values, const void* values, const int32_t* idx,
+                          int64_t rows, int64_t k, const void* x, const void* b_dec,
+                          const void* W_enc, int64_t n, int64_t d, void* dW_enc, void* db_enc,
+                          void* dx, void* db_dec, int dtype);
+
+// ---- fused reconstruction loss (sae_loss.cpp) -----------------------------------------------------
+// Per row b: x_hat = b_dec + sum_j values W_dec[idx];  r = x_hat - x;  sse[b] = |r|^2;
+// with aux slots: e_hat = sum_j aux_values W_dec[aux_idx];  aux_sse[b] = |e_hat - (x - x_hat)|^2.
+// sse / aux_sse are float32 (float64 for float64 storage). x_hat - x is never stored.
+void sae_loss_forward(const void* x, const void* values, const int32_t* idx, int64_t k,
+                      const void* aux_values, const int32_t* aux_idx, int64_t aux_k,
+                      const void* W_dec, const void* b_dec, int64_t rows, int64_t n, int64_t d,
+                      void* x_hat, void* sse, void* aux_sse, int dtype);
+
+// Gradients of sum_b (g_sse[b] sse[b] + g_aux[b] aux_sse[b]) + <g_xhat, x_hat>, with the aux target
+// x - x_hat held constant (stop-gradient, as in AuxK). x_hat and e_hat are recomputed, not saved.
+// g_xhat may be null; dx may be null (not wanted). Every other output is written in full.
+void sae_loss_backward(const void* g_xhat, const void* g_sse, const void* g_aux, const void* x,
+                       const void* values, const int32_t* idx, int64_t k, const void* aux_values,
+                       const int32_t* aux_idx, int64_t aux_k, const void* W_dec, const void* b_dec,
+                       int64_t rows, int64_t n, int64_t d, void* d_values, void* d_aux_values,
+                       void* dW_dec, void* db_dec, void* dx, int dtype);
+
+}  // namespace flashsae::cpu

@@ -1,0 +1,122 @@
+// Templates shared by sparse_rows.cpp and sae_loss.cpp: the three row patterns every sparse op of
+// flashsae reduces to (gather-combine, row dot, latent-bucketed scatter).
+#pragma once
+
+#include <omp.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu/dtype.h"
+
+namespace flashsae::cpu::detail {
+
+// acc[0:d] += c * row[0:d]
+template <typename A, typename T> inline void axpy(A* acc, A c, const T* row, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) acc[t] += c * load<A>(row[t]);
+}
+
+template <typename A, typename G, typename T> inline A dot(const G* g, const T* row, int64_t d) {
+  A s = 0;
+  for (int64_t t = 0; t < d; ++t) s += load<A>(g[t]) * load<A>(row[t]);
+  return s;
+}
+
+// acc = sum_j coef[j] * M[idx[j]] over one row's k slots (acc is not cleared here).
+template <typename A, typename C, typename T>
+inline void gather_into(A* acc, const C* coef, const int32_t* idx, int64_t k, const T* M, int64_t d) {
+  for (int64_t j = 0; j < k; ++j) {
+    if (idx[j] < 0) continue;
+    const A c = load<A>(coef[j]);
+    if (c == A(0)) continue;  // exact zeros (relu'd slots) add nothing
+    axpy(acc, c, M + static_cast<int64_t>(idx[j]) * d, d);
+  }
+}
+
+// The (row, slot) pairs of an idx[rows, k] array, bucketed by latent with a stable counting sort:
+// bucket i is pairs[begin(i):end[i]], in increasing pair order, so sums are deterministic.
+struct LatentBuckets {
+  std::vector<int64_t> end;    // [n]
+  std::vector<int64_t> pairs;  // flat pair ids p = b * k + j
+  LatentBuckets(const int32_t* idx, int64_t count, int64_t n) : end(static_cast<size_t>(n), 0) {
+    for (int64_t p = 0; p < count; ++p)
+      if (idx[p] >= 0) ++end[idx[p]];
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) {  // exclusive prefix sum: end[i] = first slot of bucket i
+      const int64_t c = end[i];
+      end[i] = total;
+      total += c;
+    }
+    pairs.resize(static_cast<size_t>(total));
+    for (int64_t p = 0; p < count; ++p)
+      if (idx[p] >= 0) pairs[end[idx[p]]++] = p;  // afterwards end[i] is one past bucket i
+  }
+  int64_t begin(int64_t i) const { return i == 0 ? 0 : end[i - 1]; }
+};
+
+// For every latent i in [0, n): fn(i, begin, end, acc, thread_scratch), with acc a zeroed
+// per-thread buffer of d accumulators. Latents are spread over threads in chunks of 64 (dynamic:
+// a few hot latents can own many pairs).
+template <typename A, typename Fn>
+void for_each_latent(const LatentBuckets& buckets, int64_t n, int64_t d, Fn&& fn) {
+#pragma omp parallel
+  {
+    std::vector<A> acc(static_cast<size_t>(d));
+#pragma omp for schedule(dynamic, 64)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t lo = buckets.begin(i), hi = buckets.end[i];
+      if (lo < hi) std::fill(acc.begin(), acc.end(), A(0));
+      fn(i, lo, hi, acc.data());
+    }
+  }
+}
+
+// out[i] (+)= sum over pairs p in bucket i of coef[p] * (R[p / k] - offset); coef_sum[i] (+)= sum coef.
+// Rows without pairs are zeroed unless accumulating. R rows have stride d.
+template <typename T, typename C, typename R>
+void scatter_impl(const LatentBuckets& buckets, const C* coef, int64_t k, const R* rows_R,
+                  const T* offset, int64_t n, int64_t d, T* out, T* coef_sum, bool accumulate) {
+  using A = Acc<T>;
+  for_each_latent<A>(buckets, n, d, [&](int64_t i, int64_t lo, int64_t hi, A* acc) {
+    T* dst = out + i * d;
+    if (lo == hi) {
+      if (!accumulate) {
+        std::memset(static_cast<void*>(dst), 0, sizeof(T) * static_cast<size_t>(d));
+        if (coef_sum) coef_sum[i] = store_acc<T>(A(0));
+      }
+      return;
+    }
+    A csum = 0;
+    for (int64_t q = lo; q < hi; ++q) {
+      const int64_t p = buckets.pairs[q];
+      const A c = load<A>(coef[p]);
+      if (c == A(0)) continue;
+      csum += c;
+      axpy(acc, c, rows_R + (p / k) * d, d);
+    }
+    if (offset)
+      for (int64_t t = 0; t < d; ++t) acc[t] -= csum * load<A>(offset[t]);
+    for (int64_t t = 0; t < d; ++t)
+      dst[t] = store_acc<T>(accumulate ? load<A>(dst[t]) + acc[t] : acc[t]);
+    if (coef_sum) coef_sum[i] = store_acc<T>(accumulate ? load<A>(coef_sum[i]) + csum : csum);
+  });
+}
+
+// sum over q in [0, count) of the d-vectors that fn(q, partial) adds into `partial`: per-thread
+// partials combined serially in thread order, so the result does not depend on scheduling.
+template <typename A, typename Fn> std::vector<A> reduce_rows(int64_t count, int64_t d, Fn&& fn) {
+  const int threads = omp_get_max_threads();
+  std::vector<A> partial(static_cast<size_t>(threads) * d, A(0));
+#pragma omp parallel
+  {
+    A* mine = partial.data() + static_cast<int64_t>(omp_get_thread_num()) * d;
+#pragma omp for schedule(static)
+    for (int64_t q = 0; q < count; ++q) fn(q, mine);
+  }
+  std::vector<A> total(static_cast<size_t>(d), A(0));
+  for (int th = 0; th < threads; ++th)
+    for (int64_t t = 0; t < d; ++t) total[t] += partial[static_cast<int64_t>(th) * d + t];
+  return total;
+}
+
+}  // namespace flashsae::cpu::detail

@@ -1,0 +1,20 @@
+// Dtype codes passed next to every address across the pybind11 boundary (DESIGN.md §2).
+// Shared by flashsae._C and flashsae._C_cuda; must match flashsae/_native.py (DTYPE_CODES),
+// which reads them back from the modules' DTYPE_* attributes at import time.
+#pragma once
+
+namespace flashsae {
+
+enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+inline const char* dtype_name(int code) {
+  switch (static_cast<DType>(code)) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Float16: return "float16";
+  }
+  return "unknown";
+}
+
+}  // namespace flashsae

@@ -1,0 +1,105 @@
+"""Tensor validation: the one place that checks tensors before their addresses go to C++.
+
+The compiled kernels trust what they are given (DESIGN.md §2), so every public op calls these
+checks first. Errors name the argument and say what was expected:
+
+- ``TypeError`` for a non-tensor or a wrong dtype,
+- ``ValueError`` for a wrong shape, device, layout, an empty batch, NaN/Inf, or an out-of-range k.
+
+Structural checks (:func:`check_tensor`, :func:`check_k`) look only at metadata, so they also run
+while ``torch.compile`` traces. Value checks (:func:`check_finite`, the CUDA kernels' index-range
+flag) read data and therefore run inside the ops' real implementations; ``FLASHSAE_VALUE_CHECKS=0``
+skips them (on a GPU each one is a device-to-host sync). Memory safety does not depend on them: the
+CPU kernels always range-check indices, and the CUDA kernels skip out-of-range ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+VALUE_CHECKS = os.environ.get("FLASHSAE_VALUE_CHECKS", "1") != "0"
+
+
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _format_shape(shape: Mapping[str, int | None]) -> str:
+    return "[" + ", ".join(name if size is None else f"{name}={size}" for name, size in shape.items()) + "]"
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    shape: Mapping[str, int | None],
+    dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
+    like: tuple[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Checks type, dtype, rank and sizes, device and contiguity of one argument.
+
+    `shape` maps dimension names to required sizes (None: any size), e.g.
+    ``{"n_latents": n, "d": d}``; the names appear in the error message. An empty tensor is
+    rejected. `like` is ``(other_name, other)``: this argument must be on other's device and, unless
+    `dtype` says otherwise, have other's dtype. Without both, any floating dtype is accepted.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if dtype is None:
+        dtypes = FLOAT_DTYPES if like is None else (like[1].dtype,)
+        source = "" if like is None else f" (the dtype of {like[0]})"
+    else:
+        dtypes, source = (dtype if isinstance(dtype, tuple) else (dtype,)), ""
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}{source}, got {value.dtype}")
+    if value.dim() != len(shape) or any(
+        size is not None and actual != size for actual, size in zip(value.shape, shape.values(), strict=False)
+    ):
+        raise ValueError(f"{name}: expected shape {_format_shape(shape)}, got {list(value.shape)}")
+    if value.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor {_format_shape(shape)}, got {list(value.shape)}")
+    if like is not None and value.device != like[1].device:
+        raise ValueError(f"{name}: expected a tensor on {like[1].device} (the device of {like[0]}), got {value.device}")
+    if not value.is_contiguous():
+        raise ValueError(
+            f"{name}: expected a contiguous tensor, got strides {value.stride()} for shape "
+            f"{list(value.shape)}; call .contiguous() first"
+        )
+    return value
+
+
+def check_k(name: str, k: object, n_latents: int, *, allow_zero: bool = False) -> int:
+    """k must be an int with 1 <= k <= n_latents (0 allowed when `allow_zero`)."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name}: expected an int, got {type(k).__name__}")
+    low = 0 if allow_zero else 1
+    if not low <= k <= n_latents:
+        raise ValueError(f"{name}: expected {low} <= {name} <= n_latents ({n_latents}), got {k}")
+    return k
+
+
+def check_finite(name: str, value: torch.Tensor) -> None:
+    """Rejects NaN and Inf (skipped when FLASHSAE_VALUE_CHECKS=0)."""
+    if VALUE_CHECKS and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: contains {bad} NaN or Inf value(s); expected finite values")
+
+
+def narrow_indices(name: str, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """Indices travel as int32 (the kernels' type). int64 input is range-checked, then narrowed, so
+    a value past 2^31 cannot wrap into a valid latent. (int32 input is range-checked by the kernel.)"""
+    if indices.dtype == torch.int32:
+        return indices
+    low, high = int(indices.min()), int(indices.max())
+    if low < -1 or high >= n_latents:
+        bad = low if low < -1 else high
+        raise ValueError(
+            f"{name}: index {bad} is out of range; expected a latent in [0, {n_latents}) or -1 for an empty slot"
+        )
+    return indices.to(torch.int32)

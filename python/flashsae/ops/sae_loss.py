@@ -1,0 +1,277 @@
+"""sae_loss: sparse decoder + reconstruction loss (MSE / FVU) + AuxK loss, fused.
+
+Per row, in one pass over the k (+ aux_k) selected decoder rows:
+    x_hat = b_dec + sum_j values[j] W_dec[idx[j]]            (the reconstruction)
+    sse   = |x_hat - x|^2
+    e_hat = sum_j aux_values[j] W_dec[aux_idx[j]]            (AuxK: the dead latents' guess of
+    aux_sse = |e_hat - stopgrad(x - x_hat)|^2                 the residual, Gao et al. 2024)
+x_hat - x is never stored; the backward recomputes x_hat and e_hat from the inputs (the same
+k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for autograd.
+
+The scalar losses follow sparsify: mse = sum sse / (batch * d); fvu = sum sse / total variance
+with total variance = sum_b |x_b - mean_b(x)|^2; auxk_loss = sum aux_sse / total variance (the
+caller scales it, e.g. by min(n_dead / aux_k, 1)).
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _backend
+from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
+from .._native import _C, addr, dtype_code, new_output
+from . import _common
+from .sparse_decode import sparse_decode_reference
+
+
+class SaeLossOutput(NamedTuple):
+    """What :func:`sae_loss` returns."""
+
+    x_hat: torch.Tensor
+    """[batch, d] reconstruction b_dec + sum_j values W_dec[indices], in x's dtype."""
+    mse: torch.Tensor
+    """Scalar mean squared error over batch and features (float32; float64 for float64 input)."""
+    fvu: torch.Tensor
+    """Scalar fraction of variance unexplained: sum |x_hat - x|^2 / sum |x - mean_batch(x)|^2."""
+    auxk_loss: torch.Tensor
+    """Scalar sum |e_hat - (x - x_hat)|^2 / total variance, with the target held constant; 0 when no
+    aux latents were given. Gradients reach aux_values and W_dec only."""
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def sae_loss_reference(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    aux_values: torch.Tensor | None = None,
+    aux_indices: torch.Tensor | None = None,
+) -> SaeLossOutput:
+    """The definition, in plain differentiable torch (use float64 to check)."""
+    x_hat = sparse_decode_reference(values, indices, W_dec, b_dec)
+    total_variance = (x - x.mean(0)).pow(2).sum()
+    sse = (x_hat - x).pow(2).sum()
+    if aux_values is None:
+        auxk = sse.new_zeros(())
+    else:
+        e_hat = sparse_decode_reference(aux_values, aux_indices, W_dec)
+        auxk = (e_hat - (x - x_hat).detach()).pow(2).sum() / total_variance
+    return SaeLossOutput(x_hat, sse / x.numel(), sse / total_variance, auxk)
+
+
+# ----------------------------------------------------------------------------------------- backends
+
+
+def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend):
+    impl = _backend.resolve("sae_loss", x.device, backend)
+    check_finite("x", x)
+    n, d = W_dec.shape
+    rows, k = values.shape
+    aux_k = 0 if aux_values is None else aux_values.shape[1]
+    indices = narrow_indices("indices", indices, n)
+    if aux_k:
+        aux_indices = narrow_indices("aux_indices", aux_indices, n)
+    acc = _common.acc_dtype(x.dtype)
+    if impl == "torch":
+        x_hat = _common.gather_rows(values, indices, W_dec, b_dec)
+        residual = x_hat - x.to(acc)
+        sse = residual.pow(2).sum(1)
+        if aux_k:
+            aux_sse = (_common.gather_rows(aux_values, aux_indices, W_dec) + residual).pow(2).sum(1)
+        else:
+            aux_sse = sse.new_empty(0)
+        return x_hat.to(x.dtype), sse, aux_sse
+    x_hat = new_output((rows, d), x.dtype, x.device)
+    sse = new_output((rows,), acc, x.device)
+    aux_sse = new_output((rows,) if aux_k else (0,), acc, x.device)
+    _C.sae_loss_forward(
+        addr(x), addr(values), addr(indices), k, addr(aux_values), addr(aux_indices), aux_k,
+        addr(W_dec), addr(b_dec), rows, n, d, addr(x_hat), addr(sse), addr(aux_sse) if aux_k else 0,
+        dtype_code(x),
+    )  # fmt: skip
+    return x_hat, sse, aux_sse
+
+
+def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices,
+              need_dx, backend):  # fmt: skip
+    impl = _backend.resolve("sae_loss_backward", x.device, backend)
+    n, d = W_dec.shape
+    rows, k = values.shape
+    aux_k = 0 if aux_values is None else aux_values.shape[1]
+    indices = narrow_indices("indices", indices, n)
+    if aux_k:
+        aux_indices = narrow_indices("aux_indices", aux_indices, n)
+    acc = _common.acc_dtype(x.dtype)
+    grad_sse = grad_sse.to(acc).contiguous()
+    grad_aux_sse = grad_aux_sse.to(acc).contiguous() if aux_k else None
+    if impl == "torch":
+        residual = _common.gather_rows(values, indices, W_dec, b_dec) - x.to(acc)
+        G = 2 * grad_sse.unsqueeze(1) * residual
+        if grad_x_hat is not None:
+            G = G + grad_x_hat.to(acc)
+        d_values = _common.dot_rows(G, indices, W_dec)
+        dW_dec, _ = _common.scatter_rows(values, indices, G, n)
+        d_aux_values = x.new_empty(0)
+        if aux_k:
+            e_hat = _common.gather_rows(aux_values, aux_indices, W_dec)
+            H = 2 * grad_aux_sse.unsqueeze(1) * (e_hat + residual)
+            d_aux_values = _common.dot_rows(H, aux_indices, W_dec).to(x.dtype)
+            dW_dec += _common.scatter_rows(aux_values, aux_indices, H, n)[0]
+        dx = (-2 * grad_sse.unsqueeze(1) * residual).to(x.dtype) if need_dx else x.new_empty(0)
+        return d_values.to(x.dtype), d_aux_values, dW_dec.to(W_dec.dtype), G.sum(0).to(W_dec.dtype), dx
+    d_values = new_output((rows, k), x.dtype, x.device)
+    d_aux_values = new_output((rows, aux_k) if aux_k else (0,), x.dtype, x.device)
+    dW_dec = new_output((n, d), W_dec.dtype, x.device)
+    db_dec = new_output((d,), W_dec.dtype, x.device)
+    dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
+    _C.sae_loss_backward(
+        addr(grad_x_hat), addr(grad_sse), addr(grad_aux_sse), addr(x), addr(values), addr(indices), k,
+        addr(aux_values), addr(aux_indices), aux_k, addr(W_dec), addr(b_dec), rows, n, d,
+        addr(d_values), addr(d_aux_values) if aux_k else 0, addr(dW_dec), addr(db_dec),
+        addr(dx) if need_dx else 0, dtype_code(x),
+    )  # fmt: skip
+    return d_values, d_aux_values, dW_dec, db_dec, dx
+
+
+# ------------------------------------------------------------------------------------ torch.library
+
+
+@torch.library.custom_op("flashsae::sae_loss", mutates_args=())
+def _sae_loss_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    aux_values: torch.Tensor | None,
+    aux_indices: torch.Tensor | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
+
+
+@_sae_loss_op.register_fake
+def _(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend):
+    acc = _common.acc_dtype(x.dtype)
+    rows = x.shape[0]
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=acc), x.new_empty(0 if aux_values is None else rows, dtype=acc)
+
+
+@torch.library.custom_op("flashsae::sae_loss_backward", mutates_args=())
+def _sae_loss_backward_op(
+    grad_x_hat: torch.Tensor | None,
+    grad_sse: torch.Tensor,
+    grad_aux_sse: torch.Tensor | None,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    aux_values: torch.Tensor | None,
+    aux_indices: torch.Tensor | None,
+    need_dx: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(
+        grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_dx, backend
+    )
+
+
+@_sae_loss_backward_op.register_fake
+def _(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_dx,
+      backend):  # fmt: skip
+    return (
+        values.new_empty(values.shape),
+        x.new_empty(0) if aux_values is None else aux_values.new_empty(aux_values.shape),
+        W_dec.new_empty(W_dec.shape),
+        W_dec.new_empty(W_dec.shape[1]),
+        x.new_empty(x.shape if need_dx else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend = inputs
+    ctx.save_for_backward(x, values, indices, W_dec, b_dec, aux_values, aux_indices)
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
+    x, values, indices, W_dec, b_dec, aux_values, aux_indices = ctx.saved_tensors
+    need_x, need_values, _, need_W_dec, need_b_dec, need_aux_values, _, _ = ctx.needs_input_grad
+    if grad_sse is None:
+        grad_sse = x.new_zeros(x.shape[0], dtype=_common.acc_dtype(x.dtype))
+    if aux_values is not None and grad_aux_sse is None:
+        grad_aux_sse = torch.zeros_like(grad_sse)
+    d_values, d_aux_values, dW_dec, db_dec, dx = _sae_loss_backward_op(
+        None if grad_x_hat is None else grad_x_hat.contiguous(),
+        grad_sse.contiguous(),
+        None if aux_values is None else grad_aux_sse.contiguous(),
+        x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_x, ctx.backend,
+    )  # fmt: skip
+    return (
+        dx if need_x else None,
+        d_values if need_values else None,
+        None,
+        dW_dec if need_W_dec else None,
+        db_dec if need_b_dec else None,
+        d_aux_values if (aux_values is not None and need_aux_values) else None,
+        None,
+        None,
+    )
+
+
+_sae_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def sae_loss(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    aux_values: torch.Tensor | None = None,
+    aux_indices: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> SaeLossOutput:
+    """Reconstruction and AuxK losses of sparse latents, fused with the decoder.
+
+    Args:
+        x: [batch, d] the reconstruction target (the SAE input; for a transcoder, its output), finite.
+        values, indices: [batch, k] latents (e.g. from :func:`topk_encode`); index -1 = empty slot.
+        W_dec: [n_latents, d] decoder; b_dec: [d] decoder bias. Same dtype as x.
+        aux_values, aux_indices: optional [batch, aux_k] AuxK latents (both or neither).
+        backend: "auto" (default, or FLASHSAE_BACKEND), "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        :class:`SaeLossOutput` (x_hat, mse, fvu, auxk_loss). Differentiable in x, values, W_dec,
+        b_dec and aux_values; the backward is sparse (no [batch, n_latents] tensor).
+    """
+    check_tensor("W_dec", W_dec, shape={"n_latents": None, "d": None})
+    d = W_dec.shape[1]
+    check_tensor("x", x, shape={"batch": None, "d": d}, like=("W_dec", W_dec))
+    rows = x.shape[0]
+    check_tensor("values", values, shape={"batch": rows, "k": None}, like=("W_dec", W_dec))
+    check_tensor("indices", indices, shape={"batch": rows, "k": values.shape[1]}, dtype=INDEX_DTYPES, like=("x", x))
+    check_tensor("b_dec", b_dec, shape={"d": d}, like=("W_dec", W_dec))
+    if (aux_values is None) != (aux_indices is None):
+        raise ValueError("aux_values, aux_indices: pass both or neither")
+    if aux_values is not None:
+        check_tensor("aux_values", aux_values, shape={"batch": rows, "aux_k": None}, like=("W_dec", W_dec))
+        check_tensor(
+            "aux_indices", aux_indices, shape={"batch": rows, "aux_k": aux_values.shape[1]}, dtype=INDEX_DTYPES,
+            like=("x", x),
+        )  # fmt: skip
+    requested = _backend.requested_backend(backend)
+    x_hat, sse, aux_sse = _sae_loss_op(x, values, indices, W_dec, b_dec, aux_values, aux_indices, requested)
+    x_acc = x.to(sse.dtype)
+    total_variance = (x_acc - x_acc.mean(0)).pow(2).sum()
+    sse_total = sse.sum()
+    auxk = aux_sse.sum() / total_variance if aux_values is not None else sse_total.new_zeros(())
+    return SaeLossOutput(x_hat, sse_total / x.numel(), sse_total / total_variance, auxk)

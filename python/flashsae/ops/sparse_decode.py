@@ -1,0 +1,175 @@
+"""sparse_decode: x_hat = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec, with a sparse backward.
+
+Forward and backward are O(batch * k * d): no [batch, n_latents] tensor exists anywhere.
+Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
+dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
+
+Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (forward only so far,
+flashsae._C_cuda), ``torch`` (embedding_bag + index_add, row-blocked). See flashsae._backend.
+"""
+
+import torch
+
+from .. import _backend, _checks, _native
+from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
+from .._native import _C, addr, dtype_code, new_output
+from . import _common
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def sparse_decode_reference(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The definition, in plain differentiable torch (gathers [batch, k, d]; use float64 to check).
+    An index of -1 marks an empty slot."""
+    valid = indices >= 0
+    rows = W_dec[indices.clamp_min(0).long()]  # [batch, k, d]
+    out = ((values * valid).unsqueeze(-1) * rows).sum(1)
+    return out if b_dec is None else out + b_dec
+
+
+# ----------------------------------------------------------------------------------------- backends
+
+
+def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
+    impl = _backend.resolve("sparse_decode", values.device, backend)
+    n, d = W_dec.shape
+    check_finite("values", values)
+    indices = narrow_indices("indices", indices, n)
+    rows, k = values.shape
+    if impl == "torch":
+        return _common.gather_rows(values, indices, W_dec, b_dec).to(values.dtype)
+    out = new_output((rows, d), values.dtype, values.device)
+    if impl == "cpu":
+        _C.sparse_decode_forward(
+            addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), dtype_code(values)
+        )
+        return out
+    # cuda: out-of-range indices are skipped and raise a flag on the device, read back here (one
+    # sync; skipped with FLASHSAE_VALUE_CHECKS=0 together with the other value checks)
+    error_flag = torch.zeros(1, dtype=torch.int32, device=values.device)
+    _native.cuda_module().sparse_decode_forward(
+        addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), addr(error_flag),
+        dtype_code(values), values.device.index, _native.cuda_stream(values.device),
+    )  # fmt: skip
+    if _checks.VALUE_CHECKS and bool(error_flag.item()):
+        raise ValueError(f"indices: some index is out of range; expected a latent in [0, {n}) or -1")
+    return out
+
+
+def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
+    impl = _backend.resolve("sparse_decode_backward", values.device, backend)
+    n, d = W_dec.shape
+    rows, k = values.shape
+    indices = narrow_indices("indices", indices, n)
+    if impl == "torch":
+        d_values = _common.dot_rows(grad, indices, W_dec)
+        dW_dec, _ = _common.scatter_rows(values, indices, grad, n)
+        db_dec = grad.to(d_values.dtype).sum(0) if need_db_dec else grad.new_empty(0)
+        return d_values.to(values.dtype), dW_dec.to(W_dec.dtype), db_dec.to(W_dec.dtype)
+    d_values = new_output((rows, k), values.dtype, values.device)
+    dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
+    db_dec = new_output((d,) if need_db_dec else (0,), W_dec.dtype, W_dec.device)
+    _C.sparse_decode_backward(
+        addr(grad), addr(values), addr(indices), rows, k, addr(W_dec), n, d,
+        addr(d_values), addr(dW_dec), addr(db_dec) if need_db_dec else 0, dtype_code(values),
+    )  # fmt: skip
+    return d_values, dW_dec, db_dec
+
+
+# ------------------------------------------------------------------------------------ torch.library
+
+
+@torch.library.custom_op("flashsae::sparse_decode", mutates_args=())
+def _sparse_decode_op(
+    values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor | None, backend: str
+) -> torch.Tensor:
+    return _forward(values, indices, W_dec, b_dec, backend)
+
+
+@_sparse_decode_op.register_fake
+def _(values, indices, W_dec, b_dec, backend):
+    return values.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("flashsae::sparse_decode_backward", mutates_args=())
+def _sparse_decode_backward_op(
+    grad: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    need_db_dec: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad, values, indices, W_dec, need_db_dec, backend)
+
+
+@_sparse_decode_backward_op.register_fake
+def _(grad, values, indices, W_dec, need_db_dec, backend):
+    return (
+        values.new_empty(values.shape),
+        W_dec.new_empty(W_dec.shape),
+        W_dec.new_empty(W_dec.shape[1] if need_db_dec else 0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, W_dec, b_dec, backend = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.has_b_dec = b_dec is not None
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, grad):
+    values, indices, W_dec = ctx.saved_tensors
+    need_values, _, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
+    need_b_dec = ctx.has_b_dec and need_b_dec
+    d_values, dW_dec, db_dec = _sparse_decode_backward_op(
+        grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
+    )
+    return (
+        d_values if need_values else None,
+        None,
+        dW_dec if need_W_dec else None,
+        db_dec if need_b_dec else None,
+        None,
+    )
+
+
+_sparse_decode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def sparse_decode(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decodes sparse latents: ``x_hat[b] = sum_j values[b, j] * W_dec[indices[b, j]] + b_dec``.
+
+    Args:
+        values: [batch, k] latent activations, same dtype as W_dec (float32/float64/bfloat16/float16).
+        indices: [batch, k] int32 or int64 latent ids in [0, n_latents); -1 marks an empty slot.
+        W_dec: [n_latents, d] decoder, one row per latent.
+        b_dec: optional [d] decoder bias.
+        backend: "auto" (default, or FLASHSAE_BACKEND), "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        x_hat [batch, d] in W_dec's dtype, accumulated in float32 (float64 for float64).
+        Differentiable in values, W_dec and b_dec with a sparse backward (no [batch, n] tensor).
+    """
+    check_tensor("W_dec", W_dec, shape={"n_latents": None, "d": None})
+    d = W_dec.shape[1]
+    check_tensor("values", values, shape={"batch": None, "k": None}, like=("W_dec", W_dec))
+    rows, k = values.shape
+    check_tensor("indices", indices, shape={"batch": rows, "k": k}, dtype=INDEX_DTYPES, like=("values", values))
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, shape={"d": d}, like=("W_dec", W_dec))
+    requested = _backend.requested_backend(backend)
+    return _sparse_decode_op(values, indices, W_dec, b_dec, requested)

@@ -1,0 +1,327 @@
+"""topk_encode: per row, the top-k of relu((x - b_dec) W_enc^T + b_enc), sorted descending.
+
+Ties go to the lower latent index. Optionally also the AuxK selection (Gao et al. 2024): the top
+aux_k of the same activations restricted to latents marked dead, in the same pass.
+
+No backend writes the [batch, n_latents] pre-activations: the encoder GEMM runs tile by tile over
+the latents (``tile_columns`` latents at a time, torch's GEMM on CPU) and a running top-k per row
+keeps the best candidates, so the extra memory is O(batch * (k + tile)).
+
+Backward is sparse: with d_pre = d_values * [values > 0] on the k selected slots,
+dW_enc[i] += d_pre * (x - b_dec) and db_enc[i] += d_pre touch only selected latents;
+dx = sum_j d_pre W_enc[idx] and db_dec = -sum_b dx are computed only when asked for.
+"""
+
+import torch
+
+from .. import _backend
+from .._checks import check_finite, check_k, check_tensor
+from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
+from . import _common
+
+#: Elements of one pre-activation tile [batch, tile_columns] (16 MiB in float32).
+#: d=768, n=24576, B=1024 on 2 CPU cores: 4096-wide tiles run the 12 tile GEMMs in 200 ms against
+#: 245 ms for one [1024, 24576] GEMM (no 100 MB output to page in), and the merge adds ~10 ms.
+TILE_ELEMENTS = 1 << 22
+
+
+def tile_columns(rows: int, n_latents: int) -> int:
+    """Latents per encoder tile: TILE_ELEMENTS / rows, in multiples of 64, at least 256."""
+    cols = max(256, (TILE_ELEMENTS // max(rows, 1)) // 64 * 64)
+    return min(n_latents, cols)
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def topk_encode_reference(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None = None,
+    *,
+    dead_mask: torch.Tensor | None = None,
+    aux_k: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """The definition, in plain differentiable torch over the dense [batch, n] activations.
+
+    A stable descending sort gives the tie rule (lower index first). Aux slots beyond the number
+    of dead latents hold value 0 and index -1."""
+    pre = (x if b_dec is None else x - b_dec) @ W_enc.T + b_enc
+    act = pre.relu()
+    top = torch.sort(act, dim=-1, descending=True, stable=True)
+    values, indices = top.values[:, :k], top.indices[:, :k].to(torch.int32)
+    if aux_k == 0:
+        return values, indices
+    aux = torch.sort(act.masked_fill(~dead_mask, float("-inf")), dim=-1, descending=True, stable=True)
+    aux_values, aux_indices = aux.values[:, :aux_k], aux.indices[:, :aux_k].to(torch.int32)
+    empty = aux_values == float("-inf")
+    return values, indices, aux_values.masked_fill(empty, 0.0), aux_indices.masked_fill(empty, -1)
+
+
+# ----------------------------------------------------------------------------------------- backends
+
+
+def _centered(x: torch.Tensor, b_dec: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+    return x.to(acc) if b_dec is None else x.to(acc) - b_dec.to(acc)
+
+
+def _tiles(x, W_enc, b_enc, b_dec):
+    """Yields (first latent, [rows, cols] pre-activation tile in the accumulation dtype); the tile
+    buffer is reused, so each tile is valid until the next one is produced."""
+    rows = x.shape[0]
+    n = W_enc.shape[0]
+    acc = _common.acc_dtype(x.dtype)
+    centered = _centered(x, b_dec, acc)
+    cols = tile_columns(rows, n)
+    buffer = torch.empty(rows, cols, dtype=acc, device=x.device)
+    for c0 in range(0, n, cols):
+        c1 = min(n, c0 + cols)
+        # addmm writes straight into the strided view: row stride stays `cols`
+        tile = torch.addmm(b_enc[c0:c1].to(acc), centered, W_enc[c0:c1].to(acc).T, out=buffer[:, : c1 - c0])
+        yield c0, tile
+
+
+def _heap_state(rows: int, slots: int, acc: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Running top-k state of the C++ merge: (scores [rows, slots], indices [rows, slots])."""
+    if not slots:
+        return None, None
+    scores = torch.empty(rows, slots, dtype=acc)
+    ids = torch.empty(rows, slots, dtype=torch.int32)
+    _C.topk_state_init(addr(scores), addr(ids), rows, slots, DTYPE_CODES[acc])
+    return scores, ids
+
+
+def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
+    rows = x.shape[0]
+    n = W_enc.shape[0]
+    acc = _common.acc_dtype(x.dtype)
+    code = DTYPE_CODES[acc]
+    (heap, heap_ids), (aux, aux_ids) = _heap_state(rows, k, acc), _heap_state(rows, aux_k, acc)
+    for c0, tile in _tiles(x, W_enc, b_enc, b_dec):
+        _C.topk_state_merge(
+            addr(tile), tile.stride(0), rows, tile.shape[1], c0, n, addr(heap), addr(heap_ids), k,
+            addr(dead_mask), addr(aux), addr(aux_ids), aux_k, code,
+        )  # fmt: skip
+    outputs = []
+    for scores, ids, slots in ((heap, heap_ids, k), (aux, aux_ids, aux_k)):
+        values = new_output((rows, slots), x.dtype, x.device)
+        indices = new_output((rows, slots), torch.int32, x.device)
+        if slots:
+            _C.topk_state_finish(addr(scores), addr(ids), rows, slots, code, addr(values), addr(indices), dtype_code(x))
+        outputs += [values, indices]
+    return tuple(outputs)
+
+
+class _RunningTopK:
+    """Pure-torch running top-k with the exact tie rule: candidates kept so far (sorted, lower
+    indices) come before the new tile (ascending indices), so a stable descending sort of their
+    concatenation orders ties by index."""
+
+    def __init__(self, rows: int, k: int, dtype: torch.dtype, device: torch.device):
+        self.k = k
+        self.values = torch.empty(rows, 0, dtype=dtype, device=device)
+        self.indices = torch.empty(rows, 0, dtype=torch.int64, device=device)
+
+    def merge(self, scores: torch.Tensor, columns: torch.Tensor) -> None:
+        values = torch.cat([self.values, scores], dim=1)
+        indices = torch.cat([self.indices, columns.expand(scores.shape[0], -1)], dim=1)
+        order = torch.sort(values, dim=1, descending=True, stable=True)
+        self.values = order.values[:, : self.k]
+        self.indices = indices.gather(1, order.indices[:, : self.k])
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = self.values == float("-inf")  # only aux slots: fewer dead latents than slots
+        values = self.values.masked_fill(empty, 0.0).to(dtype)
+        return values, self.indices.masked_fill(empty, -1).to(torch.int32)
+
+
+def _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
+    rows = x.shape[0]
+    acc = _common.acc_dtype(x.dtype)
+    best = _RunningTopK(rows, k, acc, x.device)
+    aux = _RunningTopK(rows, aux_k, acc, x.device)
+    for c0, tile in _tiles(x, W_enc, b_enc, b_dec):
+        scores = tile.relu()
+        columns = torch.arange(c0, c0 + tile.shape[1], device=x.device)
+        best.merge(scores, columns)
+        if aux_k:
+            aux.merge(scores.masked_fill(~dead_mask[c0 : c0 + tile.shape[1]], float("-inf")), columns)
+    return (*best.result(x.dtype), *aux.result(x.dtype))
+
+
+def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
+    impl = _backend.resolve("topk_encode", x.device, backend)
+    check_finite("x", x)
+    if impl == "cpu":
+        return _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+    return _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+
+
+def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
+    impl = _backend.resolve("topk_encode_backward", x.device, backend)
+    rows, d = x.shape
+    n = W_enc.shape[0]
+    k = values.shape[1]
+    if impl == "torch":
+        d_pre = d_values.to(_common.acc_dtype(x.dtype)) * (values > 0)
+        dW_enc, db_enc = _common.scatter_rows(d_pre, indices, x, n, offset=b_dec)
+        dx = _common.gather_rows(d_pre, indices, W_enc) if need_dx else x.new_empty(0)
+        db_dec = -(db_enc @ W_enc.to(db_enc.dtype)) if need_db_dec else x.new_empty(0)
+        return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), dx.to(x.dtype), db_dec.to(x.dtype)
+    dW_enc = new_output((n, d), W_enc.dtype, x.device)
+    db_enc = new_output((n,), W_enc.dtype, x.device)
+    dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
+    db_dec = new_output((d,) if need_db_dec else (0,), x.dtype, x.device)
+    _C.topk_encode_backward(
+        addr(d_values), addr(values), addr(indices), rows, k, addr(x), addr(b_dec), addr(W_enc), n, d,
+        addr(dW_enc), addr(db_enc), addr(dx) if need_dx else 0, addr(db_dec) if need_db_dec else 0,
+        dtype_code(x),
+    )  # fmt: skip
+    return dW_enc, db_enc, dx, db_dec
+
+
+# ------------------------------------------------------------------------------------ torch.library
+
+
+@torch.library.custom_op("flashsae::topk_encode", mutates_args=())
+def _topk_encode_op(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    k: int,
+    dead_mask: torch.Tensor | None,
+    aux_k: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend)
+
+
+@_topk_encode_op.register_fake
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
+    rows = x.shape[0]
+    return (
+        x.new_empty(rows, k),
+        x.new_empty(rows, k, dtype=torch.int32),
+        x.new_empty(rows, aux_k),
+        x.new_empty(rows, aux_k, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("flashsae::topk_encode_backward", mutates_args=())
+def _topk_encode_backward_op(
+    d_values: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_dec: torch.Tensor | None,
+    need_dx: bool,
+    need_db_dec: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend)
+
+
+@_topk_encode_backward_op.register_fake
+def _(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
+    return (
+        W_enc.new_empty(W_enc.shape),
+        W_enc.new_empty(W_enc.shape[0]),
+        x.new_empty(x.shape if need_dx else (0,)),
+        x.new_empty(x.shape[1] if need_db_dec else 0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, W_enc, _b_enc, b_dec, _k, _dead_mask, aux_k, backend = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
+    ctx.aux_k = aux_k
+    ctx.backend = backend
+
+
+def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    need_x, need_W_enc, need_b_enc, need_b_dec = ctx.needs_input_grad[:4]
+    need_b_dec = need_b_dec and b_dec is not None
+    if d_values is None:
+        d_values = torch.zeros_like(values)
+    if ctx.aux_k:
+        # main and aux slots share one sparse backward
+        if d_aux_values is None:
+            d_aux_values = torch.zeros_like(aux_values)
+        d_values = torch.cat([d_values, d_aux_values], dim=1)
+        values = torch.cat([values, aux_values], dim=1)
+        indices = torch.cat([indices, aux_indices], dim=1)
+    dW_enc, db_enc, dx, db_dec = _topk_encode_backward_op(
+        d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx.backend
+    )
+    return (
+        dx if need_x else None,
+        dW_enc if need_W_enc else None,
+        db_enc if need_b_enc else None,
+        db_dec if need_b_dec else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- public
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    b_dec: torch.Tensor | None = None,
+    *,
+    dead_mask: torch.Tensor | None = None,
+    aux_k: int = 0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Sparse TopK encoding without the dense [batch, n_latents] activations.
+
+    Args:
+        x: [batch, d] inputs (float32/float64/bfloat16/float16), finite.
+        W_enc: [n_latents, d] encoder, one row per latent; b_enc: [n_latents].
+        k: latents kept per row, 1 <= k <= n_latents.
+        b_dec: optional [d] bias subtracted from x before encoding (the decoder bias).
+        dead_mask: [n_latents] bool, latents eligible for the AuxK selection; needs aux_k > 0.
+        aux_k: size of the AuxK selection among dead latents (0: none).
+        backend: "auto" (default, or FLASHSAE_BACKEND), "cpu", "cuda", "triton" or "torch".
+
+    Returns:
+        ``(values, indices)``, each [batch, k]: the top-k of relu(pre-activations) per row sorted
+        descending, ties to the lower index; values in x's dtype (selected in float32/float64),
+        indices int32. With aux_k > 0, also ``(aux_values, aux_indices)`` [batch, aux_k]; slots
+        beyond the number of dead latents hold value 0 and index -1.
+        Differentiable in x, W_enc, b_enc and b_dec through the values (sparse backward).
+    """
+    check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
+    n, d = W_enc.shape
+    check_tensor("x", x, shape={"batch": None, "d": d}, like=("W_enc", W_enc))
+    check_tensor("b_enc", b_enc, shape={"n_latents": n}, like=("W_enc", W_enc))
+    if b_dec is not None:
+        check_tensor("b_dec", b_dec, shape={"d": d}, like=("W_enc", W_enc))
+    k = check_k("k", k, n)
+    aux_k = check_k("aux_k", aux_k, n, allow_zero=True)
+    if aux_k and dead_mask is None:
+        raise ValueError("dead_mask: required when aux_k > 0 (a [n_latents] bool mask of dead latents)")
+    if dead_mask is not None:
+        if not aux_k:
+            raise ValueError("aux_k: dead_mask was given but aux_k is 0; pass aux_k > 0 for the AuxK selection")
+        check_tensor("dead_mask", dead_mask, shape={"n_latents": n}, dtype=torch.bool, like=("W_enc", W_enc))
+    requested = _backend.requested_backend(backend)
+    values, indices, aux_values, aux_indices = _topk_encode_op(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, requested)
+    if aux_k:
+        return values, indices, aux_values, aux_indices
+    return values, indices

@@ -1,0 +1,46 @@
+"""Return types of the SAE modules."""
+
+from typing import NamedTuple
+
+import torch
+
+
+class SparseLatents(NamedTuple):
+    """The k active latents of each input row, sorted by value descending.
+
+    ``values[..., j]`` is the activation of latent ``indices[..., j]``; the leading shape is the
+    input's. Indices are int32 (the kernels' type); use :meth:`to_dense` for a [..., n_latents] view
+    (which is exactly the tensor flashsae otherwise never builds).
+    """
+
+    values: torch.Tensor
+    """[..., k] activations (>= 0), in the SAE's dtype."""
+    indices: torch.Tensor
+    """[..., k] int32 latent ids in [0, n_latents)."""
+
+    def to_dense(self, n_latents: int) -> torch.Tensor:
+        """The dense [..., n_latents] activations (zeros except the k active latents)."""
+        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
+        return dense.scatter_(-1, self.indices.long(), self.values)
+
+
+class ForwardOutput(NamedTuple):
+    """What an SAE's ``forward`` returns: the reconstruction, the latents and the losses.
+
+    All losses are scalars in float32 (float64 for a float64 SAE), averaged over the batch.
+    """
+
+    x_hat: torch.Tensor
+    """[..., d_in] reconstruction of the input, in the SAE's dtype."""
+    latents: SparseLatents
+    """The active latents of each row."""
+    fvu: torch.Tensor
+    """Fraction of variance unexplained: sum |x_hat - x|^2 / sum |x - mean(x)|^2 over the batch
+    (0 is perfect; 1 is no better than predicting the batch mean). The usual training objective."""
+    mse: torch.Tensor
+    """Mean squared error over batch and features."""
+    auxk_loss: torch.Tensor
+    """AuxK loss (Gao et al. 2024): how well the aux_k most active dead latents reconstruct the
+    residual x - x_hat, normalized like fvu and scaled by min(n_dead / aux_k, 1). Zero when no
+    dead_mask was passed or no latent is dead. Add it to the loss as ``fvu + auxk_alpha * auxk_loss``
+    (sparsify and Gao et al. use auxk_alpha = 1/32)."""
