@@ -1,0 +1,84 @@
+"""Shared test helpers: tolerances, input factories and checks against float64 references."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CPU_BACKENDS = ["cpu", "torch"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+#: Relative tolerance (to the largest reference magnitude) per dtype, DESIGN.md §5.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+#: (rows, d, n_latents, k): odd sizes, k = 1, k = n, a single row.
+SIZES = [(37, 97, 1000, 7), (6, 16, 64, 1), (9, 33, 50, 50), (1, 8, 300, 3)]
+SIZE_IDS = ["odd", "k1", "k_eq_n", "one_row"]
+
+
+def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def sae_tensors(rows: int, d: int, n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """x, W_enc, b_enc, b_dec, W_dec in `dtype`, scaled like a real SAE (pre-activations ~ N(0, 1))."""
+    return {
+        "x": randn(rows, d, dtype=dtype),
+        "W_enc": randn(n, d, scale=d**-0.5, dtype=dtype),
+        "b_enc": randn(n, scale=0.1, dtype=dtype),
+        "b_dec": randn(d, scale=0.1, dtype=dtype),
+        "W_dec": randn(n, d, scale=d**-0.5, dtype=dtype),
+    }
+
+
+def f64(tensors: dict[str, torch.Tensor], requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    """The same values in float64 (the reference's precision)."""
+    return {k: v.detach().double().requires_grad_(requires_grad) for k, v in tensors.items()}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """max |actual - expected| <= RTOL[dtype] * max |expected| (expected in float64)."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values (an unwritten, poisoned output?)"
+    err = (a - e).abs().max().item() if a.numel() else 0.0
+    scale = max(e.abs().max().item() if e.numel() else 0.0, 1e-12)
+    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3e} > {RTOL[dtype]:.0e} x scale {scale:.3e}"
+
+
+def assert_valid_topk(
+    activations: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype, what: str = "topk"
+) -> None:
+    """values/indices [rows, k] are a correct top-k of `activations` [rows, n] (float64, already
+    relu'd and masked) up to rounding: indices distinct and valid, values sorted and equal to the
+    activations they name, and no unselected activation larger than a selected one beyond tolerance."""
+    k = values.shape[1]
+    n = activations.shape[1]
+    assert indices.dtype == torch.int32, f"{what}: indices dtype {indices.dtype}"
+    assert ((indices >= 0) & (indices < n)).all(), f"{what}: index outside [0, {n})"
+    assert all(len(set(r.tolist())) == k for r in indices), f"{what}: repeated index in a row"
+    v = values.double()
+    assert torch.isfinite(v).all(), f"{what}: non-finite values"
+    assert (v[:, :-1] >= v[:, 1:]).all(), f"{what}: values not sorted descending"
+    tol = RTOL[dtype] * max(activations.abs().max().item(), 1e-12)
+    named = activations.gather(1, indices.long())
+    assert (v - named).abs().max() <= tol, f"{what}: values differ from the activations of their indices"
+    if k < n:
+        unselected = activations.scatter(1, indices.long(), float("-inf"))
+        assert (unselected.max(1).values <= named.min(1).values + tol).all(), f"{what}: a better latent was skipped"
+
+
+class LargestTensorMode(TorchDispatchMode):
+    """Records the largest tensor (in elements) any aten op returns while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.largest_op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.largest_op = t.numel(), str(func)
+        return out

@@ -1,0 +1,39 @@
+"""`flashsae bench`: the README's main command until the trainer lands."""
+
+import json
+import shutil
+import subprocess
+
+from flashsae.cli import main
+
+TINY = ["--d-in", "16", "--n-latents", "96", "--k", "4", "--batch", "32", "--steps", "2"]
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    assert main(["bench", *TINY, "--json", str(tmp_path / "out.json")]) == 0
+    printed = capsys.readouterr().out
+    for provider in ("torch_dense", "torch_sparse", "flashsae"):
+        assert provider in printed
+    assert "one encoder GEMM [32x16]x[16x96]" in printed
+    outcome = json.loads((tmp_path / "out.json").read_text())
+    assert outcome["config"]["n_latents"] == 96
+    results = {r["provider"]: r for r in outcome["results"]}
+    assert set(results) == {"torch_dense", "torch_sparse", "flashsae"}
+    for r in results.values():
+        assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_bytes"] > 0
+        assert len(r["step_times_ms"]) == 2
+        assert 0 < r["final_fvu"] < 10
+
+
+def test_bench_rejects_bad_settings(capsys):
+    assert main(["bench", "--k", "100", "--n-latents", "50", "--providers", "flashsae"]) == 2
+    assert "k: expected <= n_latents (50), got 100" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--providers", "flashsae,sparsify"]) == 2
+    assert "providers: expected names from" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("flashsae")
+    assert exe is not None
+    out = subprocess.run([exe, "bench", "--help"], capture_output=True, text=True, check=True)
+    assert "--n-latents" in out.stdout and "--optimizer" in out.stdout
