@@ -92,7 +92,7 @@ class SparsifyStyleTopKSAE(DenseTopKSAE):
         return ForwardOutput(x_hat.reshape(*lead, self.d_in), latents, fvu, mse, auxk)
 
 
-_PROVIDER_CLASSES: dict[str, type[TopKSAE]] = {
+PROVIDER_CLASSES: dict[str, type[TopKSAE]] = {
     "torch_dense": DenseTopKSAE,
     "torch_sparse": SparsifyStyleTopKSAE,
     "flashsae": TopKSAE,
@@ -235,9 +235,7 @@ def measure_provider(provider: str, config: BenchConfig) -> ProviderResult:
     memory.reset()
     start_bytes = memory.current()
     torch.manual_seed(config.seed)
-    sae = _PROVIDER_CLASSES[provider](
-        config.d_in, config.n_latents, config.k, dtype=DTYPES[config.dtype], device=device
-    )
+    sae = PROVIDER_CLASSES[provider](config.d_in, config.n_latents, config.k, dtype=DTYPES[config.dtype], device=device)
     optimizer = make_optimizer(config.optimizer, sae.parameters())
     for _ in range(2):  # warm-up: allocates the optimizer state, pages in the kernels
         train_step(sae, optimizer, x)

@@ -1,0 +1,34 @@
+# The README's two commands. Each one sets everything up on a fresh machine (a venv in .venv,
+# the PyTorch CPU wheel, flashsae built from source with its test extra) and then runs:
+#
+#   make bench   the main job: `flashsae bench`, flashsae vs dense PyTorch on one training step
+#   make test    the test suite (what .ci/run calls)
+#
+# Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (torch==2.13.0 is the CPU wheel here; on a
+# GPU machine use a CUDA build), FLASHSAE_CUDA=AUTO|ON|OFF and FLASHSAE_WERROR=ON|OFF (build).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -type f -not -name '*.pyc')
+
+.PHONY: bench test clean
+
+$(VENV)/.torch-installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	touch $@
+
+# Rebuilt whenever a source changes; torch is already in the venv, so pip keeps it.
+$(VENV)/.flashsae-installed: $(VENV)/.torch-installed $(SOURCES)
+	$(PY) -m pip install ".[test]"
+	touch $@
+
+bench: $(VENV)/.flashsae-installed
+	$(VENV)/bin/flashsae bench
+
+test: $(VENV)/.flashsae-installed
+	TRITON_INTERPRET=1 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build
