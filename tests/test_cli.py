@@ -1,8 +1,9 @@
 """`flashsae bench`: the README's main command until the trainer lands."""
 
 import json
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 from flashsae.cli import main
 
@@ -33,7 +34,7 @@ def test_bench_rejects_bad_settings(capsys):
 
 
 def test_console_script_is_installed():
-    exe = shutil.which("flashsae")
-    assert exe is not None
-    out = subprocess.run([exe, "bench", "--help"], capture_output=True, text=True, check=True)
+    exe = Path(sys.executable).parent / "flashsae"  # pip puts console scripts next to the interpreter
+    assert exe.is_file(), f"no console script at {exe}"
+    out = subprocess.run([str(exe), "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--n-latents" in out.stdout and "--optimizer" in out.stdout
