@@ -72,6 +72,17 @@ void check_float_dtype(int code, const char* name) {
   flashsae::dispatch_float(code, name, [](auto) { return 0; });
 }
 
+// The checks every sparse-row kernel needs: positive sizes, a float dtype, indices in range.
+void check_sparse_rows(addr_t indices, int64_t rows, int64_t k, int64_t n, int64_t d, int dtype,
+                       const char* dtype_of) {
+  require_positive(rows, "rows");
+  require_positive(k, "k");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  check_float_dtype(dtype, dtype_of);
+  check_indices(indices, rows, k, n, "indices");
+}
+
 // ---------------------------------------------------------------------------------------------
 void topk_state_init(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k, int score_dtype) {
   require_address(heap_scores, "heap_scores");
@@ -124,12 +135,7 @@ void sparse_decode_forward(addr_t values, addr_t indices, int64_t rows, int64_t 
   require_address(indices, "indices");
   require_address(W_dec, "W_dec");
   require_address(x_hat, "x_hat");
-  require_positive(rows, "rows");
-  require_positive(k, "k");
-  require_positive(n, "n_latents");
-  require_positive(d, "d");
-  check_float_dtype(dtype, "values");
-  check_indices(indices, rows, k, n, "indices");
+  check_sparse_rows(indices, rows, k, n, d, dtype, "values");
   py::gil_scoped_release release;
   flashsae::cpu::sparse_decode_forward(as_ptr(values), as_ptr<const int32_t>(indices), rows, k,
                                        as_ptr(W_dec), n, d, as_ptr(b_dec), as_ptr(x_hat), dtype);
@@ -141,12 +147,7 @@ void sparse_decode_backward(addr_t grad, addr_t values, addr_t indices, int64_t 
   for (auto [a, name] : {std::pair{grad, "grad"}, {values, "values"}, {indices, "indices"},
                          {W_dec, "W_dec"}, {d_values, "d_values"}, {dW_dec, "dW_dec"}})
     require_address(a, name);
-  require_positive(rows, "rows");
-  require_positive(k, "k");
-  require_positive(n, "n_latents");
-  require_positive(d, "d");
-  check_float_dtype(dtype, "values");
-  check_indices(indices, rows, k, n, "indices");
+  check_sparse_rows(indices, rows, k, n, d, dtype, "values");
   py::gil_scoped_release release;
   flashsae::cpu::sparse_decode_backward(as_ptr(grad), as_ptr(values), as_ptr<const int32_t>(indices),
                                         rows, k, as_ptr(W_dec), n, d, as_ptr(d_values),
@@ -159,12 +160,7 @@ void topk_encode_backward(addr_t d_values, addr_t values, addr_t indices, int64_
   for (auto [a, name] : {std::pair{d_values, "d_values"}, {values, "values"}, {indices, "indices"},
                          {x, "x"}, {W_enc, "W_enc"}, {dW_enc, "dW_enc"}, {db_enc, "db_enc"}})
     require_address(a, name);
-  require_positive(rows, "rows");
-  require_positive(k, "k");
-  require_positive(n, "n_latents");
-  require_positive(d, "d");
-  check_float_dtype(dtype, "x");
-  check_indices(indices, rows, k, n, "indices");
+  check_sparse_rows(indices, rows, k, n, d, dtype, "x");
   py::gil_scoped_release release;
   flashsae::cpu::topk_encode_backward(as_ptr(d_values), as_ptr(values),
                                       as_ptr<const int32_t>(indices), rows, k, as_ptr(x),
@@ -178,13 +174,8 @@ void check_loss_args(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t 
   for (auto [a, name] : {std::pair{x, "x"}, {values, "values"}, {indices, "indices"},
                          {W_dec, "W_dec"}, {b_dec, "b_dec"}})
     require_address(a, name);
-  require_positive(rows, "rows");
-  require_positive(k, "k");
-  require_positive(n, "n_latents");
-  require_positive(d, "d");
+  check_sparse_rows(indices, rows, k, n, d, dtype, "x");
   require(aux_k >= 0, "aux_k: expected >= 0, got " + std::to_string(aux_k));
-  check_float_dtype(dtype, "x");
-  check_indices(indices, rows, k, n, "indices");
   if (aux_k > 0) {
     require_address(aux_values, "aux_values");
     require_address(aux_indices, "aux_indices");
