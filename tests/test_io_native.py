@@ -17,7 +17,7 @@ def test_round_trip(tmp_path, dtype):
         sae.b_dec.normal_()
     sae.save(tmp_path / "ckpt")
     loaded = TopKSAE.load(tmp_path / "ckpt")
-    assert loaded.config() == sae.config()
+    assert loaded.config == sae.config and loaded.metadata == sae.metadata == {}
     for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert TopKSAE.load(tmp_path / "ckpt", dtype=torch.float64).dtype == torch.float64
@@ -67,6 +67,6 @@ def test_load_errors_name_the_problem(tmp_path):
     config_file.write_text(json.dumps({**config, "format": "saelens"}))
     with pytest.raises(ValueError, match="is not a flashsae config"):
         TopKSAE.load(tmp_path / "ckpt")
-    config_file.write_text(json.dumps({**config, "n_latents": 9}))
+    config_file.write_text(json.dumps({**config, "config": {**config["config"], "n_latents": 9}}))
     with pytest.raises(RuntimeError, match="size mismatch"):
         TopKSAE.load(tmp_path / "ckpt")

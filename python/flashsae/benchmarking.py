@@ -56,6 +56,12 @@ class DenseTopKSAE(TopKSAE):
         top = pre.topk(self.k, dim=-1)
         return pre, top.values, top.indices
 
+    def _output(self, x, x_hat, values, indices, mse, fvu, auxk) -> ForwardOutput:
+        lead = x.shape[:-1]
+        latents = SparseLatents(values.reshape(*lead, self.k), indices.int().reshape(*lead, self.k))
+        loss = fvu + self.config.auxk_alpha * auxk
+        return ForwardOutput(x_hat.reshape(*lead, self.d_in), latents, fvu, mse, auxk, loss)
+
     def _losses(self, rows, x_hat, pre, dead_mask):
         total_variance = (rows - rows.mean(0)).pow(2).sum()
         sse = (x_hat - rows).pow(2).sum()
@@ -73,10 +79,7 @@ class DenseTopKSAE(TopKSAE):
         pre, values, indices = self._dense_latents(rows)
         dense = torch.zeros_like(pre).scatter(-1, indices, values)
         x_hat = dense @ self.W_dec + self.b_dec
-        mse, fvu, auxk = self._losses(rows, x_hat, pre, dead_mask)
-        lead = x.shape[:-1]
-        latents = SparseLatents(values.reshape(*lead, self.k), indices.int().reshape(*lead, self.k))
-        return ForwardOutput(x_hat.reshape(*lead, self.d_in), latents, fvu, mse, auxk)
+        return self._output(x, x_hat, values, indices, *self._losses(rows, x_hat, pre, dead_mask))
 
 
 class SparsifyStyleTopKSAE(DenseTopKSAE):
@@ -86,10 +89,7 @@ class SparsifyStyleTopKSAE(DenseTopKSAE):
         rows = self._rows(x)
         pre, values, indices = self._dense_latents(rows)
         x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
-        mse, fvu, auxk = self._losses(rows, x_hat, pre, dead_mask)
-        lead = x.shape[:-1]
-        latents = SparseLatents(values.reshape(*lead, self.k), indices.int().reshape(*lead, self.k))
-        return ForwardOutput(x_hat.reshape(*lead, self.d_in), latents, fvu, mse, auxk)
+        return self._output(x, x_hat, values, indices, *self._losses(rows, x_hat, pre, dead_mask))
 
 
 PROVIDER_CLASSES: dict[str, type[TopKSAE]] = {
@@ -109,9 +109,10 @@ def make_optimizer(name: str, params, lr: float = 1e-4) -> torch.optim.Optimizer
 
 
 def train_step(sae: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
-    """forward, backward, Adam step, zero_grad(set_to_none=True); returns the detached FVU."""
+    """forward, backward of the SAE's loss, Adam step, zero_grad(set_to_none=True); returns the
+    detached FVU."""
     out = sae(x)
-    out.fvu.backward()
+    out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return out.fvu.detach()
@@ -246,7 +247,7 @@ def measure_provider(provider: str, config: BenchConfig) -> ProviderResult:
     peak_bytes = memory.peak() - start_bytes
 
     def forward_backward() -> None:
-        sae(x).fvu.backward()
+        sae(x).loss.backward()
         sae.zero_grad(set_to_none=True)
 
     fwd_bwd_times = _timed(forward_backward, device, max(2, config.steps // 2))

@@ -42,5 +42,8 @@ class ForwardOutput(NamedTuple):
     auxk_loss: torch.Tensor
     """AuxK loss (Gao et al. 2024): how well the aux_k most active dead latents reconstruct the
     residual x - x_hat, normalized like fvu and scaled by min(n_dead / aux_k, 1). Zero when no
-    dead_mask was passed or no latent is dead. Add it to the loss as ``fvu + auxk_alpha * auxk_loss``
-    (sparsify and Gao et al. use auxk_alpha = 1/32)."""
+    dead_mask was passed or no latent is dead, and for architectures without AuxK."""
+    loss: torch.Tensor
+    """The architecture's whole training objective: reconstruction plus its sparsity and auxiliary
+    terms (TopK: ``fvu + auxk_alpha * auxk_loss``). Call ``loss.backward()``; one training loop
+    serves every architecture."""

@@ -10,55 +10,49 @@ encoder GEMM (tile by tile) and writing the dense parameter gradients torch's op
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .. import _backend
-from ..io.native import load_checkpoint, save_checkpoint
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
-
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
+from .base import SAE, SAEConfig, non_negative, positive_int, register
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+@dataclass
+class TopKConfig(SAEConfig):
+    """Configuration of a :class:`TopKSAE`."""
+
+    k: int = 32
+    """Active latents per input row, 1 <= k <= n_latents."""
+    aux_k: int | None = None
+    """Size of the AuxK selection among dead latents (Gao et al. 2024, appendix A.2); None means
+    min(d_in // 2, n_latents), as in sparsify. Used only when forward gets a dead_mask."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss in ``loss = fvu + auxk_alpha * auxk_loss`` (Gao et al.: 1/32)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive_int("k", self.k)
+        if self.k > self.n_latents:
+            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
+        if self.aux_k is None:
+            self.aux_k = max(1, min(self.d_in // 2, self.n_latents))
+        positive_int("aux_k", self.aux_k)
+        if self.aux_k > self.n_latents:
+            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
+        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
 
 
-def geometric_median(points: torch.Tensor, *, max_iter: int = 100, rtol: float = 1e-6) -> torch.Tensor:
-    """Geometric median of the rows of `points` [m, d] by Weiszfeld's iteration, started at the mean
-    (float64 math). More robust to outlier activations than the mean (Bricken et al. 2023)."""
-    pts = points.detach().to(torch.float64)
-    guess = pts.mean(0)
-    for _ in range(max_iter):
-        weights = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
-        new = (weights.unsqueeze(1) * pts).sum(0) / weights.sum()
-        moved = (new - guess).norm()
-        guess = new
-        if moved <= rtol * guess.norm().clamp_min(1e-12):
-            break
-    return guess
-
-
-class TopKSAE(nn.Module):
-    """A TopK sparse autoencoder as a plain ``nn.Module``.
+@register
+class TopKSAE(SAE):
+    """A TopK sparse autoencoder as a plain ``nn.Module`` (Gao et al. 2024).
 
     Args:
         d_in: input width d.
         n_latents: dictionary size n.
         k: active latents per input row, 1 <= k <= n_latents.
-        aux_k: size of the AuxK selection among dead latents when ``forward`` gets a dead_mask;
-            default ``min(d_in // 2, n_latents)`` (at least 1), as in sparsify.
+        aux_k, auxk_alpha: AuxK settings, see :class:`TopKConfig`.
         dtype, device: of the parameters (float32 default; bfloat16, float16, float64 work).
         backend: kernel backend for every op ("auto" default; see flashsae._backend).
 
@@ -67,9 +61,13 @@ class TopKSAE(nn.Module):
     encoder = decoder (tied at init), zero biases; call :meth:`init_b_dec_` on a data sample.
     In training, call :meth:`remove_decoder_parallel_grads_` before the optimizer step and
     :meth:`normalize_decoder_` after it to keep decoder rows at unit norm.
+
+    Sparse ops: all of them (topk_encode, sae_loss, sparse_decode); see the module docstring.
     """
 
     architecture = "topk"
+    config_class = TopKConfig
+    config: TopKConfig
 
     def __init__(
         self,
@@ -78,51 +76,24 @@ class TopKSAE(nn.Module):
         k: int,
         *,
         aux_k: int | None = None,
+        auxk_alpha: float = 1 / 32,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        self.d_in = _positive_int("d_in", d_in)
-        self.n_latents = _positive_int("n_latents", n_latents)
-        self.k = _positive_int("k", k)
-        if k > n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({n_latents}), got {k}")
-        self.aux_k = max(1, min(d_in // 2, n_latents)) if aux_k is None else _positive_int("aux_k", aux_k)
-        if self.aux_k > n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({n_latents}), got {aux_k}")
-        self.backend = None if backend is None else _backend.requested_backend(backend)
-        dtype = dtype or torch.float32
-        if dtype not in _DTYPE_NAMES:
-            raise TypeError(f"dtype: expected one of {', '.join(_DTYPE_NAMES.values())}, got {dtype}")
-
-        decoder = torch.randn(n_latents, d_in, dtype=torch.float32, device=device)
-        decoder /= decoder.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(decoder.clone().to(dtype))
-        self.b_enc = nn.Parameter(torch.zeros(n_latents, dtype=dtype, device=device))
-        self.W_dec = nn.Parameter(decoder.to(dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype, device=device))
+        config = TopKConfig(d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha)
+        super().__init__(config, dtype=dtype, device=device, backend=backend)
+        self._build()
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.W_dec.dtype
+    def k(self) -> int:
+        return self.config.k
 
     @property
-    def device(self) -> torch.device:
-        return self.W_dec.device
-
-    def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, n_latents={self.n_latents}, k={self.k}, aux_k={self.aux_k}, dtype={self.dtype}"
+    def aux_k(self) -> int:
+        return self.config.aux_k
 
     # ----------------------------------------------------------------------------- forward pieces
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_in] as contiguous [rows, d_in] rows in the SAE's dtype."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.d_in:
-            raise ValueError(f"x: expected shape [..., d_in={self.d_in}], got {list(x.shape)}")
-        return x.reshape(-1, self.d_in).to(self.dtype).contiguous()
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The top-k latents of x [..., d_in]: values and int32 indices, each [..., k]."""
@@ -170,75 +141,5 @@ class TopKSAE(nn.Module):
             fvu=loss.fvu,
             mse=loss.mse,
             auxk_loss=auxk_loss,
+            loss=loss.fvu + self.config.auxk_alpha * auxk_loss,
         )
-
-    # -------------------------------------------------------------------------- training helpers
-
-    @torch.no_grad()
-    def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median") -> None:
-        """Sets b_dec from a data sample x [..., d_in]: its geometric median (default) or mean."""
-        rows = self._rows(x)
-        if method == "geometric_median":
-            center = geometric_median(rows)
-        elif method == "mean":
-            center = rows.to(torch.float64).mean(0)
-        else:
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        self.b_dec.copy_(center.to(self.dtype))
-
-    @torch.no_grad()
-    def normalize_decoder_(self, eps: float = 1e-12) -> None:
-        """Rescales every decoder row to unit L2 norm (rows of norm < eps are left as they are)."""
-        norms = self.W_dec.float().norm(dim=1, keepdim=True)
-        self.W_dec.div_(torch.where(norms < eps, torch.ones_like(norms), norms).to(self.dtype))
-
-    @torch.no_grad()
-    def remove_decoder_parallel_grads_(self) -> None:
-        """Removes from W_dec.grad its component along each decoder row, so a step followed by
-        normalize_decoder_ moves rows along the unit sphere (Bricken et al. 2023). No-op without grad."""
-        grad = self.W_dec.grad
-        if grad is None:
-            return
-        rows = self.W_dec.float()
-        along = torch.linalg.vecdot(grad.float(), rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-12)
-        grad.sub_((along.unsqueeze(1) * rows).to(grad.dtype))
-
-    # ----------------------------------------------------------------------------------- save/load
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "architecture": self.architecture,
-            "d_in": self.d_in,
-            "n_latents": self.n_latents,
-            "k": self.k,
-            "aux_k": self.aux_k,
-            "dtype": _DTYPE_NAMES[self.dtype],
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the native checkpoint (cfg.json + sae.safetensors) to the directory `path`, atomically."""
-        save_checkpoint(path, self.config(), dict(self.state_dict()))
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        backend: str | None = None,
-    ) -> TopKSAE:
-        """Loads a checkpoint written by :meth:`save` (dtype: as saved unless given)."""
-        config, tensors = load_checkpoint(path)
-        if config.get("architecture") != cls.architecture:
-            raise ValueError(f"path: {path} holds a {config.get('architecture')!r} SAE, not {cls.architecture!r}")
-        saved_dtype = getattr(torch, config["dtype"])
-        sae = cls(
-            config["d_in"], config["n_latents"], config["k"], aux_k=config["aux_k"],
-            dtype=dtype or saved_dtype, device=device, backend=backend,
-        )  # fmt: skip
-        missing = set(sae.state_dict()) ^ set(tensors)
-        if missing:
-            raise ValueError(f"path: {path} weights do not match a TopKSAE (differing tensors: {sorted(missing)})")
-        sae.load_state_dict(tensors)
-        return sae

@@ -1,0 +1,304 @@
+"""The interface every flashsae SAE shares, and the registry that builds and loads them by name.
+
+An architecture is a subclass of :class:`SAE` with a config dataclass (a docstring per field,
+validated on construction) and a registered name::
+
+    sae = flashsae.create("topk", d_in=768, n_latents=24576, k=32)
+    out = sae(x)                 # ForwardOutput(..., loss): loss is the whole training objective
+    out.loss.backward()
+    sae.save("run/sae")          # cfg.json + sae.safetensors, atomically
+    sae = flashsae.load("run/sae")   # the right class, from cfg.json
+
+Every SAE holds ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d] (one row per latent in both
+matrices) and ``b_dec`` [d]; architectures add their own parameters or buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import _backend
+from ..io.native import load_checkpoint, save_checkpoint
+from ..outputs import ForwardOutput, SparseLatents
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def positive_int(name: str, value: object) -> int:
+    """value as a positive int, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def non_negative(name: str, value: object) -> float:
+    """value as a float >= 0, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class SAEConfig:
+    """Fields every architecture has. Subclasses add theirs and extend ``__post_init__``."""
+
+    d_in: int
+    """Width d of the activations the SAE encodes."""
+    n_latents: int
+    """Dictionary size n (number of latents)."""
+
+    def __post_init__(self) -> None:
+        positive_int("d_in", self.d_in)
+        positive_int("n_latents", self.n_latents)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def geometric_median(points: torch.Tensor, *, max_iter: int = 100, rtol: float = 1e-6) -> torch.Tensor:
+    """Geometric median of the rows of `points` [m, d] by Weiszfeld's iteration, started at the mean
+    (float64 math). More robust to outlier activations than the mean (Bricken et al. 2023)."""
+    pts = points.detach().to(torch.float64)
+    guess = pts.mean(0)
+    for _ in range(max_iter):
+        weights = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
+        new = (weights.unsqueeze(1) * pts).sum(0) / weights.sum()
+        moved = (new - guess).norm()
+        guess = new
+        if moved <= rtol * guess.norm().clamp_min(1e-12):
+            break
+    return guess
+
+
+class SAE(nn.Module):
+    """Base class of flashsae's sparse autoencoders (plain ``nn.Module``s).
+
+    Subclasses set ``architecture`` (the registry name) and ``config_class``, create their
+    parameters in ``__init__`` (after calling ``super().__init__(config, ...)``), and implement
+    :meth:`encode`, :meth:`decode` and :meth:`forward`.
+
+    ``metadata`` is a JSON-serializable dict saved with the checkpoint (model name, hookpoint,
+    training settings...); flashsae never interprets it.
+    """
+
+    architecture: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+
+    def __init__(
+        self,
+        config: SAEConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
+        dtype = dtype or torch.float32
+        if dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype: expected one of {', '.join(DTYPE_NAMES.values())}, got {dtype}")
+        self.config = config
+        self.backend = None if backend is None else _backend.requested_backend(backend)
+        self.metadata: dict[str, Any] = {}
+        self._init_dtype, self._init_device = dtype, device
+
+    # ------------------------------------------------------------------------------ parameters
+
+    def init_weights_(self) -> None:
+        """Creates W_enc, b_enc, W_dec, b_dec as Gao et al. (2024) initialize them: decoder rows
+        random with unit norm, encoder = decoder (tied at init), zero biases."""
+        n, d = self.config.n_latents, self.config.d_in
+        dtype, device = self._init_dtype, self._init_device
+        decoder = torch.randn(n, d, dtype=torch.float32, device=device)
+        decoder /= decoder.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(decoder.clone().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        self.W_dec = nn.Parameter(decoder.to(dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
+
+    @property
+    def d_in(self) -> int:
+        return self.config.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.config.n_latents
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items())
+        return f"{fields}, dtype={self.dtype}"
+
+    # ------------------------------------------------------------------------- the interface
+
+    def encode(self, x: torch.Tensor) -> SparseLatents:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement encode")
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement decode")
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement forward")
+
+    def _rows(
+        self, x: torch.Tensor, name: str = "x", width: int | None = None, width_name: str = "d_in"
+    ) -> torch.Tensor:
+        """x [..., width] (default d_in) as contiguous [rows, width] in the SAE's dtype."""
+        width = self.d_in if width is None else width
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != width:
+            raise ValueError(f"{name}: expected shape [..., {width_name}={width}], got {list(x.shape)}")
+        return x.reshape(-1, width).to(self.dtype).contiguous()
+
+    # ---------------------------------------------------------------------- training helpers
+
+    @torch.no_grad()
+    def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median") -> None:
+        """Sets b_dec from a data sample x [..., d_in]: its geometric median (default) or mean."""
+        rows = self._rows(x)
+        if method == "geometric_median":
+            center = geometric_median(rows)
+        elif method == "mean":
+            center = rows.to(torch.float64).mean(0)
+        else:
+            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
+        self.b_dec.copy_(center.to(self.dtype))
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-12) -> None:
+        """Rescales every decoder row to unit L2 norm (rows of norm < eps are left as they are)."""
+        norms = self.W_dec.float().norm(dim=1, keepdim=True)
+        self.W_dec.div_(torch.where(norms < eps, torch.ones_like(norms), norms).to(self.dtype))
+
+    @torch.no_grad()
+    def remove_decoder_parallel_grads_(self) -> None:
+        """Removes from W_dec.grad its component along each decoder row, so a step followed by
+        normalize_decoder_ moves rows along the unit sphere (Bricken et al. 2023). No-op without grad."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        rows = self.W_dec.float()
+        along = torch.linalg.vecdot(grad.float(), rows) / torch.linalg.vecdot(rows, rows).clamp_min(1e-12)
+        grad.sub_((along.unsqueeze(1) * rows).to(grad.dtype))
+
+    # ------------------------------------------------------------------------------ save/load
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the native checkpoint (cfg.json + sae.safetensors) to the directory `path`, atomically."""
+        header = {
+            "architecture": self.architecture,
+            "dtype": DTYPE_NAMES[self.dtype],
+            "config": self.config.to_dict(),
+            "metadata": self.metadata,
+        }
+        save_checkpoint(path, header, dict(self.state_dict()))
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SAEConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> SAE:
+        """A fresh SAE of this class from its config (subclass constructors may take plain
+        arguments; this is the uniform entry point the registry and load use)."""
+        sae = cls.__new__(cls)
+        SAE.__init__(sae, config, dtype=dtype, device=device, backend=backend)
+        sae._build()
+        return sae
+
+    def _build(self) -> None:
+        """Creates the parameters of a freshly configured SAE (default: init_weights_)."""
+        self.init_weights_()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> SAE:
+        """Loads a checkpoint written by :meth:`save` (dtype: as saved unless given). Called on
+        SAE itself (or via flashsae.load) it picks the class from cfg.json; on a subclass the
+        checkpoint must be of that architecture."""
+        header, tensors = load_checkpoint(path)
+        architecture = header.get("architecture")
+        target = REGISTRY.get(architecture) if cls is SAE else cls
+        if target is None:
+            known = ", ".join(REGISTRY)
+            raise ValueError(f"path: {path} holds an unknown architecture {architecture!r}; known: {known}")
+        if architecture != target.architecture:
+            raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
+        config = target.config_class(**header["config"])
+        sae = target.from_config(config, dtype=dtype or getattr(torch, header["dtype"]), device=device, backend=backend)
+        differing = set(sae.state_dict()) ^ set(tensors)
+        if differing:
+            raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")
+        sae.load_state_dict(tensors)
+        sae.metadata = dict(header.get("metadata") or {})
+        return sae
+
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    """Class decorator: makes `cls` available to create() and load() under cls.architecture."""
+    if not cls.architecture:
+        raise ValueError(f"{cls.__name__}: set the class attribute `architecture` before registering")
+    if cls.architecture in REGISTRY and REGISTRY[cls.architecture] is not cls:
+        owner = REGISTRY[cls.architecture].__name__
+        raise ValueError(f"architecture {cls.architecture!r} is already registered by {owner}")
+    REGISTRY[cls.architecture] = cls
+    return cls
+
+
+def create(
+    name: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str | None = None,
+    **config: Any,
+) -> SAE:
+    """A new SAE of the architecture `name` (see ``REGISTRY``), configured by keyword arguments,
+    e.g. ``create("topk", d_in=768, n_latents=24576, k=32)``."""
+    if name not in REGISTRY:
+        raise ValueError(f"name: unknown architecture {name!r}; expected one of {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    known = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        fields = sorted(known)
+        raise TypeError(f"{name}: unexpected config field(s) {unknown}; {cls.config_class.__name__} has {fields}")
+    return cls.from_config(cls.config_class(**config), dtype=dtype, device=device, backend=backend)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> SAE:
+    """Loads any flashsae checkpoint, picking the class from its cfg.json."""
+    return SAE.load(path, device=device, dtype=dtype, backend=backend)
