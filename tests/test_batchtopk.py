@@ -19,10 +19,18 @@ batch_topk, batch_topk_reference = batch_topk_module.batch_topk, batch_topk_modu
 # ------------------------------------------------------------------------------------------ the op
 
 
+@pytest.fixture(params=["sparse", "dense_fallback"])
+def path(request, monkeypatch):
+    """The sparse retry path at every size (no dense fallback), or the dense fallback whenever the
+    first attempt is not enough."""
+    monkeypatch.setattr(batch_topk_module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize(("rows", "d", "n", "k"), SIZES, ids=SIZE_IDS)
 @pytest.mark.parametrize("candidates", [1, None, 10_000], ids=["retry", "default", "all"])
-def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend):
+def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend, path):
     t = sae_tensors(rows, d, n, torch.float64)
     args = (t["x"], t["W_enc"], t["b_enc"], k, t["b_dec"])
     values, indices, aux_values, aux_indices = batch_topk(*args, candidates=candidates, backend=backend)
@@ -36,7 +44,7 @@ def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend)
     assert int(active.sum()) <= rows * k
 
 
-def test_op_gradients_match_reference():
+def test_op_gradients_match_reference(path):
     t = sae_tensors(29, 33, 300, torch.float64)
     ours, ref = f64(t, requires_grad=True), f64(t, requires_grad=True)
     g = torch.randn(29, 300, dtype=torch.float64)
@@ -49,7 +57,7 @@ def test_op_gradients_match_reference():
         assert_close(ours[name].grad, ref[name].grad, torch.float64, f"grad {name}")
 
 
-def test_op_exact_ties_follow_row_major_order():
+def test_op_exact_ties_follow_row_major_order(path):
     # every activation equal: the selection is the first rows * k entries in row-major order
     x = torch.ones(6, 4, dtype=torch.float64)
     W_enc = torch.ones(10, 4, dtype=torch.float64) / 4
@@ -59,11 +67,11 @@ def test_op_exact_ties_follow_row_major_order():
         ref_values, ref_indices = batch_topk_reference(x, W_enc, b_enc, 3)
         assert torch.equal(indices, ref_indices)
         assert torch.equal(values, ref_values)
-        # 18 selected: rows 0 and 1 take all 10 latents? no: row-major order fills row 0, then row 1
+        # 18 selected in row-major order: all 10 latents of row 0, then 8 of row 1
         assert (indices[0] >= 0).sum() == 10 and (indices[1] >= 0).sum() == 8 and (indices[2:] < 0).all()
 
 
-def test_op_fewer_positive_than_budget_and_aux():
+def test_op_fewer_positive_than_budget_and_aux(path):
     t = sae_tensors(12, 16, 80, torch.float64)
     b_enc = torch.full((80,), -2.5, dtype=torch.float64)  # few positive activations
     dead = torch.rand(80) < 0.5

@@ -25,10 +25,18 @@ def thresholds(n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.rand(n, dtype=torch.float64) * 1.5 - 0.2).to(dtype)
 
 
+@pytest.fixture(params=["sparse", "dense_fallback"])
+def path(request, monkeypatch):
+    """The sparse retry path at every size (no dense fallback), or the dense fallback whenever the
+    first attempt is not enough."""
+    monkeypatch.setattr(threshold_encode_module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize(("rows", "d", "n", "k"), SIZES, ids=SIZE_IDS)
 @pytest.mark.parametrize("candidates", [1, None, 100_000], ids=["retry", "default", "all"])
-def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend):
+def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend, path):
     t = sae_tensors(rows, d, n, torch.float64)
     theta = thresholds(n, torch.float64)
     args = (t["x"], t["W_enc"], t["b_enc"], theta, t["b_dec"])
@@ -42,7 +50,7 @@ def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend)
     assert (values[:, :-1] >= values[:, 1:]).all(), "rows not sorted by value"
 
 
-def test_op_without_b_dec_and_nothing_active():
+def test_op_without_b_dec_and_nothing_active(path):
     t = sae_tensors(7, 12, 40, torch.float64)
     values, indices = threshold_encode(t["x"], t["W_enc"], t["b_enc"], torch.full((40,), 1e6, dtype=torch.float64))
     assert values.shape == (7, 1) and (indices == -1).all() and (values == 0).all()
@@ -52,7 +60,7 @@ def test_op_without_b_dec_and_nothing_active():
     assert_close(values, ref_values, torch.float64, "relu values")
 
 
-def test_op_gradients_match_reference():
+def test_op_gradients_match_reference(path):
     t = sae_tensors(23, 31, 200, torch.float64)
     theta = thresholds(200, torch.float64)
     ours, ref = f64(t, requires_grad=True), f64(t, requires_grad=True)

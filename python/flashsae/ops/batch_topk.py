@@ -14,9 +14,11 @@ topk_encode with ``candidates`` slots per row (sorted, never [batch, n]) gives a
 the top batch*k of the candidates (a k-th value and a tie cut, O(batch * candidates)) is the answer
 unless some row might hold more: a row whose last candidate is positive and >= the candidates'
 cut value t. The true cut is >= t, so a tiled count of each row's entries >= t (``count_active``)
-bounds every row's share; one more encode with that many slots (+1) is then exact. Reaching
-candidates = n_latents is the dense worst case. The output shape depends on the data, so this is a
-plain function around the topk_encode custom op (whose sparse backward gives the gradients).
+bounds every row's share; one more encode with that many slots (+1) is then exact. When that bound
+exceeds DENSE_FRACTION (1/8) of the latents, one exact dense pass ([batch, n] GEMM, k-th value, top-m)
+is cheaper than the merge and runs instead (threshold_encode.DENSE_FRACTION says why). The output
+shape depends on the data, so this is a plain function around the topk_encode custom op (whose
+sparse backward gives the gradients).
 """
 
 from __future__ import annotations
@@ -26,8 +28,13 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_k, check_tensor
-from .threshold_encode import count_active, padded_rows
+from .threshold_encode import count_active, dense_pre_activations, padded_rows
 from .topk_encode import topk_encode
+
+#: When the retry needs more than this share of n_latents slots per row, one exact dense pass runs
+#: instead: past ~n/16 slots topk_encode's running merge costs as much as the dense GEMM (see
+#: threshold_encode.DENSE_FRACTION for the measurement), and the selection itself is O(batch * n).
+DENSE_FRACTION = 1 / 8
 
 
 class BatchTopKOutput(NamedTuple):
@@ -119,7 +126,7 @@ def batch_topk(
     slots = min(n, max(k, candidates))
     aux: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
     first = True
-    while True:
+    while slots <= n * DENSE_FRACTION or first:
         encoded = topk_encode(
             x, W_enc, b_enc, slots, b_dec, dead_mask=dead_mask if first else None, aux_k=aux_k if first else 0,
             backend=backend,
@@ -137,6 +144,12 @@ def batch_topk(
         cutoff = torch.full((n,), float(cut), dtype=torch.float64, device=x.device)
         counts = count_active(x, W_enc, b_enc, cutoff, b_dec, inclusive=True)
         slots = min(n, max(int(counts.max()) + 1, slots + 1))
+    else:  # the exact dense path (see DENSE_FRACTION); the AuxK pair of the first pass stays valid
+        act = dense_pre_activations(x, W_enc, b_enc, b_dec).relu()
+        selected, _ = top_of_flat(act.detach(), x.shape[0] * k)
+        active = selected & (act.detach() > 0)
+        values, indices = padded_rows(torch.where(active, act, torch.zeros_like(act)), active)
+        return BatchTopKOutput(values, indices, *aux)
     active = selected & (values.detach() > 0)
     m = max(1, int(active.sum(1).max()))
     # selected entries of a row are a prefix of its (sorted) slots: trimming keeps all of them

@@ -18,9 +18,11 @@ How it stays sparse and exact (a composite of :func:`~flashsae.ops.topk_encode`,
 whose positive entries are exactly the active latents. topk_encode with ``candidates`` slots per row
 returns them all unless a row's last slot is still positive (the row may hold more). Then one tiled
 counting pass (:func:`count_active`, O(batch * tile) memory) gives every row's exact count and the
-encode runs once more with enough slots. ``candidates = n_latents`` is the dense worst case, reached
-only when some row activates nearly every latent. The output shape depends on the data, so this is
-a plain function around the topk_encode custom op rather than a custom op of its own.
+encode runs once more with enough slots. When some row needs more than DENSE_FRACTION (1/8) of
+all latents, one dense [batch, n] GEMM is cheaper than the merge and its output is within 8x of the
+result anyway: that exact dense path runs instead (untrained JumpReLU / ReLU SAEs, ~n/2 active).
+The output shape depends on the data, so this is a plain function around the topk_encode custom op
+rather than a custom op of its own.
 
 Values are ``relu(pre - theta) + theta``: for float32 / float64 that is pre up to one rounding; for
 bfloat16 / float16 both the shifted bias ``b_enc - theta`` and the values carry one extra rounding
@@ -35,6 +37,7 @@ import importlib
 import torch
 
 from .._checks import check_finite, check_tensor
+from . import _common
 from .topk_encode import topk_encode
 
 # the module itself (flashsae.ops re-exports the function under the same name)
@@ -43,6 +46,13 @@ _topk_encode_module = importlib.import_module(f"{__package__}.topk_encode")
 #: Slots per row of the first attempt when the caller gives no hint. 64 covers the L0 of typical
 #: JumpReLU / ReLU-L1 SAEs (20-100 per token); rows that hold more trigger the counting pass.
 DEFAULT_CANDIDATES = 64
+
+#: When some row needs more than this share of n_latents slots, the exact dense path runs instead
+#: (one [batch, n] GEMM and a top-m): topk_encode's running merge then costs as much as the GEMM
+#: (d=768, n=16384, batch=1024 on 2 shared cores: k=1024 took 0.8 s, the dense GEMM + mask 0.8 s),
+#: and the [batch, m] output is itself within 8x of [batch, n]. Untrained JumpReLU / ReLU SAEs
+#: (about n/2 active) take this path.
+DENSE_FRACTION = 1 / 8
 
 
 # --------------------------------------------------------------------------------------- reference
@@ -59,19 +69,49 @@ def threshold_encode_reference(
     (use float64 to check): JumpReLU values, stable-sorted descending, padded with (0, -1)."""
     pre = (x if b_dec is None else x - b_dec) @ W_enc.T + b_enc
     active = pre > threshold.clamp_min(0)
-    return padded_rows(torch.where(active, pre, torch.zeros_like(pre)), active)
+    order = torch.sort(pre.masked_fill(~active, float("-inf")), dim=1, descending=True, stable=True)
+    m = max(1, int(active.sum(1).max()))
+    empty = order.values[:, :m] == float("-inf")
+    values = pre.gather(1, order.indices[:, :m]).masked_fill(empty, 0.0)
+    return values, order.indices[:, :m].to(torch.int32).masked_fill(empty, -1)
+
+
+# -------------------------------------------------------------------------------- padded layout
 
 
 def padded_rows(dense: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The active entries of `dense` [rows, n] as the padded layout: values sorted descending per row
-    (ties to the lower index), m = max active count per row (at least 1), empty slots (0, -1)."""
-    keyed = dense.masked_fill(~active, float("-inf"))
-    order = torch.sort(keyed, dim=1, descending=True, stable=True)
-    m = max(1, int(active.sum(1).max())) if dense.shape[0] else 1
-    values, indices = order.values[:, :m], order.indices[:, :m].to(torch.int32)
-    empty = values == float("-inf")
-    gathered = dense.gather(1, order.indices[:, :m])  # differentiable path to `dense`
-    return gathered.masked_fill(empty, 0.0).contiguous(), indices.masked_fill(empty, -1).contiguous()
+    """The active entries of `dense` [rows, n] in the padded layout: values sorted descending per
+    row (ties to the lower index), m = the largest active count of a row (>= 1), empty slots (0, -1).
+    Differentiable in `dense`. A top-m (every active entry of every row is in its row's top m of the
+    masked values) and the exact re-sort of compact_rows: no sort of [rows, n]."""
+    m = max(1, int(active.sum(1).max()))
+    top = dense.detach().masked_fill(~active, float("-inf")).topk(m, dim=1).indices
+    return compact_rows(dense.gather(1, top), top.to(torch.int32), active.gather(1, top))
+
+
+def compact_rows(
+    values: torch.Tensor, indices: torch.Tensor, active: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `active` slots of padded latents [rows, slots] in the padded layout: per row sorted by
+    value descending (ties to the lower index), m = the largest active count (>= 1), empty slots
+    (0, -1), contiguous. Differentiable in `values`."""
+    # two stable sorts: by index, then by value, give value order with ties to the lower index
+    by_index = torch.sort(torch.where(active, indices, torch.iinfo(torch.int32).max), dim=1, stable=True).indices
+    values, indices, active = values.gather(1, by_index), indices.gather(1, by_index), active.gather(1, by_index)
+    keyed = values.detach().masked_fill(~active, float("-inf"))
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, : max(1, int(active.sum(1).max()))]
+    values, indices, active = values.gather(1, order), indices.gather(1, order), active.gather(1, order)
+    return torch.where(active, values, torch.zeros_like(values)), indices.masked_fill(~active, -1)
+
+
+def dense_pre_activations(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor | None
+) -> torch.Tensor:
+    """(x - b_dec) W_enc^T + b_enc as one differentiable [batch, n] GEMM in the accumulation dtype,
+    returned in x's dtype: the dense fallback of the variable-count encodes."""
+    acc = _common.acc_dtype(x.dtype)
+    centered = (x if b_dec is None else x - b_dec).to(acc)
+    return torch.addmm(b_enc.to(acc), centered, W_enc.to(acc).T).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------- counting pass
@@ -143,7 +183,7 @@ def threshold_encode(
     theta = threshold.clamp_min(0)
     shifted = b_enc - theta
     slots = min(candidates, n)
-    while True:
+    while slots <= n * DENSE_FRACTION:
         excess, indices = topk_encode(x, W_enc, shifted, slots, b_dec, backend=backend)
         if slots == n or not bool((excess[:, -1] > 0).any()):
             break
@@ -151,22 +191,11 @@ def threshold_encode(
         # (so that every row's last slot comes back empty and proves the row complete)
         counts = count_active(x, W_enc, shifted.detach(), torch.zeros_like(theta), b_dec)
         slots = min(n, max(int(counts.max()) + 1, slots + 1))
+    else:  # the exact dense path: see DENSE_FRACTION
+        pre = dense_pre_activations(x, W_enc, b_enc, b_dec)
+        active = pre > theta.to(pre.dtype)
+        return padded_rows(torch.where(active, pre, torch.zeros_like(pre)), active)
     active = excess > 0
     values = excess + theta[indices.clamp_min(0).long()]
     # ranked by pre - theta, reported by value: re-sort each row
     return compact_rows(values, indices, active)
-
-
-def compact_rows(
-    values: torch.Tensor, indices: torch.Tensor, active: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `active` slots of padded latents [rows, slots] in the padded layout: per row sorted by
-    value descending (ties to the lower index), m = the largest active count (>= 1), empty slots
-    (0, -1), contiguous. Differentiable in `values`."""
-    # two stable sorts: by index, then by value, give value order with ties to the lower index
-    by_index = torch.sort(torch.where(active, indices, torch.iinfo(torch.int32).max), dim=1, stable=True).indices
-    values, indices, active = values.gather(1, by_index), indices.gather(1, by_index), active.gather(1, by_index)
-    keyed = values.detach().masked_fill(~active, float("-inf"))
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, : max(1, int(active.sum(1).max()))]
-    values, indices, active = values.gather(1, order), indices.gather(1, order), active.gather(1, order)
-    return torch.where(active, values, torch.zeros_like(values)), indices.masked_fill(~active, -1)
