@@ -98,7 +98,9 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         in_window = ((pre - theta) / eps).abs() < 0.5
         grad_pre = grad * (pre > theta)
-        grad_theta = (-(theta / eps) * (grad * in_window)).sum(0)
+        # summed over the batch in float32 at least: a bfloat16 sum of thousands of rows loses the signal
+        acc = torch.promote_types(theta.dtype, torch.float32)
+        grad_theta = (-(theta.to(acc) / eps) * (grad.to(acc) * in_window)).sum(0)
         return grad_pre, grad_theta.to(theta.dtype), None
 
 
@@ -116,7 +118,8 @@ class _Step(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         eps = ctx.bandwidth
         in_window = ((pre - theta) / eps).abs() < 0.5
-        grad_theta = (-(1.0 / eps) * (grad * in_window)).sum(0)
+        acc = torch.promote_types(theta.dtype, torch.float32)
+        grad_theta = (-(1.0 / eps) * (grad.to(acc) * in_window)).sum(0)
         return None, grad_theta.to(theta.dtype), None
 
 
