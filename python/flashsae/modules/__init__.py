@@ -5,10 +5,10 @@ Registered architectures: ``topk`` (TopKSAE, optional Multi-TopK), ``batchtopk``
 ``matryoshka`` (MatryoshkaSAE), ``jumprelu`` (JumpReLUSAE), ``relu`` (ReLUSAE, ReLU-L1), ``gated``
 (GatedSAE) and ``transcoder`` (Transcoder, optional skip connection).
 
-Every class but TopKSAE has ``unit_norm_decoder`` (TopK: treat a missing attribute as True): True
-when a training loop should call remove_decoder_parallel_grads_ before each optimizer step and
-normalize_decoder_ after it; False for ReLU-L1 and JumpReLU with the tanh penalty, whose penalties
-weigh activations by decoder norms (renormalizing would defeat them).
+Every SAE has ``unit_norm_decoder`` (True on the base class): True when a training loop should
+call remove_decoder_parallel_grads_ before each optimizer step and normalize_decoder_ after it;
+False for ReLU-L1 and JumpReLU with the tanh penalty, whose penalties weigh activations by decoder
+norms (renormalizing would defeat them).
 
 Schedule state lives in buffers, so checkpoints carry it: ``num_steps`` (L1/L0 warm-ups, the start
 of the BatchTopK threshold estimate) and BatchTopK's ``threshold``. A forward in training mode with
