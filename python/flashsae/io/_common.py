@@ -141,7 +141,7 @@ def read_torch_weights(path: Path) -> Any:
             f"path: {path} holds objects other than tensors and plain containers; flashsae reads .pt files "
             f"only with torch.load(weights_only=True) and will not unpickle them ({first_line})"
         ) from exc
-    except (RuntimeError, EOFError, KeyError, ValueError) as exc:
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:  # truncated zip: OSError 22
         raise FormatError(f"path: {path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 

@@ -158,6 +158,8 @@ def load(
     if norm_mode == "dataset-wise":
         s_in = _scale(dataset_norms, hook_in, d, where)
         s_out = _scale(dataset_norms, hook_out, d, where)
+    # |W_D_i| of the file's decoder (lm-saes measures it before any scaling)
+    norms = decoder_norms(W_dec, f"{where}: sparsity_include_decoder_norm") if _folds_norm(cfg, act_fn) else None
     W_enc, W_dec, b_dec = W_enc * s_in, W_dec / s_out, b_dec / s_out
 
     threshold = None
@@ -173,8 +175,7 @@ def load(
                 f"{where}: act_fn is jumprelu but neither {THRESHOLD_KEY} nor jump_relu_threshold is given"
             )
     tensors.finish()
-    if cfg.get("sparsity_include_decoder_norm", False) and act_fn != "relu":
-        norms = decoder_norms(W_dec, f"{where}: sparsity_include_decoder_norm")
+    if norms is not None:
         W_enc, b_enc, W_dec = W_enc * norms.unsqueeze(1), b_enc * norms, W_dec / norms.unsqueeze(1)
 
     # (s_in x - b_D) W = (x - b_dec) s_in W with b_dec = b_D / s_out only when s_in == s_out
@@ -222,6 +223,11 @@ def load(
         metadata["dataset_average_activation_norm"] = dataset_norms
     sae.metadata = json_safe(metadata)
     return sae
+
+
+def _folds_norm(cfg: dict[str, Any], act_fn: str) -> bool:
+    """relu(h |W_D_i|) / |W_D_i| = relu(h): only topk and jumprelu selections depend on the norms."""
+    return bool(cfg.get("sparsity_include_decoder_norm", True)) and act_fn != "relu"
 
 
 def _positive_int(cfg: dict[str, Any], name: str, where: str) -> int:
