@@ -295,3 +295,33 @@ def test_saves_are_atomic(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sae"]
     shutil.rmtree(tmp_path / "out")
+
+
+NATIVE_OPTIONS = {
+    "topk": dict(k=K, multi_topk=True, aux_k=5, input_norm="layer_norm", apply_b_dec_to_input=False),
+    "batchtopk": dict(k=K, threshold_beta=0.9, threshold_start_step=3),
+    "matryoshka": dict(k=K, matryoshka_widths=[10, 30]),
+    "jumprelu": dict(sparsity_loss="tanh", l0_warmup_steps=100, threshold_parametrization="direct"),
+    "relu": dict(l1_coefficient=2.0, l1_warmup_steps=50, apply_b_dec_to_input=True),
+    "gated": dict(l1_coefficient=0.2, apply_b_dec_to_input=False),
+    "transcoder": dict(k=K, d_out=11, skip=True),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(flashsae.REGISTRY))
+def test_native_round_trips_every_field(tmp_path, architecture):
+    sae = flashsae.create(architecture, d_in=D, n_latents=N, dtype=torch.bfloat16, **NATIVE_OPTIONS[architecture])
+    with torch.no_grad():
+        for tensor in sae.state_dict().values():
+            tensor.copy_(torch.rand_like(tensor.double()).mul(100).to(tensor.dtype))
+    sae.metadata = {
+        "model": "EleutherAI/pythia-70m", "hookpoint": "gpt_neox.layers.3", "activation_scale": 0.123456789,
+        "activation_scale_folded": True, "trained_tokens": 123456789, "train_config": {"lr": 1e-4, "hookpoints": ["a"]},
+        "final_metrics": {"fvu": 0.21, "dead_pct": 0.0},
+    }  # fmt: skip
+    sae.save(tmp_path / "ckpt", format="native")
+    back = flashsae.load(tmp_path / "ckpt")
+    assert type(back) is type(sae) and back.config == sae.config and back.metadata == sae.metadata
+    assert back.dtype == torch.bfloat16 and back.state_dict().keys() == sae.state_dict().keys()
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name

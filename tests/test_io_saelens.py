@@ -163,19 +163,31 @@ def test_round_trip_through_saelens(tmp_path, case):
     assert_matches(back, saelens_reference(cfg, weights, x), x, what=f"{case} read back")
     expected_architecture = "jumprelu" if case.startswith("jumprelu") else sae.architecture
     assert back.architecture == expected_architecture
-    # training settings and metadata ride along in the flashsae block
-    expected = sae.config.to_dict()
-    if case == "jumprelu-log":  # the file holds thresholds: loading them is exact with direct ones
-        expected["threshold_parametrization"] = "direct"
-    assert back.config.to_dict() == expected
+    # training settings, metadata and schedule state ride along (the flashsae block and sidecar)
+    assert back.config == sae.config
     assert {k: back.metadata[k] for k in sae.metadata} == sae.metadata
+    assert back.state_dict().keys() == sae.state_dict().keys()
     for name, tensor in sae.state_dict().items():
-        if name in ("log_threshold", "num_steps"):
-            continue
         assert torch.equal(back.state_dict()[name], tensor), name
     if isinstance(sae, BatchTopKSAE):
         assert float(back.threshold) == float(sae.threshold) and cfg["architecture"] == "jumprelu"
         assert torch.equal(weights["threshold"], torch.full((N,), float(sae.threshold)))
+
+
+def test_edited_files_follow_the_file(tmp_path):
+    """Without the sidecar, or with thresholds edited in SAELens, the file's thresholds win (direct)."""
+    sae = trained(JumpReLUSAE(D, N))
+    sae.save(tmp_path / "sl", format="saelens")
+    (tmp_path / "sl" / saelens.STATE_NAME).unlink()
+    back = flashsae.load(tmp_path / "sl")
+    assert back.config.threshold_parametrization == "direct" and torch.equal(back.threshold, sae.threshold)
+    assert int(back.num_steps) == 0
+    sae.save(tmp_path / "sl", format="saelens")
+    weights = saelens.read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
+    weights["threshold"][7] += 0.25
+    write_saelens(tmp_path / "sl", json.loads((tmp_path / "sl" / "cfg.json").read_text()), weights)
+    back = flashsae.load(tmp_path / "sl")
+    assert back.config.threshold_parametrization == "direct" and torch.equal(back.threshold, weights["threshold"])
 
 
 def test_edited_batchtopk_file_loads_as_jumprelu(tmp_path):

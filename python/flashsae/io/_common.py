@@ -84,7 +84,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -132,7 +132,7 @@ def read_torch_weights(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings and plain
     containers only. Anything else (a pickled class, code) is refused, never executed."""
     if not path.is_file():
-        raise FileNotFoundError(f"path: {path} does not exist")
+        raise FileNotFoundError(f"path: {path} is not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

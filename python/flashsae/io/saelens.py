@@ -32,7 +32,9 @@ How flashsae expresses it (exactly; "folded" means an equivalent reparametrizati
 Saving writes v6 files: topk, standard (ReLUSAE), jumprelu (JumpReLUSAE; BatchTopK and Matryoshka SAEs
 as SAELens stores them, a jumprelu with every threshold equal to the estimated one) and gated. A
 ``flashsae`` block in the config's metadata keeps what SAELens has no field for (training settings,
-the architecture a jumprelu came from), so loading the directory back restores the same flashsae SAE.
+the architecture a jumprelu came from) and a ``flashsae_state.safetensors`` sidecar the schedule state
+(``num_steps``) and a JumpReLU's ``log_threshold``, so loading the directory back restores the same
+flashsae SAE (SAELens ignores both; the sidecar is used only while its thresholds still match the file's).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ from ._common import (
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
 SPARSITY_NAME = "sparsity.safetensors"
+#: flashsae's sidecar: state tensors SAELens has no key for (num_steps, a JumpReLU's log_threshold).
+STATE_NAME = "flashsae_state.safetensors"
 #: sae.metadata key of the feature log-sparsities read from sparsity.safetensors (a list of floats).
 SPARSITY_KEY = "log_sparsity"
 CONFIG_KEY = "saelens_config"
@@ -238,11 +242,17 @@ def load(
     weights = {key: value.to(target_dtype) for key, value in weights.items()}
 
     block = cfg["metadata"].get(FLASHSAE_BLOCK) if isinstance(cfg["metadata"].get(FLASHSAE_BLOCK), dict) else None
+    state = read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
+    if name == "jumprelu" and block is not None and block.get("architecture") == name:
+        _restore_log_threshold(block, state, config, weights)
     sae = _restore_from_block(block, name, config, weights, target_dtype, device, backend, where)
     if sae is None:
         if block is not None and block.get("architecture") == name:
             config = {**_training_fields(block, name), **config}
         sae = build_sae(name, config, weights, dtype=target_dtype, device=device, backend=backend, where=weights_where)
+    if "num_steps" in state and hasattr(sae, "num_steps") and block.get("architecture") == sae.architecture:
+        with torch.no_grad():
+            sae.num_steps.fill_(int(state["num_steps"]))
     metadata = dict(block.get("metadata", {})) if block is not None else {}
     saelens_config = dict(raw)
     if isinstance(saelens_config.get("metadata"), dict):
@@ -269,6 +279,21 @@ def _training_fields(block: dict[str, Any], architecture: str) -> dict[str, Any]
     known = {f for f in REGISTRY[architecture].config_class.__dataclass_fields__}
     saved = block.get("config") if isinstance(block.get("config"), dict) else {}
     return {key: value for key, value in saved.items() if key in known}
+
+
+def _restore_log_threshold(block, state, config, weights) -> None:
+    """Switches a jumprelu read from SAELens back to the log parametrization it was saved with, when
+    the sidecar's log_threshold still gives exactly the file's thresholds (else: direct, exact)."""
+    saved = block.get("config") if isinstance(block.get("config"), dict) else {}
+    log = state.get("log_threshold")
+    threshold = weights["direct_threshold"]
+    if saved.get("threshold_parametrization") != "log" or log is None or tuple(log.shape) != tuple(threshold.shape):
+        return
+    log = log.to(threshold.dtype)
+    if torch.equal(log.exp(), threshold):
+        del weights["direct_threshold"]
+        weights["log_threshold"] = log
+        config["threshold_parametrization"] = "log"
 
 
 def _restore_from_block(block, name, config, weights, dtype, device, backend, where):
@@ -334,9 +359,14 @@ def save(sae, path: Path) -> Path:
         **fields,
         "metadata": metadata,
     }
+    state = {"num_steps": sae.num_steps} if hasattr(sae, "num_steps") else {}
+    if sae.architecture == "jumprelu" and sae.config.threshold_parametrization == "log":
+        state["log_threshold"] = sae.log_threshold
     with atomic_directory(path) as staging:
         write_safetensors(staging / WEIGHTS_NAME, tensors)
         write_json(staging / CONFIG_NAME, config)
+        if state:
+            write_safetensors(staging / STATE_NAME, state)
         if sparsity is not None:
             write_safetensors(staging / SPARSITY_NAME, {"sparsity": torch.tensor(sparsity, dtype=torch.float32)})
     return Path(path)
