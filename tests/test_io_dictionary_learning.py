@@ -2,6 +2,7 @@
 dictionary_learning's forward (float64 reference); .pt files are read with weights_only=True."""
 
 import json
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -136,3 +137,26 @@ def test_unsafe_and_broken_files_are_refused(tmp_path, capsys):
     write(tmp_path / "ae", "GatedAutoEncoder", gated)
     with pytest.raises(FormatError, match="missing tensor 'r_mag'"):
         flashsae.load(tmp_path / "ae")
+
+
+def test_with_the_real_library(tmp_path):
+    """Optional: modules of dictionary_learning itself, saved as it saves them (skipped without it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dictionary = pytest.importorskip("dictionary_learning.dictionary")
+        batch_top_k = pytest.importorskip("dictionary_learning.trainers.batch_top_k")
+    for name, module in [("GatedAutoEncoder", dictionary.GatedAutoEncoder(D, N)),
+                         ("BatchTopKSAE", batch_top_k.BatchTopKSAE(D, N, K))]:  # fmt: skip
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.2)
+            if name == "BatchTopKSAE":
+                module.threshold.fill_(0.3)
+        path = tmp_path / name
+        path.mkdir()
+        torch.save(module.state_dict(), path / "ae.pt")
+        (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": name}}))
+        ours = flashsae.load(path).eval()
+        x = torch.randn(20, D)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x).x_hat, module(x), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ checkpoints/final.safetensors) SAEs match lm-saes' forward (float64 reference)."
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -170,3 +171,25 @@ def test_errors(tmp_path):
     write(tmp_path / "sae", lm_cfg(act_fn="jumprelu"), lm_state(lm_cfg()))
     with pytest.raises(FormatError, match="act_fn is jumprelu but neither"):
         flashsae.load(tmp_path / "sae")
+
+
+def test_with_the_real_library(tmp_path):
+    """Optional: an SAE saved by lm-saes (now llamascopium) itself (skipped without it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = pytest.importorskip("llamascopium.models.sae")
+    cfg = lm.SAEConfig(hook_point_in=HOOK, hook_point_out=HOOK, d_model=D, expansion_factor=EXPANSION, act_fn="topk",
+                       top_k=5, norm_activation="dataset-wise", device="cpu", dtype=torch.float32)  # fmt: skip
+    theirs = lm.SparseAutoEncoder(cfg)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    theirs.set_dataset_average_activation_norm({HOOK: 7.0})
+    theirs.save_pretrained(str(tmp_path))
+    cfg.save_hyperparameters(str(tmp_path))
+    ours = flashsae.load(tmp_path)
+    x = torch.randn(20, D) * 2
+    with torch.no_grad():
+        normalized = theirs.normalize_activations({HOOK: x})[HOOK]
+        expected = theirs.decode(theirs.encode(normalized)) / theirs.compute_norm_factor(x, HOOK)
+        torch.testing.assert_close(ours(x).x_hat, expected, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 loaded SAEs and transcoders match sparsify's forward (float64 reference), round trips, errors."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -168,3 +169,25 @@ def test_load_errors_name_the_problem(tmp_path):
     (path / "sae.safetensors").write_bytes(raw[:-7])
     with pytest.raises(FormatError, match="is not a complete safetensors file"):
         flashsae.load(path)
+
+
+def test_with_the_real_library(tmp_path, monkeypatch):
+    """Optional: sparsify itself reads what flashsae writes and vice versa (skipped without sparsify)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse_coder = pytest.importorskip("sparsify.sparse_coder")
+        utils = pytest.importorskip("sparsify.utils")
+    monkeypatch.setattr(sparse_coder, "decoder_impl", utils.eager_decode)  # its Triton decoder needs a GPU
+    theirs = sparse_coder.SparseCoder(D, sparse_coder.SparseCoderConfig(num_latents=120, k=5, transcode=True))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    theirs.save_to_disk(tmp_path / "theirs")
+    ours = flashsae.load(tmp_path / "theirs")
+    x = torch.randn(20, D)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).x_hat, theirs(x).sae_out, rtol=1e-5, atol=1e-5)
+    ours.save(tmp_path / "ours", format="sparsify")
+    again = sparse_coder.SparseCoder.load_from_disk(tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).sae_out, theirs(x).sae_out, rtol=0, atol=0)
