@@ -90,7 +90,7 @@ class ShuffleBuffer:
 
     def state_dict(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         """(JSON part, tensors): the rows still held and the generator state."""
-        tensors = {f"rows/{name}": storage[: self.filled].cpu() for name, storage in self.rows.items()}
+        tensors = {f"rows/{name}": storage[: self.filled].to("cpu", copy=True) for name, storage in self.rows.items()}
         tensors["generator"] = self.generator.get_state()
         return {"filled": self.filled}, tensors
 

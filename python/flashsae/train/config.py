@@ -195,9 +195,9 @@ class TrainConfig(ActivationSourceConfig):
     """Fraction of the steps at the end over which the learning rate decays linearly to 0
     (Anthropic, April 2024 update)."""
     adam_beta1: float = 0.9
-    """Adam beta1."""
+    """Adam's decay rate of the gradient mean (beta1)."""
     adam_beta2: float = 0.999
-    """Adam beta2."""
+    """Adam's decay rate of the squared-gradient mean (beta2)."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (Gao et al. 2024: 6.25e-10)."""
     dead_tokens: int | None = None

@@ -65,6 +65,8 @@ class MetricsLogger:
         config: dict[str, Any],
         resume_step: int | None,
     ) -> None:
+        if wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ImportError("wandb_project: logging to Weights & Biases needs the wandb package: pip install wandb")
         self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():
             # records written after the checkpoint we resume from will be written again: drop them
@@ -82,10 +84,6 @@ class MetricsLogger:
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
         self.wandb = None
         if wandb_project is not None:
-            if importlib.util.find_spec("wandb") is None:
-                raise ImportError(
-                    "wandb_project: logging to Weights & Biases needs the wandb package: pip install wandb"
-                )
             import wandb
 
             self.wandb = wandb.init(

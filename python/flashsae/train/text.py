@@ -187,7 +187,8 @@ class Tokenization:
         self.separator: list[int] = [] if separator is None else [separator]
         pad = tokenizer.pad_token_id
         self.pad_id: int = pad if pad is not None else (separator if separator is not None else 0)
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        # [UNK] stands for real (unknown) words, so it is content; the others are structure
+        special = set(getattr(tokenizer, "all_special_ids", []) or []) - {tokenizer.unk_token_id}
         self.special_ids = torch.tensor(sorted(special | set(self.prefix) | set(self.suffix) | set(self.separator)))
 
     def encode(self, text: str) -> list[int]:
