@@ -1,6 +1,8 @@
 """The shuffle buffer: nothing lost or repeated, batches mix many chunks, hookpoints stay aligned,
 refills at half, exact state round trip."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,12 +12,23 @@ from flashsae.train.buffer import ShuffleBuffer
 class CountingSource:
     """Chunks of consecutive token ids; hookpoint 'b' holds -id (so alignment is checkable)."""
 
+    widths = {"a": 3, "b": 2}  # noqa: RUF012
+    max_chunk_tokens = 16
+    dtype = torch.float32
+    device = torch.device("cpu")
+
     def __init__(self, sizes=(7, 13, 5, 16)) -> None:
         self.next_id = 0
         self.calls = 0
         self.sizes = sizes
 
-    def __call__(self):
+    def state_dict(self):
+        return {"next_id": self.next_id, "calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.next_id, self.calls = state["next_id"], state["calls"]
+
+    def next_chunk(self):
         size = self.sizes[self.calls % len(self.sizes)]
         ids = torch.arange(self.next_id, self.next_id + size, dtype=torch.float32)
         self.next_id += size
@@ -24,16 +37,7 @@ class CountingSource:
 
 
 def make_buffer(source, capacity=64, batch_size=8, seed=0):
-    return ShuffleBuffer(
-        source,
-        {"a": 3, "b": 2},
-        capacity=capacity,
-        max_chunk=16,
-        batch_size=batch_size,
-        seed=seed,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+    return ShuffleBuffer(source, capacity=capacity, batch_size=batch_size, seed=seed)
 
 
 def test_every_token_once_aligned_and_mixed():
@@ -72,12 +76,10 @@ def test_state_round_trip_is_exact():
     for _ in range(11):
         buffer.next_batch()
     state, tensors = buffer.state_dict()
-    source_position = (source.next_id, source.calls)
+    state = json.loads(json.dumps(state))  # the JSON part goes through a file
     expected = [buffer.next_batch() for _ in range(25)]
 
-    restored_source = CountingSource()
-    restored_source.next_id, restored_source.calls = source_position
-    restored = make_buffer(restored_source, seed=99)  # the generator state comes from the checkpoint
+    restored = make_buffer(CountingSource(), seed=99)  # source position and generator come from the state
     restored.load_state_dict(state, {k: v.clone() for k, v in tensors.items()})
     for batch in expected:
         again = restored.next_batch()
@@ -94,3 +96,10 @@ def test_seeds_change_the_order_and_peek_takes_nothing():
 def test_capacity_must_hold_two_batches():
     with pytest.raises(ValueError, match=r"buffer_tokens: expected at least 2 x batch_size = 64, got 40"):
         make_buffer(CountingSource(), capacity=40, batch_size=32)
+
+
+def test_an_exhausted_source_is_an_error():
+    source = CountingSource()
+    source.next_chunk = lambda: None
+    with pytest.raises(ValueError, match=r"buffer: the activation source ran out"):
+        make_buffer(source).next_batch()

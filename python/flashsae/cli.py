@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -172,6 +173,7 @@ def _fail(command: str, exc: BaseException) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, Trainer, resume_config
 
+    started = time.perf_counter()
     kwargs = _config_kwargs(args)
     try:
         if kwargs.get("resume"):
@@ -188,9 +190,13 @@ def _run_train(args: argparse.Namespace) -> int:
             flush=True,
         )
         result = trainer.train()
-    except (ValueError, TypeError, OSError, ImportError) as exc:
+    except (ValueError, TypeError, OSError, ImportError, ArithmeticError) as exc:
         return _fail("train", exc)
-    print(f"trained {result.tokens:,} tokens in {result.step:,} steps ({trainer._elapsed():.1f} s)")
+    wall = time.perf_counter() - started
+    print(
+        f"trained {result.tokens:,} tokens in {result.step:,} steps "
+        f"({result.elapsed_s:.1f} s training, {wall:.1f} s in all)"
+    )
     for name, figures in result.metrics.items():
         if "explained_variance" in figures:
             print(

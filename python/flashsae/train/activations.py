@@ -211,7 +211,7 @@ class ModelActivations:
         self.widths = self._probe_widths()
         self._kept_this_pass = 0
         self.max_chunk_tokens = config.model_batch_size * config.ctx_len
-        self.dtype = resolve_model_dtype(config.model_dtype, self.device)
+        self.dtype = next(self.model.parameters()).dtype
 
     def _probe_widths(self) -> dict[str, int]:
         ids = torch.tensor([self.tokenization.prefix + [self.tokenization.pad_id] * 2 + self.tokenization.suffix])

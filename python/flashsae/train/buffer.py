@@ -12,47 +12,52 @@ training checkpoint, which is what makes ``--resume`` exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
 Chunk = dict[str, torch.Tensor]
 
 
+class ChunkSource(Protocol):
+    """What feeds the buffer (flashsae.train.activations.ModelActivations is one)."""
+
+    widths: dict[str, int]
+    """{hookpoint: d}, in hookpoint order."""
+    max_chunk_tokens: int
+    """The most rows one chunk can have."""
+    dtype: torch.dtype
+    device: torch.device
+
+    def next_chunk(self) -> Chunk | None:
+        """{hookpoint: [m, d]}, the same m tokens for every hookpoint; None when exhausted."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class ShuffleBuffer:
-    """Shuffled batches of `batch_size` rows from chunks of `fill` (dict hookpoint -> [m, d]).
+    """Shuffled batches of `batch_size` rows from the chunks of an endless `source`.
 
     Args:
-        fill: returns the next chunk (never None: the source is endless).
-        widths: {hookpoint: d}.
-        capacity: tokens held when full (>= 2 x batch_size).
-        max_chunk: the most rows one chunk can have (the storage has room for one extra chunk).
+        source: the chunks (its position is part of the buffer's state).
+        capacity: tokens held when full (>= 2 x batch_size); the storage has room for one more chunk.
         batch_size: rows per batch.
         seed: of the permutation generator.
-        device, dtype: of the storage.
     """
 
-    def __init__(
-        self,
-        fill: Callable[[], Chunk],
-        widths: dict[str, int],
-        *,
-        capacity: int,
-        max_chunk: int,
-        batch_size: int,
-        seed: int,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
+    def __init__(self, source: ChunkSource, *, capacity: int, batch_size: int, seed: int) -> None:
         if capacity < 2 * batch_size:
             raise ValueError(f"buffer_tokens: expected at least 2 x batch_size = {2 * batch_size}, got {capacity}")
-        self.fill = fill
-        self.widths = dict(widths)
-        self.hookpoints = list(widths)
+        self.source = source
+        self.widths = dict(source.widths)
+        self.hookpoints = list(source.widths)
         self.capacity = capacity
         self.batch_size = batch_size
+        rows = capacity + source.max_chunk_tokens
         self.rows = {
-            name: torch.empty(capacity + max_chunk, d, device=device, dtype=dtype) for name, d in widths.items()
+            name: torch.empty(rows, d, device=source.device, dtype=source.dtype) for name, d in self.widths.items()
         }
         self.filled = 0
         self.generator = torch.Generator(device="cpu")
@@ -60,7 +65,9 @@ class ShuffleBuffer:
 
     def _refill(self) -> None:
         while self.filled < self.capacity:
-            chunk = self.fill()
+            chunk = self.source.next_chunk()
+            if chunk is None:
+                raise ValueError("buffer: the activation source ran out (it must cycle over its dataset)")
             m = next(iter(chunk.values())).shape[0]
             for name, storage in self.rows.items():
                 storage[self.filled : self.filled + m] = chunk[name]
@@ -88,13 +95,14 @@ class ShuffleBuffer:
         self.filled = start
         return batch
 
-    def state_dict(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-        """(JSON part, tensors): the rows still held and the generator state."""
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(JSON part, tensors): the source's position, the rows still held, the generator state."""
         tensors = {f"rows/{name}": storage[: self.filled].to("cpu", copy=True) for name, storage in self.rows.items()}
         tensors["generator"] = self.generator.get_state()
-        return {"filled": self.filled}, tensors
+        return {"filled": self.filled, "source": self.source.state_dict()}, tensors
 
-    def load_state_dict(self, state: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.source.load_state_dict(state["source"])
         filled = state["filled"]
         for name, storage in self.rows.items():
             held = tensors.get(f"rows/{name}")

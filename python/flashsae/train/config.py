@@ -212,7 +212,7 @@ class TrainConfig(ActivationSourceConfig):
     or zeros."""
     init_from: str | None = None
     """Start from saved SAEs instead of fresh ones: a flashsae SAE directory (one hookpoint) or a
-    finished run directory holding one per hookpoint."""
+    finished run directory holding one per hookpoint. Their activation scale is kept."""
     seed: int = 0
     """Seeds SAE initialization and the data shuffle."""
     autocast: str = "auto"

@@ -43,6 +43,8 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 #: Rows used to estimate the activation scale and initialize b_dec.
 INIT_SAMPLE_TOKENS = 16384
+#: What the saved SAEs' metadata records about where their activations came from.
+SOURCE_KEYS = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
 
 
 class NonFiniteActivationsError(ValueError):
@@ -122,6 +124,8 @@ class TrainResult:
     l0, dead_pct."""
     skipped_batches: int = 0
     """Batches skipped for NaN/Inf activations."""
+    elapsed_s: float = 0.0
+    """Seconds spent in the training loop, over all runs of a resumed run."""
 
 
 class _StopFlag:
@@ -158,6 +162,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig) -> None:
+        if config.architecture not in REGISTRY:  # before the (slow) model loads
+            known = ", ".join(sorted(REGISTRY))
+            raise ValueError(f"architecture: unknown {config.architecture!r}; expected one of {known}")
         self.config = config
         self.device = resolve_device(config.device)
         self.run_dir = run_directory(config)
@@ -170,7 +177,6 @@ class Trainer:
             raise FileExistsError(
                 f"out: {self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
 
         self.source_info = self._open_source()
@@ -185,6 +191,7 @@ class Trainer:
         self.tokens = 0
         self.skipped_batches = 0
         self.elapsed_before = 0.0
+        self._started: float | None = None
         self.dead_tokens = config.resolved_dead_tokens()
         if checkpoint is not None:
             self._restore(*checkpoint)
@@ -214,39 +221,16 @@ class Trainer:
                 device=self.device,
             )
             manifest = self.source.manifest
-            keys = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
-            return {key: manifest.get(key) for key in keys} | {"activations": str(Path(config.activations).resolve())}
+            return {key: manifest.get(key) for key in SOURCE_KEYS} | {
+                "activations": str(Path(config.activations).resolve())
+            }
         model = ModelActivations(config, cycle=True, device=self.device)
-        self.model_source = model
         self.source = ShuffleBuffer(
-            model.next_chunk,  # cycle=True: never None
-            model.widths,
-            capacity=config.buffer_tokens,
-            max_chunk=model.max_chunk_tokens,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            device=self.device,
-            dtype=model.dtype,
+            model, capacity=config.buffer_tokens, batch_size=config.batch_size, seed=config.seed
         )
-        keys = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
-        return {key: getattr(config, key) for key in keys}
-
-    def _source_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        state, tensors = self.source.state_dict()
-        if self.config.activations is None:
-            state = {"buffer": state, "packer": self.model_source.state_dict()}
-        return state, tensors
-
-    def _load_source_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        if self.config.activations is None:
-            self.model_source.load_state_dict(state["packer"])
-            self.source.load_state_dict(state["buffer"], tensors)
-        else:
-            self.source.load_state_dict(state, tensors)
+        return {key: getattr(config, key) for key in SOURCE_KEYS}
 
     def _sae_options(self, architecture: str, d: int) -> dict[str, Any]:
-        if architecture not in REGISTRY:
-            raise ValueError(f"architecture: unknown {architecture!r}; expected one of {', '.join(sorted(REGISTRY))}")
         config = self.config
         fields = {f.name for f in dataclasses.fields(REGISTRY[architecture].config_class)}
         options: dict[str, Any] = {"d_in": d, "n_latents": config.n_latents or config.expansion_factor * d}
@@ -266,7 +250,10 @@ class Trainer:
             else:
                 sae = create(config.architecture, device=self.device, **self._sae_options(config.architecture, d))
                 rows = sample[name].float()
-                scale = math.sqrt(d) / rows.norm(dim=1).mean().item() if config.normalize_activations else 1.0
+                mean_norm = rows.norm(dim=1).mean().item()
+                if config.normalize_activations and not mean_norm > 0:
+                    raise ValueError(f"activations: {name} gives all-zero activations; nothing to train on")
+                scale = math.sqrt(d) / mean_norm if config.normalize_activations else 1.0
                 if config.b_dec_init != "zeros":
                     sae.init_b_dec_(rows * scale, method=config.b_dec_init)
             self.saes[name] = sae
@@ -323,7 +310,7 @@ class Trainer:
         tensors["rng/torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        source_state, source_tensors = self._source_state()
+        source_state, source_tensors = self.source.state_dict()
         tensors.update({f"source/{key}": value for key, value in source_tensors.items()})
         state = {
             "config": self.config.to_dict(),
@@ -378,14 +365,14 @@ class Trainer:
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
         source_tensors = {key[len("source/") :]: value for key, value in tensors.items() if key.startswith("source/")}
-        self._load_source_state(state["source"], source_tensors)
+        self.source.load_state_dict(state["source"], source_tensors)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped_batches = int(state["skipped_batches"])
         self.elapsed_before = float(state["elapsed_s"])
 
     def _elapsed(self) -> float:
-        started = getattr(self, "_started", None)
-        return self.elapsed_before + (time.perf_counter() - started if started is not None else 0.0)
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.elapsed_before + running
 
     # ---------------------------------------------------------------------------------- training
 
@@ -480,6 +467,7 @@ class Trainer:
         """Runs until train_tokens (or a stop signal), checkpoints, evaluates, saves the SAEs."""
         config = self.config
         total = config.steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         logger = MetricsLogger(
             self.run_dir,
@@ -524,7 +512,9 @@ class Trainer:
             logger.close()
         metrics = {} if interrupted else self.evaluate()
         paths = self.save_saes(metrics)
-        result = TrainResult(self.run_dir, paths, self.step, self.tokens, interrupted, metrics, self.skipped_batches)
+        result = TrainResult(
+            self.run_dir, paths, self.step, self.tokens, interrupted, metrics, self.skipped_batches, self._elapsed()
+        )
         summary = {
             "step": self.step,
             "tokens": self.tokens,
