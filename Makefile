@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python -type f -not -name '*.pyc')
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python kernels -type f -not -name '*.pyc')
 
 .PHONY: train bench test clean
 

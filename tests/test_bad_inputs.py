@@ -71,7 +71,7 @@ CASES = [
     (call_encode, {}, {"dead_mask": torch.zeros(N, dtype=torch.bool), "aux_k": N + 1}, ValueError, r"aux_k: expected 0 <= aux_k"),
     (call_encode, {}, {"backend": "gpu"}, ValueError, r"backend: expected one of auto, cuda, triton, cpu, torch, got 'gpu'"),
     (call_encode, {}, {"backend": "cuda"}, BackendUnavailableError, r"backend 'cuda' cannot run topk_encode: it runs on cuda tensors"),
-    (call_encode, {}, {"backend": "triton"}, BackendUnavailableError, r"backend 'triton' cannot run topk_encode"),
+    (call_encode, {k: base()[k].double() for k in ("x", "W_enc", "b_enc", "b_dec")}, {"backend": "triton"}, BackendUnavailableError, r"backend 'triton' cannot run topk_encode: (its kernels take float32, bfloat16 or float16 tensors and these are float64|triton is not installed|it runs on cuda tensors)"),
     (call_decode, {"values": torch.rand(ROWS, K + 1)}, {}, ValueError, r"indices: expected shape \[batch=5, k=4\], got \[5, 3\]"),
     (call_decode, {"indices": torch.rand(ROWS, K)}, {}, TypeError, r"indices: expected dtype int32 or int64, got torch.float32"),
     (call_decode, {"values": torch.rand(ROWS, K).double()}, {}, TypeError, r"values: expected dtype float32 \(the dtype of W_dec\)"),

@@ -4,13 +4,35 @@
     out = sae(x)                     # ForwardOutput(x_hat, latents, fvu, mse, auxk_loss, loss)
     out.loss.backward()              # sparse backward: no [batch, n_latents] tensor anywhere
 
-The ops behind it live in flashsae.ops (topk_encode, sparse_decode, sae_loss).
+Architectures (flashsae.create names): topk, batchtopk, matryoshka, jumprelu, relu, gated,
+transcoder. The ops behind them live in flashsae.ops (topk_encode, sparse_decode, sae_loss, and the
+variable-count composites flashsae.ops.batch_topk / flashsae.ops.threshold_encode);
+flashsae.synthetic generates activations from a known sparse dictionary.
 """
 
-from . import ops
+from . import ops, synthetic
 from ._backend import BACKENDS, available_backends
 from .errors import BackendUnavailableError
-from .modules import REGISTRY, SAE, TopKConfig, TopKSAE, create, load
+from .modules import (
+    REGISTRY,
+    SAE,
+    BatchTopKConfig,
+    BatchTopKSAE,
+    GatedConfig,
+    GatedSAE,
+    JumpReLUConfig,
+    JumpReLUSAE,
+    MatryoshkaConfig,
+    MatryoshkaSAE,
+    ReLUConfig,
+    ReLUSAE,
+    TopKConfig,
+    TopKSAE,
+    Transcoder,
+    TranscoderConfig,
+    create,
+    load,
+)
 from .outputs import ForwardOutput, SparseLatents
 
 __version__ = "0.1.0"
@@ -20,13 +42,26 @@ __all__ = [
     "REGISTRY",
     "SAE",
     "BackendUnavailableError",
+    "BatchTopKConfig",
+    "BatchTopKSAE",
     "ForwardOutput",
+    "GatedConfig",
+    "GatedSAE",
+    "JumpReLUConfig",
+    "JumpReLUSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
+    "ReLUConfig",
+    "ReLUSAE",
     "SparseLatents",
     "TopKConfig",
     "TopKSAE",
+    "Transcoder",
+    "TranscoderConfig",
     "__version__",
     "available_backends",
     "create",
     "load",
     "ops",
+    "synthetic",
 ]

@@ -8,14 +8,19 @@ for that stage on the tensors' device:
 - CPU tensor: ``cpu``, else ``torch``;
 - any other device: ``torch``.
 
-An explicit choice that cannot run (module not built, no GPU, wrong device, no kernel for the stage
-yet) raises :class:`~flashsae.errors.BackendUnavailableError`; it never falls back silently.
+An explicit choice that cannot run (module not built, no GPU, wrong device or dtype, no kernel for
+the stage yet) raises :class:`~flashsae.errors.BackendUnavailableError`; it never falls back silently.
+
+``triton`` runs on CUDA tensors in float32, bfloat16 or float16. Under the Triton interpreter
+(``TRITON_INTERPRET=1`` before the first Triton kernel is imported) it also accepts CPU tensors: that
+is how CI tests the kernels. ``auto`` never picks the interpreter (it is a test tool, not a fast path).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -37,10 +42,33 @@ KERNELS: dict[str, frozenset[str]] = {
         }
     ),
     "cuda": frozenset({"sparse_decode"}),
-    "triton": frozenset(),
+    "triton": frozenset(
+        {
+            "topk_encode",
+            "topk_encode_backward",
+            "sparse_decode",
+            "sparse_decode_backward",
+            "sae_loss",
+            "sae_loss_backward",
+        }
+    ),
 }
 
-_DEVICE_OF = {"cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+_DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}
+
+#: The order ``auto`` tries, per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels run in the interpreter: as decided when flashsae.kernels was
+    imported, or (not imported yet) as TRITON_INTERPRET says now."""
+    kernels = sys.modules.get("flashsae.kernels")
+    if kernels is not None:
+        return kernels.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def requested_backend(backend: str | None) -> str:
@@ -52,35 +80,60 @@ def requested_backend(backend: str | None) -> str:
     return name.lower()
 
 
-def _unavailable_reason(backend: str, stage: str, device: torch.device) -> str | None:
-    """Why `backend` cannot run `stage` on `device`, or None when it can."""
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_reason(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    if not triton_installed():
+        return "triton is not installed (pip install triton; it ships wheels for Linux)"
+    if device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+        return (
+            f"it runs on cuda tensors and these are on {device} (CPU tensors only under the Triton "
+            "interpreter, a test tool: TRITON_INTERPRET=1 before the first Triton kernel is imported)"
+        )
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return (
+            f"its kernels take float32, bfloat16 or float16 tensors and these are {str(dtype).removeprefix('torch.')}"
+        )
+    return None
+
+
+def _unavailable_reason(backend: str, stage: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why `backend` cannot run `stage` on `device` (for tensors of `dtype`, when given), or None."""
     if backend == "torch":
         return None
-    if device.type != _DEVICE_OF[backend]:
+    if backend == "triton":
+        reason = _triton_reason(device, dtype)
+        if reason is not None:
+            return reason
+    elif device.type != _DEVICE_OF[backend]:
         return f"it runs on {_DEVICE_OF[backend]} tensors and these are on {device}"
     if backend == "cuda" and not _native.cuda_module_available():
         return "flashsae was built without its CUDA module (rebuild with FLASHSAE_CUDA=ON and nvcc on PATH)"
-    if backend == "triton" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
     if stage not in KERNELS[backend]:
         return f"it has no kernel for {stage} yet"
     return None
 
 
-def available_backends(stage: str, device: torch.device) -> list[str]:
-    """Backends that can run `stage` on `device`, fastest first."""
-    return [b for b in ("cuda", "triton", "cpu", "torch") if _unavailable_reason(b, stage, device) is None]
+def available_backends(stage: str, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends ``auto`` may pick for `stage` on `device`, fastest first (never the Triton interpreter)."""
+    order = _AUTO_ORDER.get(device.type, ("torch",))
+    if "triton" in order and triton_interpreting():
+        order = tuple(b for b in order if b != "triton")
+    return [b for b in order if _unavailable_reason(b, stage, device, dtype) is None]
 
 
-def resolve(stage: str, device: torch.device, requested: str) -> str:
-    """The backend that runs `stage` (e.g. "sparse_decode_backward") for tensors on `device`."""
+def resolve(stage: str, device: torch.device, requested: str, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs `stage` (e.g. "sparse_decode_backward") for tensors on `device` (and of
+    `dtype`, which only the triton backend restricts)."""
     if requested == "auto":
-        return available_backends(stage, device)[0]
-    reason = _unavailable_reason(requested, stage, device)
+        return available_backends(stage, device, dtype)[0]
+    reason = _unavailable_reason(requested, stage, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(
             f"flashsae backend {requested!r} cannot run {stage}: {reason}. "
-            f"Backends that can: {', '.join(available_backends(stage, device))} "
+            f"Backends that can: {', '.join(available_backends(stage, device, dtype))} "
             "(pass backend=... or set FLASHSAE_BACKEND; 'auto' picks the fastest)."
         )
     return requested

@@ -11,17 +11,24 @@ class SparseLatents(NamedTuple):
     ``values[..., j]`` is the activation of latent ``indices[..., j]``; the leading shape is the
     input's. Indices are int32 (the kernels' type); use :meth:`to_dense` for a [..., n_latents] view
     (which is exactly the tensor flashsae otherwise never builds).
+
+    Padded layout (architectures whose active count varies per row: BatchTopK, Matryoshka,
+    JumpReLU, ReLU-L1, Gated): the last dimension is m, the largest count of any row in the batch,
+    and a row's unused slots come last with value 0 and index -1. Every op that takes latents
+    (sparse_decode, sae_loss, decode) skips index -1.
     """
 
     values: torch.Tensor
-    """[..., k] activations (>= 0), in the SAE's dtype."""
+    """[..., k] activations (>= 0), in the SAE's dtype; 0 in empty slots."""
     indices: torch.Tensor
-    """[..., k] int32 latent ids in [0, n_latents)."""
+    """[..., k] int32 latent ids in [0, n_latents), or -1 for an empty slot."""
 
     def to_dense(self, n_latents: int) -> torch.Tensor:
-        """The dense [..., n_latents] activations (zeros except the k active latents)."""
-        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents)
-        return dense.scatter_(-1, self.indices.long(), self.values)
+        """The dense [..., n_latents] activations (zeros except the active latents)."""
+        dense = self.values.new_zeros(*self.values.shape[:-1], n_latents + 1)
+        # empty slots (index -1) land in the extra last column, which is dropped
+        slots = torch.where(self.indices < 0, n_latents, self.indices.long())
+        return dense.scatter_(-1, slots, self.values)[..., :n_latents]
 
 
 class ForwardOutput(NamedTuple):

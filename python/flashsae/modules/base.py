@@ -89,6 +89,10 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    #: Whether a training loop keeps decoder rows at unit norm: remove_decoder_parallel_grads_()
+    #: before each optimizer step and normalize_decoder_() after it. Architectures whose penalty
+    #: weighs activations by decoder norms (ReLU-L1, JumpReLU with tanh) set it False.
+    unit_norm_decoder: bool = True
 
     def __init__(
         self,

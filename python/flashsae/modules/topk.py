@@ -6,6 +6,10 @@ autoencoders", arXiv:2406.04093), on flashsae's sparse kernels.
 
 Every op in forward and backward runs sparse: the only O(n_latents * d) work per step is the
 encoder GEMM (tile by tile) and writing the dense parameter gradients torch's optimizers expect.
+
+Multi-TopK (Gao et al. 2024, section 5.3; ``multi_topk=True``): the loss adds the reconstruction with
+4k latents, ``L(k) + L(4k) / 8``, so the SAE also works at larger k at inference. One topk_encode of
+4k slots serves both (its first k are the top-k) and one more fused sae_loss scores the 4k latents.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class TopKConfig(SAEConfig):
     min(d_in // 2, n_latents), as in sparsify. Used only when forward gets a dead_mask."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss in ``loss = fvu + auxk_alpha * auxk_loss`` (Gao et al.: 1/32)."""
+    multi_topk: bool = False
+    """Multi-TopK loss (Gao et al. 2024, 5.3): ``loss = fvu + fvu_4k / 8 + auxk_alpha * auxk_loss``
+    where fvu_4k reconstructs with the top min(4k, n_latents) latents. Outputs stay those of k."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -42,6 +49,14 @@ class TopKConfig(SAEConfig):
         if self.aux_k > self.n_latents:
             raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
         self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
+        if not isinstance(self.multi_topk, bool):
+            raise ValueError(f"multi_topk: expected True or False, got {self.multi_topk!r}")
+
+
+#: Multi-TopK (Gao et al. 2024, 5.3): the second reconstruction uses MULTI_TOPK_FACTOR * k latents
+#: and enters the loss with weight MULTI_TOPK_WEIGHT.
+MULTI_TOPK_FACTOR = 4
+MULTI_TOPK_WEIGHT = 1 / 8
 
 
 @register
@@ -53,6 +68,7 @@ class TopKSAE(SAE):
         n_latents: dictionary size n.
         k: active latents per input row, 1 <= k <= n_latents.
         aux_k, auxk_alpha: AuxK settings, see :class:`TopKConfig`.
+        multi_topk: add the Multi-TopK term L(4k) / 8 to the loss, see :class:`TopKConfig`.
         dtype, device: of the parameters (float32 default; bfloat16, float16, float64 work).
         backend: kernel backend for every op ("auto" default; see flashsae._backend).
 
@@ -77,11 +93,14 @@ class TopKSAE(SAE):
         *,
         aux_k: int | None = None,
         auxk_alpha: float = 1 / 32,
+        multi_topk: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
-        config = TopKConfig(d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha)
+        config = TopKConfig(
+            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk
+        )
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         self._build()
 
@@ -123,10 +142,14 @@ class TopKSAE(SAE):
         """
         rows = self._rows(x)
         aux_k = self.aux_k if dead_mask is not None else 0
+        slots = min(MULTI_TOPK_FACTOR * self.k, self.n_latents) if self.config.multi_topk else self.k
         encoded = topk_encode(
-            rows, self.W_enc, self.b_enc, self.k, self.b_dec, dead_mask=dead_mask, aux_k=aux_k, backend=self.backend
+            rows, self.W_enc, self.b_enc, slots, self.b_dec, dead_mask=dead_mask, aux_k=aux_k, backend=self.backend
         )
         values, indices = encoded[:2]
+        wide = (values, indices)
+        if slots != self.k:  # the top-k are the first k of the sorted top-4k
+            values, indices = values[:, : self.k].contiguous(), indices[:, : self.k].contiguous()
         aux = encoded[2:] if aux_k else (None, None)
         loss = sae_loss(rows, values, indices, self.W_dec, self.b_dec, *aux, backend=self.backend)
         auxk_loss = loss.auxk_loss
@@ -134,6 +157,10 @@ class TopKSAE(SAE):
             # sparsify's scale: fewer dead latents than aux slots get proportionally less weight
             scale = (dead_mask.sum().to(auxk_loss.dtype) / aux_k).clamp(max=1.0)
             auxk_loss = auxk_loss * scale
+        objective = loss.fvu + self.config.auxk_alpha * auxk_loss
+        if self.config.multi_topk:
+            wide_loss = sae_loss(rows, *wide, self.W_dec, self.b_dec, backend=self.backend)
+            objective = objective + MULTI_TOPK_WEIGHT * wide_loss.fvu
         lead = x.shape[:-1]
         return ForwardOutput(
             x_hat=loss.x_hat.reshape(*lead, self.d_in),
@@ -141,5 +168,5 @@ class TopKSAE(SAE):
             fvu=loss.fvu,
             mse=loss.mse,
             auxk_loss=auxk_loss,
-            loss=loss.fvu + self.config.auxk_alpha * auxk_loss,
+            loss=objective,
         )

@@ -1,17 +1,27 @@
 """flashsae ops: one module per op, each with a float64-checkable torch reference, backends
 (cpu / cuda / triton / torch), a torch.library custom op with fake and autograd registrations, and
-the public functional form below. Backend choice: see flashsae._backend."""
+the public functional form below. Backend choice: see flashsae._backend.
 
+batch_topk and threshold_encode return data-dependent shapes (padded [batch, m] latents), so they
+are plain functions composed of topk_encode (and its sparse backward) rather than custom ops."""
+
+from .batch_topk import BatchTopKOutput, batch_topk, batch_topk_reference
 from .sae_loss import SaeLossOutput, sae_loss, sae_loss_reference
 from .sparse_decode import sparse_decode, sparse_decode_reference
+from .threshold_encode import threshold_encode, threshold_encode_reference
 from .topk_encode import topk_encode, topk_encode_reference
 
 __all__ = [
+    "BatchTopKOutput",
     "SaeLossOutput",
+    "batch_topk",
+    "batch_topk_reference",
     "sae_loss",
     "sae_loss_reference",
     "sparse_decode",
     "sparse_decode_reference",
+    "threshold_encode",
+    "threshold_encode_reference",
     "topk_encode",
     "topk_encode_reference",
 ]

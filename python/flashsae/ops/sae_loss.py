@@ -8,6 +8,10 @@ Per row, in one pass over the k (+ aux_k) selected decoder rows:
 x_hat - x is never stored; the backward recomputes x_hat and e_hat from the inputs (the same
 k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for autograd.
 
+The ``triton`` backend (flashsae.kernels.sae_loss) runs the forward as one kernel over row blocks
+and the backward as one row kernel (G, H, dx) followed by the sparse decoder's row-dot and latent
+segment-reduce kernels.
+
 The scalar losses follow sparsify: mse = sum sse / (batch * d); fvu = sum sse / total variance
 with total variance = sum_b |x_b - mean_b(x)|^2; auxk_loss = sum aux_sse / total variance (the
 caller scales it, e.g. by min(n_dead / aux_k, 1)).
@@ -17,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _backend
+from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
 from . import _common
@@ -66,7 +70,7 @@ def sae_loss_reference(
 
 
 def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend):
-    impl = _backend.resolve("sae_loss", x.device, backend)
+    impl = _backend.resolve("sae_loss", x.device, backend, x.dtype)
     check_finite("x", x)
     n, d = W_dec.shape
     rows, k = values.shape
@@ -87,6 +91,17 @@ def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
     x_hat = new_output((rows, d), x.dtype, x.device)
     sse = new_output((rows,), acc, x.device)
     aux_sse = new_output((rows,) if aux_k else (0,), acc, x.device)
+    if impl == "triton":
+        from ..kernels import sae_loss as kernels
+
+        flags = kernels.sae_loss_forward(
+            x, values, indices, aux_values if aux_k else None, aux_indices if aux_k else None, W_dec, b_dec,
+            x_hat, sse, aux_sse,
+        )  # fmt: skip
+        if _checks.VALUE_CHECKS and bool(flags.any()):
+            name = "indices" if bool(flags[0]) else "aux_indices"
+            raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
+        return x_hat, sse, aux_sse
     _C.sae_loss_forward(
         addr(x), addr(values), addr(indices), k, addr(aux_values), addr(aux_indices), aux_k,
         addr(W_dec), addr(b_dec), rows, n, d, addr(x_hat), addr(sse), addr(aux_sse) if aux_k else 0,
@@ -97,7 +112,7 @@ def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
 
 def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices,
               need_dx, backend):  # fmt: skip
-    impl = _backend.resolve("sae_loss_backward", x.device, backend)
+    impl = _backend.resolve("sae_loss_backward", x.device, backend, x.dtype)
     n, d = W_dec.shape
     rows, k = values.shape
     aux_k = 0 if aux_values is None else aux_values.shape[1]
@@ -127,6 +142,14 @@ def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_d
     dW_dec = new_output((n, d), W_dec.dtype, x.device)
     db_dec = new_output((d,), W_dec.dtype, x.device)
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
+    if impl == "triton":
+        from ..kernels import sae_loss as kernels
+
+        db_dec32 = kernels.sae_loss_backward(
+            grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values if aux_k else None,
+            aux_indices if aux_k else None, d_values, d_aux_values, dW_dec, dx if need_dx else None,
+        )  # fmt: skip
+        return d_values, d_aux_values, dW_dec, db_dec32.to(W_dec.dtype), dx
     _C.sae_loss_backward(
         addr(grad_x_hat), addr(grad_sse), addr(grad_aux_sse), addr(x), addr(values), addr(indices), k,
         addr(aux_values), addr(aux_indices), aux_k, addr(W_dec), addr(b_dec), rows, n, d,

@@ -5,7 +5,9 @@ Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
 dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
 
 Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (forward only so far,
-flashsae._C_cuda), ``torch`` (embedding_bag + index_add, row-blocked). See flashsae._backend.
+flashsae._C_cuda), ``triton`` (flashsae.kernels.sparse_decode: gather-combine, row dots, dW_dec by a
+segment reduce over slots sorted by latent, no atomics), ``torch`` (embedding_bag + index_add,
+row-blocked). See flashsae._backend.
 """
 
 import torch
@@ -32,8 +34,15 @@ def sparse_decode_reference(
 # ----------------------------------------------------------------------------------------- backends
 
 
+def _raise_on_index_flag(name: str, flag: torch.Tensor, n: int) -> None:
+    """The cuda / triton kernels skip out-of-range indices and raise a flag on the device, read back
+    here (one sync; skipped with FLASHSAE_VALUE_CHECKS=0 together with the other value checks)."""
+    if _checks.VALUE_CHECKS and bool(flag.item()):
+        raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
+
+
 def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
-    impl = _backend.resolve("sparse_decode", values.device, backend)
+    impl = _backend.resolve("sparse_decode", values.device, backend, values.dtype)
     n, d = W_dec.shape
     check_finite("values", values)
     indices = narrow_indices("indices", indices, n)
@@ -41,6 +50,11 @@ def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
     if impl == "torch":
         return _common.gather_rows(values, indices, W_dec, b_dec).to(values.dtype)
     out = new_output((rows, d), values.dtype, values.device)
+    if impl == "triton":
+        from ..kernels import sparse_decode as kernels
+
+        _raise_on_index_flag("indices", kernels.gather_rows(values, indices, W_dec, b_dec, out), n)
+        return out
     if impl == "cpu":
         _C.sparse_decode_forward(
             addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), dtype_code(values)
@@ -59,10 +73,19 @@ def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
 
 
 def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
-    impl = _backend.resolve("sparse_decode_backward", values.device, backend)
+    impl = _backend.resolve("sparse_decode_backward", values.device, backend, values.dtype)
     n, d = W_dec.shape
     rows, k = values.shape
     indices = narrow_indices("indices", indices, n)
+    if impl == "triton":
+        from ..kernels import sparse_decode as kernels
+
+        d_values = new_output((rows, k), values.dtype, values.device)
+        dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
+        kernels.dot_rows(grad, indices, W_dec, d_values)
+        kernels.segment_rows(values, indices, grad, dW_dec)
+        db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
+        return d_values, dW_dec, db_dec
     if impl == "torch":
         d_values = _common.dot_rows(grad, indices, W_dec)
         dW_dec, _ = _common.scatter_rows(values, indices, grad, n)

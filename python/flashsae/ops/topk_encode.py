@@ -10,6 +10,12 @@ keeps the best candidates, so the extra memory is O(batch * (k + tile)).
 Backward is sparse: with d_pre = d_values * [values > 0] on the k selected slots,
 dW_enc[i] += d_pre * (x - b_dec) and db_enc[i] += d_pre touch only selected latents;
 dx = sum_j d_pre W_enc[idx] and db_dec = -sum_b dx are computed only when asked for.
+
+The ``triton`` backend (flashsae.kernels.topk_encode) fuses the encoder GEMM with the selection in
+one kernel (tl.dot tiles, a register-resident top-k per row, no [batch, n] tensor at all). It fuses
+the AuxK selection too when aux_k <= ``FUSED_AUX_MAX``; a larger aux_k (TopKSAE's default is d_in / 2)
+would not fit in registers, so the aux top-k then runs over the dead latents only, with the torch
+backend's tiled GEMM + running merge: its extra GEMM is n_dead / n of the encoder's.
 """
 
 import torch
@@ -18,6 +24,11 @@ from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
 from . import _common
+
+#: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
+#: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
+#: thread with k, aux_k <= 64 at 64-row blocks, see kernels/topk_encode.py).
+FUSED_AUX_MAX = 128
 
 #: Elements of one pre-activation tile [batch, tile_columns] (16 MiB in float32).
 #: d=768, n=24576, B=1024 on 2 CPU cores: 4096-wide tiles run the 12 tile GEMMs in 200 ms against
@@ -151,19 +162,74 @@ def _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
     return (*best.result(x.dtype), *aux.result(x.dtype))
 
 
+def _encode_triton(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
+    from ..kernels import topk_encode as kernels
+
+    rows = x.shape[0]
+    values = new_output((rows, k), x.dtype, x.device)
+    indices = new_output((rows, k), torch.int32, x.device)
+    aux_values = new_output((rows, aux_k), x.dtype, x.device)
+    aux_indices = new_output((rows, aux_k), torch.int32, x.device)
+    fused_aux = aux_k if aux_k <= FUSED_AUX_MAX else 0
+    kernels.topk_encode(
+        x, W_enc, b_enc, b_dec, k, dead_mask if fused_aux else None, fused_aux, values, indices, aux_values, aux_indices
+    )
+    if aux_k and not fused_aux:
+        _aux_over_dead_latents(x, W_enc, b_enc, b_dec, dead_mask, aux_values, aux_indices)
+    return values, indices, aux_values, aux_indices
+
+
+def _aux_over_dead_latents(x, W_enc, b_enc, b_dec, dead_mask, aux_values, aux_indices):
+    """Fills the aux outputs with the top-aux_k among dead latents by encoding against the dead rows
+    of W_enc only (the torch backend's tiles). Dead ids ascend, so subset ties keep the lower latent."""
+    dead = dead_mask.nonzero().squeeze(1)
+    aux_values.zero_()
+    aux_indices.fill_(-1)
+    filled = min(aux_values.shape[1], dead.numel())
+    if filled:
+        sub_values, sub_indices, _, _ = _encode_torch(x, W_enc[dead], b_enc[dead], b_dec, filled, None, 0)
+        aux_values[:, :filled] = sub_values
+        aux_indices[:, :filled] = dead[sub_indices.long()].to(torch.int32)
+
+
 def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
-    impl = _backend.resolve("topk_encode", x.device, backend)
+    impl = _backend.resolve("topk_encode", x.device, backend, x.dtype)
     check_finite("x", x)
     if impl == "cpu":
         return _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+    if impl == "triton":
+        return _encode_triton(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
     return _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
 
 
+def _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
+    from ..kernels import sparse_decode as kernels
+
+    rows, d = x.shape
+    n = W_enc.shape[0]
+    dW_enc = new_output((n, d), W_enc.dtype, x.device)
+    db_enc = new_output((n,), W_enc.dtype, x.device)
+    # d_pre = d_values * [values > 0], applied inside the kernels (gate)
+    kernels.segment_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
+    dx, db_dec = x.new_empty(0), x.new_empty(0)
+    if need_dx or need_db_dec:
+        # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype
+        dx32 = new_output((rows, d), torch.float32, x.device)
+        kernels.gather_rows(d_values, indices, W_enc, None, dx32, gate=values)
+        if need_dx:
+            dx = dx32 if x.dtype == torch.float32 else dx32.to(x.dtype)
+        if need_db_dec:
+            db_dec = dx32.sum(0).neg_().to(x.dtype)
+    return dW_enc, db_enc, dx, db_dec
+
+
 def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
-    impl = _backend.resolve("topk_encode_backward", x.device, backend)
+    impl = _backend.resolve("topk_encode_backward", x.device, backend, x.dtype)
     rows, d = x.shape
     n = W_enc.shape[0]
     k = values.shape[1]
+    if impl == "triton":
+        return _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
     if impl == "torch":
         d_pre = d_values.to(_common.acc_dtype(x.dtype)) * (values > 0)
         dW_enc, db_enc = _common.scatter_rows(d_pre, indices, x, n, offset=b_dec)

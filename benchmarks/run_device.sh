@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no network; DESIGN.md §7): build flashsae, run the GPU tests and the GPU
+# benchmarks, and leave logs + JSON in $OUT (the device tool brings $OUT back).
+#
+#   bash benchmarks/run_device.sh                # every step; OUT defaults to ./device-out
+#   bash benchmarks/run_device.sh tests bench    # only these steps (build outputs survive on a warm machine)
+#
+# Steps (each one logs to $OUT/<step>.log; a failing step does not stop the later ones, the exit
+# status is the number of failed steps):
+#   env      nvidia-smi, torch / triton / CUDA versions            -> env.log
+#   build    pip install --no-build-isolation --no-deps -e .        -> build.log (stops the script if it fails)
+#   tests    CUDA module tests + every test_triton_* file on CUDA tensors (interpreter off)
+#                                                                    -> tests.log, tests.xml
+#   bench    benchmarks/test_bench_ops_triton.py: validation at the issue's sizes, then
+#            triton.testing.do_bench timings against dense PyTorch  -> bench.log, bench_ops_triton.json
+#   report   the bench JSON as a markdown table                     -> bench_ops_triton.md
+# Budget: the device tool allows 10 minutes per call; the step limits below add up to 585 s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/device-out}"
+mkdir -p "$OUT"
+export TRITON_INTERPRET=0            # compiled kernels: tests/conftest.py only sets it when unset
+export TRITON_DEFAULT_FP_FUSION=1    # triton >= 3.9 warns when unset, and pytest turns warnings into errors
+export FLASHSAE_CUDA=AUTO
+PY="${PYTHON:-python}"
+STEPS=" ${*:-env build tests bench report} "
+failed=0
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    [[ "$STEPS" == *" $name "* ]] || return 0
+    echo "== $name ($(date +%T))"
+    if ! timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
+        echo "   $name FAILED (see $OUT/$name.log)"
+        failed=$((failed + 1))
+    fi
+    tail -n 3 "$OUT/$name.log"
+}
+
+step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\"); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version; true"
+step build 150 $PY -m pip install --no-build-isolation --no-deps -e .
+if [ "$failed" -ne 0 ]; then
+    exit "$failed"
+fi
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_triton_topk_encode.py \
+    tests/test_triton_sparse_decode.py tests/test_triton_sae_loss.py tests/test_triton_backend.py --junitxml="$OUT/tests.xml"
+step bench 240 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops_triton.py --benchmark-only \
+    --benchmark-json="$OUT/bench_ops_triton.json"
+step report 15 $PY benchmarks/report_ops_triton.py "$OUT/bench_ops_triton.json" "$OUT/bench_ops_triton.md"
+echo "== done: $failed failed step(s); outputs in $OUT"
+exit "$failed"

@@ -1,0 +1,124 @@
+"""Pieces the SAE family shares: config checks, the training-step counter (warm-ups, the BatchTopK
+threshold), the dense reconstruction of the L1/L0-penalty architectures, and decoding padded latents.
+
+Training schedule (every architecture with a warm-up or a running estimate):
+    ``num_steps`` is an int64 buffer, saved and restored with the checkpoint. ``forward`` adds 1
+    whenever it runs as a training step, i.e. in training mode with autograd enabled, so a plain loop
+    (``out = sae(x); out.loss.backward(); ...``) advances every schedule without further calls.
+    A loop that runs several forwards per optimizer step (gradient accumulation) or resumes
+    elsewhere sets the count itself: ``sae.num_steps.fill_(step)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import sparse_decode
+from ..ops._common import acc_dtype
+from ..outputs import SparseLatents
+
+
+def positive_number(name: str, value: object) -> float:
+    """value as a float > 0, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def non_negative_int(name: str, value: object) -> int:
+    """value as an int >= 0, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return value
+
+
+def boolean(name: str, value: object) -> bool:
+    """value as a bool, else ValueError naming it (JSON round trips keep bools as bools)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_dead_mask(dead_mask: object, n_latents: int, device: torch.device) -> torch.Tensor:
+    """dead_mask must be a bool [n_latents] tensor on the SAE's device."""
+    if not isinstance(dead_mask, torch.Tensor):
+        raise TypeError(f"dead_mask: expected a torch.Tensor, got {type(dead_mask).__name__}")
+    if dead_mask.dtype != torch.bool or tuple(dead_mask.shape) != (n_latents,) or dead_mask.device != device:
+        raise ValueError(
+            f"dead_mask: expected a bool tensor [n_latents={n_latents}] on {device}, got "
+            f"{dead_mask.dtype} {list(dead_mask.shape)} on {dead_mask.device}"
+        )
+    return dead_mask
+
+
+# ------------------------------------------------------------------------------- training schedule
+
+
+def register_step_counter(module: torch.nn.Module, device: torch.device | str | None) -> None:
+    """Adds the ``num_steps`` buffer (int64 scalar, 0)."""
+    module.register_buffer("num_steps", torch.zeros((), dtype=torch.int64, device=device))
+
+
+def is_training_step(module: torch.nn.Module) -> bool:
+    """A forward counts as a training step in training mode with autograd enabled."""
+    return module.training and torch.is_grad_enabled()
+
+
+@torch.no_grad()
+def advance(module: torch.nn.Module) -> None:
+    module.num_steps += 1
+
+
+def warmed_up(coefficient: float, warmup_steps: int, num_steps: torch.Tensor) -> torch.Tensor:
+    """coefficient * min(1, num_steps / warmup_steps): linear warm-up from 0 (no host sync).
+    The first training step (num_steps = 0) uses 0 when warm-up is on."""
+    if warmup_steps == 0:
+        return torch.tensor(coefficient, dtype=torch.float64, device=num_steps.device)
+    return coefficient * (num_steps.to(torch.float64) / warmup_steps).clamp(max=1.0)
+
+
+# ------------------------------------------------------------------------- dense reconstruction
+
+
+def dense_losses(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sse_per_row_mean, mse, fvu) of a reconstruction, in the accumulation dtype (float32; float64
+    for float64), normalized as sae_loss does: mse = sse / (batch * d), fvu = sse / total variance,
+    and the papers' reconstruction term sum_b |x_b - x_hat_b|^2 / batch."""
+    acc = acc_dtype(x.dtype)
+    x_acc = x.to(acc)
+    sse = (x_hat.to(acc) - x_acc).pow(2).sum()
+    total_variance = (x_acc - x_acc.mean(0)).pow(2).sum()
+    return sse / x.shape[0], sse / x.numel(), sse / total_variance
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def decode_latents(
+    latents: SparseLatents, W_dec: torch.Tensor, b_dec: torch.Tensor, backend: str | None
+) -> torch.Tensor:
+    """x_hat [..., d] = b_dec + sum of the latents' decoder rows; empty slots (index -1) skipped."""
+    values, indices = latents
+    lead = values.shape[:-1]
+    slots = values.shape[-1]
+    x_hat = sparse_decode(
+        values.reshape(-1, slots).to(W_dec.dtype).contiguous(),
+        indices.reshape(-1, slots).contiguous(),
+        W_dec,
+        b_dec,
+        backend=backend,
+    )
+    return x_hat.reshape(*lead, W_dec.shape[1])
+
+
+def shaped(latents: tuple[torch.Tensor, torch.Tensor], lead: torch.Size) -> SparseLatents:
+    """Padded [rows, m] latents as SparseLatents with the input's leading shape [..., m]."""
+    values, indices = latents
+    m = values.shape[-1]
+    return SparseLatents(values.reshape(*lead, m), indices.reshape(*lead, m))
+
+
+def next_candidates(current: int, latents: torch.Tensor, n_latents: int) -> int:
+    """The slot hint for the next variable-count encode: twice the largest row count seen so far,
+    so a typical batch fits in one pass (the hint never changes results, only speed)."""
+    return min(n_latents, max(current, 2 * latents.shape[-1]))

@@ -1,0 +1,155 @@
+"""GatedSAE: the Gated sparse autoencoder (Rajamanoharan et al. 2024, "Improving Dictionary Learning
+with Gated Sparse Autoencoders", arXiv:2404.16014).
+
+Gate and magnitude paths share the encoder directions (the paper's weight tying, r_mag rescales rows):
+
+    x_c      = x - b_dec
+    pi_gate  = x_c W_enc^T + b_enc                       (W_enc = W_gate, b_enc = b_gate)
+    pi_mag   = exp(r_mag) * (x_c W_enc^T) + b_mag         (W_mag = exp(r_mag) ⊙ W_gate, row-wise)
+    f        = H(pi_gate) * relu(pi_mag)                   H: step, no gradient
+    x_hat    = f W_dec + b_dec
+    loss     = sum_b |x_b - x_hat_b|^2 / batch                               (reconstruction)
+             + lambda(t) * mean_b sum_i relu(pi_gate)_bi                       (L1 on the gate)
+             + sum_b |x_b - (relu(pi_gate_b) W_dec' + b_dec')|^2 / batch       (auxiliary)
+
+where W_dec', b_dec' are frozen (detached) copies of the decoder, so the auxiliary loss trains only
+the gate path to reconstruct on its own. The decoder rows are kept at unit norm as in the paper
+(``unit_norm_decoder`` True: a training loop calls remove_decoder_parallel_grads_ and
+normalize_decoder_), which is what makes the unweighted L1 meaningful.
+
+Which ops run dense and why: training (``forward``) computes the [batch, n_latents] gate and
+magnitude pre-activations (one shared GEMM) and decodes densely, because the L1 and auxiliary terms
+touch every latent with a positive gate, about half of them at initialization. Inference (``encode``
+/ ``decode``) is sparse: threshold_encode (threshold 0) finds the open gates, their magnitudes follow
+from the same pre-activations (x_c W_enc_i = pi_gate_i - b_enc_i), and sparse_decode decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, padded_rows, threshold_encode
+from ..outputs import ForwardOutput, SparseLatents
+from . import _shared
+from .base import SAE, SAEConfig, non_negative, register
+
+
+@dataclass
+class GatedConfig(SAEConfig):
+    """Configuration of a :class:`GatedSAE`. Coefficients are in the paper's units: the
+    reconstruction terms are squared errors summed over features, averaged over rows."""
+
+    l1_coefficient: float = 0.1
+    """lambda, the final weight of the L1 penalty on relu(pi_gate) (>= 0; dictionary_learning's
+    default 0.1; the paper sweeps it)."""
+    l1_warmup_steps: int = 0
+    """Training steps over which lambda rises linearly from 0 (>= 0; 0: no warm-up, as in the
+    paper). See :mod:`flashsae.modules._shared` for how steps are counted."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
+        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+
+
+@register
+class GatedSAE(SAE):
+    """A Gated sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2404.16014).
+
+    Args:
+        d_in: input width d. n_latents: dictionary size n.
+        options: the other :class:`GatedConfig` fields (l1_coefficient, l1_warmup_steps).
+        dtype, device, backend: as for :class:`~flashsae.TopKSAE`.
+
+    Parameters: ``W_enc`` [n, d] and ``b_enc`` [n] (the gate: W_gate, b_gate), ``r_mag`` [n] and
+    ``b_mag`` [n] (the magnitude path), ``W_dec`` [n, d], ``b_dec`` [d]. Init: Gao et al. (unit
+    decoder rows, encoder = decoder), r_mag = b_mag = 0 (so both paths start equal). Buffer
+    ``num_steps`` drives the optional L1 warm-up.
+    """
+
+    architecture = "gated"
+    config_class = GatedConfig
+    config: GatedConfig
+    unit_norm_decoder = True
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            GatedConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
+        )
+        self._build()
+
+    def _build(self) -> None:
+        self.init_weights_()
+        n, dtype, device = self.n_latents, self._init_dtype, self._init_device
+        self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        self.b_mag = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        _shared.register_step_counter(self, device)
+        self._candidates = DEFAULT_CANDIDATES
+
+    # ----------------------------------------------------------------------------- forward pieces
+
+    def encode(self, x: torch.Tensor) -> SparseLatents:
+        """The nonzero latents f of x [..., d_in], padded to [..., m] (m = the largest count of any
+        row; empty slots: value 0, index -1). Sparse: open gates by threshold_encode (threshold 0),
+        magnitudes from their pre-activations (in bfloat16 / float16 with one extra rounding)."""
+        zeros = torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
+        gate, indices = threshold_encode(
+            self._rows(x), self.W_enc, self.b_enc, zeros, self.b_dec, candidates=self._candidates, backend=self.backend
+        )
+        self._candidates = _shared.next_candidates(self._candidates, gate, self.n_latents)
+        open_gate = indices >= 0
+        slot = indices.clamp_min(0).long()
+        projection = gate - self.b_enc[slot]  # x_c . W_enc_i
+        magnitude = (self.r_mag.exp()[slot] * projection + self.b_mag[slot]).relu()
+        latents = compact_rows(magnitude, indices, open_gate & (magnitude > 0))
+        return _shared.shaped(latents, x.shape[:-1])
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:
+        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
+        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
+        """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module
+        docstring). dead_mask is accepted for the common interface and unused.
+        A training-mode forward with autograd on advances ``num_steps`` (the warm-up)."""
+        rows = self._rows(x)
+        if dead_mask is not None:
+            _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
+        projection = (rows - self.b_dec) @ self.W_enc.T  # [batch, n], shared by both paths
+        pi_gate = projection + self.b_enc
+        pi_mag = self.r_mag.exp() * projection + self.b_mag
+        f = (pi_gate > 0) * pi_mag.relu()
+        x_hat = f @ self.W_dec + self.b_dec
+        recon, mse, fvu = _shared.dense_losses(rows, x_hat)
+        acc = fvu.dtype
+        gate_act = pi_gate.relu()
+        l1 = gate_act.to(acc).sum(1).mean()
+        via_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
+        aux, _, _ = _shared.dense_losses(rows, via_gate)
+        coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
+        loss = recon + coefficient.to(acc) * l1 + aux
+        if _shared.is_training_step(self):
+            _shared.advance(self)
+        latents = padded_rows(f, f > 0)
+        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
+        return ForwardOutput(
+            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
+            latents=_shared.shaped(latents, x.shape[:-1]),
+            fvu=fvu,
+            mse=mse,
+            auxk_loss=fvu.new_zeros(()),
+            loss=loss,
+        )

@@ -1,0 +1,242 @@
+"""JumpReLUSAE: the JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, "Jumping Ahead: Improving
+Reconstruction Fidelity with JumpReLU Sparse Autoencoders", arXiv:2407.14435; the Gemma Scope SAEs),
+with the tanh sparsity penalty and pre-activation loss of Anthropic's January 2025 update
+("Circuits Updates - January 2025", transformer-circuits.pub) as options.
+
+    pre     = (x [- b_dec]) W_enc^T + b_enc                 b_dec subtracted iff apply_b_dec_to_input
+    theta   = exp(log_threshold)                             per latent, > 0
+    f       = JumpReLU_theta(pre) = pre * H(pre - theta)
+    x_hat   = f W_dec + b_dec
+    loss    = sum_b |x_b - x_hat_b|^2 / batch  +  lambda(t) * S  +  lambda_P * P
+      S (step, the paper) = mean_b sum_i H(pre_bi - theta_i)                       (L0)
+      S (tanh, Anthropic) = mean_b sum_i tanh(c * f_bi * |W_dec_i|)
+      P (pre-activation)  = mean_b sum_i relu(theta_i - pre_bi) * |W_dec_i|   over dead latents
+                            (all latents when forward gets no dead_mask)
+
+H has no derivative, so the threshold learns through the paper's straight-through estimator with a
+rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps:
+
+    dJumpReLU/dpre   = H(pre - theta)              dJumpReLU/dtheta = -(theta / eps) K((pre - theta) / eps)
+    dH/dpre          = 0                           dH/dtheta        = -(1 / eps) K((pre - theta) / eps)
+
+Which ops run dense and why: training (``forward``) builds the [batch, n_latents] pre-activations,
+because the threshold gradient needs, for every latent, whether its pre-activation lies within
+eps/2 of its threshold (active or not), and the reconstruction gradient reaching those inactive
+latents (d loss / d f_i = -2 (x - x_hat) . W_dec_i) is a dense [batch, n] product as well. Inference
+(``encode``, ``decode``) is sparse: :func:`~flashsae.ops.threshold_encode` (topk_encode on shifted
+biases, padded [..., m] latents) and sparse_decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
+from ..outputs import ForwardOutput, SparseLatents
+from . import _shared
+from .base import SAE, SAEConfig, non_negative, register
+
+SPARSITY_LOSSES = ("step", "tanh")
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """Configuration of a :class:`JumpReLUSAE`. Coefficients are in the papers' units: the
+    reconstruction term is the squared error summed over features, averaged over rows, so they
+    assume normalized activations (Gemma Scope: unit mean squared norm; Anthropic: E|x| = sqrt(d_in))."""
+
+    l0_coefficient: float = 1.0
+    """lambda, the weight of the sparsity penalty S (>= 0). Gemma Scope sweeps it per site."""
+    bandwidth: float = 0.001
+    """eps, the width of the rectangle kernel of the straight-through estimator (> 0; the paper:
+    0.001 for activations normalized to unit mean squared norm; Anthropic uses 2 with tanh)."""
+    threshold_init: float = 0.001
+    """Initial threshold of every latent (> 0; the paper: 0.001)."""
+    sparsity_loss: str = "step"
+    """"step": the L0 penalty of the paper; "tanh": Anthropic's sum tanh(c * f * |W_dec_i|)."""
+    tanh_scale: float = 4.0
+    """c of the tanh penalty (> 0; Anthropic: 4). Unused with "step"."""
+    pre_act_coefficient: float = 0.0
+    """lambda_P, the weight of the pre-activation loss P that pulls dead latents' pre-activations
+    up to their thresholds (>= 0; 0 turns it off; Anthropic: 3e-6)."""
+    l0_warmup_steps: int = 0
+    """Training steps over which lambda rises linearly from 0 (>= 0; 0: no warm-up). See
+    :mod:`flashsae.modules._shared` for how steps are counted."""
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from x before encoding (SAELens' option; the paper's encoder does not)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.l0_coefficient = non_negative("l0_coefficient", self.l0_coefficient)
+        self.bandwidth = _shared.positive_number("bandwidth", self.bandwidth)
+        self.threshold_init = _shared.positive_number("threshold_init", self.threshold_init)
+        if self.sparsity_loss not in SPARSITY_LOSSES:
+            raise ValueError(f"sparsity_loss: expected one of {SPARSITY_LOSSES}, got {self.sparsity_loss!r}")
+        self.tanh_scale = _shared.positive_number("tanh_scale", self.tanh_scale)
+        self.pre_act_coefficient = non_negative("pre_act_coefficient", self.pre_act_coefficient)
+        _shared.non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
+        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta) with the rectangle-kernel straight-through estimator for theta."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - theta) / eps).abs() < 0.5
+        grad_pre = grad * (pre > theta)
+        # summed over the batch in float32 at least: a bfloat16 sum of thousands of rows loses the signal
+        acc = torch.promote_types(theta.dtype, torch.float32)
+        grad_theta = (-(theta.to(acc) / eps) * (grad.to(acc) * in_window)).sum(0)
+        return grad_pre, grad_theta.to(theta.dtype), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta); the gradient reaches theta only (rectangle kernel), as in the paper."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.bandwidth = bandwidth
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        pre, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - theta) / eps).abs() < 0.5
+        acc = torch.promote_types(theta.dtype, torch.float32)
+        grad_theta = (-(1.0 / eps) * (grad.to(acc) * in_window)).sum(0)
+        return None, grad_theta.to(theta.dtype), None
+
+
+@register
+class JumpReLUSAE(SAE):
+    """A JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2407.14435).
+
+    Args:
+        d_in: input width d. n_latents: dictionary size n.
+        options: the other :class:`JumpReLUConfig` fields (l0_coefficient, bandwidth, ...).
+        dtype, device, backend: as for :class:`~flashsae.TopKSAE`.
+
+    Parameters: ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d] (Gao et al. init:
+    unit decoder rows, encoder = decoder, zero biases, as in the paper) and ``log_threshold`` [n]
+    (``threshold`` = exp(log_threshold) stays positive). Buffer ``num_steps`` drives the warm-up.
+
+    Decoder: with the step (L0) penalty the paper keeps decoder rows at unit norm, so
+    ``unit_norm_decoder`` is True and a training loop calls remove_decoder_parallel_grads_ /
+    normalize_decoder_; the tanh penalty weighs activations by decoder norms (Anthropic), so the
+    decoder is left free (``unit_norm_decoder`` False).
+
+    ``forward`` (training, dense pre-activations) and ``encode`` (inference, sparse) give the same
+    latents; see the module docstring for which ops run dense and why.
+    """
+
+    architecture = "jumprelu"
+    config_class = JumpReLUConfig
+    config: JumpReLUConfig
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            JumpReLUConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
+        )
+        self._build()
+
+    def _build(self) -> None:
+        self.init_weights_()
+        start = torch.full((self.n_latents,), math.log(self.config.threshold_init), dtype=self._init_dtype)
+        self.log_threshold = nn.Parameter(start.to(self._init_device))
+        _shared.register_step_counter(self, self._init_device)
+        self._candidates = DEFAULT_CANDIDATES
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether a training loop should keep decoder rows at unit norm (True for the step penalty)."""
+        return self.config.sparsity_loss == "step"
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """[n_latents] thresholds exp(log_threshold)."""
+        return self.log_threshold.exp()
+
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
+    # ----------------------------------------------------------------------------- forward pieces
+
+    def encode(self, x: torch.Tensor) -> SparseLatents:
+        """The active latents of x [..., d_in] (pre > threshold), padded to [..., m] with m the
+        largest count of any row; empty slots hold value 0 and index -1. Sparse (threshold_encode)."""
+        latents = threshold_encode(
+            self._rows(x), self.W_enc, self.b_enc, self.threshold.detach(), self._input_bias(),
+            candidates=self._candidates, backend=self.backend,
+        )  # fmt: skip
+        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
+        return _shared.shaped(latents, x.shape[:-1])
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:
+        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
+        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
+        """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module docstring).
+
+        dead_mask: optional [n_latents] bool; restricts the pre-activation loss to those latents.
+        A training-mode forward with autograd on advances ``num_steps`` (the warm-up)."""
+        cfg = self.config
+        rows = self._rows(x)
+        if dead_mask is not None:
+            _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
+        centered = rows - self.b_dec if cfg.apply_b_dec_to_input else rows
+        pre = centered @ self.W_enc.T + self.b_enc  # [batch, n]: the STE needs every latent's
+        theta = self.threshold
+        f = _JumpReLU.apply(pre, theta, cfg.bandwidth)
+        x_hat = f @ self.W_dec + self.b_dec
+        recon, mse, fvu = _shared.dense_losses(rows, x_hat)
+        acc = fvu.dtype  # penalties summed in float32 (float64): a bfloat16 sum of n 0/1s is inexact
+        if cfg.sparsity_loss == "step":
+            sparsity = _Step.apply(pre, theta, cfg.bandwidth).to(acc).sum(1).mean()
+        else:
+            scaled = cfg.tanh_scale * f.to(acc) * self.W_dec.to(acc).norm(dim=1)
+            sparsity = torch.tanh(scaled).sum(1).mean()
+        coefficient = _shared.warmed_up(cfg.l0_coefficient, cfg.l0_warmup_steps, self.num_steps).to(acc)
+        loss = recon + coefficient * sparsity
+        if cfg.pre_act_coefficient:
+            shortfall = (theta.to(acc) - pre.to(acc)).relu() * self.W_dec.to(acc).norm(dim=1)
+            if dead_mask is not None:
+                shortfall = shortfall * dead_mask
+            loss = loss + cfg.pre_act_coefficient * shortfall.sum(1).mean()
+        if _shared.is_training_step(self):
+            _shared.advance(self)
+        latents = padded_rows(f, f > 0)
+        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
+        return ForwardOutput(
+            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
+            latents=_shared.shaped(latents, x.shape[:-1]),
+            fvu=fvu,
+            mse=mse,
+            auxk_loss=fvu.new_zeros(()),
+            loss=loss,
+        )

@@ -1,0 +1,153 @@
+"""ReLUSAE: the ReLU sparse autoencoder with an L1 penalty, as trained in Anthropic's April 2024 update
+("Circuits Updates - April 2024", section "Training SAEs", transformer-circuits.pub), the setup used
+for Scaling Monosemanticity (Templeton et al. 2024).
+
+    f      = relu((x [- b_dec]) W_enc^T + b_enc)      no pre-encoder bias unless apply_b_dec_to_input
+    x_hat  = f W_dec + b_dec
+    loss   = sum_b |x_b - x_hat_b|^2 / batch  +  lambda(t) * mean_b sum_i f_bi |W_dec_i|
+
+The decoder norms are unconstrained: the penalty weighs each activation by its decoder row's norm
+(so shrinking the decoder cannot dodge it), and a training loop must NOT renormalize the decoder
+(``unit_norm_decoder`` is False). lambda(t) warms up linearly from 0 over ``l1_warmup_steps`` (the
+update: the first 5% of training). Initialization as in the update: decoder rows in random
+directions with norm ``decoder_init_norm`` (0.1), encoder = decoder (W_e = W_d^T in the update's
+column convention), zero biases. The update also scales activations so that E|x| = sqrt(d_in)
+(lambda = 5 there) and clips gradients to norm 1: both are the training loop's job.
+
+Which ops run dense and why: training (``forward``) computes the [batch, n_latents] activations and
+decodes them with a dense product, because every latent with a positive pre-activation is active
+and receives the L1 gradient, and at initialization that is about half of all latents (there is no
+k bounding a row). Inference (``encode`` / ``decode``) is sparse: threshold_encode with threshold 0
+(padded [..., m] latents) and sparse_decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
+from ..outputs import ForwardOutput, SparseLatents
+from . import _shared
+from .base import SAE, SAEConfig, non_negative, register
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    """Configuration of a :class:`ReLUSAE` (Anthropic, April 2024). Coefficients are in the update's
+    units: the reconstruction term is the squared error summed over features, averaged over rows."""
+
+    l1_coefficient: float = 5.0
+    """lambda, the final weight of the decoder-norm-weighted L1 penalty (>= 0; the update: 5 with
+    activations scaled to E|x| = sqrt(d_in))."""
+    l1_warmup_steps: int = 0
+    """Training steps over which lambda rises linearly from 0 (>= 0; 0: no warm-up; the update: 5% of
+    all steps). See :mod:`flashsae.modules._shared` for how steps are counted."""
+    decoder_init_norm: float = 0.1
+    """L2 norm of every decoder (and encoder) row at initialization (> 0; the update: 0.05 to 1)."""
+    apply_b_dec_to_input: bool = False
+    """Subtract b_dec from x before encoding (the update removed this pre-encoder bias; SAELens'
+    standard SAE keeps it)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
+        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        self.decoder_init_norm = _shared.positive_number("decoder_init_norm", self.decoder_init_norm)
+        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+
+
+@register
+class ReLUSAE(SAE):
+    """A ReLU sparse autoencoder with the decoder-norm-weighted L1 penalty (Anthropic, April 2024).
+
+    Args:
+        d_in: input width d. n_latents: dictionary size n.
+        options: the other :class:`ReLUConfig` fields (l1_coefficient, l1_warmup_steps, ...).
+        dtype, device, backend: as for :class:`~flashsae.TopKSAE`.
+
+    Parameters: ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d]; buffer
+    ``num_steps`` drives the L1 warm-up. ``unit_norm_decoder`` is False: do not call
+    normalize_decoder_ / remove_decoder_parallel_grads_ while training this SAE.
+    """
+
+    architecture = "relu"
+    config_class = ReLUConfig
+    config: ReLUConfig
+    unit_norm_decoder = False
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            ReLUConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
+        )
+        self._build()
+
+    def _build(self) -> None:
+        self.init_weights_()
+        with torch.no_grad():
+            self.W_dec.mul_(self.config.decoder_init_norm)
+            self.W_enc.mul_(self.config.decoder_init_norm)
+        _shared.register_step_counter(self, self._init_device)
+        self._candidates = DEFAULT_CANDIDATES
+
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
+    def l1_coefficient_now(self) -> torch.Tensor:
+        """lambda at the current step (after warm-up: l1_coefficient), a float64 scalar tensor."""
+        return _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
+
+    # ----------------------------------------------------------------------------- forward pieces
+
+    def encode(self, x: torch.Tensor) -> SparseLatents:
+        """The positive latents of x [..., d_in], padded to [..., m] (m = the largest count of any
+        row; empty slots: value 0, index -1). Sparse (threshold_encode with threshold 0)."""
+        zeros = torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
+        latents = threshold_encode(
+            self._rows(x), self.W_enc, self.b_enc, zeros, self._input_bias(),
+            candidates=self._candidates, backend=self.backend,
+        )  # fmt: skip
+        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
+        return _shared.shaped(latents, x.shape[:-1])
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:
+        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
+        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
+        """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module
+        docstring). dead_mask is accepted for the common interface and unused (no auxiliary loss).
+        A training-mode forward with autograd on advances ``num_steps`` (the warm-up)."""
+        rows = self._rows(x)
+        if dead_mask is not None:
+            _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
+        centered = rows - self.b_dec if self.config.apply_b_dec_to_input else rows
+        f = (centered @ self.W_enc.T + self.b_enc).relu()  # [batch, n]: see the module docstring
+        x_hat = f @ self.W_dec + self.b_dec
+        recon, mse, fvu = _shared.dense_losses(rows, x_hat)
+        acc = fvu.dtype
+        l1 = (f.to(acc) * self.W_dec.to(acc).norm(dim=1)).sum(1).mean()
+        loss = recon + self.l1_coefficient_now().to(acc) * l1
+        if _shared.is_training_step(self):
+            _shared.advance(self)
+        latents = padded_rows(f, f > 0)
+        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
+        return ForwardOutput(
+            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
+            latents=_shared.shaped(latents, x.shape[:-1]),
+            fvu=fvu,
+            mse=mse,
+            auxk_loss=fvu.new_zeros(()),
+            loss=loss,
+        )

@@ -1,0 +1,288 @@
+"""JumpReLU: the threshold_encode op against its dense definition, JumpReLUSAE's objective and
+straight-through gradients against a float64 reference (step and tanh penalties, pre-activation
+loss, warm-up), sparse inference = training latents, configs, checkpoints."""
+
+import importlib
+
+import pytest
+import torch
+
+import flashsae
+from flashsae import JumpReLUConfig, JumpReLUSAE
+from helpers import SIZE_IDS, SIZES, LargestTensorMode, assert_close, f64, sae_tensors
+
+threshold_encode_module = importlib.import_module("flashsae.ops.threshold_encode")
+topk_encode_module = importlib.import_module("flashsae.ops.topk_encode")
+threshold_encode = threshold_encode_module.threshold_encode
+threshold_encode_reference = threshold_encode_module.threshold_encode_reference
+
+
+# ------------------------------------------------------------------------------------------ the op
+
+
+def thresholds(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-latent thresholds around the pre-activations' scale, a few <= 0 (plain ReLU there)."""
+    return (torch.rand(n, dtype=torch.float64) * 1.5 - 0.2).to(dtype)
+
+
+@pytest.fixture(params=["sparse", "dense_fallback"])
+def path(request, monkeypatch):
+    """The sparse retry path at every size (no dense fallback), or the dense fallback whenever the
+    first attempt is not enough."""
+    monkeypatch.setattr(threshold_encode_module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
+    return request.param
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(("rows", "d", "n", "k"), SIZES, ids=SIZE_IDS)
+@pytest.mark.parametrize("candidates", [1, None, 100_000], ids=["retry", "default", "all"])
+def test_op_matches_dense_definition_float64(rows, d, n, k, candidates, backend, path):
+    t = sae_tensors(rows, d, n, torch.float64)
+    theta = thresholds(n, torch.float64)
+    args = (t["x"], t["W_enc"], t["b_enc"], theta, t["b_dec"])
+    values, indices = threshold_encode(*args, candidates=candidates, backend=backend)
+    ref_values, ref_indices = threshold_encode_reference(*args)
+    assert indices.dtype == torch.int32 and values.is_contiguous() and indices.is_contiguous()
+    assert torch.equal(indices, ref_indices)
+    assert_close(values, ref_values, torch.float64, "values")
+    active = indices >= 0
+    assert (values[active] > 0).all() and (values[~active] == 0).all()
+    assert (values[:, :-1] >= values[:, 1:]).all(), "rows not sorted by value"
+
+
+def test_op_without_b_dec_and_nothing_active(path):
+    t = sae_tensors(7, 12, 40, torch.float64)
+    values, indices = threshold_encode(t["x"], t["W_enc"], t["b_enc"], torch.full((40,), 1e6, dtype=torch.float64))
+    assert values.shape == (7, 1) and (indices == -1).all() and (values == 0).all()
+    values, indices = threshold_encode(t["x"], t["W_enc"], t["b_enc"], torch.zeros(40, dtype=torch.float64))
+    ref_values, ref_indices = threshold_encode_reference(t["x"], t["W_enc"], t["b_enc"], torch.zeros(40).double())
+    assert torch.equal(indices, ref_indices)
+    assert_close(values, ref_values, torch.float64, "relu values")
+
+
+def test_op_gradients_match_reference(path):
+    t = sae_tensors(23, 31, 200, torch.float64)
+    theta = thresholds(200, torch.float64)
+    ours, ref = f64(t, requires_grad=True), f64(t, requires_grad=True)
+    values, _ = threshold_encode(ours["x"], ours["W_enc"], ours["b_enc"], theta, ours["b_dec"], candidates=3)
+    expected, _ = threshold_encode_reference(ref["x"], ref["W_enc"], ref["b_enc"], theta, ref["b_dec"])
+    g = torch.randn(expected.shape, dtype=torch.float64)
+    (values * g).sum().backward()
+    (expected * g).sum().backward()
+    for name in ("x", "W_enc", "b_enc", "b_dec"):
+        assert_close(ours[name].grad, ref[name].grad, torch.float64, f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    ("threshold", "kwargs", "error", "pattern"),
+    [
+        (torch.zeros(39), {}, ValueError, r"threshold: expected shape \[n_latents=40\]"),
+        (torch.zeros(40, dtype=torch.float64), {}, TypeError, r"threshold: expected dtype float32"),
+        (torch.full((40,), float("nan")), {}, ValueError, r"threshold: contains 40 NaN"),
+        (torch.zeros(40), {"candidates": 0}, ValueError, r"candidates: expected a positive int"),
+        ([0.0] * 40, {}, TypeError, r"threshold: expected a torch.Tensor"),
+    ],
+)
+def test_op_bad_inputs(threshold, kwargs, error, pattern):
+    t = sae_tensors(4, 8, 40, torch.float32)
+    with pytest.raises(error, match=pattern):
+        threshold_encode(t["x"], t["W_enc"], t["b_enc"], threshold, t["b_dec"], **kwargs)
+
+
+@pytest.mark.parametrize("candidates", [4, None], ids=["retry", "default"])
+def test_op_never_materializes_batch_by_latents(candidates, monkeypatch):
+    rows, d, n = 512, 32, 8192
+    monkeypatch.setattr(topk_encode_module, "TILE_ELEMENTS", 1 << 17)  # 256-latent tiles
+    t = sae_tensors(rows, d, n, torch.float32)
+    theta = torch.full((n,), 2.5)  # about 20 active latents per row
+    leaves = {name: t[name].clone().requires_grad_() for name in ("x", "W_enc", "b_enc", "b_dec")}
+    with LargestTensorMode() as mode:
+        values, _ = threshold_encode(
+            leaves["x"], leaves["W_enc"], leaves["b_enc"], theta, leaves["b_dec"], candidates=candidates
+        )
+        values.sum().backward()
+    m = values.shape[1]
+    assert candidates is None or m > candidates, "the retry path did not run"
+    assert mode.largest <= max(n * d, rows * (256 + 2 * m)), f"{mode.largest} from {mode.largest_op}"
+    assert mode.largest < rows * n // 4
+
+
+# -------------------------------------------------------------------------------------- the module
+
+
+def make_sae(dtype=torch.float64, **options):
+    torch.manual_seed(7)
+    options = {"bandwidth": 0.5, "threshold_init": 0.3, **options}
+    sae = JumpReLUSAE(16, 90, dtype=dtype, **options)
+    with torch.no_grad():  # per-latent thresholds, biases, untied encoder
+        sae.log_threshold.add_(torch.randn(90, dtype=torch.float64).to(dtype) * 0.5)
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.2)
+        sae.W_enc.add_(torch.randn_like(sae.W_enc) * 0.2)
+    return sae
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).double()
+
+
+def straight_through(value: torch.Tensor, theta: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward pass, d/dtheta = `slope` in the backward pass."""
+    surrogate = slope.detach() * theta
+    return value + surrogate - surrogate.detach()
+
+
+def reference_objective(params, x, cfg: JumpReLUConfig, num_steps=0, dead_mask=None):
+    """The JumpReLU objective with the paper's pseudo-derivatives, written plainly in float64."""
+    W_enc, b_enc, W_dec, b_dec = (params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    theta, eps = params["log_threshold"].exp(), cfg.bandwidth
+    pre = ((x - b_dec) if cfg.apply_b_dec_to_input else x) @ W_enc.T + b_enc
+    above = (pre > theta).double().detach()
+    window = rectangle((pre.detach() - theta.detach()) / eps)
+    f = straight_through(pre * above, theta, -(theta.detach() / eps) * window)  # d/dpre = H
+    x_hat = f @ W_dec + b_dec
+    sse = (x_hat - x).pow(2).sum()
+    norms = W_dec.norm(dim=1)
+    if cfg.sparsity_loss == "step":
+        l0 = straight_through(above, theta, -(1 / eps) * window)  # no gradient to pre
+        sparsity = l0.sum(1).mean()
+    else:
+        sparsity = torch.tanh(cfg.tanh_scale * f * norms).sum(1).mean()
+    ramp = 1.0 if cfg.l0_warmup_steps == 0 else min(1.0, num_steps / cfg.l0_warmup_steps)
+    loss = sse / x.shape[0] + cfg.l0_coefficient * ramp * sparsity
+    if cfg.pre_act_coefficient:
+        mask = torch.ones(pre.shape[1], dtype=torch.bool) if dead_mask is None else dead_mask
+        loss = loss + cfg.pre_act_coefficient * ((theta - pre).relu() * norms * mask).sum(1).mean()
+    variance = (x - x.mean(0)).pow(2).sum()
+    return {"x_hat": x_hat, "fvu": sse / variance, "mse": sse / x.numel(), "loss": loss}, f
+
+
+CASES = {
+    "step": {},
+    "step_b_dec_in": {"apply_b_dec_to_input": True, "l0_coefficient": 0.3},
+    "tanh": {"sparsity_loss": "tanh", "tanh_scale": 2.0, "l0_coefficient": 0.2},
+    "pre_act": {"pre_act_coefficient": 0.05, "l0_coefficient": 0.1},
+}
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_match_reference_float64(case, with_dead):
+    sae = make_sae(**CASES[case])
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    dead = torch.rand(90) < 0.4 if with_dead else None
+    out = sae(x, dead_mask=dead)
+    out.loss.backward()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
+    expected, f = reference_objective(params, x.reshape(-1, 16), sae.config, 0, dead)
+    expected["loss"].backward()
+    assert_close(out.x_hat, expected["x_hat"].reshape(2, 24, 16), torch.float64, "x_hat")
+    for field in ("fvu", "mse", "loss"):
+        assert_close(getattr(out, field), expected[field], torch.float64, field)
+    assert out.auxk_loss == 0
+    assert_close(out.latents.to_dense(90).reshape(-1, 90), f, torch.float64, "latents")
+    assert params["log_threshold"].grad.abs().max() > 0, "no latent near its threshold: a vacuous check"
+    for name, p in sae.named_parameters():
+        assert_close(p.grad, params[name].grad, torch.float64, f"grad {name}")
+
+
+def test_l0_warmup_follows_the_step_counter():
+    sae = make_sae(l0_coefficient=0.5, l0_warmup_steps=4)
+    x = torch.randn(20, 16, dtype=torch.float64)
+    for step in range(6):
+        params = {n: p.detach().clone() for n, p in sae.named_parameters()}
+        expected, _ = reference_objective(params, x, sae.config, num_steps=step)
+        assert int(sae.num_steps) == step
+        assert_close(sae(x).loss, expected["loss"], torch.float64, f"loss at step {step}")
+    with torch.no_grad():
+        sae(x)
+    assert int(sae.num_steps) == 6
+    sae.num_steps.fill_(2)  # a loop with gradient accumulation sets the count itself
+    expected, _ = reference_objective(dict(sae.named_parameters()), x, sae.config, num_steps=2)
+    assert_close(sae(x).loss, expected["loss"], torch.float64, "loss after fill_")
+
+
+@pytest.mark.parametrize("apply_b_dec", [False, True])
+def test_sparse_encode_gives_the_training_latents(apply_b_dec):
+    sae = make_sae(apply_b_dec_to_input=apply_b_dec)
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    out = sae(x)
+    latents = sae.encode(x)
+    assert latents.values.shape == out.latents.values.shape
+    assert torch.equal(latents.indices, out.latents.indices)
+    assert_close(latents.values, out.latents.values, torch.float64, "values")
+    assert_close(sae.decode(latents), out.x_hat, torch.float64, "decode(encode(x))")
+    sae.eval()
+    assert torch.equal(sae.encode(x).indices, out.latents.indices)
+
+
+def test_init_and_decoder_policy():
+    sae = JumpReLUSAE(12, 40)
+    torch.testing.assert_close(sae.threshold, torch.full((40,), 0.001))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+    assert torch.equal(sae.W_enc, sae.W_dec) and not sae.b_enc.any()
+    assert sae.unit_norm_decoder
+    assert not JumpReLUSAE(12, 40, sparsity_loss="tanh").unit_norm_decoder
+    assert {n for n, _ in sae.named_parameters()} == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"l0_coefficient": -1.0}, r"l0_coefficient: expected a number >= 0"),
+        ({"bandwidth": 0.0}, r"bandwidth: expected a finite number > 0"),
+        ({"threshold_init": -0.1}, r"threshold_init: expected a finite number > 0"),
+        ({"sparsity_loss": "l1"}, r"sparsity_loss: expected one of \('step', 'tanh'\)"),
+        ({"tanh_scale": 0}, r"tanh_scale: expected a finite number > 0"),
+        ({"pre_act_coefficient": -3e-6}, r"pre_act_coefficient: expected a number >= 0"),
+        ({"l0_warmup_steps": -5}, r"l0_warmup_steps: expected an int >= 0"),
+        ({"apply_b_dec_to_input": "yes"}, r"apply_b_dec_to_input: expected True or False"),
+        ({"n_latents": 0}, r"n_latents: expected a positive int"),
+    ],
+)
+def test_bad_configs(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        flashsae.create("jumprelu", **{"d_in": 8, "n_latents": 32, **kwargs})
+
+
+def test_k_is_not_a_jumprelu_field():
+    with pytest.raises(TypeError, match="unexpected config field"):
+        flashsae.create("jumprelu", d_in=8, n_latents=32, k=4)
+
+
+def test_bad_dead_mask():
+    sae = make_sae()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dead_mask: expected a bool tensor \[n_latents=90\]"):
+        sae(x, dead_mask=torch.ones(90))
+    with pytest.raises(TypeError, match=r"dead_mask: expected a torch\.Tensor"):
+        sae(x, dead_mask=[True] * 90)
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = make_sae(dtype=torch.float32, sparsity_loss="tanh", l0_warmup_steps=10)
+    x = torch.randn(30, 16)
+    for _ in range(3):
+        sae(x).loss.backward()
+    sae.save(tmp_path / "jump")
+    loaded = flashsae.load(tmp_path / "jump")
+    assert type(loaded) is JumpReLUSAE and loaded.config == sae.config
+    assert int(loaded.num_steps) == 3
+    assert torch.equal(loaded.log_threshold, sae.log_threshold)
+    assert torch.equal(loaded(x).loss, sae(x).loss)
+    assert flashsae.load(tmp_path / "jump", dtype=torch.bfloat16).log_threshold.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_other_dtypes(dtype):
+    sae = make_sae(dtype=dtype)
+    x = torch.randn(40, 16, dtype=dtype)
+    out = sae(x)
+    out.loss.backward()
+    assert out.x_hat.dtype == dtype and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert torch.isfinite(sae.log_threshold.grad).all()
+    if dtype == torch.float32:
+        params = {n: p.detach().double() for n, p in sae.named_parameters()}
+        expected, _ = reference_objective(params, x.double(), sae.config)
+        assert_close(out.x_hat, expected["x_hat"], dtype, "x_hat")
+        assert_close(out.loss, expected["loss"], dtype, "loss")

@@ -1,0 +1,146 @@
+"""Every Triton launch compiles for the GPU, without a GPU.
+
+The interpreter (what the other test_triton_* files run on CPU) executes kernels as Python and
+never sees the compiler, so a kernel can pass there and fail to compile for a GPU. This test runs
+the launchers in a subprocess with the interpreter off, on meta tensors, records each kernel launch
+(kernel, arguments, block sizes: exactly what the launchers pick on a GPU) instead of running it, and
+compiles each one with triton.compile for sm_90a (the H200) down to a cubin: triton's frontend,
+MLIR passes, LLVM and the ptxas bundled with the triton wheel all run; only the launch needs a GPU.
+FLASHSAE_COMPILE_ARCHS=80,90 adds sm_80 (A100), slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("triton")
+
+TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64", "uint8": "u8"}
+
+
+def record_launches() -> list[tuple]:
+    """(kernel, bound arguments, launch options) of every launch the launchers make for a few
+    representative problems, on meta tensors."""
+    import torch
+    import triton
+    from flashsae.kernels import sae_loss, sparse_decode, topk_encode
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    triton.runtime.jit.JITFunction.run = record
+    meta = torch.device("meta")
+
+    def t(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device=meta)
+
+    B, d, n = 4096, 4096, 1 << 15
+    for dtype, k, aux_k in ((torch.bfloat16, 64, 64), (torch.float32, 128, 0)):
+        x, W = t(B, d, dtype=dtype), t(n, d, dtype=dtype)
+        vals, idx = t(B, k, dtype=dtype), t(B, k, dtype=torch.int32)
+        aux_vals, aux_idx = t(B, aux_k, dtype=dtype), t(B, aux_k, dtype=torch.int32)
+        dead = t(n, dtype=torch.bool)
+        topk_encode.topk_encode(
+            x, W, t(n, dtype=dtype), t(d, dtype=dtype), k, dead, aux_k, vals, idx, aux_vals, aux_idx
+        )
+    k, aux_k = 64, 256
+    x, W, b = t(B, d), t(n, d), t(d)
+    vals, idx, aux_vals, aux_idx = t(B, k), t(B, k, dtype=torch.int32), t(B, aux_k), t(B, aux_k, dtype=torch.int32)
+    sparse_decode.gather_rows(vals, idx, W, b, t(B, d))
+    sparse_decode.dot_rows(t(B, d), idx, W, t(B, k))
+    sparse_decode.segment_rows(vals, idx, x, t(n, d), gate=vals, offset=b, coef_sum=t(n))
+    f32 = torch.float32
+    sae_loss.sae_loss_forward(x, vals, idx, aux_vals, aux_idx, W, b, t(B, d), t(B, dtype=f32), t(B, dtype=f32))
+    sae_loss.sae_loss_backward(
+        t(B, d), t(B, dtype=f32), t(B, dtype=f32), x, vals, idx, W, b, aux_vals, aux_idx, t(B, k), t(B, aux_k), t(n, d),
+        t(B, d),
+    )  # fmt: skip
+    return launches
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and stack (spill) bytes, from the cuobjdump bundled with triton."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except OSError:
+            return {}
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2))} if found else {}
+
+
+def compile_launches(archs: list[int]) -> list[dict]:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results, seen = [], set()
+    for fn, args, kwargs in record_launches():
+        options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+        bound = dict(zip(fn.arg_names, args, strict=False)) | kwargs
+        constexpr_names = {fn.arg_names[i] for i in fn.constexprs}
+        signature, constexprs = {}, {}
+        for name in fn.arg_names:
+            value = bound[name]
+            if name in constexpr_names:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + TYPES[str(value.dtype).removeprefix("torch.")]
+            else:
+                signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        key = (fn.__name__, json.dumps(constexprs, sort_keys=True), json.dumps(signature, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        for arch in archs:
+            start = time.time()
+            kernel = triton.compile(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                target=GPUTarget("cuda", arch, 32),
+                options=options,
+            )
+            assert kernel.asm["cubin"], f"{fn.__name__}: no cubin for sm_{arch}"
+            results.append(
+                {"kernel": fn.__name__, "arch": arch, "seconds": round(time.time() - start, 1),
+                 "shared_bytes": kernel.metadata.shared, **resource_usage(kernel.asm["cubin"]),
+                 "constexprs": constexprs, **options}
+            )  # fmt: skip
+    return results
+
+
+@pytest.mark.compile
+def test_every_launch_compiles_for_the_gpu(tmp_path):
+    archs = os.environ.get("FLASHSAE_COMPILE_ARCHS", "90")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", "TRITON_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, __file__, archs], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernels = {r["kernel"] for r in results}
+    assert kernels == {
+        "_encoder_bias_kernel", "_encode_topk_kernel", "_topk_finish_kernel", "_gather_rows_kernel", "_dot_rows_kernel",
+        "_segment_rows_kernel", "_loss_forward_kernel", "_loss_backward_kernel",
+    }  # fmt: skip
+    assert len(results) >= len(kernels) * len(archs.split(","))
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_launches([int(a) for a in sys.argv[1].split(",")])))
