@@ -4,7 +4,7 @@ installed, Weights & Biases when a project is named.
 One record per ``log_every`` steps: ``{"step", "tokens", "lr", "elapsed_s", "tokens_per_s",
 "<hookpoint>/loss", "<hookpoint>/fvu", "<hookpoint>/explained_variance", "<hookpoint>/l0",
 "<hookpoint>/dead_pct", "<hookpoint>/auxk_loss", "skipped_batches"}``. Per-hookpoint figures are
-means over the steps since the previous record.
+means over the steps since the previous record; tokens_per_s is the average since the (re)start.
 """
 
 from __future__ import annotations

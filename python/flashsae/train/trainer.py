@@ -437,13 +437,14 @@ class Trainer:
     def dead_fraction(self, name: str) -> float:
         return float((self.since_fired[name] >= self.dead_tokens).float().mean())
 
-    def _record(self, interval_tokens: int, interval_s: float) -> dict[str, Any]:
+    def _record(self, session_tokens: int, session_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "tokens": self.tokens,
             "lr": self.base_lr[self.hookpoints[0]] * self.config.lr_factor(max(self.step - 1, 0)),
             "elapsed_s": round(self._elapsed(), 3),
-            "tokens_per_s": interval_tokens / interval_s if interval_s > 0 else 0.0,
+            # averaged over this session: per-interval rates swing 10x with the buffer refills
+            "tokens_per_s": session_tokens / session_s if session_s > 0 else 0.0,
             "skipped_batches": self.skipped_batches,
         }
         for name in self.hookpoints:
@@ -480,7 +481,7 @@ class Trainer:
             total=total, initial=min(self.step, total), unit="step", disable=not config.progress, dynamic_ncols=True
         )
         self._started = time.perf_counter()
-        interval_start, interval_tokens = time.perf_counter(), 0
+        session_tokens = 0
         interrupted = False
         try:
             with _StopFlag() as stop:
@@ -493,14 +494,12 @@ class Trainer:
                         self._skip_batch()
                         continue
                     self.train_step(batch)
-                    interval_tokens += config.batch_size
+                    session_tokens += config.batch_size
                     bar.update(1)
                     if self.step % config.log_every == 0 or self.step == total:
-                        now = time.perf_counter()
-                        record = self._record(interval_tokens, now - interval_start)
+                        record = self._record(session_tokens, time.perf_counter() - self._started)
                         logger.log(record)
                         bar.set_postfix_str(self._postfix(record, self.hookpoints), refresh=False)
-                        interval_start, interval_tokens = now, 0
                     if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < total:
                         self._periodic_checkpoint()
                     if on_step is not None:
