@@ -188,8 +188,14 @@ def test_decoder_norm_scale_folding_and_saved_sae(tmp_path, text):
     name = HOOKS[0]
     sample = trainer.source.peek(16384)[name]
     assert math.isclose((sample * trainer.scales[name]).norm(dim=1).mean().item(), math.sqrt(32), rel_tol=1e-5)
+    modes = []
+    original = trainer.saes[name].forward
+    trainer.saes[name].forward = lambda x, dead_mask=None: (
+        modes.append(trainer.saes[name].training) or original(x, dead_mask=dead_mask)
+    )
     result = trainer.train()
     sae = trainer.saes[name]
+    assert modes == [True] * STEPS + [False] * 2 and sae.training, "evaluation runs in eval mode, then back"
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-5)
     saved = flashsae.load(result.sae_paths[name])
     x = trainer.source.next_batch()[name]
@@ -241,6 +247,25 @@ class LooseTopK(TopKSAE):
     unit_norm_decoder = False
 
 
+class ConfigLooseTopK(TopKSAE):
+    """Free decoder rows decided per instance (a property, as JumpReLU does with its penalty)."""
+
+    architecture = "config-loose-topk-test"
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.config.k > 100
+
+
+class TargetedTopK(TopKSAE):
+    """Needs a target besides x, as transcoders do."""
+
+    architecture = "targeted-topk-test"
+
+    def forward(self, x, y, dead_mask=None):  # pragma: no cover - never called
+        raise AssertionError
+
+
 def test_architecture_is_pluggable_and_may_opt_out_of_unit_norm(tmp_path, text, monkeypatch):
     monkeypatch.setitem(REGISTRY, LooseTopK.architecture, LooseTopK)
     calls = {"normalize": 0, "parallel": 0}
@@ -270,10 +295,18 @@ def test_architecture_is_pluggable_and_may_opt_out_of_unit_norm(tmp_path, text, 
     loose.train()
     assert calls == {"normalize": 0, "parallel": 0}
     assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-3)
+    monkeypatch.setitem(REGISTRY, ConfigLooseTopK.architecture, ConfigLooseTopK)
+    Trainer(
+        small(tmp_path, "config-loose", text, hookpoints=HOOKS[:1], architecture=ConfigLooseTopK.architecture)
+    ).train()
+    assert calls == {"normalize": 0, "parallel": 0}
     Trainer(small(tmp_path, "tight", text, hookpoints=HOOKS[:1])).train()
     assert calls == {"normalize": STEPS, "parallel": STEPS}
     with pytest.raises(ValueError, match=r"architecture: unknown 'nope'; expected one of .*topk"):
         Trainer(small(tmp_path, "nope", text, architecture="nope"))
+    monkeypatch.setitem(REGISTRY, TargetedTopK.architecture, TargetedTopK)
+    with pytest.raises(ValueError, match=r"architecture: 'targeted-topk-test' needs y besides x in forward"):
+        Trainer(small(tmp_path, "targeted", text, architecture=TargetedTopK.architecture))
 
 
 def test_nonfinite_batches_are_skipped_then_abort(tmp_path, text):

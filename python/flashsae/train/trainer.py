@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import signal
@@ -100,9 +101,25 @@ def fold_activation_scale_(sae: SAE, scale: float) -> None:
 
 
 def unit_norm_decoder(sae: SAE) -> bool:
-    """Whether training keeps the decoder rows at unit norm (an architecture opts out with the
-    class attribute ``unit_norm_decoder = False``)."""
-    return bool(getattr(type(sae), "unit_norm_decoder", True))
+    """Whether training keeps the decoder rows at unit norm: an architecture opts out with
+    ``unit_norm_decoder = False`` (a class attribute, or a property when it depends on the config)."""
+    return bool(getattr(sae, "unit_norm_decoder", True))
+
+
+def check_trainable(architecture: str) -> None:
+    """The trainer feeds ``sae(x, dead_mask=...)``: architectures that need more (a transcoder's
+    target activations) are refused up front rather than failing inside the loop."""
+    if architecture not in REGISTRY:
+        raise ValueError(f"architecture: unknown {architecture!r}; expected one of {', '.join(sorted(REGISTRY))}")
+    parameters = list(inspect.signature(REGISTRY[architecture].forward).parameters.values())[2:]  # self, x
+    needed = [
+        p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if needed:
+        raise ValueError(
+            f"architecture: {architecture!r} needs {', '.join(needed)} besides x in forward; flashsae train "
+            "trains SAEs that reconstruct their own hookpoint"
+        )
 
 
 @dataclass
@@ -162,9 +179,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig) -> None:
-        if config.architecture not in REGISTRY:  # before the (slow) model loads
-            known = ", ".join(sorted(REGISTRY))
-            raise ValueError(f"architecture: unknown {config.architecture!r}; expected one of {known}")
+        check_trainable(config.architecture)  # before the (slow) model loads
         self.config = config
         self.device = resolve_device(config.device)
         self.run_dir = run_directory(config)
@@ -545,16 +560,22 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         sums = {name: [0.0, 0.0] for name in self.hookpoints}
         counted = 0
-        for _ in range(batches):
-            batch = self.source.next_batch()
-            if not self._batch_is_finite(batch):
-                continue
-            counted += 1
-            for name, sae in self.saes.items():
-                with self._autocast():
-                    out = sae(batch[name].to(sae.dtype) * self.scales[name])
-                sums[name][0] += float(out.fvu)
-                sums[name][1] += float(l0_of(out.latents))
+        for sae in self.saes.values():
+            sae.eval()  # the inference rule (e.g. BatchTopK's threshold), as the saved SAE will run
+        try:
+            for _ in range(batches):
+                batch = self.source.next_batch()
+                if not self._batch_is_finite(batch):
+                    continue
+                counted += 1
+                for name, sae in self.saes.items():
+                    with self._autocast():
+                        out = sae(batch[name].to(sae.dtype) * self.scales[name])
+                    sums[name][0] += float(out.fvu)
+                    sums[name][1] += float(l0_of(out.latents))
+        finally:
+            for sae in self.saes.values():
+                sae.train()
         for name in self.hookpoints:
             figures: dict[str, float] = {"dead_pct": 100 * self.dead_fraction(name)}
             if counted:
