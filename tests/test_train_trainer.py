@@ -438,3 +438,34 @@ def test_bad_train_configs(overrides, pattern):
 def test_bad_hookpoint_on_the_model(tmp_path, text):
     with pytest.raises(ValueError, match=r"hookpoints: 'encoder.layers.1' matches no module.*encoder.layer.1"):
         Trainer(small(tmp_path, "x", text, hookpoints=["encoder.layers.1"]))
+
+
+@pytest.mark.parametrize("architecture", sorted(REGISTRY))
+def test_every_registered_architecture_trains_and_folds(tmp_path, text, architecture):
+    """New architectures need no trainer change: each one trains, and its saved (folded) SAE computes
+    on raw activations what the trained one computes on scaled ones."""
+    name = HOOKS[0]
+    trainer = Trainer(small(tmp_path, architecture, text, hookpoints=[name], architecture=architecture))
+    result = trainer.train()
+    assert result.step == STEPS and set(result.metrics[name]) == {"explained_variance", "fvu", "l0", "dead_pct"}
+    sae, saved, scale = trainer.saes[name], flashsae.load(result.sae_paths[name]), trainer.scales[name]
+    assert type(saved) is type(sae) and saved.architecture == architecture
+    x = trainer.source.next_batch()[name]
+    sae.eval()
+    with torch.no_grad():
+        raw, scaled = saved.eval()(x), sae(x * scale)
+    torch.testing.assert_close(raw.x_hat * scale, scaled.x_hat, rtol=1e-4, atol=1e-4 * scaled.x_hat.abs().max().item())
+
+
+def test_resume_is_exact_with_schedule_buffers(tmp_path, text):
+    """BatchTopK keeps num_steps and its threshold estimate in buffers: the checkpoint carries them."""
+    options = {"architecture": "batchtopk", "hookpoints": HOOKS[:1], "sae_options": {"threshold_start_step": 3}}
+    straight = Trainer(small(tmp_path, "straight", text, **options))
+    straight.train()
+    assert straight.saes[HOOKS[0]].threshold.item() > 0, "the threshold estimate is running"
+    half = Trainer(small(tmp_path, "halves", text, **options))
+    assert half.train(on_step=interrupt_at(7)).interrupted
+    resumed = Trainer(resume_config(str(tmp_path / "halves")))
+    resumed.train()
+    assert_same_state(straight, resumed)
+    assert int(resumed.saes[HOOKS[0]].num_steps) == STEPS
