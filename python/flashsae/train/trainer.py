@@ -1,0 +1,617 @@
+"""The training loop: one SAE per hookpoint, all fed from the same stream of activations.
+
+Per step and SAE: scale the batch (E||x|| = sqrt(d)), forward with the dead-latent mask (AuxK),
+``out.loss.backward()``, remove the decoder gradient parallel to its rows, Adam, renormalize decoder
+rows, update the tokens-since-fired counters. The learning rate warms up, holds, and decays to 0
+over the last part of the run. Every ``checkpoint_every`` steps, at the end and on Ctrl-C the whole
+state is checkpointed atomically; ``resume`` restores it bit for bit.
+
+The saved SAEs take raw activations: the training scale is folded into their weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..modules import REGISTRY, SAE, create, load
+from .activations import ModelActivations, resolve_device
+from .buffer import ShuffleBuffer
+from .cache import CachedActivations
+from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
+from .config import RESUMABLE_OVERRIDES, TrainConfig
+from .metrics import MetricsLogger, StepMetrics, l0_of
+
+CHECKPOINT_DIR = "checkpoint"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+#: Rows used to estimate the activation scale and initialize b_dec.
+INIT_SAMPLE_TOKENS = 16384
+#: What the saved SAEs' metadata records about where their activations came from.
+SOURCE_KEYS = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
+
+
+class NonFiniteActivationsError(ValueError):
+    """Too many batches held NaN or Inf activations (see max_nonfinite_batches)."""
+
+
+def run_directory(config: TrainConfig) -> Path:
+    if config.out is not None:
+        return Path(config.out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    model = Path(config.model.rstrip("/")).name or "model"
+    return Path("flashsae-runs") / f"{model}-{stamp}"
+
+
+def resume_config(out: str, **overrides: Any) -> TrainConfig:
+    """The configuration of the run saved in `out`, with `overrides` (only RESUMABLE_OVERRIDES
+    may differ from the saved run), ready for ``Trainer(config)`` to continue it."""
+    state, _ = _checkpoint_state(Path(out))
+    saved = dict(state["config"])
+    refused = sorted(
+        name
+        for name, value in overrides.items()
+        if name not in RESUMABLE_OVERRIDES | {"out"} and value != saved.get(name)
+    )
+    if refused:
+        changes = ", ".join(f"{name}={overrides[name]!r} (run: {saved.get(name)!r})" for name in refused)
+        raise ValueError(
+            f"resume: cannot change {changes} when resuming; only {', '.join(sorted(RESUMABLE_OVERRIDES))}"
+        )
+    saved.update(overrides)
+    saved.update(out=str(out), resume=True)
+    return TrainConfig(**saved)
+
+
+def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not (run_dir / CHECKPOINT_DIR).is_dir():
+        raise FileNotFoundError(f"resume: {run_dir} holds no checkpoint/ to resume from")
+    return load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+
+
+def fold_activation_scale_(sae: SAE, scale: float) -> None:
+    """Makes an SAE trained on x * scale take raw x: W_enc * scale, W_dec / scale, b_dec / scale
+    (latent values and thresholds unchanged). An architecture with other input-scaled parameters
+    provides its own ``fold_activation_scale_(scale)``."""
+    custom = getattr(sae, "fold_activation_scale_", None)
+    if callable(custom):
+        custom(scale)
+        return
+    with torch.no_grad():
+        sae.W_enc.mul_(scale)
+        sae.W_dec.div_(scale)
+        sae.b_dec.div_(scale)
+
+
+def unit_norm_decoder(sae: SAE) -> bool:
+    """Whether training keeps the decoder rows at unit norm: an architecture opts out with
+    ``unit_norm_decoder = False`` (a class attribute, or a property when it depends on the config)."""
+    return bool(getattr(sae, "unit_norm_decoder", True))
+
+
+def check_trainable(architecture: str) -> None:
+    """The trainer feeds ``sae(x, dead_mask=...)``: architectures that need more (a transcoder's
+    target activations) are refused up front rather than failing inside the loop."""
+    if architecture not in REGISTRY:
+        raise ValueError(f"architecture: unknown {architecture!r}; expected one of {', '.join(sorted(REGISTRY))}")
+    parameters = list(inspect.signature(REGISTRY[architecture].forward).parameters.values())[2:]  # self, x
+    needed = [
+        p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if needed:
+        raise ValueError(
+            f"architecture: {architecture!r} needs {', '.join(needed)} besides x in forward; flashsae train "
+            "trains SAEs that reconstruct their own hookpoint"
+        )
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    run_dir: Path
+    """The run directory (checkpoint/, metrics.jsonl, summary.json, one SAE folder per hookpoint)."""
+    sae_paths: dict[str, Path]
+    """{hookpoint: directory of its saved SAE} (load with flashsae.load)."""
+    step: int
+    """Optimizer steps done."""
+    tokens: int
+    """Tokens trained on, per SAE."""
+    interrupted: bool
+    """True when stopped early by Ctrl-C / SIGTERM (resume with resume=True)."""
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """{hookpoint: final metrics} measured on eval_tokens fresh tokens: explained_variance, fvu,
+    l0, dead_pct."""
+    skipped_batches: int = 0
+    """Batches skipped for NaN/Inf activations."""
+    elapsed_s: float = 0.0
+    """Seconds spent in the training loop, over all runs of a resumed run."""
+
+
+class _StopFlag:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. Second one: abort at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("flashsae train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __exit__(self, *_exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class Trainer:
+    """Trains one SAE per hookpoint of ``config`` (see :class:`TrainConfig`).
+
+        trainer = Trainer(TrainConfig(out="runs/x"))
+        result = trainer.train()
+
+    ``on_step(trainer)`` (optional, for train()) is called after every optimizer step.
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        check_trainable(config.architecture)  # before the (slow) model loads
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.run_dir = run_directory(config)
+        checkpoint = None
+        if config.resume:
+            state, tensors = _checkpoint_state(self.run_dir)
+            self._check_resumable(state["config"])
+            checkpoint = (state, tensors)
+        elif (self.run_dir / CHECKPOINT_DIR).exists():
+            raise FileExistsError(
+                f"out: {self.run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        torch.manual_seed(config.seed)
+
+        self.source_info = self._open_source()
+        self.hookpoints: list[str] = list(self.source.hookpoints)
+        self.widths: dict[str, int] = dict(self.source.widths)
+        self.saes: dict[str, SAE] = {}
+        self.scales: dict[str, float] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.since_fired: dict[str, torch.Tensor] = {}
+        self.base_lr: dict[str, float] = {}
+        self.step = 0
+        self.tokens = 0
+        self.skipped_batches = 0
+        self.elapsed_before = 0.0
+        self._started: float | None = None
+        self.dead_tokens = config.resolved_dead_tokens()
+        if checkpoint is not None:
+            self._restore(*checkpoint)
+        else:
+            self._initialize()
+        self.metrics = {name: StepMetrics() for name in self.hookpoints}
+
+    # ---------------------------------------------------------------------------------- set-up
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        current = self.config.to_dict()
+        differing = sorted(
+            name for name in current if name not in RESUMABLE_OVERRIDES | {"out"} and current[name] != saved.get(name)
+        )
+        if differing:
+            changes = ", ".join(f"{name}: run {saved.get(name)!r}, now {current[name]!r}" for name in differing)
+            raise ValueError(f"resume: the settings differ from the checkpoint's ({changes}); use resume_config()")
+
+    def _open_source(self) -> dict[str, Any]:
+        config = self.config
+        if config.activations is not None:
+            self.source = CachedActivations(
+                config.activations,
+                hookpoints=config.hookpoints,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                device=self.device,
+            )
+            manifest = self.source.manifest
+            return {key: manifest.get(key) for key in SOURCE_KEYS} | {
+                "activations": str(Path(config.activations).resolve())
+            }
+        model = ModelActivations(config, cycle=True, device=self.device)
+        self.source = ShuffleBuffer(
+            model, capacity=config.buffer_tokens, batch_size=config.batch_size, seed=config.seed
+        )
+        return {key: getattr(config, key) for key in SOURCE_KEYS}
+
+    def _sae_options(self, architecture: str, d: int) -> dict[str, Any]:
+        config = self.config
+        fields = {f.name for f in dataclasses.fields(REGISTRY[architecture].config_class)}
+        options: dict[str, Any] = {"d_in": d, "n_latents": config.n_latents or config.expansion_factor * d}
+        if config.k is not None and "k" in fields:
+            options["k"] = config.k
+        options.update(config.sae_options)
+        return options
+
+    def _initialize(self) -> None:
+        config = self.config
+        loaded = self._load_initial_saes() if config.init_from is not None else {}
+        sample = self.source.peek(INIT_SAMPLE_TOKENS)
+        for name in self.hookpoints:
+            d = self.widths[name]
+            if name in loaded:
+                sae, scale = loaded[name]
+            else:
+                sae = create(config.architecture, device=self.device, **self._sae_options(config.architecture, d))
+                rows = sample[name].float()
+                mean_norm = rows.norm(dim=1).mean().item()
+                if config.normalize_activations and not mean_norm > 0:
+                    raise ValueError(f"activations: {name} gives all-zero activations; nothing to train on")
+                scale = math.sqrt(d) / mean_norm if config.normalize_activations else 1.0
+                if config.b_dec_init != "zeros":
+                    sae.init_b_dec_(rows * scale, method=config.b_dec_init)
+            self.saes[name] = sae
+            self.scales[name] = scale
+            self.since_fired[name] = torch.zeros(sae.n_latents, dtype=torch.long, device=self.device)
+        self._make_optimizers()
+
+    def _load_initial_saes(self) -> dict[str, tuple[SAE, float]]:
+        """SAEs from init_from, unfolded back to the training scale they were saved with."""
+        root = Path(self.config.init_from)
+        loaded: dict[str, tuple[SAE, float]] = {}
+        for name in self.hookpoints:
+            path = root / name if (root / name / "cfg.json").is_file() else root
+            if not (path / "cfg.json").is_file():
+                raise FileNotFoundError(f"init_from: {root} holds no SAE for {name} (expected {root / name}/cfg.json)")
+            if path == root and len(self.hookpoints) > 1:
+                raise ValueError(f"init_from: {root} is a single SAE, but there are {len(self.hookpoints)} hookpoints")
+            sae = load(path, device=self.device)
+            if sae.d_in != self.widths[name]:
+                raise ValueError(
+                    f"init_from: the SAE in {path} takes d_in={sae.d_in}, "
+                    f"but hookpoint {name} has width {self.widths[name]}"
+                )
+            scale = (
+                float(sae.metadata.get("activation_scale", 1.0)) if sae.metadata.get("activation_scale_folded") else 1.0
+            )
+            fold_activation_scale_(sae, 1.0 / scale)
+            loaded[name] = (sae, scale)
+        return loaded
+
+    def _make_optimizers(self) -> None:
+        config = self.config
+        for name, sae in self.saes.items():
+            self.base_lr[name] = config.resolved_lr(sae.n_latents)
+            self.optimizers[name] = torch.optim.Adam(
+                sae.parameters(),
+                lr=self.base_lr[name],
+                betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_eps,
+                # fused: one kernel per tensor and no [n, d] temporaries (torch's default Adam adds two)
+                fused=True,
+            )
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        tensors: dict[str, torch.Tensor] = {}
+        optimizers = {}
+        for name, sae in self.saes.items():
+            tensors.update({f"sae/{name}/{key}": value for key, value in sae.state_dict().items()})
+            optimizers[name], optim_tensors = optimizer_state(self.optimizers[name], f"optim/{name}")
+            tensors.update(optim_tensors)
+            tensors[f"since_fired/{name}"] = self.since_fired[name]
+        tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        source_state, source_tensors = self.source.state_dict()
+        tensors.update({f"source/{key}": value for key, value in source_tensors.items()})
+        state = {
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped_batches": self.skipped_batches,
+            "elapsed_s": self._elapsed(),
+            "hookpoints": self.hookpoints,
+            "widths": self.widths,
+            "scales": self.scales,
+            "saes": {
+                name: {
+                    "architecture": sae.architecture,
+                    "dtype": str(sae.dtype).removeprefix("torch."),
+                    "config": sae.config.to_dict(),
+                }
+                for name, sae in self.saes.items()
+            },
+            "optimizers": optimizers,
+            "source": source_state,
+            "flashsae_version": __version__,
+        }
+        return state, tensors
+
+    def save_checkpoint(self) -> Path:
+        state, tensors = self._checkpoint()
+        return save_training_checkpoint(self.run_dir / CHECKPOINT_DIR, state, tensors)
+
+    def _restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if state["hookpoints"] != self.hookpoints or state["widths"] != self.widths:
+            raise ValueError(
+                f"resume: the checkpoint has hookpoints {state['widths']}, the model now gives {self.widths}"
+            )
+        for name in self.hookpoints:
+            saved = state["saes"][name]
+            cls = REGISTRY.get(saved["architecture"])
+            if cls is None:
+                raise ValueError(f"resume: unknown architecture {saved['architecture']!r} in the checkpoint")
+            sae = cls.from_config(
+                cls.config_class(**saved["config"]), dtype=getattr(torch, saved["dtype"]), device=self.device
+            )
+            prefix = f"sae/{name}/"
+            sae.load_state_dict({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)})
+            self.saes[name] = sae
+            self.scales[name] = float(state["scales"][name])
+            self.since_fired[name] = tensors[f"since_fired/{name}"].to(self.device)
+        self._make_optimizers()
+        for name, optimizer in self.optimizers.items():
+            load_optimizer_state(optimizer, f"optim/{name}", state["optimizers"][name], tensors)
+        torch.set_rng_state(tensors["rng/torch"])
+        cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in tensors]
+        if cuda_states:
+            torch.cuda.set_rng_state_all(cuda_states)
+        source_tensors = {key[len("source/") :]: value for key, value in tensors.items() if key.startswith("source/")}
+        self.source.load_state_dict(state["source"], source_tensors)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped_batches = int(state["skipped_batches"])
+        self.elapsed_before = float(state["elapsed_s"])
+
+    def _elapsed(self) -> float:
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self.elapsed_before + running
+
+    # ---------------------------------------------------------------------------------- training
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        mode = self.config.autocast
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _batch_is_finite(self, batch: dict[str, torch.Tensor]) -> bool:
+        flags = torch.stack([torch.isfinite(x).all() for x in batch.values()])
+        return bool(flags.all())
+
+    def _skip_batch(self) -> None:
+        self.skipped_batches += 1
+        limit = self.config.max_nonfinite_batches
+        if self.skipped_batches > limit:
+            raise NonFiniteActivationsError(
+                f"activations: {self.skipped_batches} batches held NaN/Inf activations "
+                f"(max_nonfinite_batches={limit}); "
+                "check the model's dtype (float16 overflows easily) and the data"
+            )
+        warnings.warn(
+            f"skipped a batch with NaN/Inf activations ({self.skipped_batches} so far, at most {limit})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One optimizer step of every SAE on `batch` ({hookpoint: [batch_size, d] raw activations})."""
+        factor = self.config.lr_factor(self.step)
+        for name, sae in self.saes.items():
+            x = batch[name].to(sae.dtype) * self.scales[name]
+            dead = self.since_fired[name] >= self.dead_tokens
+            with self._autocast():
+                out = sae(x, dead_mask=dead if bool(dead.any()) else None)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(
+                    f"training diverged: the loss of the SAE on {name} is {out.loss.item()} at step {self.step}; "
+                    "lower --lr"
+                )
+            out.loss.backward()
+            optimizer = self.optimizers[name]
+            for group in optimizer.param_groups:
+                group["lr"] = self.base_lr[name] * factor
+            if unit_norm_decoder(sae):
+                sae.remove_decoder_parallel_grads_()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if unit_norm_decoder(sae):
+                sae.normalize_decoder_()
+            with torch.no_grad():
+                values, indices = out.latents
+                fired = indices[(values > 0) & (indices >= 0)].long()
+                counter = self.since_fired[name]
+                counter += x.shape[0]
+                counter[fired] = 0
+            self.metrics[name].add(out.loss, out.fvu, out.auxk_loss, l0_of(out.latents))
+        self.step += 1
+        self.tokens += next(iter(batch.values())).shape[0]
+
+    def dead_fraction(self, name: str) -> float:
+        return float((self.since_fired[name] >= self.dead_tokens).float().mean())
+
+    def _record(self, session_tokens: int, session_s: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "lr": self.base_lr[self.hookpoints[0]] * self.config.lr_factor(max(self.step - 1, 0)),
+            "elapsed_s": round(self._elapsed(), 3),
+            # averaged over this session: per-interval rates swing 10x with the buffer refills
+            "tokens_per_s": session_tokens / session_s if session_s > 0 else 0.0,
+            "skipped_batches": self.skipped_batches,
+        }
+        for name in self.hookpoints:
+            figures = self.metrics[name].read()
+            figures["dead_pct"] = 100 * self.dead_fraction(name)
+            record.update({f"{name}/{key}": value for key, value in figures.items()})
+        return record
+
+    @staticmethod
+    def _postfix(record: dict[str, Any], hookpoints: list[str]) -> str:
+        def mean(key: str) -> float:
+            values = [record.get(f"{name}/{key}", math.nan) for name in hookpoints]
+            return sum(values) / len(values)
+
+        return (
+            f"{record['tokens_per_s']:,.0f} tok/s loss {mean('loss'):.4f} FVU {mean('fvu'):.4f} "
+            f"L0 {mean('l0'):.1f} dead {mean('dead_pct'):.1f}%"
+        )
+
+    def train(self, on_step: Callable[[Trainer], None] | None = None) -> TrainResult:
+        """Runs until train_tokens (or a stop signal), checkpoints, evaluates, saves the SAEs."""
+        config = self.config
+        total = config.steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        logger = MetricsLogger(
+            self.run_dir,
+            tensorboard=config.tensorboard,
+            wandb_project=config.wandb_project,
+            config=config.to_dict(),
+            resume_step=self.step if config.resume else None,
+        )
+        bar = tqdm(
+            total=total, initial=min(self.step, total), unit="step", disable=not config.progress, dynamic_ncols=True
+        )
+        self._started = time.perf_counter()
+        session_tokens = 0
+        interrupted = False
+        try:
+            with _StopFlag() as stop:
+                while self.step < total:
+                    if stop.requested:
+                        interrupted = True
+                        break
+                    batch = self.source.next_batch()
+                    if not self._batch_is_finite(batch):
+                        self._skip_batch()
+                        continue
+                    self.train_step(batch)
+                    session_tokens += config.batch_size
+                    bar.update(1)
+                    if self.step % config.log_every == 0 or self.step == total:
+                        record = self._record(session_tokens, time.perf_counter() - self._started)
+                        logger.log(record)
+                        bar.set_postfix_str(self._postfix(record, self.hookpoints), refresh=False)
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < total:
+                        self._periodic_checkpoint()
+                    if on_step is not None:
+                        on_step(self)
+                interrupted = interrupted or (stop.requested and self.step < total)
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            logger.close()
+        metrics = {} if interrupted else self.evaluate()
+        paths = self.save_saes(metrics)
+        result = TrainResult(
+            self.run_dir, paths, self.step, self.tokens, interrupted, metrics, self.skipped_batches, self._elapsed()
+        )
+        summary = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "interrupted": interrupted,
+            "elapsed_s": self._elapsed(),
+            "skipped_batches": self.skipped_batches,
+            "metrics": metrics,
+            "saes": {name: str(path) for name, path in paths.items()},
+        }
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return result
+
+    def _periodic_checkpoint(self) -> None:
+        try:
+            self.save_checkpoint()
+        except OSError as exc:  # e.g. a full disk: the previous checkpoint is intact, keep training
+            warnings.warn(
+                f"checkpoint at step {self.step} failed ({exc}); the previous one in "
+                f"{self.run_dir / CHECKPOINT_DIR} is intact; training continues",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Explained variance, FVU and L0 of every SAE on eval_tokens tokens that follow the
+        training data in the stream, and the dead % of its training counters."""
+        batches = -(-self.config.eval_tokens // self.config.batch_size)
+        results: dict[str, dict[str, float]] = {}
+        sums = {name: [0.0, 0.0] for name in self.hookpoints}
+        counted = 0
+        for sae in self.saes.values():
+            sae.eval()  # the inference rule (e.g. BatchTopK's threshold), as the saved SAE will run
+        try:
+            for _ in range(batches):
+                batch = self.source.next_batch()
+                if not self._batch_is_finite(batch):
+                    continue
+                counted += 1
+                for name, sae in self.saes.items():
+                    with self._autocast():
+                        out = sae(batch[name].to(sae.dtype) * self.scales[name])
+                    sums[name][0] += float(out.fvu)
+                    sums[name][1] += float(l0_of(out.latents))
+        finally:
+            for sae in self.saes.values():
+                sae.train()
+        for name in self.hookpoints:
+            figures: dict[str, float] = {"dead_pct": 100 * self.dead_fraction(name)}
+            if counted:
+                fvu = sums[name][0] / counted
+                figures.update(explained_variance=1 - fvu, fvu=fvu, l0=sums[name][1] / counted)
+            results[name] = figures
+        return results
+
+    def save_saes(self, metrics: dict[str, dict[str, float]] | None = None) -> dict[str, Path]:
+        """Saves every SAE to <run>/<hookpoint> with the activation scale folded in (so it takes
+        raw activations) and the run's metadata."""
+        paths = {}
+        for name, sae in self.saes.items():
+            exported = copy.deepcopy(sae)
+            fold_activation_scale_(exported, self.scales[name])
+            exported.metadata = {
+                **self.source_info,
+                "hookpoint": name,
+                "activation_scale": self.scales[name],
+                "activation_scale_folded": True,
+                "trained_tokens": self.tokens,
+                "steps": self.step,
+                "train_config": self.config.to_dict(),
+                "final_metrics": (metrics or {}).get(name, {}),
+                "flashsae_version": __version__,
+            }
+            path = self.run_dir / name.replace("/", "_")
+            exported.save(path)
+            paths[name] = path
+        return paths
+
+
+def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
+    """Trains with `config` (default: the embedded demo) updated by keyword overrides."""
+    config = dataclasses.replace(config or TrainConfig(), **overrides) if overrides else (config or TrainConfig())
+    return Trainer(config).train()
+
+
+__all__ = ["TrainResult", "Trainer", "fold_activation_scale_", "resume_config", "train"]
