@@ -325,3 +325,29 @@ def test_native_round_trips_every_field(tmp_path, architecture):
     assert back.dtype == torch.bfloat16 and back.state_dict().keys() == sae.state_dict().keys()
     for name, tensor in sae.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_a_training_run_converts_whole(tmp_path):
+    """flashsae train's run directory (one native SAE per hookpoint, the training checkpoint and run
+    files beside them) loads as a multi-hookpoint directory and converts folder by folder."""
+    from flashsae.train import TrainConfig, Trainer
+    from train_helpers import tiny_bert, write_text_files
+
+    hooks = ["encoder.layer.1", "encoder.layer.2"]
+    config = TrainConfig(
+        model=str(tiny_bert()), hookpoints=hooks, dataset=str(write_text_files(tmp_path / "text")["jsonl"]),
+        ctx_len=16, model_batch_size=4, device="cpu", k=4, batch_size=32, buffer_tokens=128, train_tokens=32 * 3,
+        checkpoint_every=2, log_every=1, eval_tokens=32, progress=False, tensorboard=False, out=str(tmp_path / "run"),
+    )  # fmt: skip
+    result = Trainer(config).train()
+    saes = flashsae.load_many(result.run_dir)
+    assert list(saes) == hooks  # the checkpoint directory and run files are not SAEs
+    assert run_cli(["convert", str(result.run_dir), str(tmp_path / "sparsify"), "--to", "sparsify"]) == 0
+    assert run_cli(["convert", str(result.run_dir), str(tmp_path / "saelens"), "--to", "saelens"]) == 0
+    x = torch.randn(16, saes[hooks[0]].d_in)
+    for fmt in ("sparsify", "saelens"):
+        converted = flashsae.load_many(tmp_path / fmt)
+        for hook in hooks:
+            assert converted[hook].metadata["hookpoint"] == hook and converted[hook].config == saes[hook].config
+            with torch.no_grad():
+                assert torch.equal(converted[hook](x).x_hat, saes[hook](x).x_hat), (fmt, hook)
