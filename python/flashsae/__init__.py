@@ -8,11 +8,17 @@ Architectures (flashsae.create names): topk, batchtopk, matryoshka, jumprelu, re
 transcoder. The ops behind them live in flashsae.ops (topk_encode, sparse_decode, sae_loss, and the
 variable-count composites flashsae.ops.batch_topk / flashsae.ops.threshold_encode);
 flashsae.synthetic generates activations from a known sparse dictionary.
+
+Formats (flashsae.io): ``flashsae.load(path)`` reads native checkpoints and SAELens, sparsify,
+dictionary_learning, OpenAI sparse_autoencoder and lm-saes / Llama Scope files (detected; a Hub id
+org/repo works with huggingface_hub installed); ``flashsae.load_many(dir)`` reads every hookpoint of
+a multi-SAE directory; ``sae.save(path, format="native" | "saelens" | "sparsify")`` writes.
 """
 
-from . import ops, synthetic
+from . import io, ops, synthetic
 from ._backend import BACKENDS, available_backends
 from .errors import BackendUnavailableError
+from .io import FormatError, load_many
 from .modules import (
     REGISTRY,
     SAE,
@@ -44,6 +50,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "FormatError",
     "ForwardOutput",
     "GatedConfig",
     "GatedSAE",
@@ -61,7 +68,9 @@ __all__ = [
     "__version__",
     "available_backends",
     "create",
+    "io",
     "load",
+    "load_many",
     "ops",
     "synthetic",
 ]
