@@ -53,9 +53,23 @@ def _add_bench_parser(subparsers) -> None:
         help=f"comma-separated subset of {','.join(benchmarking.PROVIDERS)} (default: all)",
     )
     bench.add_argument("--json", type=Path, default=None, help="also write the raw results to this JSON file")
+    bench.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="instead of measuring: turn pytest-benchmark JSON files (pytest benchmarks/ --benchmark-only "
+        "--benchmark-json=FILE) into a markdown table and PNG plots in --report-dir",
+    )
+    bench.add_argument("--report-dir", type=Path, default=Path("benchmark-report"), help="(default: benchmark-report)")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.report:
+        from .bench_report import main as report_main
+
+        return report_main([*map(str, args.report), "--out", str(args.report_dir)])
     names = {f.name for f in fields(benchmarking.BenchConfig)}
     try:
         config = benchmarking.BenchConfig(**{name: getattr(args, name) for name in names})
