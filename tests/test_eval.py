@@ -326,3 +326,24 @@ class WideTarget(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         return self.h[1](self.h[0](self.transformer.wte(input_ids)))
+
+
+def test_token_texts_join_into_the_decoded_window():
+    from transformers import AutoTokenizer
+
+    from flashsae.eval.examples import token_texts
+    from flashsae.train.activations import model_location
+    from train_helpers import tiny_gpt2 as tiny_gpt2_dir
+
+    text = "The quick brown foxes, jumping; def __init__(self): déjà vu 😀"
+    wordpiece = AutoTokenizer.from_pretrained(model_location("all-MiniLM-L6-v2"))  # the demo's, bundled
+    ids = wordpiece(text, add_special_tokens=False)["input_ids"]
+    pieces = token_texts(wordpiece, ids)
+    assert "".join(pieces) == wordpiece.decode(ids, clean_up_tokenization_spaces=False)
+    assert pieces[:3] == ["the", " quick", " brown"]  # one at a time they would read 'thequickbrown'
+    byte_level = AutoTokenizer.from_pretrained(tiny_gpt2_dir())
+    ids = byte_level(text, add_special_tokens=False)["input_ids"]
+    pieces = token_texts(byte_level, ids)
+    assert len(pieces) == len(ids) and "é" in pieces and "😀" in pieces  # completed by their last byte
+    assert "".join(pieces).replace("\ufffd", "") == byte_level.decode(ids)
+    assert token_texts(None, [5, 7]) == ["#5", "#7"]

@@ -123,14 +123,26 @@ class TopExamples:
                 start, stop = max(0, position - before), min(input_ids.shape[1], position + after + 1)
                 shown = [p for p in range(start, stop) if attention_mask[row, p]]  # padding left out
                 ids = input_ids[row, shown].tolist()
-                examples.append(Example(value, [token_text(tokenizer, i) for i in ids], shown.index(position)))
+                examples.append(Example(value, token_texts(tokenizer, ids), shown.index(position)))
             maximum = examples[0].activation if examples else 0.0
             result.append(LatentExamples(latent, float(density[latent]), maximum, examples))
         return result
 
 
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """A token as text ("#1234" without a tokenizer)."""
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token of a window as the text it adds to the decoded window, so that the pieces join
+    into the window's text: WordPiece's spaces between words and its '##' continuations come out
+    right ('the', ' cat', 's'), which decoding tokens one at a time loses ("#1234" without a
+    tokenizer). A byte-level token holding part of a multi-byte character gets the character when
+    it completes; the partial ones show as the replacement character (their own decoding)."""
     if tokenizer is None:
-        return f"#{token_id}"
-    return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+        return [f"#{token_id}" for token_id in ids]
+    pieces = []
+    previous = ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], clean_up_tokenization_spaces=False)
+        stable = text.rstrip("\ufffd") if end < len(ids) else text  # an unfinished character waits
+        piece = stable[len(previous) :] if stable.startswith(previous) else ""
+        pieces.append(piece or tokenizer.decode(ids[end - 1 : end], clean_up_tokenization_spaces=False))
+        previous = stable
+    return pieces

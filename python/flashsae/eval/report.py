@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from html import escape
@@ -209,14 +208,16 @@ def render_report(run: RunRecords, sections: list[ReportSection], settings: dict
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Writes a sibling temporary file (created by open(), so the umask sets its mode as for any
+    file) and renames it over `path`: a reader never sees half a report."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
+        with open(temporary, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
