@@ -302,6 +302,8 @@ def test_bad_settings_name_the_argument(gpt2, ids):
         evaluate(sae, gpt2, "h.1", ["some text"], 10, ctx_len=16)
     with pytest.raises(ValueError, match=r"ctx_len: 128 is more than the 32 positions the model takes"):
         evaluate(sae, gpt2, "h.1", ["some text"], 10, ctx_len=128)
+    with pytest.raises(ValueError, match=r"downstream: 'embedding' needs the model's last hidden state"):
+        evaluate(sae, gpt2, "h.1", ids, 10, downstream="embedding")
     with pytest.raises(TypeError, match=r"data: expected a dataset name or path"):
         evaluate(sae, gpt2, "h.1", 3.5, 10)
     with pytest.raises(ValueError, match=r"hookpoint: 'transformer\.h\.\*' matches 3 modules"):

@@ -79,6 +79,11 @@ def logits_of(output: Any) -> torch.Tensor:
 
 def hidden_of(output: Any) -> torch.Tensor:
     hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and getattr(output, "logits", None) is not None:
+        raise ValueError(
+            "downstream: 'embedding' needs the model's last hidden state, but it returns logits; "
+            "load it without its LM head (AutoModel) or use downstream='causal_lm'"
+        )
     if hidden is None:
         hidden = output_tensor(output)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:

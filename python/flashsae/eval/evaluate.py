@@ -251,8 +251,8 @@ def evaluate(
     latents: list[LatentExamples] = []
     if collector is not None:
         # the most frequently firing latents (ties: lower id), dead ones never
-        order = sorted(range(sae.n_latents), key=lambda i: (-float(density[i]), i))
-        chosen = [i for i in order[: config.top_latents] if density[i] > 0]
+        order = torch.argsort(density, descending=True, stable=True)[: config.top_latents]
+        chosen = [int(i) for i in order if density[i] > 0]
         latents = collector.examples(chosen, density, tokenizer)
     return EvalResult(
         hookpoint=in_path,

@@ -5,11 +5,15 @@ Definitions (x: an activation row, x̂ its reconstruction, f its latent activati
 means over the N evaluated tokens). Where SAELens' ``run_evals`` (sae_lens/evals.py) reports the same
 quantity its key is given in brackets.
 
-- ``mse``: Σ‖x − x̂‖² / (N·d), the mean over tokens and dimensions (ForwardOutput.mse's definition).
+- ``mse``: Σ‖x − x̂‖² / (N·d), the mean over tokens and dimensions (ForwardOutput.mse's definition)
+  [mse: SAELens divides each token's squared error by the batch's token count before averaging,
+  so its figure is not comparable].
 - ``fvu``: Σ‖x − x̂‖² / Σ‖x − x̄‖², with x̄ the mean activation over all N tokens: the fraction of
-  the activations' total variance left unexplained. ``explained_variance`` = 1 − fvu
-  [explained_variance: SAELens' current definition, residual over total variance; not its
-  per-token ``explained_variance_legacy``].
+  the activations' total variance left unexplained (sparsify's and dictionary_learning's FVU, and
+  the training loss's). ``explained_variance`` = 1 − fvu [explained_variance: SAELens means the
+  same ratio, but its denominator E‖x‖² − (mean over dims of E[x_d²])² is not the variance of x, so
+  the numbers differ where the activations are far from centred; not its per-token
+  ``explained_variance_legacy`` either].
 - ``cossim``: mean over tokens of cos(x, x̂) (0 for a zero vector) [cossim].
 - ``l0``: mean number of active latents (f > 0) per token [l0]; ``l1``: mean Σ f per token [l1].
 - ``l2_norm_in``, ``l2_norm_out``: mean ‖x‖ and ‖x̂‖ [l2_norm_in, l2_norm_out].

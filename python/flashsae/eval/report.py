@@ -376,7 +376,7 @@ SCRIPT = """
     if (!latents.length) {
       var empty = document.createElement("p");
       empty.className = "empty";
-      empty.textContent = "No latent fired on the evaluated tokens.";
+      empty.textContent = "No latent cards: none fired on the evaluated tokens, or none were asked for.";
       grid.appendChild(empty);
     }
   }
