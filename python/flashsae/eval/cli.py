@@ -55,12 +55,24 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
 
+EVAL_DESCRIPTION = """Evaluates SAEs on a model's activations: MSE, explained variance, FVU, cosine similarity,
+L0, L1, shrinkage, relative reconstruction bias, dead and dense latent fractions and the latent
+density histogram; for causal LMs the clean, spliced and zero-ablation CE, CE loss recovered and KL;
+for encoders the cosine of the pooled embedding (definitions: flashsae.eval.metrics and
+flashsae.eval.downstream).
+
+PATH is an SAE folder (cfg.json + sae.safetensors) or a run directory of flashsae train (every SAE
+in it is evaluated). Model, hookpoint, dataset, context length and special-token handling default to
+what the SAE's metadata records; the flags override them. A transcoder takes --hookpoint (its input)
+and --target-hookpoint (what it predicts)."""
+
+
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``eval`` to a subparsers object (from ArgumentParser.add_subparsers)."""
     parser = subparsers.add_parser(
         "eval",
         help="evaluate SAEs: reconstruction, sparsity, density and downstream (CE loss recovered, KL) metrics",
-        description=__doc__,
+        description=EVAL_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="an SAE folder or a flashsae train run directory")
