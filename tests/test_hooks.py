@@ -461,3 +461,29 @@ def test_bad_inputs_name_the_argument(gpt2):
     ):
         gpt2(torch.randint(1, 64, (2, 4)))
     assert hooks_of(gpt2) == {}
+
+
+def test_output_containers():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        hidden: torch.Tensor
+        extra: int = 1
+
+    x, y = torch.zeros(2, 3), torch.ones(2, 3)
+    replaced = replace_output(Out(x, 5), y)
+    assert isinstance(replaced, Out) and replaced.hidden is y and replaced.extra == 5
+    assert replace_output([x, 4], y) == [y, 4] and replace_output((x, None), y) == (y, None)
+    with pytest.raises(TypeError, match=r"output: cannot replace the activation inside a dict"):
+        replace_output({"a": x}, y)
+
+    class Silent(nn.Module):
+        def forward(self, x):
+            return None
+
+    model = nn.Sequential(Silent())
+    message = r"hookpoints: 0 returns NoneType, which holds no activation tensor"
+    with pytest.raises(ValueError, match=message), capture(model, "0"):
+        model(x)
+    assert hooks_of(model) == {}
