@@ -13,10 +13,15 @@ Formats (flashsae.io): ``flashsae.load(path)`` reads native checkpoints and SAEL
 dictionary_learning, OpenAI sparse_autoencoder and lm-saes / Llama Scope files (detected; a Hub id
 org/repo works with huggingface_hub installed); ``flashsae.load_many(dir)`` reads every hookpoint of
 a multi-SAE directory; ``sae.save(path, format="native" | "saelens" | "sparsify")`` writes.
+
+Using SAEs in a model: flashsae.hooks (capture, splice, steer, ablate: context managers over any torch
+model); flashsae.eval (evaluate: reconstruction, sparsity and downstream metrics; the HTML report).
+Training: flashsae.train (the streaming trainer behind ``flashsae train``).
 """
 
-from . import io, ops, synthetic
+from . import eval, hooks, io, ops, synthetic
 from ._backend import BACKENDS, available_backends
+from ._version import __version__
 from .errors import BackendUnavailableError
 from .io import FormatError, load_many
 from .modules import (
@@ -40,8 +45,6 @@ from .modules import (
     load,
 )
 from .outputs import ForwardOutput, SparseLatents
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
@@ -68,6 +71,8 @@ __all__ = [
     "__version__",
     "available_backends",
     "create",
+    "eval",
+    "hooks",
     "io",
     "load",
     "load_many",

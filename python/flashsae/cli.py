@@ -4,6 +4,8 @@
     flashsae cache --out DIR [--model ... --hookpoints ... --dataset ...]
     flashsae bench [--d-in 768 --n-latents 24576 --k 32 --batch 1024 ...]
     flashsae convert SRC DST --to {native,saelens,sparsify}
+    flashsae eval RUN_DIR | SAE_DIR [--n-tokens ...]
+    flashsae report RUN_DIR
 
 ``train`` trains one SAE per hookpoint on a transformers model's activations (or on a cache written
 by ``cache``); every field of :class:`flashsae.train.TrainConfig` is a flag.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import benchmarking
+from .eval.cli import add_eval_parser, add_report_parser, run_eval, run_report
 from .io.convert import add_convert_parser, run_convert
 
 
@@ -249,6 +252,8 @@ COMMANDS: dict[str, tuple[Any, Any]] = {
     "cache": (_add_cache_parser, _run_cache),
     "bench": (_add_bench_parser, _run_bench),
     "convert": (add_convert_parser, run_convert),
+    "eval": (add_eval_parser, run_eval),
+    "report": (add_report_parser, run_report),
 }
 
 

@@ -22,7 +22,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .._version import __version__
 from ..modules import SAE, load
 from ..train.activations import resolve_device
 from .data import load_eval_model
