@@ -267,6 +267,9 @@ __global__ void __launch_bounds__(kThreads)
     // reads the same counts between the two barriers)
     const bool merge_main = sh.count[0] + sh.slice_pass[0] > static_cast<uint32_t>(kCapacity);
     const bool merge_aux = has_aux && sh.count[1] + sh.slice_pass[1] > static_cast<uint32_t>(kCapacity);
+    // Once the thresholds are up most slices have no candidate at all: skip their appends. (A merge
+    // only raises a threshold, so a slice with none before a merge has none after it.)
+    const bool any_candidate = sh.slice_pass[0] + sh.slice_pass[1] > 0;
     __syncthreads();
     if (threadIdx.x == 0) sh.slice_pass[0] = sh.slice_pass[1] = 0;  // next written after the barrier at the end
     if (merge_main) merge(buf_main, k, 0, scratch, sh);
@@ -274,17 +277,19 @@ __global__ void __launch_bounds__(kThreads)
     // 3. append the candidates against the (possibly raised) thresholds. At most kSlice of them,
     // and the buffer held at most kCapacity - (their count at the old threshold) or was just
     // emptied, so every slot is < kCapacity.
-    const uint64_t thr_main = sh.threshold[0];
-    const uint64_t thr_aux = sh.threshold[1];
+    if (any_candidate) {  // uniform
+      const uint64_t thr_main = sh.threshold[0];
+      const uint64_t thr_aux = sh.threshold[1];
 #pragma unroll
-    for (int u = 0; u < kItems; ++u) {
-      const bool take_main = keys[u] > thr_main;
-      const uint32_t pos_main = warp_reserve(take_main, &sh.count[0]);
-      if (take_main && pos_main < static_cast<uint32_t>(kCapacity)) buf_main[k + pos_main] = keys[u];
-      if (has_aux) {  // uniform
-        const bool take_aux = dead[u] && keys[u] > thr_aux;
-        const uint32_t pos_aux = warp_reserve(take_aux, &sh.count[1]);
-        if (take_aux && pos_aux < static_cast<uint32_t>(kCapacity)) buf_aux[aux_k + pos_aux] = keys[u];
+      for (int u = 0; u < kItems; ++u) {
+        const bool take_main = keys[u] > thr_main;
+        const uint32_t pos_main = warp_reserve(take_main, &sh.count[0]);
+        if (take_main && pos_main < static_cast<uint32_t>(kCapacity)) buf_main[k + pos_main] = keys[u];
+        if (has_aux) {  // uniform
+          const bool take_aux = dead[u] && keys[u] > thr_aux;
+          const uint32_t pos_aux = warp_reserve(take_aux, &sh.count[1]);
+          if (take_aux && pos_aux < static_cast<uint32_t>(kCapacity)) buf_aux[aux_k + pos_aux] = keys[u];
+        }
       }
     }
     __syncthreads();
