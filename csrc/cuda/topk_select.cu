@@ -339,7 +339,10 @@ cudaError_t launch_select(const void* scores, int64_t ld, int64_t rows, int64_t 
     // so opt in from 32 KiB on. At most 80 KiB (k = aux_k = 2048): within every sm_80+ opt-in limit.
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(bytes));
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear it, or the next call's launch check would report it again
+      return err;
+    }
   }
   kernel<<<static_cast<unsigned>(rows), kThreads, bytes, stream>>>(
       static_cast<const T*>(scores), ld, cols, col0, bias, relu ? 1 : 0, state, k, dead_mask, aux_state, aux_k);

@@ -176,7 +176,9 @@ def topk_rows(scores: torch.Tensor, k: int, *, relu: bool = False) -> tuple[torc
     """Row-wise top-k of a contiguous [rows, n] float32/bfloat16/float16 CUDA tensor in one pass over
     it: (values in scores' dtype, int32 indices), sorted descending, ties to the lower index (what
     torch.topk(scores, k) returns up to its tie order and index dtype). With relu, of relu(scores)."""
-    rows = scores.shape[0]
+    rows, n = scores.shape
+    if not 1 <= k <= min(n, topk_max_k()):
+        raise ValueError(f"k: expected 1 <= k <= min(n, {topk_max_k()}) = {min(n, topk_max_k())}, got {k}")
     state = select_state(rows, k, scores.device)
     topk_select(scores, state, relu=relu)
     values = _native.new_output((rows, k), scores.dtype, scores.device)
