@@ -39,6 +39,7 @@ KERNELS: dict[str, frozenset[str]] = {
             "sparse_decode_backward",
             "sae_loss",
             "sae_loss_backward",
+            "sparse_adam",
         }
     ),
     "cuda": frozenset({"sparse_decode"}),
@@ -50,6 +51,7 @@ KERNELS: dict[str, frozenset[str]] = {
             "sparse_decode_backward",
             "sae_loss",
             "sae_loss_backward",
+            "sparse_adam",
         }
     ),
 }
