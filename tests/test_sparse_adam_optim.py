@@ -212,9 +212,9 @@ def test_decoder_row_helpers_match_the_dense_methods():
     normalize_rows_(sae.W_dec, rows)
     assert torch.equal(sae.W_dec[rows], dense.W_dec[rows])
     assert not torch.allclose(sae.W_dec[untouched], dense.W_dec[untouched]), "only the given rows"
-    normalize_rows_(sae.W_dec)  # every row (the given ones again: unit norm already, up to rounding)
+    normalize_rows_(sae.W_dec)  # every row; the given ones again (unit norm up to the float32 norm, as the dense method)
     assert torch.equal(sae.W_dec[untouched], dense.W_dec[untouched])
-    assert torch.allclose(sae.W_dec, dense.W_dec, rtol=0, atol=1e-15)
+    assert torch.allclose(sae.W_dec, dense.W_dec, rtol=0, atol=1e-7)
 
     W = torch.randn(6, 4, dtype=torch.bfloat16) * 3
     master = W.float() * 1.001
