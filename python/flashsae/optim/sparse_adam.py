@@ -130,7 +130,7 @@ class SparseAdam(torch.optim.Optimizer):
             return state
         view = p if p.dim() == 2 and row_grads_of(p) is not None else _matrix_view(p)
         dtype = self._state_dtype(group, p)
-        state["step"] = 0
+        state["step"] = torch.zeros((), dtype=torch.int64)  # on the CPU: read every step without a device sync
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["last_step"] = torch.zeros(view.shape[0], dtype=torch.int64, device=p.device)
@@ -162,10 +162,10 @@ class SparseAdam(torch.optim.Optimizer):
         for pid, entries in state_dict["state"].items():
             p = by_id[int(pid)] if int(pid) in by_id else by_id[pid]
             for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
+                if key == "step":
+                    self.state[p][key] = torch.as_tensor(value, dtype=torch.int64).cpu()
+                elif isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device)
-                elif key == "step":
-                    self.state[p][key] = int(value)
         for group in self.param_groups:
             group["betas"] = tuple(group["betas"])  # a JSON round trip makes it a list
 
@@ -215,7 +215,7 @@ class SparseAdam(torch.optim.Optimizer):
                     continue
                 state = self._init_state(group, p)
                 state["step"] += 1
-                step = state["step"]
+                step = int(state["step"])
                 self._record_schedule(state, step, group["lr"], beta1, beta2)
                 rows, grads = gradient
                 self._apply(group, p, state, rows.contiguous(), grads.contiguous(), step)
@@ -242,11 +242,12 @@ class SparseAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if not state or state["step"] == 0:
+                if not state or int(state["step"]) == 0:
                     continue
-                stale = (state["last_step"] < state["step"]).nonzero().squeeze(1)
+                step = int(state["step"])
+                stale = (state["last_step"] < step).nonzero().squeeze(1)
                 if stale.numel():
-                    self._apply(group, p, state, stale, None, state["step"])
+                    self._apply(group, p, state, stale, None, step)
                 self._updated_rows[p] = None
 
     def updated_rows(self, p: torch.Tensor) -> torch.Tensor | None:
