@@ -138,7 +138,7 @@ def sparse_adam(
 ) -> None:
     """The fused step over ``rows`` (validated by flashsae.ops.sparse_adam; last_step is not written)."""
     M = rows.numel()
-    n, d = param.shape
+    d = param.shape[1]
     cfg = adam_config(M, d)
     w1 = 1.0 - beta1
     w1_f32 = float(torch.tensor(w1, dtype=torch.float32))  # torch rounds lerp's weight to float32 first

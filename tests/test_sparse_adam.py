@@ -72,7 +72,7 @@ def assert_matches_dense(sparse: SparseState, dense, optimizer, rows, dtype, wha
         a, b = mine[rows].double(), theirs[rows].double()
         scale = max(b.abs().max().item(), 1e-30)
         err = (a - b).abs().max().item()
-        assert err <= DENSE_RTOL[dtype] * scale, f"{what}: {name} differs from dense Adam by {err:.3e} (scale {scale:.3e})"
+        assert err <= DENSE_RTOL[dtype] * scale, f"{what}: {name} differs from dense Adam by {err:.3e} ({scale:.3e})"
 
 
 def run_against_dense(backend, dtype, touches, n=40, d=13, horizon=None, flush=True):
@@ -224,7 +224,8 @@ def test_backends_match_the_reference(backend, dtype, state_dtype, master):
     # the least precise storage sets the tolerance; 16-bit moments get two bf16 units: a rounding that
     # flips on a last-bit float32 difference feeds back into the following steps
     tolerance = max(RTOL[dtype], RTOL[state_dtype or dtype] * (2 if state_dtype == torch.bfloat16 else 1))
-    for name, a, b in (("param", mine.p, reference.p), ("exp_avg", mine.m, reference.m), ("exp_avg_sq", mine.v, reference.v)):
+    pairs = (("param", mine.p, reference.p), ("exp_avg", mine.m, reference.m), ("exp_avg_sq", mine.v, reference.v))
+    for name, a, b in pairs:
         a, b = a.double(), b.double()
         err, scale = (a - b).abs().max().item(), b.abs().max().item()
         assert err <= tolerance * scale, f"{backend} {name}: max error {err:.3e} > {tolerance:.0e} x {scale:.3e}"
@@ -281,7 +282,7 @@ BAD = [
     ({"exp_avg": torch.zeros(10, 4, dtype=torch.float16)}, TypeError, r"exp_avg: expected dtype float32 or bfloat16"),
     ({"exp_avg_sq": torch.zeros(10, 4, dtype=torch.bfloat16)}, TypeError, r"exp_avg_sq: expected dtype float32"),
     ({"last_step": torch.zeros(10, dtype=torch.int32)}, TypeError, r"last_step: expected dtype int64"),
-    ({"last_step": torch.ones(10, dtype=torch.int64)}, ValueError, r"last_step: some row was already updated at step 1"),
+    ({"last_step": torch.ones(10, dtype=torch.int64)}, ValueError, r"last_step: some row was already updated at"),
     ({"step": 0}, ValueError, r"step: expected an int >= 1"),
     ({"step": 2}, ValueError, r"schedule: expected at least step \+ 1 = 3 rows, got 2"),
     ({"schedule": schedule_for([1e-3]).float()}, TypeError, r"schedule: expected dtype float64"),

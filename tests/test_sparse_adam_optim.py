@@ -139,9 +139,8 @@ def test_state_dict_round_trip_is_exact(dtype, options, tmp_path):
     second = TopKSAE(24, 200, 3, dtype=dtype)
     second.load_state_dict(first.state_dict())
     resumed = SparseAdam(second.parameters(), lr=LR, **options)
-    load_optimizer_state(
-        resumed, "optim", json.loads((tmp_path / "state.json").read_text()), load_file(str(tmp_path / "state.safetensors"))
-    )
+    saved_scalars = json.loads((tmp_path / "state.json").read_text())
+    load_optimizer_state(resumed, "optim", saved_scalars, load_file(str(tmp_path / "state.safetensors")))
     train(second, resumed, batches[3:])
     for name, value in sae.state_dict().items():
         assert torch.equal(value, second.state_dict()[name]), name
@@ -212,7 +211,7 @@ def test_decoder_row_helpers_match_the_dense_methods():
     normalize_rows_(sae.W_dec, rows)
     assert torch.equal(sae.W_dec[rows], dense.W_dec[rows])
     assert not torch.allclose(sae.W_dec[untouched], dense.W_dec[untouched]), "only the given rows"
-    normalize_rows_(sae.W_dec)  # every row; the given ones again (unit norm up to the float32 norm, as the dense method)
+    normalize_rows_(sae.W_dec)  # every row; the given ones again (unit up to the dense method's float32 norm)
     assert torch.equal(sae.W_dec[untouched], dense.W_dec[untouched])
     assert torch.allclose(sae.W_dec, dense.W_dec, rtol=0, atol=1e-7)
 

@@ -242,8 +242,10 @@ def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
     else:
         chunks = max(1, math.ceil(2 * cfg.sms / math.ceil(B / 64)))
         scratch = B * chunks * max(16, _next_pow2(k)) * 8 + n * 4  # candidate lists, fp32 encoder bias
-        if aux:
-            scratch += B * chunks * max(16, _next_pow2(aux)) * 8 if aux <= 128 else math.ceil(cfg.dead_fraction * n) * d * p
+        if aux and aux <= 128:  # a second candidate list, fused
+            scratch += B * chunks * max(16, _next_pow2(aux)) * 8
+        elif aux:  # larger aux_k: the torch tiles over a gathered W_enc[dead] (ops/topk_encode.py)
+            scratch += math.ceil(cfg.dead_fraction * n) * d * p
     if cfg.tensor_parallel > 1:  # gathered candidates of every shard, the all-reduced partial x_hat
         scratch += B * cfg.tensor_parallel * slots * (p + 8) + B * d * 4
     reconstruction = B * d * p + B * d * 4  # x_hat, and the loss's float32 centered batch
@@ -308,7 +310,9 @@ def format_plan(result: dict[str, Any]) -> str:
     cfg = PlanConfig(**result["config"])
     ours, theirs = MemoryEstimate(**result["flashsae"]), MemoryEstimate(**result["dense"])
     state = cfg.state_dtype or cfg.dtype
-    aux = f"AuxK on ({cfg.aux_k} slots, {cfg.dead_fraction:.0%} dead)" if cfg.dead_fraction else "AuxK off (no dead latents)"
+    aux = "AuxK off (no dead latents)"
+    if cfg.dead_fraction:
+        aux = f"AuxK on ({cfg.aux_k} slots, {cfg.dead_fraction:.0%} dead)"
     device = f"{cfg.gpu.upper()} " if cfg.memory is None else ""
     tp = f", {cfg.tensor_parallel} latent shards (per device)" if cfg.tensor_parallel > 1 else ""
     optimizer = (
@@ -317,7 +321,8 @@ def format_plan(result: dict[str, Any]) -> str:
         else "torch Adam, dense gradients"
     )
     lines = [
-        f"flashsae plan: TopK SAE d={cfg.d}, n={cfg.n:,} ({_human(cfg.n)}), k={cfg.k}, batch={cfg.batch}, {cfg.dtype}{tp}",
+        f"flashsae plan: TopK SAE d={cfg.d}, n={cfg.n:,} ({_human(cfg.n)}), k={cfg.k}, batch={cfg.batch}, "
+        f"{cfg.dtype}{tp}",
         f"  flashsae: {optimizer}; dense PyTorch: [batch, n] activations, torch Adam ({cfg.dtype} moments)",
         f"  {aux}; shuffle buffer {cfg.buffer_tokens:,} tokens; flashsae kernels for {cfg.device}",
         "",
@@ -336,7 +341,8 @@ def format_plan(result: dict[str, Any]) -> str:
     w_ours, w_theirs = result["widest_flashsae"], result["widest_dense"]
     ratio = f": {result['width_ratio']:.2f}x wider" if w_theirs else ""
     lines.append(
-        f"widest n that fits: flashsae {w_ours:,} ({_human(w_ours)}), dense PyTorch {w_theirs:,} ({_human(w_theirs)}){ratio}"
+        f"widest n that fits: flashsae {w_ours:,} ({_human(w_ours)}), "
+        f"dense PyTorch {w_theirs:,} ({_human(w_theirs)}){ratio}"
     )
     return "\n".join(lines)
 

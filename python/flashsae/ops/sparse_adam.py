@@ -332,7 +332,9 @@ def sparse_adam_(
         raise ValueError(f"horizon: expected an int >= 0, got {horizon!r}")
     if master is not None:
         if param.dtype not in MASTER_PARAM_DTYPES:
-            raise ValueError(f"master: only bfloat16/float16 parameters keep a float32 master copy, param is {param.dtype}")
+            raise ValueError(
+                f"master: only bfloat16/float16 parameters keep a float32 master copy, param is {param.dtype}"
+            )
         check_tensor("master", master, shape={"n": n, "d": d}, dtype=torch.float32, like=("param", param))
     if not isinstance(rows, torch.Tensor):
         raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")

@@ -43,7 +43,7 @@ from ..ops._row_grads import collect_row_grads, row_grads_of, stop_collecting
 from ..ops.sparse_adam import MASTER_PARAM_DTYPES, STATE_DTYPES, catch_up_horizon, sparse_adam_
 
 CATCH_UP = ("exact", "moments")
-STATE_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+STATE_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _matrix_view(t: torch.Tensor) -> torch.Tensor:
