@@ -53,9 +53,10 @@ def check(dense, sparse, sparse_names, dtype, touched_rows):
             assert torch.allclose(sparse[name].double(), grad.double(), rtol=0, atol=RTOL[dtype] * 10), name
 
 
-def touched(*indices):
-    flat = torch.cat([i.reshape(-1) for i in indices]).long()
-    return torch.unique(flat[flat >= 0])
+def touched(*slots):
+    """The latents named by a slot with a non-zero value: (values, indices) pairs."""
+    named = [idx[(vals != 0) & (idx >= 0)].long() for vals, idx in zip(slots[::2], slots[1::2], strict=True)]
+    return torch.unique(torch.cat(named))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -72,9 +73,9 @@ def test_topk_encode_with_aux(backend, dtype):
         values, _, aux_values, _ = topk_encode(x, W_enc, b_enc, 7, b_dec, dead_mask=dead, aux_k=5, backend=backend)
         return (torch.cat([values, aux_values], 1) * weights).sum()
 
-    _, idx, _, aux_idx = topk_encode(t["x"], t["W_enc"], t["b_enc"], 7, t["b_dec"], dead_mask=dead, aux_k=5)
+    vals, idx, aux_vals, aux_idx = topk_encode(t["x"], t["W_enc"], t["b_enc"], 7, t["b_dec"], dead_mask=dead, aux_k=5)
     dense, sparse = both_ways(loss, leaves, ("W_enc",))
-    check(dense, sparse, ("W_enc",), dtype, touched(idx, aux_idx))
+    check(dense, sparse, ("W_enc",), dtype, touched(vals, idx, aux_vals, aux_idx))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -90,7 +91,7 @@ def test_sparse_decode_with_empty_slots(backend):
         return (sparse_decode(values, indices, W_dec, b_dec, backend=backend) * target).sum()
 
     dense, sparse = both_ways(loss, leaves, ("W_dec",))
-    check(dense, sparse, ("W_dec",), dtype, touched(indices))
+    check(dense, sparse, ("W_dec",), dtype, touched(leaves["values"], indices))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -115,7 +116,7 @@ def test_sae_loss_with_aux(backend, dtype):
         return out.fvu + 0.5 * out.auxk_loss + (out.x_hat.float() ** 2).mean()
 
     dense, sparse = both_ways(loss, leaves, ("W_dec",))
-    check(dense, sparse, ("W_dec",), dtype, touched(indices, aux_indices))
+    check(dense, sparse, ("W_dec",), dtype, touched(leaves["values"], indices, leaves["aux_values"], aux_indices))
 
 
 def test_topk_sae_multi_topk_and_aux_collect_several_parts():
@@ -130,10 +131,10 @@ def test_topk_sae_multi_topk_and_aux_collect_several_parts():
     sae(x, dead_mask=dead).loss.backward()
     assert sae.W_enc.grad is None and sae.W_dec.grad is None
     assert len(dec) == 2, "sae_loss of k and of 4k each add a part"
-    _, wide, _, aux = topk_encode(x, sae.W_enc, sae.b_enc, 28, sae.b_dec, dead_mask=dead, aux_k=11)
+    wide_vals, wide, aux_vals, aux = topk_encode(x, sae.W_enc, sae.b_enc, 28, sae.b_dec, dead_mask=dead, aux_k=11)
     for name, collector in (("W_enc", enc), ("W_dec", dec)):
         assert torch.allclose(dense_of(collector), dense[name], rtol=0, atol=1e-12), name
-        assert torch.equal(collector.coalesced()[0], touched(wide, aux)), name
+        assert torch.equal(collector.coalesced()[0], touched(wide_vals, wide, aux_vals, aux)), name
     for name in ("b_enc", "b_dec"):
         assert torch.allclose(getattr(sae, name).grad, dense[name], rtol=0, atol=1e-12)
     enc.clear()
@@ -152,6 +153,20 @@ def test_no_n_by_d_tensor_in_the_backward():
         out.loss.backward()
     assert mode.largest < n * d // 8, f"{mode.largest_op} made a tensor of {mode.largest} elements"
     assert mode.largest >= n, "b_enc's dense [n] gradient is the largest (sanity: the mode saw the backward)"
+
+
+def test_rows_without_a_contribution_are_not_collected():
+    # a slot whose value is exactly 0 adds nothing to its row's gradient: the row is left out (its
+    # optimizer update is then the same as if no slot named it), while d_values stays exact
+    W = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    collector = collect_row_grads(W)
+    values = torch.tensor([[1.5, 0.0, -2.0], [0.0, 0.5, 0.0]], dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[3, 7, 9], [7, 3, 20]], dtype=torch.int32)
+    target = torch.randn(2, 8, dtype=torch.float64)
+    (sparse_decode(values, indices, W) * target).sum().backward()
+    rows, _ = collector.coalesced()
+    assert rows.tolist() == [3, 9], "rows 7 and 20 are named only by zero values"
+    assert torch.allclose(values.grad, (target.unsqueeze(1) * W.detach()[indices.long()]).sum(-1))
 
 
 def test_compact_indices():

@@ -10,8 +10,9 @@ row-sparse path. The ops' backward then
    them), the slot indices remapped to [0, m), and ``W[rows]`` gathered into an [m, d] matrix;
 2. runs the *same* backward kernels on the compact problem (every backend: the gradient of the m
    touched rows is computed by the same code that computes the dense one);
-3. adds ``(rows, grad [m, d])`` to the parameter's :class:`RowGrads` and returns ``None`` to autograd
-   for that parameter, so ``param.grad`` stays ``None`` and no [n, d] gradient is ever allocated.
+3. adds ``(rows, grad)`` of the rows with a gradient contribution (named by a slot with a non-zero
+   coefficient: :func:`contributing`) to the parameter's :class:`RowGrads` and returns ``None`` to
+   autograd for that parameter, so ``param.grad`` stays ``None`` and no [n, d] gradient is allocated.
 
 Several ops touching one parameter in a backward pass (``sae_loss`` and ``sparse_decode`` on W_dec,
 Multi-TopK's second loss) add several parts; :meth:`RowGrads.coalesced` sums them. A sparse optimizer
@@ -125,6 +126,18 @@ def compact_indices(*indices: torch.Tensor) -> tuple[torch.Tensor, int, list[tor
         compact.append(inverse[start : start + i.numel()].reshape(i.shape).to(torch.int32).contiguous())
         start += i.numel()
     return rows, touched, compact
+
+
+def contributing(compact: list[torch.Tensor], coefficients: list[torch.Tensor], m: int) -> torch.Tensor:
+    """[m] bool: the compact rows named by at least one slot whose coefficient is non-zero, i.e. the
+    rows whose gradient has a contribution. A row named only by zero-coefficient slots (a latent
+    selected with activation 0, or a candidate masked out by a global selection) has an exactly zero
+    gradient and is left out, so that its optimizer update is the same whether or not a slot names it."""
+    flags = torch.zeros(m, dtype=torch.bool, device=compact[0].device)
+    for idx, coef in zip(compact, coefficients, strict=True):
+        hit = idx[(coef != 0) & (idx >= 0)]
+        flags[hit.long()] = True
+    return flags
 
 
 def dense_vector(compact: torch.Tensor, rows: torch.Tensor, touched: int, n: int) -> torch.Tensor:

@@ -244,7 +244,10 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
         x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_x, ctx.backend,
     )  # fmt: skip
     if sink is not None:
-        sink.add(rows[:touched], dW_dec[:touched])
+        if touched:
+            coefficients = [values] if aux_values is None else [values, aux_values]
+            keep = _row_grads.contributing(list(compact), coefficients, rows.numel())
+            sink.add(rows[keep], dW_dec[keep])
         dW_dec = None
     return (
         dx if need_x else None,

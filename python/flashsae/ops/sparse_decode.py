@@ -158,7 +158,9 @@ def _autograd_backward(ctx, grad):
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
     )
     if sink is not None:
-        sink.add(rows[:touched], dW_dec[:touched])
+        if touched:
+            keep = _row_grads.contributing([indices], [values], rows.numel())
+            sink.add(rows[keep], dW_dec[keep])
         dW_dec = None
     return (
         d_values if need_values else None,

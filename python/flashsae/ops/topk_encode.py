@@ -333,7 +333,9 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx.backend
     )
     if sink is not None:
-        sink.add(rows[:touched], dW_enc[:touched])
+        if touched:
+            keep = _row_grads.contributing([indices], [d_values * (values > 0)], rows.numel())
+            sink.add(rows[keep], dW_enc[keep])
         dW_enc = None
         if need_b_enc:
             db_enc = _row_grads.dense_vector(db_enc, rows, touched, n)
