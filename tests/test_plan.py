@@ -26,7 +26,6 @@ MEASURED = [
     ("flashsae", 256, 65536, 16, 256, "float32", {}),
     ("dense", 256, 65536, 16, 256, "float32", {}),
     ("dense", 64, 32768, 8, 512, "float32", {"dead_fraction": 0.3}),  # AuxK: a fourth [batch, n] tensor
-    ("flashsae", 256, 131072, 32, 512, "bfloat16", {}),
     ("flashsae", 128, 65536, 16, 512, "bfloat16", {"master_weights": True, "state_dtype": "float32"}),
 ]
 
@@ -34,7 +33,7 @@ MEASURED = [
 @pytest.mark.parametrize(
     ("provider", "d", "n", "k", "batch", "dtype", "options"),
     MEASURED,
-    ids=["flashsae-f32", "dense-f32", "dense-f32-auxk", "flashsae-bf16", "flashsae-bf16-master"],
+    ids=["flashsae-f32", "dense-f32", "dense-f32-auxk", "flashsae-bf16-master"],
 )
 def test_model_matches_measured_peak_memory(provider, d, n, k, batch, dtype, options):
     cfg = PlanConfig(d=d, n=n, k=k, batch=batch, dtype=dtype, device="cpu", buffer_tokens=0, memory=1 << 40, **options)

@@ -199,3 +199,16 @@ def test_collector_checks_its_parts():
     collector.add(torch.tensor([0, 5]), torch.ones(2, 4))
     rows, grads = collector.coalesced()
     assert rows.tolist() == [0, 1, 5] and grads[:, 0].tolist() == [1, 1, 2]
+
+
+def test_copies_of_a_parameter_get_dense_gradients():
+    import copy
+    import pickle
+
+    sae = TopKSAE(16, 64, 4)
+    collect_row_grads(sae.W_enc)
+    for twin in (copy.deepcopy(sae), pickle.loads(pickle.dumps(sae))):
+        assert row_grads_of(twin.W_enc) is None
+        twin(torch.randn(8, 16)).loss.backward()
+        assert twin.W_enc.grad is not None and twin.W_enc.grad.shape == (64, 16)
+    assert row_grads_of(sae.W_enc) is not None

@@ -52,6 +52,12 @@ class RowGrads:
         """Number of parts added since the last clear()."""
         return len(self._parts)
 
+    def __reduce__(self):
+        # A copy (copy.deepcopy, pickle) of the parameter gets no collector, i.e. dense gradients: a
+        # model copied for evaluation or trained with another optimizer must not route its gradients
+        # to a collector no optimizer reads.
+        return (_no_collector, ())
+
     def add(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
         """Adds the gradient ``grads`` [m, d] of the rows ``rows`` (int64 [m], sorted, unique)."""
         if rows.dim() != 1 or grads.shape != (rows.numel(), self.width):
@@ -87,6 +93,10 @@ class RowGrads:
 
     def clear(self) -> None:
         self._parts.clear()
+
+
+def _no_collector() -> None:
+    return None
 
 
 def collect_row_grads(param: torch.Tensor) -> RowGrads:
