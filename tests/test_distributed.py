@@ -255,3 +255,29 @@ def test_reference_checks_can_fail():
     # the comparison the ranks run is strict: one step of difference is caught
     with pytest.raises(AssertionError, match=r"differs from single-process training"):
         assert_same_weights(reference_run("adam", 1), reference_run("adam", 2), "sanity")
+
+
+def test_torch_adam_state_round_trips(tmp_path):
+    # the sharded checkpoint also carries torch.optim.Adam's state (one process: a world of one)
+    def train(sae, optimizer, xs):
+        for x, dead in zip(xs, dead_masks(len(xs)), strict=True):
+            sae(x, dead_mask=dead).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    xs = batches(4, BATCH)
+    straight = ShardedTopKSAE.from_full(full_sae(), single_process())
+    train(straight, torch.optim.Adam(straight.parameters(), lr=LR), xs)
+    first = ShardedTopKSAE.from_full(full_sae(), single_process())
+    optimizer = torch.optim.Adam(first.parameters(), lr=LR)
+    train(first, optimizer, xs[:2])
+    save_sharded(tmp_path / "adam", first, optimizer)
+    resumed, counters = load_sharded(tmp_path / "adam")
+    assert counters is None
+    optimizer = torch.optim.Adam(resumed.parameters(), lr=LR)
+    load_optimizer_sharded(tmp_path / "adam", resumed, optimizer)
+    train(resumed, optimizer, xs[2:])
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"the checkpoint holds Adam state, not SparseAdam"):
+        load_optimizer_sharded(tmp_path / "adam", resumed, SparseAdam(resumed.parameters()))

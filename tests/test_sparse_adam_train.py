@@ -99,6 +99,20 @@ def test_sparse_adam_trains_a_wide_sae_and_saves_it_flushed(tmp_path, text):
     assert result.metrics[HOOK]["explained_variance"] > 0.1
 
 
+def test_runs_saved_before_the_optimizer_setting_resume(tmp_path, text):
+    import json
+
+    Trainer(config(tmp_path, "old", text, optimizer="adam", train_tokens=2 * BATCH, eval_tokens=0)).train()
+    state_file = tmp_path / "old" / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("optimizer", "optimizer_state_dtype"):  # as written before these settings existed
+        del state["config"][name]
+    state_file.write_text(json.dumps(state))
+    resumed = Trainer(resume_config(str(tmp_path / "old"), train_tokens=3 * BATCH))
+    assert resumed.config.optimizer == "adam" and not isinstance(resumed.optimizers[HOOK], SparseAdam)
+    assert resumed.train().step == 3
+
+
 def test_bad_optimizer_settings():
     with pytest.raises(ValueError, match=r"optimizer: expected one of adam, sparse_adam"):
         TrainConfig(optimizer="sgd")

@@ -84,7 +84,14 @@ def resume_config(out: str, **overrides: Any) -> TrainConfig:
 def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(f"resume: {run_dir} holds no checkpoint/ to resume from")
-    return load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+    state, tensors = load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+    # a run saved before a setting existed ran with its default (e.g. optimizer="adam")
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(TrainConfig)
+    }
+    state["config"] = {name: value for name, value in defaults.items() if name not in state["config"]} | state["config"]
+    return state, tensors
 
 
 def fold_activation_scale_(sae: SAE, scale: float) -> None:
