@@ -259,24 +259,25 @@ def test_reference_checks_can_fail():
 
 def test_torch_adam_state_round_trips(tmp_path):
     # the sharded checkpoint also carries torch.optim.Adam's state (one process: a world of one)
-    def train(sae, optimizer, xs):
-        for x, dead in zip(xs, dead_masks(len(xs)), strict=True):
+    steps = list(zip(batches(4, BATCH), dead_masks(4), strict=True))
+
+    def train(sae, optimizer, chosen):
+        for x, dead in chosen:
             sae(x, dead_mask=dead).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
 
-    xs = batches(4, BATCH)
     straight = ShardedTopKSAE.from_full(full_sae(), single_process())
-    train(straight, torch.optim.Adam(straight.parameters(), lr=LR), xs)
+    train(straight, torch.optim.Adam(straight.parameters(), lr=LR), steps)
     first = ShardedTopKSAE.from_full(full_sae(), single_process())
     optimizer = torch.optim.Adam(first.parameters(), lr=LR)
-    train(first, optimizer, xs[:2])
+    train(first, optimizer, steps[:2])
     save_sharded(tmp_path / "adam", first, optimizer)
     resumed, counters = load_sharded(tmp_path / "adam")
     assert counters is None
     optimizer = torch.optim.Adam(resumed.parameters(), lr=LR)
     load_optimizer_sharded(tmp_path / "adam", resumed, optimizer)
-    train(resumed, optimizer, xs[2:])
+    train(resumed, optimizer, steps[2:])
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"the checkpoint holds Adam state, not SparseAdam"):
