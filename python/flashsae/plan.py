@@ -272,8 +272,9 @@ def dense_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
 
 
 def widest(estimate, cfg: PlanConfig, budget: int) -> int:
-    """The largest n (a multiple of tensor_parallel * 1024, >= k) whose peak fits `budget`; 0 if none."""
-    step = 1024 * cfg.tensor_parallel
+    """The largest n (a multiple of 1024, times tensor_parallel for a sharded flashsae SAE) whose peak
+    fits `budget`; 0 if none."""
+    step = 1024 * (cfg.tensor_parallel if estimate is flashsae_memory else 1)
     if estimate(cfg, max(cfg.k, step)).peak > budget:
         return 0
     low, high = 1, 2
@@ -340,9 +341,10 @@ def format_plan(result: dict[str, Any]) -> str:
     )
     w_ours, w_theirs = result["widest_flashsae"], result["widest_dense"]
     ratio = f": {result['width_ratio']:.2f}x wider" if w_theirs else ""
+    shards = f" on {cfg.tensor_parallel} devices" if cfg.tensor_parallel > 1 else ""
     lines.append(
-        f"widest n that fits: flashsae {w_ours:,} ({_human(w_ours)}), "
-        f"dense PyTorch {w_theirs:,} ({_human(w_theirs)}){ratio}"
+        f"widest n that fits: flashsae{shards} {w_ours:,} ({_human(w_ours)}), "
+        f"dense PyTorch on one device {w_theirs:,} ({_human(w_theirs)}){ratio}"
     )
     return "\n".join(lines)
 
