@@ -19,18 +19,57 @@ def test_auto_on_other_devices_uses_torch():
     assert _backend.resolve("topk_encode", torch.device("meta"), "auto") == "torch"
 
 
-def test_auto_on_cuda_prefers_cuda_kernels_where_they_exist():
+def test_auto_on_cuda_prefers_cuda_kernels_where_they_exist(monkeypatch):
     # then triton (compiled, never the interpreter), then torch
     fallback = "triton" if _backend.triton_installed() and not _backend.triton_interpreting() else "torch"
-    if _native.cuda_module_available():
-        assert _backend.resolve("sparse_decode", CUDA, "auto") == "cuda"
-    else:
-        assert _backend.resolve("sparse_decode", CUDA, "auto") == fallback
-    # no CUDA kernel for the encoder yet
-    assert _backend.resolve("topk_encode", CUDA, "auto") == fallback
+    monkeypatch.setenv("FLASHSAE_AUTO_UNVALIDATED", "1")  # as if the CUDA kernels had passed on a GPU
+    for stage in _backend.KERNELS["cuda"]:
+        expected = "cuda" if _native.cuda_module_available() else fallback
+        assert _backend.resolve(stage, CUDA, "auto") == expected
+    # no CUDA kernel in float64: triton has none either
+    assert _backend.resolve("sparse_decode", CUDA, "auto", torch.float64) == "torch"
 
 
-def test_explicit_cuda_without_a_kernel_for_the_stage_is_an_error():
+@pytest.fixture
+def cuda_module_present(monkeypatch):
+    """Resolution as on a machine with flashsae._C_cuda built (resolve() never touches a GPU)."""
+    monkeypatch.setattr(_native, "cuda_module_available", lambda: True)
+    monkeypatch.delenv("FLASHSAE_AUTO_UNVALIDATED", raising=False)
+
+
+def test_auto_skips_cuda_kernels_awaiting_gpu_validation(cuda_module_present):
+    # written without a GPU: auto must not pick them until a GPU session has run tests/test_cuda*.py
+    # and compute-sanitizer over them (then CUDA_AWAITING_VALIDATION is emptied)
+    fallback = "triton" if _backend.triton_installed() and not _backend.triton_interpreting() else "torch"
+    assert _backend.CUDA_AWAITING_VALIDATION.issubset(_backend.KERNELS["cuda"])
+    for stage in _backend.CUDA_AWAITING_VALIDATION:
+        assert _backend.resolve(stage, CUDA, "auto", torch.bfloat16) == fallback
+        assert "cuda" not in _backend.available_backends(stage, CUDA)
+        assert _backend.resolve(stage, CUDA, "cuda", torch.bfloat16) == "cuda", "an explicit choice still runs them"
+
+
+def test_unvalidated_cuda_kernels_can_be_let_into_auto(cuda_module_present, monkeypatch):
+    monkeypatch.setenv("FLASHSAE_AUTO_UNVALIDATED", "1")
+    for stage in _backend.KERNELS["cuda"]:
+        assert _backend.resolve(stage, CUDA, "auto", torch.float32) == "cuda"
+    monkeypatch.setenv("FLASHSAE_AUTO_UNVALIDATED", "0")
+    assert _backend.resolve("sparse_decode", CUDA, "auto", torch.float32) != "cuda"
+
+
+def test_validated_cuda_stages_are_picked_by_auto(cuda_module_present, monkeypatch):
+    # what the first GPU session's edit does: an emptied set lets auto pick the CUDA kernels
+    monkeypatch.setattr(_backend, "CUDA_AWAITING_VALIDATION", frozenset({"topk_encode"}))
+    assert _backend.resolve("sparse_decode", CUDA, "auto", torch.bfloat16) == "cuda"
+    assert _backend.resolve("topk_encode", CUDA, "auto", torch.bfloat16) != "cuda"
+
+
+def test_cuda_backend_refuses_float64(cuda_module_present):
+    with pytest.raises(BackendUnavailableError, match="float32, bfloat16 or float16 tensors and these are float64"):
+        _backend.resolve("sae_loss", CUDA, "cuda", torch.float64)
+
+
+def test_explicit_cuda_without_a_kernel_for_the_stage_is_an_error(monkeypatch):
+    monkeypatch.setitem(_backend.KERNELS, "cuda", frozenset())
     expected = "it has no kernel for topk_encode yet" if _native.cuda_module_available() else "built without"
     with pytest.raises(BackendUnavailableError, match=expected):
         _backend.resolve("topk_encode", CUDA, "cuda")

@@ -38,3 +38,18 @@ def test_console_script_is_installed():
     assert exe.is_file(), f"no console script at {exe}"
     out = subprocess.run([str(exe), "bench", "--help"], capture_output=True, text=True, check=True)
     assert "--n-latents" in out.stdout and "--optimizer" in out.stdout
+
+
+def test_convert_through_the_cli(tmp_path, capsys):
+    import torch
+
+    import flashsae
+
+    sae = flashsae.create("topk", d_in=8, n_latents=32, k=3)
+    sae.save(tmp_path / "native")
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "lens"), "--to", "saelens"]) == 0
+    assert (tmp_path / "lens" / "sae_weights.safetensors").is_file()
+    x = torch.randn(6, 8)
+    torch.testing.assert_close(flashsae.load(tmp_path / "lens")(x).x_hat, sae(x).x_hat)
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "native"]) != 0
+    assert "missing" in capsys.readouterr().err

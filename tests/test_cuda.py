@@ -36,6 +36,7 @@ def test_sparse_decode_runs_on_the_current_stream():
     indices = torch.randint(0, 2048, (512, 16), dtype=torch.int32, device="cuda")
     W_dec = torch.randn(2048, 256, device="cuda")
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
     with torch.cuda.stream(side):
         x_hat = sparse_decode(values, indices, W_dec, backend="cuda")
     side.synchronize()

@@ -66,6 +66,9 @@ def test_load_errors_name_the_problem(tmp_path):
         TopKSAE.load(tmp_path / "ckpt")
     config_file.write_text(json.dumps({**config, "format": "saelens"}))
     with pytest.raises(ValueError, match="is not a flashsae config"):
+        TopKSAE.load(tmp_path / "ckpt", format="native")
+    # detected instead: cfg.json + sae.safetensors without the flashsae marker is sparsify's layout
+    with pytest.raises(ValueError, match=r"missing tensor 'encoder\.weight'"):
         TopKSAE.load(tmp_path / "ckpt")
     config_file.write_text(json.dumps({**config, "config": {**config["config"], "n_latents": 9}}))
     with pytest.raises(RuntimeError, match="size mismatch"):

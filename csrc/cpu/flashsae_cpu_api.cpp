@@ -19,6 +19,10 @@
 namespace py = pybind11;
 using flashsae::DType;
 
+namespace flashsae {
+void register_topk_select_host(py::module_& m);  // csrc/cuda/topk_select_host.cpp (tests of the CUDA select)
+}  // namespace flashsae
+
 namespace {
 
 using addr_t = std::uintptr_t;
@@ -288,4 +292,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("sae_loss_forward", &sae_loss_forward);
   m.def("sae_loss_backward", &sae_loss_backward);
   m.def("sparse_adam", &sparse_adam);
+  flashsae::register_topk_select_host(m);
 }

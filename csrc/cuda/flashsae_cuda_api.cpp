@@ -8,11 +8,15 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "cuda/kernels.cuh"
+#include "cuda/topk_keys.h"
 #include "dtype_codes.h"
 
 namespace py = pybind11;
@@ -71,25 +75,186 @@ int runtime_version() {
   return v;
 }
 
-void sparse_decode_forward(addr_t values, addr_t indices, int64_t rows, int64_t k, addr_t W_dec,
-                           int64_t n, int64_t d, addr_t b_dec, addr_t x_hat, addr_t error_flag,
-                           int dtype, int device, addr_t stream) {
-  require(values && indices && W_dec && x_hat && error_flag,
-          "sparse_decode_forward: values, indices, W_dec, x_hat and error_flag need addresses");
-  require(rows >= 1 && k >= 1 && n >= 1 && d >= 1,
-          "sparse_decode_forward: rows, k, n_latents and d must be >= 1");
-  require(rows <= 0x7fffffff, "values: at most 2^31 - 1 rows per call on CUDA");
+constexpr int64_t kInt32Max = 0x7fffffff;
+
+void require_address(addr_t a, const char* name) {
+  require(a != 0, std::string(name) + ": null address");
+}
+
+void require_addresses(std::initializer_list<std::pair<addr_t, const char*>> required) {
+  for (const auto& [a, name] : required) require_address(a, name);
+}
+
+void require_range(int64_t value, int64_t low, int64_t high, const char* name) {
+  if (value < low || value > high) {
+    std::ostringstream m;
+    m << name << ": expected " << low << " <= " << name << " <= " << high << ", got " << value;
+    throw std::invalid_argument(m.str());
+  }
+}
+
+// CUDA storage dtypes: float32, bfloat16, float16 (float64 runs on the cpu / torch backends).
+void require_cuda_dtype(int dtype, const char* name) {
   require(dtype == static_cast<int>(DType::Float32) || dtype == static_cast<int>(DType::BFloat16) ||
               dtype == static_cast<int>(DType::Float16),
-          std::string("values: unsupported dtype ") + flashsae::dtype_name(dtype) +
+          std::string(name) + ": unsupported dtype " + flashsae::dtype_name(dtype) +
               " on CUDA (expected float32, bfloat16 or float16)");
+}
+
+// Sizes every row kernel relies on: one block per row (grid.x <= 2^31 - 1), int32 latents.
+void require_row_sizes(int64_t rows, int64_t k, int64_t n, int64_t d) {
+  require_range(rows, 1, kInt32Max, "rows");
+  require_range(k, 1, kInt32Max, "k");
+  require_range(n, 1, kInt32Max, "n_latents");
+  require_range(d, 1, kInt32Max, "d");
+}
+
+// Runs `launch` (which returns the launches' cudaError_t) on `device` with the GIL released, and
+// turns a failure into a Python RuntimeError naming `what`. Argument checks come before this, so a
+// bad call raises ValueError even on a machine without a GPU or driver.
+template <typename F> void run_on(int device, const char* what, F&& launch) {
   py::gil_scoped_release release;
   DeviceGuard guard(device);
-  check_cuda(flashsae::cuda::sparse_decode_forward(as_ptr(values), as_ptr<const int32_t>(indices),
-                                                   rows, k, as_ptr(W_dec), n, d, as_ptr(b_dec),
-                                                   as_ptr(x_hat), as_ptr<int32_t>(error_flag),
-                                                   dtype, as_ptr<CUstream_st>(stream)),
-             "sparse_decode_forward launch");
+  check_cuda(launch(), what);
+}
+
+cudaStream_t as_stream(addr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+void gather_rows(addr_t coef, addr_t gate, addr_t indices, int64_t rows, int64_t k, addr_t W, int64_t n, int64_t d,
+                 addr_t bias, addr_t out, bool out_fp32, addr_t error_flag, int dtype, int device, addr_t stream) {
+  require_address(coef, "coef");
+  require_address(indices, "indices");
+  require_address(W, "W");
+  require_address(out, "out");
+  require_address(error_flag, "error_flag");
+  require_row_sizes(rows, k, n, d);
+  require_cuda_dtype(dtype, "coef");
+  run_on(device, "gather_rows", [&] {
+    return flashsae::cuda::gather_rows(as_ptr(coef), as_ptr(gate), as_ptr<const int32_t>(indices), rows, k,
+                                       as_ptr(W), n, d, as_ptr(bias), as_ptr(out), out_fp32,
+                                       as_ptr<int32_t>(error_flag), dtype, as_stream(stream));
+  });
+}
+
+void dot_rows(addr_t R, bool r_fp32, addr_t indices, int64_t rows, int64_t k, addr_t W, int64_t n, int64_t d,
+              addr_t out, addr_t error_flag, int dtype, int device, addr_t stream) {
+  require_address(R, "R");
+  require_address(indices, "indices");
+  require_address(W, "W");
+  require_address(out, "out");
+  require_address(error_flag, "error_flag");
+  require_row_sizes(rows, k, n, d);
+  require_cuda_dtype(dtype, "W");
+  run_on(device, "dot_rows", [&] {
+    return flashsae::cuda::dot_rows(as_ptr(R), r_fp32, as_ptr<const int32_t>(indices), rows, k, as_ptr(W), n, d,
+                                    as_ptr(out), as_ptr<int32_t>(error_flag), dtype, as_stream(stream));
+  });
+}
+
+void segment_rows(addr_t order, addr_t seg, int64_t n, int64_t rows, int64_t K, int64_t K1, addr_t coef, addr_t gate,
+                  addr_t R1, addr_t R2, bool r_fp32, addr_t offset, int64_t d, addr_t out, addr_t coef_sum,
+                  int dtype, int device, addr_t stream) {
+  require_address(order, "order");
+  require_address(seg, "seg");
+  require_address(coef, "coef");
+  require_address(R1, "R1");
+  require_address(out, "out");
+  require_row_sizes(rows, K, n, d);
+  require_range(K1, 1, K, "K1");
+  require(K1 == K || R2 != 0, "R2: null address (slots j >= K1 read R2)");
+  // grid (n, column tiles): at worst one column per thread, 256 threads, and grid.y <= 65535
+  require_range(d, 1, int64_t(65535) * 256, "d");
+  require_cuda_dtype(dtype, "coef");
+  run_on(device, "segment_rows", [&] {
+    return flashsae::cuda::segment_rows(as_ptr<const int64_t>(order), as_ptr<const int64_t>(seg), n, K, K1,
+                                        as_ptr(coef), as_ptr(gate), as_ptr(R1), as_ptr(R2), r_fp32, as_ptr(offset),
+                                        d, as_ptr(out), as_ptr(coef_sum), dtype, as_stream(stream));
+  });
+}
+
+void sae_loss_forward(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values, addr_t aux_indices,
+                      int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows, int64_t n, int64_t d, addr_t x_hat,
+                      addr_t sse, addr_t aux_sse, addr_t error_flag, int dtype, int device, addr_t stream) {
+  require_addresses({{x, "x"}, {values, "values"}, {indices, "indices"}, {W_dec, "W_dec"},
+                         {b_dec, "b_dec"}, {x_hat, "x_hat"}, {sse, "sse"}, {error_flag, "error_flag"}});
+  require_row_sizes(rows, k, n, d);
+  require_range(aux_k, 0, kInt32Max, "aux_k");
+  if (aux_k > 0) {
+    require_address(aux_values, "aux_values");
+    require_address(aux_indices, "aux_indices");
+    require_address(aux_sse, "aux_sse");
+  }
+  require_cuda_dtype(dtype, "x");
+  run_on(device, "sae_loss_forward", [&] {
+    return flashsae::cuda::sae_loss_forward(as_ptr(x), as_ptr(values), as_ptr<const int32_t>(indices), k,
+                                            as_ptr(aux_values), as_ptr<const int32_t>(aux_indices), aux_k,
+                                            as_ptr(W_dec), as_ptr(b_dec), rows, n, d, as_ptr(x_hat),
+                                            as_ptr<float>(sse), as_ptr<float>(aux_sse), as_ptr<int32_t>(error_flag),
+                                            dtype, as_stream(stream));
+  });
+}
+
+void sae_loss_backward_rows(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr_t values, addr_t indices,
+                            int64_t k, addr_t aux_values, addr_t aux_indices, int64_t aux_k, addr_t W_dec,
+                            addr_t b_dec, int64_t rows, int64_t n, int64_t d, addr_t G, addr_t H, addr_t dx,
+                            addr_t error_flag, int dtype, int device, addr_t stream) {
+  require_addresses({{g_sse, "grad_sse"}, {x, "x"}, {values, "values"}, {indices, "indices"},
+                         {W_dec, "W_dec"}, {b_dec, "b_dec"}, {G, "G"}, {error_flag, "error_flag"}});
+  require_row_sizes(rows, k, n, d);
+  require_range(aux_k, 0, kInt32Max, "aux_k");
+  if (aux_k > 0) {
+    require_address(g_aux, "grad_aux_sse");
+    require_address(aux_values, "aux_values");
+    require_address(aux_indices, "aux_indices");
+    require_address(H, "H");
+  }
+  require_cuda_dtype(dtype, "x");
+  run_on(device, "sae_loss_backward_rows", [&] {
+    return flashsae::cuda::sae_loss_backward_rows(
+        as_ptr(g_xhat), as_ptr<const float>(g_sse), as_ptr<const float>(g_aux), as_ptr(x), as_ptr(values),
+        as_ptr<const int32_t>(indices), k, as_ptr(aux_values), as_ptr<const int32_t>(aux_indices), aux_k,
+        as_ptr(W_dec), as_ptr(b_dec), rows, n, d, as_ptr<float>(G), as_ptr<float>(H), as_ptr(dx),
+        as_ptr<int32_t>(error_flag), dtype, as_stream(stream));
+  });
+}
+
+void topk_select(addr_t scores, int score_dtype, int64_t ld, int64_t rows, int64_t cols, int64_t col0, addr_t bias,
+                 bool relu, addr_t state, int64_t k, addr_t dead_mask, addr_t aux_state, int64_t aux_k, int device,
+                 addr_t stream) {
+  require_address(scores, "scores");
+  require_address(state, "state");
+  require_range(rows, 1, kInt32Max, "rows");
+  require_range(cols, 1, kInt32Max, "cols");
+  require_range(ld, cols, std::numeric_limits<int64_t>::max(), "ld");
+  // latents col0 .. col0 + cols - 1 are int32 in the keys
+  require_range(col0, 0, kInt32Max - cols, "col0");
+  require_range(k, 1, flashsae::topk::kMaxK, "k");
+  require_range(aux_k, 0, flashsae::topk::kMaxK, "aux_k");
+  if (aux_k > 0) {
+    require_address(dead_mask, "dead_mask");
+    require_address(aux_state, "aux_state");
+  }
+  require_cuda_dtype(score_dtype, "scores");
+  run_on(device, "topk_select", [&] {
+    return flashsae::cuda::topk_select(as_ptr(scores), score_dtype, ld, rows, cols, col0, as_ptr<const float>(bias),
+                                       relu, as_ptr<uint64_t>(state), static_cast<int>(k),
+                                       as_ptr<const uint8_t>(dead_mask), as_ptr<uint64_t>(aux_state),
+                                       static_cast<int>(aux_k), as_stream(stream));
+  });
+}
+
+void topk_finish(addr_t state, int64_t rows, int64_t k, addr_t values, addr_t indices, int value_dtype, int device,
+                 addr_t stream) {
+  require_address(state, "state");
+  require_address(values, "values");
+  require_address(indices, "indices");
+  require_range(rows, 1, kInt32Max, "rows");
+  require_range(k, 1, flashsae::topk::kMaxK, "k");
+  require_cuda_dtype(value_dtype, "values");
+  run_on(device, "topk_finish", [&] {
+    return flashsae::cuda::topk_finish(as_ptr<const uint64_t>(state), rows, static_cast<int>(k), as_ptr(values),
+                                       as_ptr<int32_t>(indices), value_dtype, as_stream(stream));
+  });
 }
 
 }  // namespace
@@ -103,5 +268,17 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("CUDART_VERSION") = CUDART_VERSION;
   m.def("device_count", &device_count, "Visible CUDA devices; 0 when there is no driver or device");
   m.def("runtime_version", &runtime_version, "Version of the statically linked CUDA runtime");
-  m.def("sparse_decode_forward", &sparse_decode_forward);
+  m.attr("TOPK_MAX_K") = flashsae::topk::kMaxK;
+  m.attr("TOPK_SLICE") = flashsae::cuda::topk_select_slice();
+  m.attr("TOPK_CAPACITY") = flashsae::cuda::topk_select_capacity();
+  // Each binding checks its arguments (ValueError), then releases the GIL and launches on `stream`
+  // (torch.cuda.current_stream(device).cuda_stream) with `device` current; a CUDA error, including
+  // one left by an earlier asynchronous failure, raises RuntimeError.
+  m.def("gather_rows", &gather_rows);
+  m.def("dot_rows", &dot_rows);
+  m.def("segment_rows", &segment_rows);
+  m.def("sae_loss_forward", &sae_loss_forward);
+  m.def("sae_loss_backward_rows", &sae_loss_backward_rows);
+  m.def("topk_select", &topk_select);
+  m.def("topk_finish", &topk_finish);
 }

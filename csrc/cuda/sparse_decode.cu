@@ -1,114 +1,267 @@
-// Sparse decoder forward on CUDA: x_hat[b] = b_dec + sum_j values[b, j] W_dec[idx[b, j]].
+// Sparse row kernels on CUDA: the three row patterns of the sparse decoder and encoder backward.
 //
-// One block per token row; each thread owns VEC consecutive columns and walks the row's k slots,
-// so every W_dec row is read with 16-byte loads (8 bf16 / 4 fp32 per load) and accumulated in
-// fp32 registers. The k (index, value) pairs are read straight from global memory: all threads of
-// the block read the same slot at once, which the L1 serves as a broadcast.
-// Bytes that must move per row: k * d * sizeof(T) of W_dec rows; the kernel reads nothing else of
-// size n, so its floor is that gather at HBM speed.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+// gather_rows   out[b] = bias + sum_j coef[b, j] W[idx[b, j]]            decoder forward; encoder dx
+// dot_rows      out[b, j] = R[b] . W[idx[b, j]]                           d_values of decoder / loss
+// segment_rows  out[i] = sum over slots (b, j) with idx[b, j] = i of      dW_dec, dW_enc (+ db_enc)
+//               coef[b, j] (R[b] - offset), in latent-sorted order
+//
+// All three read the k selected W rows per token with 16-byte loads (8 bf16 / 4 fp32 per load)
+// when rows are 16-byte aligned, and accumulate in fp32. Their floor is that gather: k * d *
+// sizeof(T) bytes per token (plus one dense [n, d] write for segment_rows); nothing of size n is
+// read except seg (n + 1 offsets).
+//
+// segment_rows has no atomics: Python sorts the flat slot ids by latent (torch.sort, stable) and
+// passes the sorted ids with each latent's segment [seg[i], seg[i + 1]). One block owns one latent
+// row (one column tile of it) and sums its segment in slot order, so results are deterministic and
+// every row of out is written, zeros where a latent has no slot.
 #include <cstdint>
 
+#include "cuda/device_common.cuh"
 #include "cuda/kernels.cuh"
 #include "dtype_codes.h"
 
 namespace flashsae::cuda {
 namespace {
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
-// VEC elements of T, moved as one 16-byte (or smaller, for VEC = 1) transaction.
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__global__ void sparse_decode_forward_kernel(const T* __restrict__ values,
-                                             const int32_t* __restrict__ idx, int64_t k,
-                                             const T* __restrict__ W, int64_t n, int64_t d,
-                                             const T* __restrict__ bias, T* __restrict__ out,
-                                             int32_t* __restrict__ error_flag) {
+// ------------------------------------------------------------------------------- gather_rows
+// One block per token row; each thread owns VEC consecutive columns (and loops when the row has
+// more than blockDim * VEC of them). The row's slots are staged in shared memory (device_common.cuh).
+template <typename T, typename O, int VEC>
+__global__ void gather_rows_kernel(const T* __restrict__ coef, const T* __restrict__ gate,
+                                   const int32_t* __restrict__ idx, int64_t k, const T* __restrict__ W, int64_t n,
+                                   int64_t d, const T* __restrict__ bias, O* __restrict__ out,
+                                   int32_t* __restrict__ error_flag) {
+  __shared__ int32_t s_row[kSlots];
+  __shared__ float s_coef[kSlots];
   const int64_t b = blockIdx.x;
-  const T* row_values = values + b * k;
-  const int32_t* row_idx = idx + b * k;
-  for (int64_t c0 = int64_t(threadIdx.x) * VEC; c0 < d; c0 += int64_t(blockDim.x) * VEC) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * VEC;
+  for (int64_t c_base = 0; c_base < d; c_base += step) {  // same trip count for every thread
+    const int64_t c0 = c_base + static_cast<int64_t>(threadIdx.x) * VEC;
+    const bool active = c0 < d;
     float acc[VEC];
-    if (bias != nullptr) {
-      const Pack<T, VEC> bp = *reinterpret_cast<const Pack<T, VEC>*>(bias + c0);
-#pragma unroll
-      for (int u = 0; u < VEC; ++u) acc[u] = to_f32(bp.v[u]);
+    if (active && bias != nullptr) {
+      load_n<T, VEC>(bias + c0, acc);
     } else {
 #pragma unroll
       for (int u = 0; u < VEC; ++u) acc[u] = 0.f;
     }
-    for (int64_t j = 0; j < k; ++j) {
-      const int32_t i = __ldg(row_idx + j);
-      if (i < 0 || i >= n) {
-        if (i != -1) *error_flag = 1;  // benign race: every writer stores 1
-        continue;
-      }
-      const float v = to_f32(row_values[j]);
-      if (v == 0.f) continue;
-      const Pack<T, VEC> wp = *reinterpret_cast<const Pack<T, VEC>*>(W + int64_t(i) * d + c0);
-#pragma unroll
-      for (int u = 0; u < VEC; ++u) acc[u] = fmaf(v, to_f32(wp.v[u]), acc[u]);
-    }
-    Pack<T, VEC> op;
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) op.v[u] = from_f32<T>(acc[u]);
-    *reinterpret_cast<Pack<T, VEC>*>(out + b * d + c0) = op;
+    gather_row<T, VEC>(acc, active, coef, gate, idx, b, k, W, n, d, c0, s_row, s_coef, error_flag);
+    if (active) store_n<O, VEC>(out + b * d + c0, acc);
   }
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
+// --------------------------------------------------------------------------------- dot_rows
+// One block of 8 warps per token row; warp w computes slots j = w, w + 8, ...: its lanes stride the
+// columns in VEC-wide vectors of both W[idx] and R[b] (R[b] is re-read per slot from L1/L2: one
+// row of d values), then a shuffle reduction.
+template <typename T, typename R, int VEC>
+__global__ void dot_rows_kernel(const R* __restrict__ Rm, const int32_t* __restrict__ idx, int64_t k,
+                                const T* __restrict__ W, int64_t n, int64_t d, T* __restrict__ out,
+                                int32_t* __restrict__ error_flag) {
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const int n_warps = static_cast<int>(blockDim.x >> 5);
+  const R* r_row = Rm + b * d;
+  for (int64_t j = threadIdx.x >> 5; j < k; j += n_warps) {
+    const int32_t i = __ldg(idx + b * k + j);
+    const bool valid = i >= 0 && i < n;  // the same for the whole warp
+    if (!valid && i != -1 && lane == 0) *error_flag = 1;
+    float acc = 0.f;
+    if (valid) {
+      const T* w_row = W + static_cast<int64_t>(i) * d;
+#pragma unroll 4
+      for (int64_t c0 = static_cast<int64_t>(lane) * VEC; c0 < d; c0 += 32 * VEC) {
+        float w[VEC], r[VEC];
+        load_n<T, VEC>(w_row + c0, w);
+        load_n<R, VEC>(r_row + c0, r);
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) acc = fmaf(w[u], r[u], acc);
+      }
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) Elem<T>::store(out + b * k + j, acc);
+  }
+}
 
-template <typename T>
-cudaError_t launch(const void* values, const int32_t* idx, int64_t rows, int64_t k, const void* W,
-                   int64_t n, int64_t d, const void* bias, void* out, int32_t* error_flag,
-                   cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  // 16-byte loads need every row start aligned: base pointers aligned and d * sizeof(T) % 16 == 0.
-  const bool vectorize = (d % kVec == 0) && aligned16(W) && aligned16(bias) && aligned16(out);
-  const int64_t lanes = vectorize ? d / kVec : d;
-  const int threads = static_cast<int>(lanes >= 256 ? 256 : ((lanes + 31) / 32) * 32);
+// ----------------------------------------------------------------------------- segment_rows
+// Grid (n, column tiles): block (i, t) writes columns [t * blockDim * VEC, ...) of out[i]. The
+// segment's slots are staged kSlots at a time: the R row each one reads (R1 for slot columns
+// j < K1, else R2) and its coefficient (gated). coef_sum[i] (when asked) is written by thread 0 of
+// tile 0; every thread sums the same coefficients in the same order.
+template <typename T, typename R, int VEC>
+__global__ void segment_rows_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ seg, int64_t K,
+                                    int64_t K1, const T* __restrict__ coef, const T* __restrict__ gate,
+                                    const R* __restrict__ R1, const R* __restrict__ R2, const T* __restrict__ offset,
+                                    int64_t d, T* __restrict__ out, T* __restrict__ coef_sum) {
+  __shared__ const R* s_src[kSlots];
+  __shared__ float s_coef[kSlots];
+  const int64_t i = blockIdx.x;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  const bool active = c0 < d;
+  const int64_t first = seg[i];
+  const int64_t last = seg[i + 1];
+  float off[VEC];
+  if (active && offset != nullptr) {
+    load_n<T, VEC>(offset + c0, off);
+  } else {
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) off[u] = 0.f;
+  }
+  float acc[VEC];
+#pragma unroll
+  for (int u = 0; u < VEC; ++u) acc[u] = 0.f;
+  float csum = 0.f;
+  for (int64_t p0 = first; p0 < last; p0 += kSlots) {  // same bounds for every thread of the block
+    const int count = static_cast<int>(last - p0 < kSlots ? last - p0 : kSlots);
+    __syncthreads();  // the previous chunk is no longer read
+    for (int t = threadIdx.x; t < count; t += blockDim.x) {
+      const int64_t s = __ldg(order + p0 + t);  // flat slot id b * K + j
+      const int64_t b = s / K;
+      const int64_t j = s - b * K;
+      float c = Elem<T>::load(coef + s);
+      if (gate != nullptr && !(Elem<T>::load(gate + s) > 0.f)) c = 0.f;
+      s_src[t] = (j < K1 ? R1 : R2) + b * d;
+      s_coef[t] = c;
+    }
+    __syncthreads();
+    for (int t = 0; t < count; ++t) csum += s_coef[t];
+    if (active) {
+      int t = 0;
+      for (; t + 4 <= count; t += 4) {  // four rows in flight
+        float r0[VEC], r1[VEC], r2[VEC], r3[VEC];
+        load_n<R, VEC>(s_src[t] + c0, r0);
+        load_n<R, VEC>(s_src[t + 1] + c0, r1);
+        load_n<R, VEC>(s_src[t + 2] + c0, r2);
+        load_n<R, VEC>(s_src[t + 3] + c0, r3);
+        const float a0 = s_coef[t], a1 = s_coef[t + 1], a2 = s_coef[t + 2], a3 = s_coef[t + 3];
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) {
+          acc[u] = fmaf(a0, r0[u] - off[u], acc[u]);
+          acc[u] = fmaf(a1, r1[u] - off[u], acc[u]);
+          acc[u] = fmaf(a2, r2[u] - off[u], acc[u]);
+          acc[u] = fmaf(a3, r3[u] - off[u], acc[u]);
+        }
+      }
+      for (; t < count; ++t) {
+        float r[VEC];
+        load_n<R, VEC>(s_src[t] + c0, r);
+        const float a = s_coef[t];
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) acc[u] = fmaf(a, r[u] - off[u], acc[u]);
+      }
+    }
+  }
+  if (active) store_n<T, VEC>(out + i * d + c0, acc);
+  if (coef_sum != nullptr && blockIdx.y == 0 && threadIdx.x == 0) Elem<T>::store(coef_sum + i, csum);
+}
+
+// --------------------------------------------------------------------------------- launchers
+
+template <typename T, typename O>
+cudaError_t launch_gather(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,
+                          const void* W, int64_t n, int64_t d, const void* bias, void* out, int32_t* error_flag,
+                          cudaStream_t stream) {
+  constexpr int kVec = kVec16<T>;
+  // 16-byte accesses need every row start aligned: aligned bases and d a multiple of the vector
+  // (then d * sizeof(O) is a multiple of 16 for O = float as well)
+  const bool vector = d % kVec == 0 && aligned16(W) && aligned16(bias) && aligned16(out);
   const dim3 grid(static_cast<unsigned>(rows));
-  const T* v = static_cast<const T*>(values);
+  const T* c = static_cast<const T*>(coef);
+  const T* g = static_cast<const T*>(gate);
   const T* w = static_cast<const T*>(W);
   const T* bb = static_cast<const T*>(bias);
-  T* o = static_cast<T*>(out);
-  if (vectorize)
-    sparse_decode_forward_kernel<T, kVec><<<grid, threads, 0, stream>>>(v, idx, k, w, n, d, bb, o, error_flag);
+  O* o = static_cast<O*>(out);
+  if (vector)
+    gather_rows_kernel<T, O, kVec><<<grid, row_threads(d, kVec), 0, stream>>>(c, g, idx, k, w, n, d, bb, o, error_flag);
   else
-    sparse_decode_forward_kernel<T, 1><<<grid, threads, 0, stream>>>(v, idx, k, w, n, d, bb, o, error_flag);
+    gather_rows_kernel<T, O, 1><<<grid, row_threads(d, 1), 0, stream>>>(c, g, idx, k, w, n, d, bb, o, error_flag);
   return cudaGetLastError();
+}
+
+template <typename T, typename R>
+cudaError_t launch_dot(const void* Rm, const int32_t* idx, int64_t rows, int64_t k, const void* W, int64_t n,
+                       int64_t d, void* out, int32_t* error_flag, cudaStream_t stream) {
+  constexpr int kVec = kVec16<T>;
+  const bool vector = d % kVec == 0 && aligned16(W) && aligned16(Rm);
+  const dim3 grid(static_cast<unsigned>(rows));
+  const R* r = static_cast<const R*>(Rm);
+  const T* w = static_cast<const T*>(W);
+  T* o = static_cast<T*>(out);
+  if (vector)
+    dot_rows_kernel<T, R, kVec><<<grid, 256, 0, stream>>>(r, idx, k, w, n, d, o, error_flag);
+  else
+    dot_rows_kernel<T, R, 1><<<grid, 256, 0, stream>>>(r, idx, k, w, n, d, o, error_flag);
+  return cudaGetLastError();
+}
+
+template <typename T, typename R>
+cudaError_t launch_segment(const int64_t* order, const int64_t* seg, int64_t n, int64_t K, int64_t K1,
+                           const void* coef, const void* gate, const void* R1, const void* R2, const void* offset,
+                           int64_t d, void* out, void* coef_sum, cudaStream_t stream) {
+  constexpr int kVec = kVec16<T>;
+  const bool vector = d % kVec == 0 && aligned16(R1) && aligned16(R2) && aligned16(offset) && aligned16(out);
+  const int vec = vector ? kVec : 1;
+  const int threads = row_threads(d, vec);
+  const int64_t tiles = (d + static_cast<int64_t>(threads) * vec - 1) / (static_cast<int64_t>(threads) * vec);
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));  // tiles <= 65535: checked by the host
+  const T* c = static_cast<const T*>(coef);
+  const T* g = static_cast<const T*>(gate);
+  const R* r1 = static_cast<const R*>(R1);
+  const R* r2 = static_cast<const R*>(R2);
+  const T* off = static_cast<const T*>(offset);
+  T* o = static_cast<T*>(out);
+  T* cs = static_cast<T*>(coef_sum);
+  if (vector)
+    segment_rows_kernel<T, R, kVec><<<grid, threads, 0, stream>>>(order, seg, K, K1, c, g, r1, r2, off, d, o, cs);
+  else
+    segment_rows_kernel<T, R, 1><<<grid, threads, 0, stream>>>(order, seg, K, K1, c, g, r1, r2, off, d, o, cs);
+  return cudaGetLastError();
+}
+
+// Calls f(T{}) for the storage dtype code.
+template <typename F> cudaError_t dispatch(int dtype, F&& f) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      return f(float{});
+    case DType::BFloat16:
+      return f(__nv_bfloat16{});
+    case DType::Float16:
+      return f(__half{});
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 
-cudaError_t sparse_decode_forward(const void* values, const int32_t* idx, int64_t rows, int64_t k,
-                                  const void* W_dec, int64_t n, int64_t d, const void* b_dec,
-                                  void* x_hat, int32_t* error_flag, int dtype, cudaStream_t stream) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float32:
-      return launch<float>(values, idx, rows, k, W_dec, n, d, b_dec, x_hat, error_flag, stream);
-    case DType::BFloat16:
-      return launch<__nv_bfloat16>(values, idx, rows, k, W_dec, n, d, b_dec, x_hat, error_flag, stream);
-    case DType::Float16:
-      return launch<__half>(values, idx, rows, k, W_dec, n, d, b_dec, x_hat, error_flag, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+cudaError_t gather_rows(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,
+                        const void* W, int64_t n, int64_t d, const void* bias, void* out, bool out_fp32,
+                        int32_t* error_flag, int dtype, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (out_fp32) return launch_gather<T, float>(coef, gate, idx, rows, k, W, n, d, bias, out, error_flag, stream);
+    return launch_gather<T, T>(coef, gate, idx, rows, k, W, n, d, bias, out, error_flag, stream);
+  });
+}
+
+cudaError_t dot_rows(const void* R, bool r_fp32, const int32_t* idx, int64_t rows, int64_t k, const void* W, int64_t n,
+                     int64_t d, void* out, int32_t* error_flag, int dtype, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (r_fp32) return launch_dot<T, float>(R, idx, rows, k, W, n, d, out, error_flag, stream);
+    return launch_dot<T, T>(R, idx, rows, k, W, n, d, out, error_flag, stream);
+  });
+}
+
+cudaError_t segment_rows(const int64_t* order, const int64_t* seg, int64_t n, int64_t K, int64_t K1,
+                         const void* coef, const void* gate, const void* R1, const void* R2, bool r_fp32,
+                         const void* offset, int64_t d, void* out, void* coef_sum, int dtype, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (r_fp32)
+      return launch_segment<T, float>(order, seg, n, K, K1, coef, gate, R1, R2, offset, d, out, coef_sum, stream);
+    return launch_segment<T, T>(order, seg, n, K, K1, coef, gate, R1, R2, offset, d, out, coef_sum, stream);
+  });
 }
 
 }  // namespace flashsae::cuda

@@ -8,11 +8,22 @@ Architectures (flashsae.create names): topk, batchtopk, matryoshka, jumprelu, re
 transcoder. The ops behind them live in flashsae.ops (topk_encode, sparse_decode, sae_loss, and the
 variable-count composites flashsae.ops.batch_topk / flashsae.ops.threshold_encode);
 flashsae.synthetic generates activations from a known sparse dictionary.
+
+Formats (flashsae.io): ``flashsae.load(path)`` reads native checkpoints and SAELens, sparsify,
+dictionary_learning, OpenAI sparse_autoencoder and lm-saes / Llama Scope files (detected; a Hub id
+org/repo works with huggingface_hub installed); ``flashsae.load_many(dir)`` reads every hookpoint of
+a multi-SAE directory; ``sae.save(path, format="native" | "saelens" | "sparsify")`` writes.
+
+Using SAEs in a model: flashsae.hooks (capture, splice, steer, ablate: context managers over any torch
+model); flashsae.eval (evaluate: reconstruction, sparsity and downstream metrics; the HTML report).
+Training: flashsae.train (the streaming trainer behind ``flashsae train``).
 """
 
-from . import ops, synthetic
+from . import eval, hooks, io, ops, synthetic
 from ._backend import BACKENDS, available_backends
+from ._version import __version__
 from .errors import BackendUnavailableError
+from .io import FormatError, load_many
 from .modules import (
     REGISTRY,
     SAE,
@@ -35,8 +46,6 @@ from .modules import (
 )
 from .outputs import ForwardOutput, SparseLatents
 
-__version__ = "0.1.0"
-
 __all__ = [
     "BACKENDS",
     "REGISTRY",
@@ -44,6 +53,7 @@ __all__ = [
     "BackendUnavailableError",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "FormatError",
     "ForwardOutput",
     "GatedConfig",
     "GatedSAE",
@@ -61,7 +71,11 @@ __all__ = [
     "__version__",
     "available_backends",
     "create",
+    "eval",
+    "hooks",
+    "io",
     "load",
+    "load_many",
     "ops",
     "synthetic",
 ]

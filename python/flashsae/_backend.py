@@ -4,7 +4,8 @@ Order of precedence: the ``backend=`` argument, then the ``FLASHSAE_BACKEND`` en
 then ``auto``. ``auto`` picks, per op stage (forward or backward), the fastest backend with a kernel
 for that stage on the tensors' device:
 
-- CUDA tensor: ``cuda``, else ``triton``, else ``torch``;
+- CUDA tensor: ``cuda``, else ``triton``, else ``torch`` (CUDA stages still awaiting their first run
+  on a GPU, :data:`CUDA_AWAITING_VALIDATION`, are skipped);
 - CPU tensor: ``cpu``, else ``torch``;
 - any other device: ``torch``.
 
@@ -42,7 +43,16 @@ KERNELS: dict[str, frozenset[str]] = {
             "sparse_adam",
         }
     ),
-    "cuda": frozenset({"sparse_decode"}),
+    "cuda": frozenset(
+        {
+            "topk_encode",
+            "topk_encode_backward",
+            "sparse_decode",
+            "sparse_decode_backward",
+            "sae_loss",
+            "sae_loss_backward",
+        }
+    ),
     "triton": frozenset(
         {
             "topk_encode",
@@ -56,12 +66,31 @@ KERNELS: dict[str, frozenset[str]] = {
     ),
 }
 
+#: CUDA stages that CI compiles but that have never run on a GPU (written in sessions without one).
+#: ``auto`` skips them on CUDA tensors (falling to triton, else torch); an explicit ``backend="cuda"``
+#: (or FLASHSAE_BACKEND=cuda) still runs them, and FLASHSAE_AUTO_UNVALIDATED=1 lets ``auto`` pick them
+#: too (benchmarks/run_device.sh sets it for its benchmark steps once the CUDA tests and
+#: compute-sanitizer have passed in the same run). The first GPU session empties this set after
+#: tests/test_cuda*.py and compute-sanitizer (memcheck + racecheck; run_device.sh steps ``cuda`` and
+#: ``sanitize``) pass on the GPU.
+CUDA_AWAITING_VALIDATION: frozenset[str] = frozenset(
+    {
+        "topk_encode",
+        "topk_encode_backward",
+        "sparse_decode",
+        "sparse_decode_backward",
+        "sae_loss",
+        "sae_loss_backward",
+    }
+)
+
 _DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}
 
 #: The order ``auto`` tries, per device type.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CUDA_DTYPES = TRITON_DTYPES
 
 
 def triton_interpreting() -> bool:
@@ -113,16 +142,30 @@ def _unavailable_reason(backend: str, stage: str, device: torch.device, dtype: t
         return f"it runs on {_DEVICE_OF[backend]} tensors and these are on {device}"
     if backend == "cuda" and not _native.cuda_module_available():
         return "flashsae was built without its CUDA module (rebuild with FLASHSAE_CUDA=ON and nvcc on PATH)"
+    if backend == "cuda" and dtype is not None and dtype not in CUDA_DTYPES:
+        return (
+            f"its kernels take float32, bfloat16 or float16 tensors and these are {str(dtype).removeprefix('torch.')}"
+        )
     if stage not in KERNELS[backend]:
         return f"it has no kernel for {stage} yet"
     return None
 
 
+def awaiting_validation(backend: str, stage: str) -> bool:
+    """Whether ``auto`` skips `backend` for `stage` because its kernel has not run on a GPU yet
+    (:data:`CUDA_AWAITING_VALIDATION`, unless FLASHSAE_AUTO_UNVALIDATED=1)."""
+    if backend != "cuda" or stage not in CUDA_AWAITING_VALIDATION:
+        return False
+    return os.environ.get("FLASHSAE_AUTO_UNVALIDATED", "0") != "1"
+
+
 def available_backends(stage: str, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
-    """Backends ``auto`` may pick for `stage` on `device`, fastest first (never the Triton interpreter)."""
+    """Backends ``auto`` may pick for `stage` on `device`, fastest first (never the Triton interpreter,
+    nor a CUDA kernel awaiting its first GPU validation)."""
     order = _AUTO_ORDER.get(device.type, ("torch",))
     if "triton" in order and triton_interpreting():
         order = tuple(b for b in order if b != "triton")
+    order = tuple(b for b in order if not awaiting_validation(b, stage))
     return [b for b in order if _unavailable_reason(b, stage, device, dtype) is None]
 
 

@@ -4,8 +4,8 @@ Providers (same parameters, same init, same optimizer; only the SAE math differs
 
 - ``torch_dense``: the straightforward TopK SAE: dense [batch, n] pre-activations, torch.topk,
   a dense latent matrix built with scatter, and a dense decoder GEMM (what most codebases write).
-- ``torch_sparse``: sparsify-style eager code: dense encoder + torch.topk, but a sparse decoder
-  (embedding_bag); autograd still builds [batch, n] gradients for the encoder.
+- ``torch_sparse``: sparsify-style eager code: sparsify's FusedEncoder (dense linear + relu +
+  torch.topk forward, sparse backward with embedding_bag and index_add) and an embedding_bag decoder.
 - ``flashsae``: :class:`flashsae.TopKSAE` on the fastest available backend.
 
 A training step is forward, ``fvu.backward()``, ``optimizer.step()`` and ``zero_grad(set_to_none=True)``,
@@ -82,12 +82,45 @@ class DenseTopKSAE(TopKSAE):
         return self._output(x, x_hat, values, indices, *self._losses(rows, x_hat, pre, dead_mask))
 
 
+class SparsifyStyleEncoder(torch.autograd.Function):
+    """sparsify's FusedEncoder, eager: dense forward (linear + relu + torch.topk, [batch, n] is
+    built), sparse backward (embedding_bag for the input, index_add for weight and bias).
+
+    Two differences from sparsify, so that it computes exactly flashsae's function: zero values get
+    no gradient (relu' = 0), and a gradient on the returned pre-activations (AuxK's path) is
+    propagated densely, recomputing them, instead of being dropped."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, k: int):
+        pre = F.relu(F.linear(x, weight, bias))
+        values, indices = pre.topk(k, dim=-1)
+        ctx.save_for_backward(x, weight, bias, values, indices)
+        ctx.mark_non_differentiable(indices)
+        ctx.set_materialize_grads(False)
+        return values, indices, pre
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_indices, grad_pre):
+        x, weight, bias, values, indices = ctx.saved_tensors
+        g = torch.zeros_like(values) if grad_values is None else grad_values * (values > 0)
+        grad_x = F.embedding_bag(indices, weight, mode="sum", per_sample_weights=g)
+        flat = indices.flatten()
+        grad_w = torch.zeros_like(weight).index_add_(0, flat, (g.unsqueeze(2) * x.unsqueeze(1)).flatten(0, 1))
+        grad_b = torch.zeros_like(bias).index_add_(0, flat, g.flatten())
+        if grad_pre is not None:
+            dense = grad_pre * (F.linear(x, weight, bias) > 0)
+            grad_x = grad_x + dense @ weight
+            grad_w = grad_w + dense.T @ x
+            grad_b = grad_b + dense.sum(0)
+        return grad_x, grad_w, grad_b, None
+
+
 class SparsifyStyleTopKSAE(DenseTopKSAE):
-    """sparsify-style eager TopK SAE: dense encoder + torch.topk, sparse decoder (embedding_bag)."""
+    """sparsify-style eager TopK SAE: SparsifyStyleEncoder and an embedding_bag decoder."""
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         rows = self._rows(x)
-        pre, values, indices = self._dense_latents(rows)
+        values, indices, pre = SparsifyStyleEncoder.apply(rows - self.b_dec, self.W_enc, self.b_enc, self.k)
         x_hat = F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
         return self._output(x, x_hat, values, indices, *self._losses(rows, x_hat, pre, dead_mask))
 

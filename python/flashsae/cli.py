@@ -3,6 +3,9 @@
     flashsae train [--model ... --hookpoints ... --dataset ... --out DIR ...]   (no flags: the demo)
     flashsae cache --out DIR [--model ... --hookpoints ... --dataset ...]
     flashsae bench [--d-in 768 --n-latents 24576 --k 32 --batch 1024 ...]
+    flashsae convert SRC DST --to {native,saelens,sparsify}
+    flashsae eval RUN_DIR | SAE_DIR [--n-tokens ...]
+    flashsae report RUN_DIR
 
 ``train`` trains one SAE per hookpoint on a transformers model's activations (or on a cache written
 by ``cache``); every field of :class:`flashsae.train.TrainConfig` is a flag.
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from . import benchmarking
+from .eval.cli import add_eval_parser, add_report_parser, run_eval, run_report
+from .io.convert import add_convert_parser, run_convert
 
 
 def _add_bench_parser(subparsers) -> None:
@@ -51,9 +56,23 @@ def _add_bench_parser(subparsers) -> None:
         help=f"comma-separated subset of {','.join(benchmarking.PROVIDERS)} (default: all)",
     )
     bench.add_argument("--json", type=Path, default=None, help="also write the raw results to this JSON file")
+    bench.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="instead of measuring: turn pytest-benchmark JSON files (pytest benchmarks/ --benchmark-only "
+        "--benchmark-json=FILE) into a markdown table and PNG plots in --report-dir",
+    )
+    bench.add_argument("--report-dir", type=Path, default=Path("benchmark-report"), help="(default: benchmark-report)")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.report:
+        from .bench_report import main as report_main
+
+        return report_main([*map(str, args.report), "--out", str(args.report_dir)])
     names = {f.name for f in fields(benchmarking.BenchConfig)}
     try:
         config = benchmarking.BenchConfig(**{name: getattr(args, name) for name in names})
@@ -227,21 +246,24 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+#: subcommand -> (adds its parser to the subparsers, runs it and returns the exit code)
+COMMANDS: dict[str, tuple[Any, Any]] = {
+    "train": (_add_train_parser, _run_train),
+    "cache": (_add_cache_parser, _run_cache),
+    "bench": (_add_bench_parser, _run_bench),
+    "convert": (add_convert_parser, run_convert),
+    "eval": (add_eval_parser, run_eval),
+    "report": (add_report_parser, run_report),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashsae", description="Fast, memory-lean sparse autoencoders.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_train_parser(subparsers)
-    _add_cache_parser(subparsers)
-    _add_bench_parser(subparsers)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(subparsers)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        return _run_train(args)
-    if args.command == "cache":
-        return _run_cache(args)
-    if args.command == "bench":
-        return _run_bench(args)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return COMMANDS[args.command][1](args)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ._common import FormatError, atomic_directory, read_json, read_safetensors
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -25,25 +25,22 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically writes `config` (JSON-serializable) and `tensors` to the directory `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(path) as staging:
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, staging / WEIGHTS_NAME)
         payload = {"format": "flashsae", "format_version": FORMAT_VERSION, **config}
         (staging / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        _fsync_dir_files(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / "checkpoint")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(path)
+
+
+def is_native(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory holding a flashsae checkpoint (cfg.json says so)."""
+    config_file = Path(path) / CONFIG_NAME
+    if not (config_file.is_file() and (Path(path) / WEIGHTS_NAME).is_file()):
+        return False
+    try:
+        return read_json(config_file).get("format") == "flashsae"
+    except (FormatError, OSError):
+        return False
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -55,7 +52,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"path: {source} has no {file.name}; not a flashsae checkpoint")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     if config.get("format") != "flashsae":
         raise ValueError(f"path: {config_file} is not a flashsae config (format={config.get('format')!r})")
     if config.get("format_version", 0) > FORMAT_VERSION:
@@ -63,10 +60,4 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"path: {config_file} has format_version {config['format_version']}; this flashsae reads up to "
             f"{FORMAT_VERSION}. Upgrade flashsae."
         )
-    return config, load_file(weights_file)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for file in directory.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    return config, read_safetensors(weights_file)

@@ -15,6 +15,11 @@ of the BatchTopK threshold estimate) and BatchTopK's ``threshold``. A forward in
 autograd enabled counts as one step and updates them, so the plain loop ``out = sae(x, dead_mask=...);
 out.loss.backward(); ...`` needs nothing more; with gradient accumulation or a resumed run, set the
 count directly: ``sae.num_steps.fill_(step)``. Transcoders take the target too: ``tc(x, y, dead_mask=...)``.
+
+Options that express other libraries' SAEs exactly (flashsae.io loads SAELens, sparsify, dictionary_learning,
+OpenAI and lm-saes files with them; all default to the previous behavior, so older checkpoints load unchanged):
+TopK ``apply_b_dec_to_input`` and ``input_norm`` ("layer_norm" as OpenAI's TopK SAEs, "constant_norm_rescale"),
+Gated ``apply_b_dec_to_input``, JumpReLU ``threshold_parametrization="direct"`` (thresholds stored as given).
 """
 
 from .base import REGISTRY, SAE, SAEConfig, create, geometric_median, load, register

@@ -1,5 +1,6 @@
 """Pieces the SAE family shares: config checks, the training-step counter (warm-ups, the BatchTopK
-threshold), the dense reconstruction of the L1/L0-penalty architectures, and decoding padded latents.
+threshold), the dense reconstruction of the L1/L0-penalty architectures, decoding padded latents, and
+the per-row input normalizations some foreign SAEs apply before encoding (OpenAI's TopK SAEs, SAELens).
 
 Training schedule (every architecture with a warm-up or a running estimate):
     ``num_steps`` is an int64 buffer, saved and restored with the checkpoint. ``forward`` adds 1
@@ -10,6 +11,8 @@ Training schedule (every architecture with a warm-up or a running estimate):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -122,3 +125,50 @@ def next_candidates(current: int, latents: torch.Tensor, n_latents: int) -> int:
     """The slot hint for the next variable-count encode: twice the largest row count seen so far,
     so a typical batch fits in one pass (the hint never changes results, only speed)."""
     return min(n_latents, max(current, 2 * latents.shape[-1]))
+
+
+# --------------------------------------------------------------------------- input normalization
+
+#: Per-row input normalizations (the SAE encodes the normalized row and maps its reconstruction back):
+#:   "none"                   identity
+#:   "layer_norm"             OpenAI sparse_autoencoder's LN (= SAELens' "layer_norm"):
+#:                            x_n = (x - mean) / (std + 1e-5), std the unbiased (n - 1) standard
+#:                            deviation over features; x_hat = x_hat_n * std + mean (no epsilon
+#:                            on the way back, as in both libraries)
+#:   "constant_norm_rescale"  SAELens' "constant_norm_rescale" (= lm-saes' "token-wise"):
+#:                            x_n = x * sqrt(d) / |x|; x_hat = x_hat_n * |x| / sqrt(d)
+INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+#: OpenAI's LN epsilon, added to the standard deviation (not to the variance).
+LAYER_NORM_EPS = 1e-5
+
+#: Per-row statistics of a normalization: x_n = (x - shift) / scale_in, x_hat = x_hat_n * scale_out + shift.
+RowStats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def normalize_rows(rows: torch.Tensor, kind: str) -> tuple[torch.Tensor, RowStats | None]:
+    """(normalized rows, per-row statistics) in the rows' dtype; the statistics are computed in
+    float32 at least (a bfloat16 mean over thousands of features is too coarse). kind "none"
+    returns the rows themselves and None."""
+    if kind == "none":
+        return rows, None
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    values = rows.to(acc)
+    if kind == "layer_norm":
+        shift = values.mean(-1, keepdim=True)
+        scale_out = (values - shift).std(-1, keepdim=True)
+        scale_in = scale_out + LAYER_NORM_EPS
+    elif kind == "constant_norm_rescale":
+        shift = torch.zeros_like(values[..., :1])
+        scale_out = scale_in = values.norm(dim=-1, keepdim=True) / math.sqrt(rows.shape[-1])
+    else:  # pragma: no cover - configs validate kind
+        raise ValueError(f"input_norm: expected one of {INPUT_NORMS}, got {kind!r}")
+    normalized = ((values - shift) / scale_in).to(rows.dtype)
+    return normalized.contiguous(), (scale_in, scale_out, shift)
+
+
+def denormalize_rows(rows: torch.Tensor, stats: RowStats | None) -> torch.Tensor:
+    """Maps reconstructions of normalized rows back to the input space (identity for None)."""
+    if stats is None:
+        return rows
+    _, scale_out, shift = stats
+    return (rows.to(scale_out.dtype) * scale_out + shift).to(rows.dtype)

@@ -8,6 +8,8 @@ validated on construction) and a registered name::
     out.loss.backward()
     sae.save("run/sae")          # cfg.json + sae.safetensors, atomically
     sae = flashsae.load("run/sae")   # the right class, from cfg.json
+    sae.save("out", format="saelens")        # or "sparsify" (flashsae.io: every format)
+    sae = flashsae.load("gemma-scope-dir")   # SAELens, sparsify, dictionary_learning, OpenAI, lm-saes
 
 Every SAE holds ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d] (one row per latent in both
 matrices) and ``b_dec`` [d]; architectures add their own parameters or buffers.
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..io.native import load_checkpoint, save_checkpoint
+from ..io.native import is_native, load_checkpoint, save_checkpoint
 from ..outputs import ForwardOutput, SparseLatents
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -202,8 +204,15 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------------------ save/load
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the native checkpoint (cfg.json + sae.safetensors) to the directory `path`, atomically."""
+    def save(self, path: str | os.PathLike, format: str = "native") -> None:
+        """Writes the SAE to the directory `path`, atomically: the native checkpoint (cfg.json +
+        sae.safetensors; every field round-trips) or, with format="saelens" / "sparsify", that
+        library's layout (see flashsae.io; what it cannot express raises a FormatError naming the field)."""
+        if format != "native":
+            from ..io import api  # imported here: flashsae.io's format modules import the modules
+
+            api.save(self, path, format=format)
+            return
         header = {
             "architecture": self.architecture,
             "dtype": DTYPE_NAMES[self.dtype],
@@ -237,13 +246,35 @@ class SAE(nn.Module):
         cls,
         path: str | os.PathLike,
         *,
+        format: str | None = None,
+        subfolder: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: str | None = None,
     ) -> SAE:
-        """Loads a checkpoint written by :meth:`save` (dtype: as saved unless given). Called on
-        SAE itself (or via flashsae.load) it picks the class from cfg.json; on a subclass the
-        checkpoint must be of that architecture."""
+        """Loads an SAE saved by :meth:`save` or by another library (format detected unless given:
+        see flashsae.io; a Hub id org/repo works when huggingface_hub is installed). dtype: as saved
+        unless given. Called on SAE itself (or via flashsae.load) it picks the class; on a subclass
+        the SAE must be of that architecture."""
+        from ..io import api  # imported here: flashsae.io's format modules import the modules
+
+        if format == "native" or (format is None and subfolder is None and is_native(path)):
+            return cls._load_native(api.resolve(path, subfolder), device=device, dtype=dtype, backend=backend)
+        sae = api.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
+        if cls is not SAE and not isinstance(sae, cls):
+            raise ValueError(f"path: {path} holds a {sae.architecture!r} SAE, not {cls.architecture!r}")
+        return sae
+
+    @classmethod
+    def _load_native(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        backend: str | None = None,
+    ) -> SAE:
+        """Loads a native checkpoint (cfg.json + sae.safetensors)."""
         header, tensors = load_checkpoint(path)
         architecture = header.get("architecture")
         target = REGISTRY.get(architecture) if cls is SAE else cls
@@ -300,9 +331,13 @@ def create(
 def load(
     path: str | os.PathLike,
     *,
+    format: str | None = None,
+    subfolder: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> SAE:
-    """Loads any flashsae checkpoint, picking the class from its cfg.json."""
-    return SAE.load(path, device=device, dtype=dtype, backend=backend)
+    """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
+    library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see flashsae.io).
+    `format` forces one; `subfolder` picks one SAE of a multi-hookpoint directory or Hub repo."""
+    return SAE.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)

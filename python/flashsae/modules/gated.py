@@ -3,7 +3,7 @@ with Gated Sparse Autoencoders", arXiv:2404.16014).
 
 Gate and magnitude paths share the encoder directions (the paper's weight tying, r_mag rescales rows):
 
-    x_c      = x - b_dec
+    x_c      = x - b_dec                                  (x itself with apply_b_dec_to_input=False)
     pi_gate  = x_c W_enc^T + b_enc                       (W_enc = W_gate, b_enc = b_gate)
     pi_mag   = exp(r_mag) * (x_c W_enc^T) + b_mag         (W_mag = exp(r_mag) ⊙ W_gate, row-wise)
     f        = H(pi_gate) * relu(pi_mag)                   H: step, no gradient
@@ -49,11 +49,14 @@ class GatedConfig(SAEConfig):
     l1_warmup_steps: int = 0
     """Training steps over which lambda rises linearly from 0 (>= 0; 0: no warm-up, as in the
     paper). See :mod:`flashsae.modules._shared` for how steps are counted."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from x before encoding (the paper; SAELens' field of that name can turn it off)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
         _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
 
 
 @register
@@ -62,7 +65,7 @@ class GatedSAE(SAE):
 
     Args:
         d_in: input width d. n_latents: dictionary size n.
-        options: the other :class:`GatedConfig` fields (l1_coefficient, l1_warmup_steps).
+        options: the other :class:`GatedConfig` fields (l1_coefficient, l1_warmup_steps, apply_b_dec_to_input).
         dtype, device, backend: as for :class:`~flashsae.TopKSAE`.
 
     Parameters: ``W_enc`` [n, d] and ``b_enc`` [n] (the gate: W_gate, b_gate), ``r_mag`` [n] and
@@ -99,6 +102,9 @@ class GatedSAE(SAE):
         _shared.register_step_counter(self, device)
         self._candidates = DEFAULT_CANDIDATES
 
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
     # ----------------------------------------------------------------------------- forward pieces
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
@@ -107,8 +113,9 @@ class GatedSAE(SAE):
         magnitudes from their pre-activations (in bfloat16 / float16 with one extra rounding)."""
         zeros = torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
         gate, indices = threshold_encode(
-            self._rows(x), self.W_enc, self.b_enc, zeros, self.b_dec, candidates=self._candidates, backend=self.backend
-        )
+            self._rows(x), self.W_enc, self.b_enc, zeros, self._input_bias(), candidates=self._candidates,
+            backend=self.backend,
+        )  # fmt: skip
         self._candidates = _shared.next_candidates(self._candidates, gate, self.n_latents)
         open_gate = indices >= 0
         slot = indices.clamp_min(0).long()
@@ -128,7 +135,8 @@ class GatedSAE(SAE):
         rows = self._rows(x)
         if dead_mask is not None:
             _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
-        projection = (rows - self.b_dec) @ self.W_enc.T  # [batch, n], shared by both paths
+        centered = rows - self.b_dec if self.config.apply_b_dec_to_input else rows
+        projection = centered @ self.W_enc.T  # [batch, n], shared by both paths
         pi_gate = projection + self.b_enc
         pi_mag = self.r_mag.exp() * projection + self.b_mag
         f = (pi_gate > 0) * pi_mag.relu()

@@ -4,7 +4,8 @@ with the tanh sparsity penalty and pre-activation loss of Anthropic's January 20
 ("Circuits Updates - January 2025", transformer-circuits.pub) as options.
 
     pre     = (x [- b_dec]) W_enc^T + b_enc                 b_dec subtracted iff apply_b_dec_to_input
-    theta   = exp(log_threshold)                             per latent, > 0
+    theta   = exp(log_threshold)                             per latent, > 0 (or the parameter
+                                                             direct_threshold, >= 0: see below)
     f       = JumpReLU_theta(pre) = pre * H(pre - theta)
     x_hat   = f W_dec + b_dec
     loss    = sum_b |x_b - x_hat_b|^2 / batch  +  lambda(t) * S  +  lambda_P * P
@@ -12,6 +13,13 @@ with the tanh sparsity penalty and pre-activation loss of Anthropic's January 20
       S (tanh, Anthropic) = mean_b sum_i tanh(c * f_bi * |W_dec_i|)
       P (pre-activation)  = mean_b sum_i relu(theta_i - pre_bi) * |W_dec_i|   over dead latents
                             (all latents when forward gets no dead_mask)
+
+Threshold parametrization (``threshold_parametrization``): "log" (default, the paper) learns
+log_threshold; "direct" learns the thresholds themselves in ``direct_threshold`` (SAELens trains this
+way since its v6: Adam moves a log-parameter multiplicatively, so small initial thresholds barely
+move), kept >= 0 by clamping before every training step. "direct" is also what SAELens / Gemma Scope
+/ dictionary_learning files store, so loading them is exact in every dtype (exp(log(t)) is not t:
+in bfloat16, log_threshold ~ -5 has a resolution of 3% in t).
 
 H has no derivative, so the threshold learns through the paper's straight-through estimator with a
 rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps:
@@ -42,6 +50,7 @@ from . import _shared
 from .base import SAE, SAEConfig, non_negative, register
 
 SPARSITY_LOSSES = ("step", "tanh")
+THRESHOLD_PARAMETRIZATIONS = ("log", "direct")
 
 
 @dataclass
@@ -69,6 +78,10 @@ class JumpReLUConfig(SAEConfig):
     :mod:`flashsae.modules._shared` for how steps are counted."""
     apply_b_dec_to_input: bool = False
     """Subtract b_dec from x before encoding (SAELens' option; the paper's encoder does not)."""
+    threshold_parametrization: str = "log"
+    """"log": the parameter is log_threshold (thresholds > 0, the paper); "direct": the parameter
+    direct_threshold holds the thresholds (>= 0; exact for thresholds read from other libraries'
+    files). See the module docstring."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +94,11 @@ class JumpReLUConfig(SAEConfig):
         self.pre_act_coefficient = non_negative("pre_act_coefficient", self.pre_act_coefficient)
         _shared.non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
         _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        if self.threshold_parametrization not in THRESHOLD_PARAMETRIZATIONS:
+            raise ValueError(
+                f"threshold_parametrization: expected one of {THRESHOLD_PARAMETRIZATIONS}, "
+                f"got {self.threshold_parametrization!r}"
+            )
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -134,7 +152,8 @@ class JumpReLUSAE(SAE):
 
     Parameters: ``W_enc`` [n, d], ``b_enc`` [n], ``W_dec`` [n, d], ``b_dec`` [d] (Gao et al. init:
     unit decoder rows, encoder = decoder, zero biases, as in the paper) and ``log_threshold`` [n]
-    (``threshold`` = exp(log_threshold) stays positive). Buffer ``num_steps`` drives the warm-up.
+    (``threshold`` = exp(log_threshold) stays positive), or ``direct_threshold`` [n] with
+    threshold_parametrization="direct". Buffer ``num_steps`` drives the warm-up.
 
     Decoder: with the step (L0) penalty the paper keeps decoder rows at unit norm, so
     ``unit_norm_decoder`` is True and a training loop calls remove_decoder_parallel_grads_ /
@@ -166,8 +185,12 @@ class JumpReLUSAE(SAE):
 
     def _build(self) -> None:
         self.init_weights_()
-        start = torch.full((self.n_latents,), math.log(self.config.threshold_init), dtype=self._init_dtype)
-        self.log_threshold = nn.Parameter(start.to(self._init_device))
+        if self.config.threshold_parametrization == "direct":
+            start = torch.full((self.n_latents,), self.config.threshold_init, dtype=self._init_dtype)
+            self.direct_threshold = nn.Parameter(start.to(self._init_device))
+        else:
+            start = torch.full((self.n_latents,), math.log(self.config.threshold_init), dtype=self._init_dtype)
+            self.log_threshold = nn.Parameter(start.to(self._init_device))
         _shared.register_step_counter(self, self._init_device)
         self._candidates = DEFAULT_CANDIDATES
 
@@ -178,7 +201,9 @@ class JumpReLUSAE(SAE):
 
     @property
     def threshold(self) -> torch.Tensor:
-        """[n_latents] thresholds exp(log_threshold)."""
+        """[n_latents] thresholds: exp(log_threshold), or direct_threshold itself."""
+        if self.config.threshold_parametrization == "direct":
+            return self.direct_threshold
         return self.log_threshold.exp()
 
     def _input_bias(self) -> torch.Tensor | None:
@@ -209,6 +234,9 @@ class JumpReLUSAE(SAE):
         rows = self._rows(x)
         if dead_mask is not None:
             _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
+        if cfg.threshold_parametrization == "direct" and _shared.is_training_step(self):
+            with torch.no_grad():  # projected, not clamped in the graph (that would zero its gradient)
+                self.direct_threshold.clamp_(min=0)
         centered = rows - self.b_dec if cfg.apply_b_dec_to_input else rows
         pre = centered @ self.W_enc.T + self.b_enc  # [batch, n]: the STE needs every latent's
         theta = self.threshold

@@ -10,6 +10,13 @@ encoder GEMM (tile by tile) and writing the dense parameter gradients torch's op
 Multi-TopK (Gao et al. 2024, section 5.3; ``multi_topk=True``): the loss adds the reconstruction with
 4k latents, ``L(k) + L(4k) / 8``, so the SAE also works at larger k at inference. One topk_encode of
 4k slots serves both (its first k are the top-k) and one more fused sae_loss scores the 4k latents.
+
+Two options express SAEs trained elsewhere exactly (both off by default):
+``apply_b_dec_to_input=False`` encodes x itself instead of x - b_dec (SAELens' field of that name),
+and ``input_norm`` normalizes every row before encoding and maps the reconstruction back, as
+OpenAI's TopK SAEs ("layer_norm") and SAELens' normalize_activations do (see
+:data:`flashsae.modules._shared.INPUT_NORMS`). With an input norm the losses (fvu, mse, AuxK) are
+measured in the normalized space the SAE works in, as OpenAI trains; x_hat is in the input's space.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
+from . import _shared
 from .base import SAE, SAEConfig, non_negative, positive_int, register
 
 
@@ -37,6 +45,13 @@ class TopKConfig(SAEConfig):
     multi_topk: bool = False
     """Multi-TopK loss (Gao et al. 2024, 5.3): ``loss = fvu + fvu_4k / 8 + auxk_alpha * auxk_loss``
     where fvu_4k reconstructs with the top min(4k, n_latents) latents. Outputs stay those of k."""
+    apply_b_dec_to_input: bool = True
+    """Subtract b_dec from the input before encoding (Gao et al.; False encodes x itself, as some
+    SAELens SAEs do)."""
+    input_norm: str = "none"
+    """Per-row normalization before encoding, undone on the reconstruction: "none", "layer_norm"
+    (OpenAI's TopK SAEs: (x - mean) / (std + 1e-5)) or "constant_norm_rescale" (x * sqrt(d) / |x|).
+    See :data:`flashsae.modules._shared.INPUT_NORMS`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,6 +66,9 @@ class TopKConfig(SAEConfig):
         self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
         if not isinstance(self.multi_topk, bool):
             raise ValueError(f"multi_topk: expected True or False, got {self.multi_topk!r}")
+        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        if self.input_norm not in _shared.INPUT_NORMS:
+            raise ValueError(f"input_norm: expected one of {_shared.INPUT_NORMS}, got {self.input_norm!r}")
 
 
 #: Multi-TopK (Gao et al. 2024, 5.3): the second reconstruction uses MULTI_TOPK_FACTOR * k latents
@@ -69,6 +87,7 @@ class TopKSAE(SAE):
         k: active latents per input row, 1 <= k <= n_latents.
         aux_k, auxk_alpha: AuxK settings, see :class:`TopKConfig`.
         multi_topk: add the Multi-TopK term L(4k) / 8 to the loss, see :class:`TopKConfig`.
+        apply_b_dec_to_input, input_norm: how the input is prepared, see :class:`TopKConfig`.
         dtype, device: of the parameters (float32 default; bfloat16, float16, float64 work).
         backend: kernel backend for every op ("auto" default; see flashsae._backend).
 
@@ -94,13 +113,16 @@ class TopKSAE(SAE):
         aux_k: int | None = None,
         auxk_alpha: float = 1 / 32,
         multi_topk: bool = False,
+        apply_b_dec_to_input: bool = True,
+        input_norm: str = "none",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
         config = TopKConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk
-        )
+            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk,
+            apply_b_dec_to_input=apply_b_dec_to_input, input_norm=input_norm,
+        )  # fmt: skip
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         self._build()
 
@@ -114,14 +136,23 @@ class TopKSAE(SAE):
 
     # ----------------------------------------------------------------------------- forward pieces
 
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
+    def _prepared_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, _shared.RowStats | None]:
+        """x [..., d_in] as [rows, d_in] in the SAE's dtype, normalized per input_norm."""
+        return _shared.normalize_rows(self._rows(x), self.config.input_norm)
+
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The top-k latents of x [..., d_in]: values and int32 indices, each [..., k]."""
-        values, indices = topk_encode(self._rows(x), self.W_enc, self.b_enc, self.k, self.b_dec, backend=self.backend)
+        rows, _ = self._prepared_rows(x)
+        values, indices = topk_encode(rows, self.W_enc, self.b_enc, self.k, self._input_bias(), backend=self.backend)
         lead = x.shape[:-1]
         return SparseLatents(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
 
-    def decode(self, latents: SparseLatents) -> torch.Tensor:
-        """x_hat [..., d_in] from latents ([..., k] values and indices)."""
+    def decode(self, latents: SparseLatents, x: torch.Tensor | None = None) -> torch.Tensor:
+        """x_hat [..., d_in] from latents ([..., k] values and indices). With an input_norm, x (the
+        input the latents came from) is required: its per-row statistics undo the normalization."""
         values, indices = latents
         lead = values.shape[:-1]
         k = values.shape[-1]
@@ -132,6 +163,15 @@ class TopKSAE(SAE):
             self.b_dec,
             backend=self.backend,
         )
+        if self.config.input_norm != "none":
+            if x is None:
+                raise ValueError(
+                    f"x: decode needs the input x [..., d_in] to undo input_norm={self.config.input_norm!r}"
+                )
+            _, stats = self._prepared_rows(x)
+            if stats[0].shape[0] != x_hat.shape[0]:
+                raise ValueError(f"x: expected the input of these latents ({x_hat.shape[0]} rows), got {list(x.shape)}")
+            x_hat = _shared.denormalize_rows(x_hat, stats)
         return x_hat.reshape(*lead, self.d_in)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
@@ -140,12 +180,13 @@ class TopKSAE(SAE):
         dead_mask: optional [n_latents] bool, latents counted as dead (e.g. no activation in the
         last 10M tokens); enables the AuxK loss over the aux_k most active of them.
         """
-        rows = self._rows(x)
+        rows, stats = self._prepared_rows(x)
         aux_k = self.aux_k if dead_mask is not None else 0
         slots = min(MULTI_TOPK_FACTOR * self.k, self.n_latents) if self.config.multi_topk else self.k
         encoded = topk_encode(
-            rows, self.W_enc, self.b_enc, slots, self.b_dec, dead_mask=dead_mask, aux_k=aux_k, backend=self.backend
-        )
+            rows, self.W_enc, self.b_enc, slots, self._input_bias(), dead_mask=dead_mask, aux_k=aux_k,
+            backend=self.backend,
+        )  # fmt: skip
         values, indices = encoded[:2]
         wide = (values, indices)
         if slots != self.k:  # the top-k are the first k of the sorted top-4k
@@ -163,7 +204,7 @@ class TopKSAE(SAE):
             objective = objective + MULTI_TOPK_WEIGHT * wide_loss.fvu
         lead = x.shape[:-1]
         return ForwardOutput(
-            x_hat=loss.x_hat.reshape(*lead, self.d_in),
+            x_hat=_shared.denormalize_rows(loss.x_hat, stats).reshape(*lead, self.d_in),
             latents=SparseLatents(values.reshape(*lead, self.k), indices.reshape(*lead, self.k)),
             fvu=loss.fvu,
             mse=loss.mse,

@@ -8,6 +8,11 @@ Per row, in one pass over the k (+ aux_k) selected decoder rows:
 x_hat - x is never stored; the backward recomputes x_hat and e_hat from the inputs (the same
 k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for autograd.
 
+The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/sae_loss.cu) has the same structure: a forward row
+kernel (x_hat, per-row SSE and AuxK SSE), a backward row kernel (recomputes x_hat and e_hat, writes
+the fp32 residual gradients G, H and dx), then the sparse decoder's row-dot and latent segment-reduce
+kernels (csrc/cuda/sparse_decode.cu).
+
 The ``triton`` backend (flashsae.kernels.sae_loss) runs the forward as one kernel over row blocks
 and the backward as one row kernel (G, H, dx) followed by the sparse decoder's row-dot and latent
 segment-reduce kernels.
@@ -91,6 +96,18 @@ def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
     x_hat = new_output((rows, d), x.dtype, x.device)
     sse = new_output((rows,), acc, x.device)
     aux_sse = new_output((rows,) if aux_k else (0,), acc, x.device)
+    if impl == "cuda":
+        from . import _cuda
+
+        flags = _cuda.new_flag(x.device, 2)
+        _cuda.loss_forward(
+            x, values, indices, aux_values if aux_k else None, aux_indices if aux_k else None, W_dec, b_dec,
+            x_hat, sse, aux_sse, flags,
+        )  # fmt: skip
+        if _checks.VALUE_CHECKS and bool(flags.any()):
+            name = "indices" if bool(flags[0]) else "aux_indices"
+            raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
+        return x_hat, sse, aux_sse
     if impl == "triton":
         from ..kernels import sae_loss as kernels
 
@@ -142,6 +159,29 @@ def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_d
     dW_dec = new_output((n, d), W_dec.dtype, x.device)
     db_dec = new_output((d,), W_dec.dtype, x.device)
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
+    if impl == "cuda":
+        from . import _cuda
+
+        # R[0] = G, R[1] = H: fp32 residual gradients (module docstring); indices were checked by the
+        # forward, so the flags are not read back
+        R = new_output((2 if aux_k else 1, rows, d), torch.float32, x.device)
+        flags = _cuda.new_flag(x.device, 2)
+        _cuda.loss_backward_rows(
+            grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, aux_values if aux_k else None,
+            aux_indices if aux_k else None, W_dec, b_dec, R[0], R[1] if aux_k else None, dx if need_dx else None,
+            flags,
+        )  # fmt: skip
+        _cuda.dot_rows(R[0], indices, W_dec, d_values, flags)
+        if aux_k:
+            _cuda.dot_rows(R[1], aux_indices, W_dec, d_aux_values, flags)
+            # one segment reduce over main and aux slots: slot columns j >= k read R[1]
+            _cuda.segment_rows(
+                torch.cat([values, aux_values], dim=1), torch.cat([indices, aux_indices], dim=1), R[0], dW_dec,
+                R2=R[1], main_slots=k,
+            )  # fmt: skip
+        else:
+            _cuda.segment_rows(values, indices, R[0], dW_dec)
+        return d_values, d_aux_values, dW_dec, R[0].sum(0).to(W_dec.dtype), dx
     if impl == "triton":
         from ..kernels import sae_loss as kernels
 

@@ -4,15 +4,16 @@ Forward and backward are O(batch * k * d): no [batch, n_latents] tensor exists a
 Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
 dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
 
-Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (forward only so far,
-flashsae._C_cuda), ``triton`` (flashsae.kernels.sparse_decode: gather-combine, row dots, dW_dec by a
-segment reduce over slots sorted by latent, no atomics), ``torch`` (embedding_bag + index_add,
-row-blocked). See flashsae._backend.
+Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (flashsae._C_cuda,
+csrc/cuda/sparse_decode.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
+over slots sorted by latent, no atomics), ``triton`` (flashsae.kernels.sparse_decode: gather-combine,
+row dots, dW_dec by a segment reduce over slots sorted by latent, no atomics), ``torch``
+(embedding_bag + index_add, row-blocked). See flashsae._backend.
 """
 
 import torch
 
-from .. import _backend, _checks, _native
+from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
 from . import _common, _row_grads
@@ -60,15 +61,12 @@ def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
             addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), dtype_code(values)
         )
         return out
-    # cuda: out-of-range indices are skipped and raise a flag on the device, read back here (one
-    # sync; skipped with FLASHSAE_VALUE_CHECKS=0 together with the other value checks)
-    error_flag = torch.zeros(1, dtype=torch.int32, device=values.device)
-    _native.cuda_module().sparse_decode_forward(
-        addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), addr(error_flag),
-        dtype_code(values), values.device.index, _native.cuda_stream(values.device),
-    )  # fmt: skip
-    if _checks.VALUE_CHECKS and bool(error_flag.item()):
-        raise ValueError(f"indices: some index is out of range; expected a latent in [0, {n}) or -1")
+    # cuda: out-of-range indices are skipped and raise a flag on the device
+    from . import _cuda
+
+    flag = _cuda.new_flag(values.device)
+    _cuda.gather_rows(values, indices, W_dec, out, flag, bias=b_dec)
+    _raise_on_index_flag("indices", flag, n)
     return out
 
 
@@ -84,6 +82,16 @@ def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
         dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
         kernels.dot_rows(grad, indices, W_dec, d_values)
         kernels.segment_rows(values, indices, grad, dW_dec)
+        db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
+        return d_values, dW_dec, db_dec
+    if impl == "cuda":
+        from . import _cuda
+
+        d_values = new_output((rows, k), values.dtype, values.device)
+        dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
+        # the forward read these indices and raised on any out of range: the flag is not read back
+        _cuda.dot_rows(grad, indices, W_dec, d_values, _cuda.new_flag(values.device))
+        _cuda.segment_rows(values, indices, grad, dW_dec)
         db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
         return d_values, dW_dec, db_dec
     if impl == "torch":

@@ -11,6 +11,15 @@ Backward is sparse: with d_pre = d_values * [values > 0] on the k selected slots
 dW_enc[i] += d_pre * (x - b_dec) and db_enc[i] += d_pre touch only selected latents;
 dx = sum_j d_pre W_enc[idx] and db_dec = -sum_b dx are computed only when asked for.
 
+The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/topk_select.cu) runs the encoder GEMM with torch
+(cuBLAS) one chunk of ``cuda_chunk_columns`` latents at a time, into fp32 scores, and merges each chunk
+into a per-row select state with one radix-select kernel that reads the scores once and adds the
+bias c = b_enc - W_enc b_dec (fp32) and the relu itself; the AuxK state is fed in the same pass.
+So [B, n] never exists: the extra memory is one [B, chunk] fp32 tile. The kernel's final sort holds
+at most ``_cuda.topk_max_k()`` (2048) keys per row: a larger k selects with the torch backend's
+running merge, a larger aux_k over the dead latents only (as the triton backend does past
+FUSED_AUX_MAX). Its backward is dW_enc / db_enc by latent-sorted segments and dx by a row gather.
+
 The ``triton`` backend (flashsae.kernels.topk_encode) fuses the encoder GEMM with the selection in
 one kernel (tl.dot tiles, a register-resident top-k per row, no [batch, n] tensor at all). It fuses
 the AuxK selection too when aux_k <= ``FUSED_AUX_MAX``; a larger aux_k (TopKSAE's default is d_in / 2)
@@ -39,6 +48,19 @@ TILE_ELEMENTS = 1 << 22
 def tile_columns(rows: int, n_latents: int) -> int:
     """Latents per encoder tile: TILE_ELEMENTS / rows, in multiples of 64, at least 256."""
     cols = max(256, (TILE_ELEMENTS // max(rows, 1)) // 64 * 64)
+    return min(n_latents, cols)
+
+
+#: Scores of one encoder chunk on CUDA (fp32: 256 MiB). At B = 16384 that is 4096 latents per chunk:
+#: a [16384, d] x [d, 4096] GEMM keeps the tensor cores busy, and the select re-reads its [B, k]
+#: state once per chunk (8k bytes per row against 4 * 4096 of scores).
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+
+def cuda_chunk_columns(rows: int, n_latents: int) -> int:
+    """Latents per encoder chunk on CUDA: CUDA_CHUNK_ELEMENTS / rows in multiples of 256 (so fp32
+    score rows stay 16-byte aligned for the select's vector loads), at least 256."""
+    cols = max(256, (CUDA_CHUNK_ELEMENTS // max(rows, 1)) // 256 * 256)
     return min(n_latents, cols)
 
 
@@ -192,11 +214,60 @@ def _aux_over_dead_latents(x, W_enc, b_enc, b_dec, dead_mask, aux_values, aux_in
         aux_indices[:, :filled] = dead[sub_indices.long()].to(torch.int32)
 
 
+def _cuda_encoder_bias(W_enc, b_enc, b_dec):
+    """c = b_enc - W_enc b_dec in fp32 [n], so each chunk's GEMM runs on x itself:
+    (x - b_dec) W^T + b_enc = x W^T + c, without rounding x - b_dec to a 16-bit dtype."""
+    c = b_enc.float()
+    if b_dec is None:
+        return c
+    if W_enc.dtype == torch.float32:
+        return c - W_enc @ b_dec
+    return c - torch.mm(W_enc, b_dec.unsqueeze(1), out_dtype=torch.float32).squeeze(1)
+
+
+def _cuda_chunk_scores(x, W_chunk):
+    """x W_chunk^T in fp32 (fp32 accumulation and output for 16-bit inputs too: selection never sees
+    scores rounded to bf16)."""
+    if x.dtype == torch.float32:
+        return torch.mm(x, W_chunk.T)
+    return torch.mm(x, W_chunk.T, out_dtype=torch.float32)
+
+
+def _encode_cuda(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
+    from . import _cuda
+
+    max_k = _cuda.topk_max_k()
+    if k > max_k:  # beyond the select kernel's sort (module docstring)
+        return _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+    rows, n = x.shape[0], W_enc.shape[0]
+    fused_aux = aux_k if aux_k <= max_k else 0
+    bias = _cuda_encoder_bias(W_enc, b_enc, b_dec)
+    state = _cuda.select_state(rows, k, x.device)
+    aux_state = _cuda.select_state(rows, fused_aux, x.device) if fused_aux else None
+    dead = dead_mask.view(torch.uint8) if fused_aux else None
+    cols = cuda_chunk_columns(rows, n)
+    for c0 in range(0, n, cols):
+        scores = _cuda_chunk_scores(x, W_enc[c0 : c0 + cols])
+        _cuda.topk_select(scores, state, col0=c0, bias=bias, relu=True, dead_mask=dead, aux_state=aux_state)
+    values = new_output((rows, k), x.dtype, x.device)
+    indices = new_output((rows, k), torch.int32, x.device)
+    _cuda.topk_finish(state, values, indices)
+    aux_values = new_output((rows, aux_k), x.dtype, x.device)
+    aux_indices = new_output((rows, aux_k), torch.int32, x.device)
+    if fused_aux:
+        _cuda.topk_finish(aux_state, aux_values, aux_indices)
+    elif aux_k:
+        _aux_over_dead_latents(x, W_enc, b_enc, b_dec, dead_mask, aux_values, aux_indices)
+    return values, indices, aux_values, aux_indices
+
+
 def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
     impl = _backend.resolve("topk_encode", x.device, backend, x.dtype)
     check_finite("x", x)
     if impl == "cpu":
         return _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+    if impl == "cuda":
+        return _encode_cuda(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
     if impl == "triton":
         return _encode_triton(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
     return _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
@@ -223,6 +294,28 @@ def _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_d
     return dW_enc, db_enc, dx, db_dec
 
 
+def _backward_cuda(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
+    from . import _cuda
+
+    rows, d = x.shape
+    n = W_enc.shape[0]
+    dW_enc = new_output((n, d), W_enc.dtype, x.device)
+    db_enc = new_output((n,), W_enc.dtype, x.device)
+    # d_pre = d_values * [values > 0], applied inside the kernels (gate)
+    _cuda.segment_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
+    dx, db_dec = x.new_empty(0), x.new_empty(0)
+    if need_dx or need_db_dec:
+        # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype; the indices
+        # came from the forward (in range), so the flag is not read back
+        dx32 = new_output((rows, d), torch.float32, x.device)
+        _cuda.gather_rows(d_values, indices, W_enc, dx32, _cuda.new_flag(x.device), gate=values)
+        if need_dx:
+            dx = dx32 if x.dtype == torch.float32 else dx32.to(x.dtype)
+        if need_db_dec:
+            db_dec = dx32.sum(0).neg_().to(x.dtype)
+    return dW_enc, db_enc, dx, db_dec
+
+
 def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
     impl = _backend.resolve("topk_encode_backward", x.device, backend, x.dtype)
     rows, d = x.shape
@@ -230,6 +323,8 @@ def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, 
     k = values.shape[1]
     if impl == "triton":
         return _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
+    if impl == "cuda":
+        return _backward_cuda(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
     if impl == "torch":
         d_pre = d_values.to(_common.acc_dtype(x.dtype)) * (values > 0)
         dW_enc, db_enc = _common.scatter_rows(d_pre, indices, x, n, offset=b_dec)

@@ -5,8 +5,6 @@ last of them (the layers after it never run).
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import importlib.util
 import re
 from collections.abc import Iterator
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hookpoints import resolve_hookpoints
 from .config import DEFAULT_MODEL, ActivationSourceConfig
 from .text import ContextPacker, Tokenization, document_source, hub_offline
 
@@ -93,39 +92,8 @@ def load_model(config: ActivationSourceConfig, device: torch.device) -> tuple[nn
 
 
 # ------------------------------------------------------------------------------------- hookpoints
-
-
-def _match(pattern: str, name: str) -> bool:
-    """Glob match where each '*' stays inside one dotted path component."""
-    parts, names = pattern.split("."), name.split(".")
-    return len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for p, n in zip(parts, names, strict=True))
-
-
-def resolve_hookpoints(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Module paths of `model` named by `patterns` (paths or globs), in the model's module order.
-    A pattern may carry the base model's prefix ('bert.encoder.layer.3' on a BertModel). Unknown
-    patterns raise a ValueError listing close matches."""
-    names = [name for name, _ in model.named_modules() if name]
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    chosen: set[str] = set()
-    for pattern in patterns:
-        candidates = [pattern]
-        if prefix and pattern.startswith(prefix + "."):
-            candidates.append(pattern[len(prefix) + 1 :])
-        matched = []
-        for candidate in candidates:
-            matched = [n for n in names if _match(candidate, n)]
-            if matched:
-                break
-        if not matched:
-            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
-            if not close:  # fall back to siblings: modules sharing the longest known parent path
-                parent = pattern.rsplit(".", 1)[0]
-                close = [n for n in names if n.startswith(parent + ".") and n.count(".") == pattern.count(".")][:5]
-            suggestion = f"; close matches: {', '.join(close)}" if close else f"; e.g. {', '.join(names[:5])}"
-            raise ValueError(f"hookpoints: {pattern!r} matches no module of {type(model).__name__}{suggestion}")
-        chosen.update(matched)
-    return [n for n in names if n in chosen]
+# Resolution (paths, globs, the optional base-model prefix) lives in flashsae.hookpoints, shared
+# with flashsae.hooks and flashsae.eval.
 
 
 class _StopForward(BaseException):

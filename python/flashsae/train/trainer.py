@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..modules import REGISTRY, SAE, create, load
 from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
 from .activations import ModelActivations, resolve_device

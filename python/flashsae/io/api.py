@@ -1,0 +1,249 @@
+"""Loading and saving in every format: detection, Hub ids, multi-hookpoint directories.
+
+    sae  = flashsae.load("path/or/org/repo", subfolder=None, format=None)   # format auto-detected
+    saes = flashsae.load_many("sparsify_run_dir")                           # {hookpoint: SAE}
+    sae.save("out", format="saelens")                                        # native | saelens | sparsify
+
+Detection (a local directory, or a file inside one):
+    cfg.json with "format": "flashsae" + sae.safetensors       native
+    cfg.json + sae_weights.safetensors                         saelens
+    cfg.json + sae.safetensors                                 sparsify
+    ae.pt (+ config.json)                                      dictionary_learning
+    config.json or hyperparams.json with d_model + weights     lm_saes (lm-saes, Llama Scope)
+    a .pt file with pre_bias / latent_bias                     openai
+A directory holding no SAE itself but SAE subdirectories (a sparsify run, a flashsae training run)
+is a multi-hookpoint directory: ``load_many`` reads all of them, ``load(path, subfolder=name)`` one.
+
+A path that does not exist locally and looks like ``org/repo[/sub/folder]`` is fetched from the
+Hugging Face Hub with huggingface_hub (imported only then; offline or without the package the error
+says so). Only the files under the subfolder are downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._common import FormatError, read_json, read_torch_weights
+
+#: Every format flashsae reads, and the module that reads it.
+FORMATS = ("native", "saelens", "sparsify", "dictionary_learning", "openai", "lm_saes")
+#: The formats flashsae writes.
+SAVE_FORMATS = ("native", "saelens", "sparsify")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
+
+
+def _module(name: str):
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+# ------------------------------------------------------------------------------------ detection
+
+
+def _detect_directory(path: Path) -> str | None:
+    native, saelens, sparsify = _module("native"), _module("saelens"), _module("sparsify")
+    if native.is_native(path):
+        return "native"
+    if saelens.is_saelens(path):
+        return "saelens"
+    if sparsify.is_sparsify(path):
+        return "sparsify"
+    if _module("dictionary_learning").is_dictionary_learning(path):
+        return "dictionary_learning"
+    if _module("lm_saes").is_lm_saes(path):
+        return "lm_saes"
+    return None
+
+
+def _detect_file(path: Path) -> tuple[str, Path, Any]:
+    """(format, what to hand the loader, an already-read state dict or None) for a file."""
+    if path.suffix == ".pt":
+        dictionary_learning = _module("dictionary_learning")
+        config = path.parent / dictionary_learning.CONFIG_NAME
+        if path.name == dictionary_learning.WEIGHTS_NAME or (config.is_file() and "trainer" in _safe_json(config)):
+            return "dictionary_learning", path, None
+        state = read_torch_weights(path)
+        if _module("openai").looks_like_openai(state):
+            return "openai", path, state
+        if isinstance(state, dict) and dictionary_learning.guess_dict_class(state) is not None:
+            return "dictionary_learning", path, None
+        if isinstance(state, dict) and "sae" in state and _module("lm_saes").is_lm_saes(path.parent):
+            return "lm_saes", path.parent, None
+        found = sorted(state)[:12] if isinstance(state, dict) else type(state).__name__
+        raise FormatError(f"path: cannot tell which SAE format {path} is in (entries: {found})")
+    directory = path.parent
+    fmt = _detect_directory(directory)
+    if fmt is None:
+        raise FormatError(f"path: {path} is a file and its directory {directory} holds no SAE flashsae can read")
+    return fmt, directory, None
+
+
+def _safe_json(path: Path) -> dict[str, Any]:
+    try:
+        return read_json(path)
+    except (FormatError, OSError):
+        return {}
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def sae_subdirectories(path: Path) -> dict[str, Path]:
+    """Subdirectories of `path` (one level, hidden ones skipped) that hold an SAE, by name in natural
+    order (layers.2 before layers.10)."""
+    if not path.is_dir():
+        return {}
+    found = {
+        child.name: child
+        for child in path.iterdir()
+        if child.is_dir() and not child.name.startswith(".") and _detect_directory(child) is not None
+    }
+    return {name: found[name] for name in sorted(found, key=_natural_key)}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format of the local SAE at `path` (a directory or a file in one); FormatError when there
+    is none, naming what was found (or the SAE subdirectories of a multi-hookpoint directory)."""
+    local = Path(path)
+    if not local.exists():
+        raise FileNotFoundError(f"path: {local} does not exist")
+    if local.is_file():
+        return _detect_file(local)[0]
+    fmt = _detect_directory(local)
+    if fmt is not None:
+        return fmt
+    subdirectories = sae_subdirectories(local)
+    if subdirectories:
+        raise FormatError(
+            f"path: {local} holds {len(subdirectories)} SAEs ({', '.join(list(subdirectories)[:8])}"
+            f"{', ...' if len(subdirectories) > 8 else ''}); pass subfolder=<name> or use flashsae.load_many"
+        )
+    entries = sorted(p.name for p in local.iterdir())[:12]
+    if not entries:
+        raise FileNotFoundError(
+            f"path: {local} is empty: it has no cfg.json, sae_weights.safetensors, ae.pt or other SAE files"
+        )
+    raise FormatError(f"path: cannot tell which SAE format {local} is in (entries: {entries}); pass format=")
+
+
+# ------------------------------------------------------------------------------------ Hub paths
+
+
+def resolve(path: str | os.PathLike, subfolder: str | None = None) -> Path:
+    """A local path for `path` (+ `subfolder`): as given when it exists, else downloaded from the
+    Hugging Face Hub when it looks like org/repo[/sub/folder]."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        text = str(path)
+        if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"path: {local} is not a directory or file (nor a Hub id org/repo)")
+        parts = text.split("/")
+        repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
+        folder = "/".join(part for part in (inner, subfolder or "") if part)
+        return _download(repo_id, folder, text)
+    if subfolder:
+        local = local / subfolder
+        if not local.exists():
+            raise FileNotFoundError(f"subfolder: {local} does not exist")
+    return local
+
+
+def _download(repo_id: str, folder: str, original: str) -> Path:
+    try:
+        hub = importlib.import_module("huggingface_hub")
+    except ImportError as exc:
+        raise ImportError(
+            f"path: {original!r} is not a local path; reading it as a Hugging Face Hub repo needs the "
+            "huggingface_hub package (pip install huggingface_hub; transformers brings it along)"
+        ) from exc
+    patterns = [f"{folder}/*"] if folder else None
+    try:
+        root = Path(hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # the Hub client raises many types (offline, 404, auth, ...)
+        where = f" (subfolder {folder!r})" if folder else ""
+        raise OSError(
+            f"path: {original!r} is not a local path, and fetching Hub repo {repo_id!r}{where} failed: "
+            f"{type(exc).__name__}: {exc}. Offline? Download the files and pass their directory."
+        ) from exc
+    local = root / folder if folder else root
+    if not local.exists():
+        raise FileNotFoundError(f"subfolder: Hub repo {repo_id!r} has no {folder!r}")
+    return local
+
+
+# ------------------------------------------------------------------------------------ load / save
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    subfolder: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+):
+    """One SAE from `path` in any format flashsae reads (see the module docstring); `format` forces
+    one of FORMATS instead of detecting it. dtype: the file's unless given (SAELens: its cfg dtype)."""
+    if format is not None and format not in FORMATS:
+        raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
+    local = resolve(path, subfolder)
+    state = None
+    target = local
+    if format is None:
+        if local.is_file():
+            format, target, state = _detect_file(local)
+        else:
+            format = detect_format(local)
+    elif local.is_file() and format not in ("openai", "dictionary_learning"):
+        target = local.parent
+    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "backend": backend}
+    if format == "native":
+        from ..modules.base import SAE  # the modules import this package
+
+        return SAE._load_native(target, **kwargs)
+    if format == "openai":
+        return _module("openai").load(target, state=state, **kwargs)
+    if format == "dictionary_learning" and target.is_dir() and not (target / "ae.pt").is_file():
+        raise FileNotFoundError(f"path: {target} has no ae.pt")
+    return _module(format).load(target, **kwargs)
+
+
+def load_many(
+    path: str | os.PathLike,
+    *,
+    format: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """Every SAE in a multi-hookpoint directory (a sparsify or flashsae training run: one
+    subdirectory per hookpoint), keyed by subdirectory name in natural order."""
+    local = resolve(path)
+    subdirectories = sae_subdirectories(local)
+    if not subdirectories:
+        raise FormatError(f"path: {local} has no subdirectory holding an SAE")
+    return {
+        name: load(child, format=format, device=device, dtype=dtype, backend=backend)
+        for name, child in subdirectories.items()
+    }
+
+
+def save(sae, path: str | os.PathLike, format: str = "native") -> Path:
+    """Writes `sae` to the directory `path` in `format` (one of SAVE_FORMATS), atomically. What the
+    format cannot express is a FormatError naming the field."""
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format: flashsae writes {', '.join(SAVE_FORMATS)}, got {format!r}")
+    if format == "native":
+        sae.save(path)
+        return Path(path)
+    return _module(format).save(sae, Path(path))
+
+
+__all__ = ["FORMATS", "SAVE_FORMATS", "detect_format", "load", "load_many", "resolve", "sae_subdirectories", "save"]
