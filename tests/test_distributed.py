@@ -282,3 +282,15 @@ def test_torch_adam_state_round_trips(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"the checkpoint holds Adam state, not SparseAdam"):
         load_optimizer_sharded(tmp_path / "adam", resumed, SparseAdam(resumed.parameters()))
+
+
+def test_sharded_sae_refuses_options_it_does_not_implement():
+    from flashsae.modules.topk import TopKConfig
+
+    for options in ({"multi_topk": True}, {"apply_b_dec_to_input": False}, {"input_norm": "layer_norm"}):
+        with pytest.raises(ValueError, match=r"config: "):
+            ShardedTopKSAE(TopKConfig(d_in=8, n_latents=16, k=2, **options), single_process())
+    with pytest.raises(ValueError, match=r"n_latents \(3\) must be at least the number of shards"):
+        from flashsae.distributed import Layout
+
+        ShardedTopKSAE(TopKConfig(d_in=8, n_latents=3, k=1), Layout(4, 0, 4, 0, 1, 0))

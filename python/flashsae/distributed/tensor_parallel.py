@@ -26,7 +26,8 @@ encoder term, -sum_i db_enc_i W_enc_i, runs over this shard's latents only), so
 averages everything over the data-parallel replicas. Row-sparse gradients (SparseAdam) work per shard
 as on one device.
 
-Multi-TopK (a second selection of 4k) is not supported here.
+Multi-TopK (a second selection of 4k) and the foreign-format options (apply_b_dec_to_input=False,
+input_norm) are not supported here.
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class ShardedTopKSAE(SAE):
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         if config.multi_topk:
             raise ValueError("config: multi_topk is not supported by ShardedTopKSAE")
+        if not config.apply_b_dec_to_input or config.input_norm != "none":
+            raise ValueError(
+                "config: ShardedTopKSAE encodes x - b_dec without input normalization (Gao et al.); "
+                f"got apply_b_dec_to_input={config.apply_b_dec_to_input}, input_norm={config.input_norm!r}"
+            )
         if config.n_latents < layout.tensor_parallel:
             raise ValueError(
                 f"config: n_latents ({config.n_latents}) must be at least the number of shards "
