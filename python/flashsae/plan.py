@@ -145,7 +145,8 @@ class PlanConfig:
     buffer_tokens: int = 32768
     """flashsae train's shuffle buffer (tokens, on the device); 0 when activations come otherwise."""
     device: str = "cuda"
-    """cuda (the Triton / CUDA kernels) or cpu (the CPU kernels): only flashsae's scratch differs."""
+    """cuda (the Triton encoder, which auto uses on GPUs; the CUDA backend's chunked encoder adds a
+    [batch, chunk] score buffer) or cpu (the CPU kernels): only flashsae's scratch differs."""
     gpu: str = "h200"
     """GPU whose memory to fit: one of GPUS, or any name when memory is given."""
     memory: int | None = None
