@@ -223,6 +223,53 @@ void sae_loss_backward(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr
                                    dtype);
 }
 
+void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq, addr_t last_step,
+                 addr_t rows, int64_t m, addr_t grads, int64_t n, int64_t d, int64_t step,
+                 addr_t schedule, int64_t schedule_rows, double beta1, double beta2, double eps,
+                 int64_t horizon, int param_dtype, int state_dtype) {
+  for (auto [a, name] : {std::pair{param, "param"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"},
+                         {last_step, "last_step"}, {rows, "rows"}, {schedule, "schedule"}})
+    require_address(a, name);
+  require_positive(m, "rows");
+  require_positive(n, "n");
+  require_positive(d, "d");
+  require_positive(step, "step");
+  require(schedule_rows > step, "schedule: expected at least step + 1 = " + std::to_string(step + 1) +
+                                    " rows, got " + std::to_string(schedule_rows));
+  require(horizon >= 0, "horizon: expected >= 0, got " + std::to_string(horizon));
+  check_float_dtype(param_dtype, "param");
+  check_float_dtype(state_dtype, "exp_avg");
+  const bool param64 = param_dtype == static_cast<int>(DType::Float64);
+  const bool state64 = state_dtype == static_cast<int>(DType::Float64);
+  require(param64 == state64, "exp_avg: float64 moments go with float64 parameters only (and vice versa)");
+  if (master != 0)
+    require(param_dtype == static_cast<int>(DType::BFloat16) || param_dtype == static_cast<int>(DType::Float16),
+            "master: only bfloat16/float16 parameters keep a float32 master copy");
+  // Rows must be in range and strictly increasing: threads own whole rows, so a repeat would race.
+  const int64_t* r = as_ptr<const int64_t>(rows);
+  const int64_t* last = as_ptr<const int64_t>(last_step);
+  const int64_t target = grads != 0 ? step - 1 : step;
+  for (int64_t q = 0; q < m; ++q) {
+    if (r[q] < 0 || r[q] >= n || (q > 0 && r[q] <= r[q - 1])) {
+      std::ostringstream msg;
+      msg << "rows: row " << r[q] << " at position " << q
+          << " is out of range or out of order; expected sorted unique rows in [0, " << n << ")";
+      throw std::invalid_argument(msg.str());
+    }
+    if (last[r[q]] > target) {
+      std::ostringstream msg;
+      msg << "last_step: row " << r[q] << " was last updated at step " << last[r[q]] << ", after step "
+          << target;
+      throw std::invalid_argument(msg.str());
+    }
+  }
+  py::gil_scoped_release release;
+  flashsae::cpu::sparse_adam(as_ptr(param), as_ptr<float>(master), as_ptr(exp_avg), as_ptr(exp_avg_sq),
+                             as_ptr<int64_t>(last_step), r, m, as_ptr<const void>(grads), d, step,
+                             as_ptr<const double>(schedule), beta1, beta2, eps, horizon, param_dtype,
+                             state_dtype);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -244,5 +291,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_encode_backward", &topk_encode_backward);
   m.def("sae_loss_forward", &sae_loss_forward);
   m.def("sae_loss_backward", &sae_loss_backward);
+  m.def("sparse_adam", &sparse_adam);
   flashsae::register_topk_select_host(m);
 }

@@ -73,4 +73,17 @@ void sae_loss_backward(const void* g_xhat, const void* g_sse, const void* g_aux,
                        int64_t rows, int64_t n, int64_t d, void* d_values, void* d_aux_values,
                        void* dW_dec, void* db_dec, void* dx, int dtype);
 
+// ---- fused sparse Adam (sparse_adam.cpp) ----------------------------------------------------------
+// For each row r = rows[q] (sorted, unique): replay the min(gap, horizon) dense-Adam steps with zero
+// gradient that r skipped since last_step[r] (gap = target - last_step[r], target = step - 1 with
+// grads, step without; nothing when last_step[r] = 0), decay the moments over the rest of the gap,
+// then (grads != null) apply step `step` with grads[q]. schedule[2j], schedule[2j + 1] =
+// lr_j / (1 - beta1^j), sqrt(1 - beta2^j). Param dtype T, moments dtype S; math in Acc<T>. With a
+// float32 master copy the weights are read from and written to it, and rounded into param.
+// last_step[r] = step afterwards.
+void sparse_adam(void* param, float* master, void* exp_avg, void* exp_avg_sq, int64_t* last_step,
+                 const int64_t* rows, int64_t m, const void* grads, int64_t d, int64_t step,
+                 const double* schedule, double beta1, double beta2, double eps, int64_t horizon,
+                 int param_dtype, int state_dtype);
+
 }  // namespace flashsae::cpu

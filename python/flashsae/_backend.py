@@ -40,6 +40,7 @@ KERNELS: dict[str, frozenset[str]] = {
             "sparse_decode_backward",
             "sae_loss",
             "sae_loss_backward",
+            "sparse_adam",
         }
     ),
     "cuda": frozenset(
@@ -60,6 +61,7 @@ KERNELS: dict[str, frozenset[str]] = {
             "sparse_decode_backward",
             "sae_loss",
             "sae_loss_backward",
+            "sparse_adam",
         }
     ),
 }

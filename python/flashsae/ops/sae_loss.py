@@ -29,7 +29,7 @@ import torch
 from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _common
+from . import _common, _row_grads
 from .sparse_decode import sparse_decode_reference
 
 
@@ -259,6 +259,7 @@ def _setup_context(ctx, inputs, output):
     x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend = inputs
     ctx.save_for_backward(x, values, indices, W_dec, b_dec, aux_values, aux_indices)
     ctx.backend = backend
+    ctx.row_grads = _row_grads.row_grads_of(W_dec)  # opt-in row-sparse dW_dec (see ops/_row_grads.py)
 
 
 def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
@@ -268,12 +269,26 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
         grad_sse = x.new_zeros(x.shape[0], dtype=_common.acc_dtype(x.dtype))
     if aux_values is not None and grad_aux_sse is None:
         grad_aux_sse = torch.zeros_like(grad_sse)
+    sink = ctx.row_grads if need_W_dec else None
+    if sink is not None:
+        # the same backward on the touched rows only: dW_dec [m, d] goes to the collector
+        slots = (indices,) if aux_values is None else (indices, aux_indices)
+        rows, touched, compact = _row_grads.compact_indices(*slots)
+        indices = compact[0]
+        aux_indices = compact[1] if aux_values is not None else None
+        W_dec = W_dec.index_select(0, rows)
     d_values, d_aux_values, dW_dec, db_dec, dx = _sae_loss_backward_op(
         None if grad_x_hat is None else grad_x_hat.contiguous(),
         grad_sse.contiguous(),
         None if aux_values is None else grad_aux_sse.contiguous(),
         x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_x, ctx.backend,
     )  # fmt: skip
+    if sink is not None:
+        if touched:
+            coefficients = [values] if aux_values is None else [values, aux_values]
+            keep = _row_grads.contributing(list(compact), coefficients, rows.numel())
+            sink.add(rows[keep], dW_dec[keep])
+        dW_dec = None
     return (
         dx if need_x else None,
         d_values if need_values else None,

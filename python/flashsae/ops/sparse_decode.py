@@ -16,7 +16,7 @@ import torch
 from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _common
+from . import _common, _row_grads
 
 # --------------------------------------------------------------------------------------- reference
 
@@ -150,15 +150,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(values, indices, W_dec)
     ctx.has_b_dec = b_dec is not None
     ctx.backend = backend
+    ctx.row_grads = _row_grads.row_grads_of(W_dec)  # opt-in row-sparse dW_dec (see ops/_row_grads.py)
 
 
 def _autograd_backward(ctx, grad):
     values, indices, W_dec = ctx.saved_tensors
     need_values, _, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
     need_b_dec = ctx.has_b_dec and need_b_dec
+    sink = ctx.row_grads if need_W_dec else None
+    if sink is not None:
+        # the same backward on the touched rows only: dW_dec [m, d] goes to the collector
+        rows, touched, (indices,) = _row_grads.compact_indices(indices)
+        W_dec = W_dec.index_select(0, rows)
     d_values, dW_dec, db_dec = _sparse_decode_backward_op(
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
     )
+    if sink is not None:
+        if touched:
+            keep = _row_grads.contributing([indices], [values], rows.numel())
+            sink.add(rows[keep], dW_dec[keep])
+        dW_dec = None
     return (
         d_values if need_values else None,
         None,

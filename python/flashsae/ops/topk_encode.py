@@ -32,7 +32,7 @@ import torch
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _common
+from . import _common, _row_grads
 
 #: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
 #: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
@@ -402,6 +402,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
     ctx.aux_k = aux_k
     ctx.backend = backend
+    ctx.row_grads = _row_grads.row_grads_of(inputs[1])  # opt-in row-sparse dW_enc (see ops/_row_grads.py)
 
 
 def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
@@ -417,9 +418,22 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         d_values = torch.cat([d_values, d_aux_values], dim=1)
         values = torch.cat([values, aux_values], dim=1)
         indices = torch.cat([indices, aux_indices], dim=1)
+    sink = ctx.row_grads if need_W_enc else None
+    if sink is not None:
+        # the same backward on the touched rows only: dW_enc [m, d] goes to the collector
+        n = W_enc.shape[0]
+        rows, touched, (indices,) = _row_grads.compact_indices(indices)
+        W_enc = W_enc.index_select(0, rows)
     dW_enc, db_enc, dx, db_dec = _topk_encode_backward_op(
         d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx.backend
     )
+    if sink is not None:
+        if touched:
+            keep = _row_grads.contributing([indices], [d_values * (values > 0)], rows.numel())
+            sink.add(rows[keep], dW_enc[keep])
+        dW_enc = None
+        if need_b_enc:
+            db_enc = _row_grads.dense_vector(db_enc, rows, touched, n)
     return (
         dx if need_x else None,
         dW_enc if need_W_enc else None,

@@ -25,6 +25,8 @@ BUILTIN_CORPUS = "pydoc"
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTOCAST_MODES = ("auto", "bf16", "off")
+OPTIMIZERS = ("adam", "sparse_adam")
+OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 #: sparsify's and Gao et al.'s "dead": no activation in the last 10M tokens.
 LITERATURE_DEAD_TOKENS = 10_000_000
@@ -200,6 +202,12 @@ class TrainConfig(ActivationSourceConfig):
     """Adam's decay rate of the squared-gradient mean (beta2)."""
     adam_eps: float = 6.25e-10
     """Adam epsilon (Gao et al. 2024: 6.25e-10)."""
+    optimizer: str = "adam"
+    """adam: torch's fused Adam over dense gradients. sparse_adam: flashsae.optim.SparseAdam, row-sparse
+    gradients for W_enc / W_dec (no [n, d] gradient) and an update of the rows of latents that fired,
+    replaying the steps a row skipped (dense Adam's math); the memory-lean choice for wide SAEs."""
+    optimizer_state_dtype: str = "float32"
+    """Dtype of sparse_adam's moments: float32, or bfloat16 (half the optimizer memory)."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many tokens counts as dead: AuxK trains it and the
     dead % reports it. None: min(10M, train_tokens // 4); 10M is the literature's threshold, the
@@ -275,6 +283,15 @@ class TrainConfig(ActivationSourceConfig):
         _fraction("adam_beta2", self.adam_beta2)
         if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) or not self.adam_eps > 0:
             raise ValueError(f"adam_eps: expected a positive number, got {self.adam_eps!r}")
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
+        if self.optimizer == "adam" and self.optimizer_state_dtype != "float32":
+            raise ValueError("optimizer_state_dtype: bfloat16 moments need --optimizer sparse_adam")
+        if self.optimizer == "sparse_adam" and self.adam_beta1**2 >= self.adam_beta2:
+            raise ValueError(
+                f"adam_beta1: sparse_adam replays skipped steps and needs adam_beta1^2 < adam_beta2, got "
+                f"{self.adam_beta1} and {self.adam_beta2}"
+            )
         if self.dead_tokens is not None:
             _positive_int("dead_tokens", self.dead_tokens)
         if not isinstance(self.normalize_activations, bool):

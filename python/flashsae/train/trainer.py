@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..modules import REGISTRY, SAE, create, load
+from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
 from .activations import ModelActivations, resolve_device
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
@@ -83,7 +84,14 @@ def resume_config(out: str, **overrides: Any) -> TrainConfig:
 def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(f"resume: {run_dir} holds no checkpoint/ to resume from")
-    return load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+    state, tensors = load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+    # a run saved before a setting existed ran with its default (e.g. optimizer="adam")
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(TrainConfig)
+    }
+    state["config"] = {name: value for name, value in defaults.items() if name not in state["config"]} | state["config"]
+    return state, tensors
 
 
 def fold_activation_scale_(sae: SAE, scale: float) -> None:
@@ -303,6 +311,15 @@ class Trainer:
         config = self.config
         for name, sae in self.saes.items():
             self.base_lr[name] = config.resolved_lr(sae.n_latents)
+            if config.optimizer == "sparse_adam":
+                self.optimizers[name] = SparseAdam(
+                    sae.parameters(),
+                    lr=self.base_lr[name],
+                    betas=(config.adam_beta1, config.adam_beta2),
+                    eps=config.adam_eps,
+                    state_dtype=config.optimizer_state_dtype,
+                )
+                continue
             self.optimizers[name] = torch.optim.Adam(
                 sae.parameters(),
                 lr=self.base_lr[name],
@@ -435,10 +452,11 @@ class Trainer:
                 group["lr"] = self.base_lr[name] * factor
             if unit_norm_decoder(sae):
                 sae.remove_decoder_parallel_grads_()
+                remove_parallel_row_grads_(sae.W_dec)  # row-sparse gradients (sparse_adam); else a no-op
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if unit_norm_decoder(sae):
-                sae.normalize_decoder_()
+                self._normalize_decoder(sae, optimizer)
             with torch.no_grad():
                 values, indices = out.latents
                 fired = indices[(values > 0) & (indices >= 0)].long()
@@ -448,6 +466,27 @@ class Trainer:
             self.metrics[name].add(out.loss, out.fvu, out.auxk_loss, l0_of(out.latents))
         self.step += 1
         self.tokens += next(iter(batch.values())).shape[0]
+
+    @staticmethod
+    def _normalize_decoder(sae: SAE, optimizer: torch.optim.Optimizer) -> None:
+        """Unit-norm decoder rows after a step: with SparseAdam only the rows it changed (the others
+        kept their unit norm), else every row."""
+        rows = optimizer.updated_rows(sae.W_dec) if isinstance(optimizer, SparseAdam) else None
+        if rows is None:
+            sae.normalize_decoder_()
+        else:
+            normalize_rows_(sae.W_dec, rows, master=optimizer.state[sae.W_dec].get("master"))
+
+    def flush_optimizers(self) -> None:
+        """Brings SparseAdam's skipped rows up to date (dense Adam's weights), renormalizing the decoder;
+        a no-op for dense Adam. Done once training ends, before evaluation and saving; the checkpoint is
+        written before it, so a resumed run continues exactly as an uninterrupted one."""
+        for name, optimizer in self.optimizers.items():
+            if isinstance(optimizer, SparseAdam):
+                optimizer.flush()
+                sae = self.saes[name]
+                if unit_norm_decoder(sae):
+                    self._normalize_decoder(sae, optimizer)
 
     def dead_fraction(self, name: str) -> float:
         return float((self.since_fired[name] >= self.dead_tokens).float().mean())
@@ -524,6 +563,7 @@ class Trainer:
         finally:
             bar.close()
             logger.close()
+        self.flush_optimizers()
         metrics = {} if interrupted else self.evaluate()
         paths = self.save_saes(metrics)
         result = TrainResult(

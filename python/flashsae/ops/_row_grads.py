@@ -1,0 +1,156 @@
+"""Row-sparse gradients: the opt-in side channel from the ops' backward to a sparse optimizer.
+
+By default every op returns the dense [n, d] gradient of W_enc / W_dec to autograd, which is what
+torch's optimizers need. In a wide SAE that gradient is the largest tensor of a step (16M latents x
+4096 in bf16: 128 GiB per matrix), yet only the rows of latents that fired in the batch are non-zero
+(at most batch * (k + aux_k) rows). :func:`collect_row_grads` opts one [n, d] parameter into the
+row-sparse path. The ops' backward then
+
+1. compacts the problem: ``rows`` = the sorted unique latents named by the batch's slots (m of
+   them), the slot indices remapped to [0, m), and ``W[rows]`` gathered into an [m, d] matrix;
+2. runs the *same* backward kernels on the compact problem (every backend: the gradient of the m
+   touched rows is computed by the same code that computes the dense one);
+3. adds ``(rows, grad)`` of the rows with a gradient contribution (named by a slot with a non-zero
+   coefficient: :func:`contributing`) to the parameter's :class:`RowGrads` and returns ``None`` to
+   autograd for that parameter, so ``param.grad`` stays ``None`` and no [n, d] gradient is allocated.
+
+Several ops touching one parameter in a backward pass (``sae_loss`` and ``sparse_decode`` on W_dec,
+Multi-TopK's second loss) add several parts; :meth:`RowGrads.coalesced` sums them. A sparse optimizer
+(:class:`flashsae.optim.SparseAdam`) reads and clears the collector each step; a rank of a
+data-parallel run reduces it across ranks first (:mod:`flashsae.distributed`).
+
+The per-latent bias b_enc keeps a dense [n] gradient (n values, not n * d), assembled from the compact
+one. The hook is read in each op's ``setup_context`` from an attribute of the parameter object, so it
+acts in eager mode only; under ``torch.compile`` the ops see traced tensors without the attribute and
+return dense gradients as usual (a sparse optimizer accepts those too).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_ATTRIBUTE = "_flashsae_row_grads"
+
+
+class RowGrads:
+    """The row-sparse gradient of one [n, d] parameter, accumulated over a backward pass.
+
+    Parts are ``(rows, grads)``: ``rows`` int64 [m] sorted and unique, ``grads`` [m, d] in the
+    parameter's dtype. :meth:`coalesced` merges them; :meth:`clear` empties the collector (a sparse
+    optimizer does it in ``zero_grad``).
+    """
+
+    def __init__(self, param: torch.Tensor) -> None:
+        if param.dim() != 2:
+            raise ValueError(f"param: row-sparse gradients need an [n, d] parameter, got shape {list(param.shape)}")
+        self.n_rows, self.width = param.shape
+        self.dtype = param.dtype
+        self.device = param.device
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        """Number of parts added since the last clear()."""
+        return len(self._parts)
+
+    def __reduce__(self):
+        # A copy (copy.deepcopy, pickle) of the parameter gets no collector, i.e. dense gradients: a
+        # model copied for evaluation or trained with another optimizer must not route its gradients
+        # to a collector no optimizer reads.
+        return (_no_collector, ())
+
+    def add(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Adds the gradient ``grads`` [m, d] of the rows ``rows`` (int64 [m], sorted, unique)."""
+        if rows.dim() != 1 or grads.shape != (rows.numel(), self.width):
+            raise ValueError(
+                f"grads: expected shape [{rows.numel()}, {self.width}] for {rows.numel()} rows, got {list(grads.shape)}"
+            )
+        if rows.numel():
+            self._parts.append((rows.to(torch.int64), grads.to(self.dtype)))
+
+    def set(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """Replaces the whole gradient (e.g. by its data-parallel reduction)."""
+        self._parts.clear()
+        self.add(rows, grads)
+
+    def coalesced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int64 [m] sorted unique, grads [m, d]): the sum of every part. Empty (m = 0) when
+        nothing was added. Parts are summed in float32 (float64 for float64) and rounded once."""
+        if not self._parts:
+            return (
+                torch.empty(0, dtype=torch.int64, device=self.device),
+                torch.empty(0, self.width, dtype=self.dtype, device=self.device),
+            )
+        if len(self._parts) == 1:
+            return self._parts[0]
+        rows = torch.cat([r for r, _ in self._parts])
+        unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        total = torch.zeros(unique.numel(), self.width, dtype=acc, device=self.device)
+        total.index_add_(0, inverse, torch.cat([g for _, g in self._parts]).to(acc))
+        merged = (unique, total.to(self.dtype))
+        self._parts = [merged]
+        return merged
+
+    def clear(self) -> None:
+        self._parts.clear()
+
+
+def _no_collector() -> None:
+    return None
+
+
+def collect_row_grads(param: torch.Tensor) -> RowGrads:
+    """Opts the [n, d] parameter into row-sparse gradients (idempotent) and returns its collector."""
+    existing = row_grads_of(param)
+    if existing is not None:
+        return existing
+    collector = RowGrads(param)
+    setattr(param, _ATTRIBUTE, collector)
+    return collector
+
+
+def stop_collecting(param: torch.Tensor) -> None:
+    """Back to dense gradients for this parameter."""
+    if hasattr(param, _ATTRIBUTE):
+        delattr(param, _ATTRIBUTE)
+
+
+def row_grads_of(tensor: object) -> RowGrads | None:
+    """The collector attached to `tensor`, or None (the default: dense gradients)."""
+    return getattr(tensor, _ATTRIBUTE, None)
+
+
+def compact_indices(*indices: torch.Tensor) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+    """(rows, touched, compact): ``rows`` int64, the sorted unique latents named by any slot (-1
+    slots are empty and name none); ``compact`` the int32 index arrays remapped to positions in
+    ``rows`` (-1 stays -1). ``touched`` = the number of such latents. When no slot names a latent,
+    ``rows`` is [0] (a placeholder the kernels need, m >= 1) and ``touched`` is 0."""
+    flat = torch.cat([i.reshape(-1) for i in indices])
+    unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    if unique.numel() and int(unique[0]) < 0:  # only -1 can be negative: the ops range-check indices
+        unique, inverse = unique[1:], inverse - 1
+    touched = unique.numel()
+    rows = unique.to(torch.int64) if touched else torch.zeros(1, dtype=torch.int64, device=flat.device)
+    compact, start = [], 0
+    for i in indices:
+        compact.append(inverse[start : start + i.numel()].reshape(i.shape).to(torch.int32).contiguous())
+        start += i.numel()
+    return rows, touched, compact
+
+
+def contributing(compact: list[torch.Tensor], coefficients: list[torch.Tensor], m: int) -> torch.Tensor:
+    """[m] bool: the compact rows named by at least one slot whose coefficient is non-zero, i.e. the
+    rows whose gradient has a contribution. A row named only by zero-coefficient slots (a latent
+    selected with activation 0, or a candidate masked out by a global selection) has an exactly zero
+    gradient and is left out, so that its optimizer update is the same whether or not a slot names it."""
+    flags = torch.zeros(m, dtype=torch.bool, device=compact[0].device)
+    for idx, coef in zip(compact, coefficients, strict=True):
+        hit = idx[(coef != 0) & (idx >= 0)]
+        flags[hit.long()] = True
+    return flags
+
+
+def dense_vector(compact: torch.Tensor, rows: torch.Tensor, touched: int, n: int) -> torch.Tensor:
+    """The dense [n] vector holding ``compact[:touched]`` at ``rows`` and zeros elsewhere."""
+    out = torch.zeros(n, dtype=compact.dtype, device=compact.device)
+    return out.index_copy_(0, rows[:touched], compact[:touched])

@@ -1,0 +1,48 @@
+"""Decoder-row helpers for training with row-sparse gradients (the counterparts of
+:meth:`flashsae.modules.SAE.remove_decoder_parallel_grads_` and :meth:`~flashsae.modules.SAE.normalize_decoder_`).
+
+With a unit-norm decoder, a training step removes from W_dec's gradient its component along each row,
+then renormalizes the rows after the optimizer step. Both act row by row, so with row-sparse
+gradients they need only the touched rows: a row without gradient has no component to remove, and a
+row the optimizer did not change keeps its unit norm. Same arithmetic as the dense methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops._row_grads import row_grads_of
+
+
+@torch.no_grad()
+def remove_parallel_row_grads_(W_dec: torch.Tensor) -> None:
+    """Removes from W_dec's row-sparse gradient its component along each (touched) decoder row.
+    No-op without a collector or without collected rows."""
+    collector = row_grads_of(W_dec)
+    if collector is None or not len(collector):
+        return
+    rows, grads = collector.coalesced()
+    weights = W_dec.index_select(0, rows).float()
+    along = torch.linalg.vecdot(grads.float(), weights) / torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
+    collector.set(rows, grads - (along.unsqueeze(1) * weights).to(grads.dtype))
+
+
+@torch.no_grad()
+def normalize_rows_(
+    W: torch.Tensor, rows: torch.Tensor | None = None, *, master: torch.Tensor | None = None, eps: float = 1e-12
+) -> None:
+    """Rescales the given rows of W (all rows when None) to unit L2 norm (rows of norm < eps are left
+    as they are). With a float32 ``master`` copy (SparseAdam's master_weights), the master rows are
+    normalized and rounded into W, so the two stay consistent."""
+    source = W if master is None else master
+    chosen = source if rows is None else source.index_select(0, rows)
+    norms = chosen.float().norm(dim=1, keepdim=True)
+    scaled = chosen.div(torch.where(norms < eps, torch.ones_like(norms), norms).to(chosen.dtype))
+    if rows is None:
+        source.copy_(scaled)
+        if master is not None:
+            W.copy_(scaled.to(W.dtype))
+        return
+    source.index_copy_(0, rows, scaled)
+    if master is not None:
+        W.index_copy_(0, rows, scaled.to(W.dtype))

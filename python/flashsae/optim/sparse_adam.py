@@ -1,0 +1,264 @@
+"""SparseAdam: Adam that updates only the rows of latents that fired, with exact catch-up.
+
+    sae = flashsae.TopKSAE(d_in, n_latents, k)
+    optimizer = SparseAdam(sae.parameters(), lr=2e-4)
+    for x in batches:
+        sae(x).loss.backward()       # W_enc / W_dec: row-sparse gradients, no [n, d] .grad
+        optimizer.step()             # one fused kernel per [n, d] matrix, over the touched rows
+        optimizer.zero_grad()
+    optimizer.flush()                # every row up to date (= dense Adam's state), before saving
+
+How gradients get here: the constructor opts every 2-D parameter into row-sparse gradients
+(:func:`flashsae.ops._row_grads.collect_row_grads`; ``row_sparse=False`` keeps dense ones). flashsae's
+ops (topk_encode, sparse_decode, sae_loss: every TopK-family SAE) then hand the touched rows'
+gradients to the parameter's collector instead of writing an [n, d] ``.grad``. A parameter that got a
+dense ``.grad`` anyway (used by a plain torch op, or under torch.compile) is updated densely; both
+kinds may mix in one step. Parameters that are not 2-D (b_enc, b_dec) get dense gradients and a dense
+update by the same kernel (every element touched).
+
+The math (flashsae/ops/sparse_adam.py derives it): each row keeps the step of its last update; when
+touched again it first replays the zero-gradient steps of dense Adam it skipped (moments decayed
+exactly; the parameter's momentum drift summed up to a horizon past which it is below rounding), then
+takes the step with its gradient. Hence: rows touched every step = dense Adam; after :meth:`flush`,
+every row's parameter and moments equal dense Adam's given the same gradients. Between touches a row
+holds its last value (its pending drift is applied at the next touch or flush). ``catch_up="moments"``
+drops the drift (exact moment decay only: cheaper, no longer dense Adam for skipped rows).
+
+Memory: per [n, d] parameter the two moments (``state_dtype``: the parameter's dtype by default, or
+float32 / bfloat16), an int64 step per row, and with ``master_weights=True`` (bfloat16/float16
+parameters) a float32 master copy; no gradient of size [n, d]. Per step, a float64 pair per step
+taken (the lr schedule the replay needs): 16 bytes per step, 16 MB after a million steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._backend import requested_backend
+from ..ops._row_grads import collect_row_grads, row_grads_of, stop_collecting
+from ..ops.sparse_adam import MASTER_PARAM_DTYPES, STATE_DTYPES, catch_up_horizon, sparse_adam_
+
+CATCH_UP = ("exact", "moments")
+STATE_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _matrix_view(t: torch.Tensor) -> torch.Tensor:
+    """A dense (non-row-sparse) tensor as an [R, C] matrix for the row kernel: 2-D tensors as they
+    are, others flattened into rows of up to 1024 elements (C divides the element count), so the
+    kernels' threads / programs share the work."""
+    if t.dim() == 2:
+        return t
+    flat = t.reshape(-1)
+    cols = math.gcd(flat.numel(), 1024)
+    return flat.view(-1, cols)
+
+
+class SparseAdam(torch.optim.Optimizer):
+    """Adam (no weight decay) over row-sparse gradients, see the module docstring.
+
+    Args:
+        params: parameters or parameter groups, as for torch.optim.Adam.
+        lr, betas, eps: Adam's hyper-parameters (torch.optim.Adam's meaning and defaults).
+        catch_up: "exact" (replay skipped steps: dense Adam's math) or "moments" (decay only).
+        state_dtype: dtype of the moments: None (the parameter's), "float32" or "bfloat16".
+        master_weights: keep a float32 master copy of bfloat16/float16 parameters (the kernel
+            updates it and rounds into the parameter); ignored for float32/float64 parameters.
+        row_sparse: opt 2-D parameters into row-sparse gradients (see the module docstring).
+        backend: kernel backend ("auto" default; see flashsae._backend).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        *,
+        catch_up: str = "exact",
+        state_dtype: str | None = None,
+        master_weights: bool = False,
+        row_sparse: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+            raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"eps: expected a number > 0, got {eps!r}")
+        if catch_up not in CATCH_UP:
+            raise ValueError(f"catch_up: expected one of {', '.join(CATCH_UP)}, got {catch_up!r}")
+        if catch_up == "exact":
+            catch_up_horizon(betas[0], betas[1], torch.float32)  # refuses betas whose updates do not decay
+        if state_dtype is not None and state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16', got {state_dtype!r}")
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights: expected True or False, got {master_weights!r}")
+        defaults = {
+            "lr": float(lr),
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": float(eps),
+            "catch_up": catch_up,
+            "state_dtype": state_dtype,
+            "master_weights": master_weights,
+            "row_sparse": bool(row_sparse),
+            "backend": None if backend is None else requested_backend(backend),
+        }
+        super().__init__(params, defaults)
+        self._updated_rows: dict[torch.Tensor, torch.Tensor | None] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["row_sparse"] and p.dim() == 2:
+                    collect_row_grads(p)
+
+    # -------------------------------------------------------------------------------- state
+
+    def _state_dtype(self, group: dict[str, Any], p: torch.Tensor) -> torch.dtype:
+        name = group["state_dtype"]
+        dtype = p.dtype if name is None or p.dtype == torch.float64 else STATE_DTYPE_NAMES[name]
+        if dtype not in STATE_DTYPES[p.dtype]:
+            raise ValueError(f"state_dtype: {name} moments are not available for {p.dtype} parameters")
+        return dtype
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        view = p if p.dim() == 2 and row_grads_of(p) is not None else _matrix_view(p)
+        dtype = self._state_dtype(group, p)
+        state["step"] = torch.zeros((), dtype=torch.int64)  # on the CPU: read every step without a device sync
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["last_step"] = torch.zeros(view.shape[0], dtype=torch.int64, device=p.device)
+        state["schedule"] = torch.zeros(64, 2, dtype=torch.float64, device=p.device)
+        if group["master_weights"] and p.dtype in MASTER_PARAM_DTYPES:
+            state["master"] = p.detach().float().contiguous()
+        return state
+
+    @staticmethod
+    def _record_schedule(state: dict[str, Any], step: int, lr: float, beta1: float, beta2: float) -> None:
+        """Row `step` of the schedule: torch's Adam scalars (lr / (1 - b1^t), sqrt(1 - b2^t))."""
+        table = state["schedule"]
+        if table.shape[0] <= step:
+            grown = torch.zeros(max(2 * table.shape[0], step + 1), 2, dtype=torch.float64, device=table.device)
+            grown[: table.shape[0]] = table
+            state["schedule"] = table = grown
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        table[step] = torch.tensor([lr / bias_correction1, bias_correction2**0.5], dtype=torch.float64)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch.optim.Optimizer's, except that state tensors keep their dtypes (torch casts
+        floating state to the parameter's dtype: bfloat16 would round the float32 master copy and
+        the float64 schedule)."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        by_id = dict(zip(saved_ids, params, strict=False))
+        super().load_state_dict(state_dict)
+        for pid, entries in state_dict["state"].items():
+            p = by_id[int(pid)] if int(pid) in by_id else by_id[pid]
+            for key, value in entries.items():
+                if key == "step":
+                    self.state[p][key] = torch.as_tensor(value, dtype=torch.int64).cpu()
+                elif isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device)
+        for group in self.param_groups:
+            group["betas"] = tuple(group["betas"])  # a JSON round trip makes it a list
+
+    # --------------------------------------------------------------------------------- steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears dense gradients (as torch does) and the row-sparse collectors."""
+        super().zero_grad(set_to_none=set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                collector = row_grads_of(p)
+                if collector is not None:
+                    collector.clear()
+
+    def _gradient(self, p: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, grads) of this step: the collector's rows, or every row when p has a dense grad
+        (plus the collector's parts, if any); None when p took no part in the step."""
+        collector = row_grads_of(p)
+        if p.grad is None:
+            if collector is None:
+                return None
+            return collector.coalesced()
+        if p.grad.is_sparse:
+            raise ValueError("SparseAdam takes dense or flashsae row-sparse gradients, not torch sparse tensors")
+        grads = _matrix_view(p.grad.to(p.dtype).contiguous())
+        if collector is not None and len(collector):
+            rows, parts = collector.coalesced()
+            grads = grads.index_add(0, rows, parts)
+        return torch.arange(view.shape[0], device=p.device), grads
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """One Adam step of every parameter that has a gradient (dense or row-sparse); a row-sparse
+        parameter steps every time (a step that touched none of its rows is a zero-gradient step)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._updated_rows.clear()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                sparse = p.dim() == 2 and row_grads_of(p) is not None
+                view = p if sparse else _matrix_view(p)
+                gradient = self._gradient(p, view)
+                if gradient is None:
+                    continue
+                state = self._init_state(group, p)
+                state["step"] += 1
+                step = int(state["step"])
+                self._record_schedule(state, step, group["lr"], beta1, beta2)
+                rows, grads = gradient
+                self._apply(group, p, state, rows.contiguous(), grads.contiguous(), step)
+                self._updated_rows[p] = rows if sparse and p.grad is None else None
+        return loss
+
+    def _apply(self, group, p, state, rows, grads, step) -> None:
+        beta1, beta2 = group["betas"]
+        sparse = p.dim() == 2 and row_grads_of(p) is not None
+        view = (lambda t: t) if sparse else _matrix_view
+        horizon = 0 if group["catch_up"] == "moments" else catch_up_horizon(beta1, beta2, p.dtype)
+        master = state.get("master")
+        sparse_adam_(
+            view(p.data), view(state["exp_avg"]), view(state["exp_avg_sq"]), state["last_step"], rows, grads,
+            step=step, schedule=state["schedule"], beta1=beta1, beta2=beta2, eps=group["eps"], horizon=horizon,
+            master=None if master is None else view(master), backend=group["backend"],
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Brings every row up to the current step (replays the zero-gradient steps each skipped):
+        afterwards parameters and moments are dense Adam's. Call before evaluating or saving the
+        weights; training may continue afterwards (the replayed steps are not replayed again)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state or int(state["step"]) == 0:
+                    continue
+                step = int(state["step"])
+                stale = (state["last_step"] < step).nonzero().squeeze(1)
+                if stale.numel():
+                    self._apply(group, p, state, stale, None, step)
+                self._updated_rows[p] = None
+
+    def updated_rows(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Rows of p changed by the last step() (int64, sorted), or None when every row may have
+        changed (a dense update or a flush). A trainer renormalizing decoder rows needs only these."""
+        if p not in self._updated_rows:
+            raise KeyError("updated_rows: this parameter was not updated by the last step()")
+        return self._updated_rows[p]
+
+    def release(self) -> None:
+        """Back to dense gradients for every parameter (detaches the row-sparse collectors)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                stop_collecting(p)
