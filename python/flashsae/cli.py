@@ -6,6 +6,7 @@
     flashsae convert SRC DST --to {native,saelens,sparsify}
     flashsae eval RUN_DIR | SAE_DIR [--n-tokens ...]
     flashsae report RUN_DIR
+    flashsae plan --d 4096 --n 16M --k 64 --batch 8192 [--gpu h200]
 
 ``train`` trains one SAE per hookpoint on a transformers model's activations (or on a cache written
 by ``cache``); every field of :class:`flashsae.train.TrainConfig` is a flag.
@@ -30,6 +31,7 @@ from typing import Any
 from . import benchmarking
 from .eval.cli import add_eval_parser, add_report_parser, run_eval, run_report
 from .io.convert import add_convert_parser, run_convert
+from .plan import add_plan_parser, run_plan
 
 
 def _add_bench_parser(subparsers) -> None:
@@ -98,6 +100,7 @@ _CHOICES = {
     "cache_dtype": ("auto", "float32", "bfloat16", "float16"),
     "autocast": ("auto", "bf16", "off"),
     "b_dec_init": ("geometric_median", "mean", "zeros"),
+    "optimizer": ("adam", "sparse_adam"),
 }
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -254,6 +257,7 @@ COMMANDS: dict[str, tuple[Any, Any]] = {
     "convert": (add_convert_parser, run_convert),
     "eval": (add_eval_parser, run_eval),
     "report": (add_report_parser, run_report),
+    "plan": (add_plan_parser, run_plan),
 }
 
 
