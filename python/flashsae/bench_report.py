@@ -171,6 +171,9 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
         raise ImportError("plots need matplotlib: pip install 'flashsae[bench]'") from exc
     sweeps = _sweeps(rows)
     groups = by_group(rows)
+    # One colour per provider across every panel and plot, so a line reads the same everywhere.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {p: palette[i % len(palette)] for i, p in enumerate(sorted({r.provider for r in rows}))}
     written = []
     for name, ylabel, value in (
         ("speedup_vs_n", "speedup vs torch_dense (x)", "speedup"),
@@ -195,7 +198,7 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
                         ys.append(r.peak_bytes / 2**20)
                     xs.append(r.n)
                 if xs:
-                    ax.plot(xs, ys, marker="o", label=provider)
+                    ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
             op, stage, d, k, batch, dtype, device = key
             ax.set_title(f"{op} {stage}\nd={d} k={k} B={batch} {dtype} {device}", fontsize=9)
             ax.set_xscale("log", base=2)
@@ -228,7 +231,7 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
                 match = [r for r in rows if (r.op, r.stage, r.dtype, r.device) == key and r.n == largest[key]
                          and r.provider == provider]  # fmt: skip
                 heights.append(match[0].roofline_fraction if match else 0.0)
-            ax.bar([x + i * width for x in range(len(labels))], heights, width, label=provider)
+            ax.bar([x + i * width for x in range(len(labels))], heights, width, label=provider, color=colors[provider])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
         names = [f"{op}\n{stage}\n{dtype} n={largest[(op, stage, dtype, dev)]}" for op, stage, dtype, dev in labels]
         ax.set_xticklabels(names, fontsize=7)
