@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flashsae import BackendUnavailableError, TopKSAE
+from flashsae._checks import check_finite
 from flashsae.ops import sae_loss, sparse_decode, topk_encode
 
 ROWS, D, N, K = 5, 8, 20, 3
@@ -127,3 +128,18 @@ def test_topk_sae_rejects_wrong_input_width():
         sae(torch.randn(4, 7))
     with pytest.raises(TypeError, match=r"x: expected a torch.Tensor, got ndarray"):
         sae.encode(torch.randn(4, 8).numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_value_anywhere(dtype, bad):
+    x = torch.randn(37, 13, dtype=torch.float64)
+    x[0, 0] = torch.finfo(dtype).max  # extremes are finite: no false alarm
+    x[1, 1] = torch.finfo(dtype).min
+    check_finite("x", x.to(dtype))
+    for position in [(0, 0), (36, 12), (17, 5)]:
+        y = x.clone()
+        y[position] = bad
+        with pytest.raises(ValueError, match=r"x: contains 1 NaN or Inf"):
+            check_finite("x", y.to(dtype))
+    check_finite("x", torch.empty(0, 13, dtype=dtype))  # nothing to check
