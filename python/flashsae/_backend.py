@@ -30,50 +30,8 @@ from .errors import BackendUnavailableError
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
-#: Op stages each backend has a kernel for. ``torch`` (pure PyTorch) implements every stage.
-KERNELS: dict[str, frozenset[str]] = {
-    "cpu": frozenset(
-        {
-            "topk_encode",
-            "topk_encode_backward",
-            "sparse_decode",
-            "sparse_decode_backward",
-            "sae_loss",
-            "sae_loss_backward",
-            "sparse_adam",
-        }
-    ),
-    "cuda": frozenset(
-        {
-            "topk_encode",
-            "topk_encode_backward",
-            "sparse_decode",
-            "sparse_decode_backward",
-            "sae_loss",
-            "sae_loss_backward",
-        }
-    ),
-    "triton": frozenset(
-        {
-            "topk_encode",
-            "topk_encode_backward",
-            "sparse_decode",
-            "sparse_decode_backward",
-            "sae_loss",
-            "sae_loss_backward",
-            "sparse_adam",
-        }
-    ),
-}
-
-#: CUDA stages that CI compiles but that have never run on a GPU (written in sessions without one).
-#: ``auto`` skips them on CUDA tensors (falling to triton, else torch); an explicit ``backend="cuda"``
-#: (or FLASHSAE_BACKEND=cuda) still runs them, and FLASHSAE_AUTO_UNVALIDATED=1 lets ``auto`` pick them
-#: too (benchmarks/run_device.sh sets it for its benchmark steps once the CUDA tests and
-#: compute-sanitizer have passed in the same run). The first GPU session empties this set after
-#: tests/test_cuda*.py and compute-sanitizer (memcheck + racecheck; run_device.sh steps ``cuda`` and
-#: ``sanitize``) pass on the GPU.
-CUDA_AWAITING_VALIDATION: frozenset[str] = frozenset(
+#: The SAE op stages (forward and backward of the three ops) every compiled backend implements.
+_SAE_STAGES = frozenset(
     {
         "topk_encode",
         "topk_encode_backward",
@@ -83,6 +41,22 @@ CUDA_AWAITING_VALIDATION: frozenset[str] = frozenset(
         "sae_loss_backward",
     }
 )
+
+#: Op stages each backend has a kernel for. ``torch`` (pure PyTorch) implements every stage.
+KERNELS: dict[str, frozenset[str]] = {
+    "cpu": _SAE_STAGES | {"sparse_adam"},
+    "cuda": _SAE_STAGES,
+    "triton": _SAE_STAGES | {"sparse_adam"},
+}
+
+#: CUDA stages that CI compiles but that have never run on a GPU (written in sessions without one).
+#: ``auto`` skips them on CUDA tensors (falling to triton, else torch); an explicit ``backend="cuda"``
+#: (or FLASHSAE_BACKEND=cuda) still runs them, and FLASHSAE_AUTO_UNVALIDATED=1 lets ``auto`` pick them
+#: too (benchmarks/run_device.sh sets it for its benchmark steps once the CUDA tests and
+#: compute-sanitizer have passed in the same run). The first GPU session empties this set after
+#: tests/test_cuda*.py and compute-sanitizer (memcheck + racecheck; run_device.sh steps ``cuda`` and
+#: ``sanitize``) pass on the GPU.
+CUDA_AWAITING_VALIDATION: frozenset[str] = KERNELS["cuda"]  # all of them, until then
 
 _DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}
 

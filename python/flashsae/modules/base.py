@@ -296,6 +296,25 @@ class SAE(nn.Module):
 REGISTRY: dict[str, type[SAE]] = {}
 
 
+class KeywordConfigSAE(SAE):
+    """An SAE whose constructor takes its config's fields as keywords, ``Cls(d_in, n_latents,
+    **options)`` (JumpReLU, ReLU, Gated): one constructor for them instead of a copy per class."""
+
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+        **options: Any,
+    ) -> None:
+        config = self.config_class(d_in=d_in, n_latents=n_latents, **options)
+        super().__init__(config, dtype=dtype, device=device, backend=backend)
+        self._build()
+
+
 def register(cls: type[SAE]) -> type[SAE]:
     """Class decorator: makes `cls` available to create() and load() under cls.architecture."""
     if not cls.architecture:

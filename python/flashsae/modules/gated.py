@@ -27,7 +27,6 @@ from the same pre-activations (x_c W_enc_i = pi_gate_i - b_enc_i), and sparse_de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ from torch import nn
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, register
+from .base import KeywordConfigSAE, SAEConfig, non_negative, register
 
 
 @dataclass
@@ -60,7 +59,7 @@ class GatedConfig(SAEConfig):
 
 
 @register
-class GatedSAE(SAE):
+class GatedSAE(KeywordConfigSAE):
     """A Gated sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2404.16014).
 
     Args:
@@ -78,21 +77,6 @@ class GatedSAE(SAE):
     config_class = GatedConfig
     config: GatedConfig
     unit_norm_decoder = True
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            GatedConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
-        )
-        self._build()
 
     def _build(self) -> None:
         self.init_weights_()

@@ -47,7 +47,7 @@ from torch import nn
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, register
+from .base import KeywordConfigSAE, SAEConfig, non_negative, register
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")
@@ -142,7 +142,7 @@ class _Step(torch.autograd.Function):
 
 
 @register
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(KeywordConfigSAE):
     """A JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2407.14435).
 
     Args:
@@ -167,21 +167,6 @@ class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     config_class = JumpReLUConfig
     config: JumpReLUConfig
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            JumpReLUConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
-        )
-        self._build()
 
     def _build(self) -> None:
         self.init_weights_()

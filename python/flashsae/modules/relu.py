@@ -24,14 +24,13 @@ k bounding a row). Inference (``encode`` / ``decode``) is sparse: threshold_enco
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, register
+from .base import KeywordConfigSAE, SAEConfig, non_negative, register
 
 
 @dataclass
@@ -60,7 +59,7 @@ class ReLUConfig(SAEConfig):
 
 
 @register
-class ReLUSAE(SAE):
+class ReLUSAE(KeywordConfigSAE):
     """A ReLU sparse autoencoder with the decoder-norm-weighted L1 penalty (Anthropic, April 2024).
 
     Args:
@@ -77,21 +76,6 @@ class ReLUSAE(SAE):
     config_class = ReLUConfig
     config: ReLUConfig
     unit_norm_decoder = False
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            ReLUConfig(d_in=d_in, n_latents=n_latents, **options), dtype=dtype, device=device, backend=backend
-        )
-        self._build()
 
     def _build(self) -> None:
         self.init_weights_()
