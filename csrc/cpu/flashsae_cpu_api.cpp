@@ -223,12 +223,13 @@ void sae_loss_backward(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr
                                    dtype);
 }
 
-void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq, addr_t last_step,
-                 addr_t rows, int64_t m, addr_t grads, int64_t n, int64_t d, int64_t step,
-                 addr_t schedule, int64_t schedule_rows, double beta1, double beta2, double eps,
-                 int64_t horizon, int param_dtype, int state_dtype) {
-  for (auto [a, name] : {std::pair{param, "param"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"},
-                         {last_step, "last_step"}, {rows, "rows"}, {schedule, "schedule"}})
+// The checks both sparse Adam kernels share: sizes, schedule, horizon, master, and rows in range,
+// strictly increasing (threads own whole rows, so a repeat would race) and not ahead of the step.
+void check_adam_rows(addr_t param, addr_t last_step, addr_t rows, int64_t m, addr_t grads, int64_t n,
+                     int64_t d, int64_t step, addr_t schedule, int64_t schedule_rows, int64_t horizon,
+                     int param_dtype, addr_t master) {
+  for (auto [a, name] : {std::pair{param, "param"}, {last_step, "last_step"}, {rows, "rows"},
+                         {schedule, "schedule"}})
     require_address(a, name);
   require_positive(m, "rows");
   require_positive(n, "n");
@@ -238,14 +239,9 @@ void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq,
                                     " rows, got " + std::to_string(schedule_rows));
   require(horizon >= 0, "horizon: expected >= 0, got " + std::to_string(horizon));
   check_float_dtype(param_dtype, "param");
-  check_float_dtype(state_dtype, "exp_avg");
-  const bool param64 = param_dtype == static_cast<int>(DType::Float64);
-  const bool state64 = state_dtype == static_cast<int>(DType::Float64);
-  require(param64 == state64, "exp_avg: float64 moments go with float64 parameters only (and vice versa)");
   if (master != 0)
     require(param_dtype == static_cast<int>(DType::BFloat16) || param_dtype == static_cast<int>(DType::Float16),
             "master: only bfloat16/float16 parameters keep a float32 master copy");
-  // Rows must be in range and strictly increasing: threads own whole rows, so a repeat would race.
   const int64_t* r = as_ptr<const int64_t>(rows);
   const int64_t* last = as_ptr<const int64_t>(last_step);
   const int64_t target = grads != 0 ? step - 1 : step;
@@ -263,11 +259,55 @@ void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq,
       throw std::invalid_argument(msg.str());
     }
   }
+}
+
+void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq, addr_t last_step,
+                 addr_t rows, int64_t m, addr_t grads, int64_t n, int64_t d, int64_t step,
+                 addr_t schedule, int64_t schedule_rows, double beta1, double beta2, double eps,
+                 int64_t horizon, int param_dtype, int state_dtype) {
+  require_address(exp_avg, "exp_avg");
+  require_address(exp_avg_sq, "exp_avg_sq");
+  check_adam_rows(param, last_step, rows, m, grads, n, d, step, schedule, schedule_rows, horizon,
+                  param_dtype, master);
+  check_float_dtype(state_dtype, "exp_avg");
+  const bool param64 = param_dtype == static_cast<int>(DType::Float64);
+  const bool state64 = state_dtype == static_cast<int>(DType::Float64);
+  require(param64 == state64, "exp_avg: float64 moments go with float64 parameters only (and vice versa)");
   py::gil_scoped_release release;
   flashsae::cpu::sparse_adam(as_ptr(param), as_ptr<float>(master), as_ptr(exp_avg), as_ptr(exp_avg_sq),
-                             as_ptr<int64_t>(last_step), r, m, as_ptr<const void>(grads), d, step,
-                             as_ptr<const double>(schedule), beta1, beta2, eps, horizon, param_dtype,
-                             state_dtype);
+                             as_ptr<int64_t>(last_step), as_ptr<const int64_t>(rows), m,
+                             as_ptr<const void>(grads), d, step, as_ptr<const double>(schedule), beta1,
+                             beta2, eps, horizon, param_dtype, state_dtype);
+}
+
+void sparse_adam_rowwise(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_scale,
+                         addr_t exp_avg_sq, addr_t last_step, addr_t rows, int64_t m, addr_t grads,
+                         int64_t n, int64_t d, int64_t step, addr_t schedule, int64_t schedule_rows,
+                         double beta1, double beta2, double eps, int64_t horizon, int param_dtype,
+                         int first_moment, int first_moment_dtype) {
+  require_address(exp_avg_sq, "exp_avg_sq");
+  check_adam_rows(param, last_step, rows, m, grads, n, d, step, schedule, schedule_rows, horizon,
+                  param_dtype, master);
+  const bool param64 = param_dtype == static_cast<int>(DType::Float64);
+  require(first_moment >= 0 && first_moment <= 2,
+          "exp_avg: unknown first-moment kind " + std::to_string(first_moment));
+  if (first_moment == 0) require(beta1 == 0.0, "exp_avg: None (no first moment) needs beta1 = 0");
+  if (first_moment >= 1) require_address(exp_avg, "exp_avg");
+  if (first_moment == 1) {
+    check_float_dtype(first_moment_dtype, "exp_avg");
+    require(param64 == (first_moment_dtype == static_cast<int>(DType::Float64)),
+            "exp_avg: float64 moments go with float64 parameters only (and vice versa)");
+  }
+  if (first_moment == 2) {
+    require_address(exp_avg_scale, "exp_avg_scale");
+    require(!param64, "exp_avg: int8 first moments are for float32/bfloat16/float16 parameters");
+  }
+  py::gil_scoped_release release;
+  flashsae::cpu::sparse_adam_rowwise(
+      as_ptr(param), as_ptr<float>(master), as_ptr(exp_avg), as_ptr<float>(exp_avg_scale),
+      as_ptr(exp_avg_sq), as_ptr<int64_t>(last_step), as_ptr<const int64_t>(rows), m,
+      as_ptr<const void>(grads), d, step, as_ptr<const double>(schedule), beta1, beta2, eps, horizon,
+      param_dtype, first_moment, first_moment_dtype);
 }
 
 }  // namespace
@@ -292,5 +332,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("sae_loss_forward", &sae_loss_forward);
   m.def("sae_loss_backward", &sae_loss_backward);
   m.def("sparse_adam", &sparse_adam);
+  m.def("sparse_adam_rowwise", &sparse_adam_rowwise);
   flashsae::register_topk_select_host(m);
 }

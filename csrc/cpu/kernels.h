@@ -86,4 +86,15 @@ void sparse_adam(void* param, float* master, void* exp_avg, void* exp_avg_sq, in
                  const double* schedule, double beta1, double beta2, double eps, int64_t horizon,
                  int param_dtype, int state_dtype);
 
+// ---- sparse Adam, row-wise second moment (sparse_adam_rowwise.cpp) --------------------------------
+// As sparse_adam, with one second moment per row (exp_avg_sq: [n] Acc<T>, float or double) and a first
+// moment that is absent (first_moment 0, beta1 = 0), float storage of dtype first_moment_dtype (1), or
+// int8 codes with a float32 scale per row in exp_avg_scale (2). The skipped steps' drift is the first
+// moment times a per-row scalar. last_step[r] = step afterwards.
+void sparse_adam_rowwise(void* param, float* master, void* exp_avg, float* exp_avg_scale,
+                         void* exp_avg_sq, int64_t* last_step, const int64_t* rows, int64_t m,
+                         const void* grads, int64_t d, int64_t step, const double* schedule, double beta1,
+                         double beta2, double eps, int64_t horizon, int param_dtype, int first_moment,
+                         int first_moment_dtype);
+
 }  // namespace flashsae::cpu

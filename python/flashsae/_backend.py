@@ -44,9 +44,9 @@ _SAE_STAGES = frozenset(
 
 #: Op stages each backend has a kernel for. ``torch`` (pure PyTorch) implements every stage.
 KERNELS: dict[str, frozenset[str]] = {
-    "cpu": _SAE_STAGES | {"sparse_adam"},
+    "cpu": _SAE_STAGES | {"sparse_adam", "sparse_adam_rowwise"},
     "cuda": _SAE_STAGES,
-    "triton": _SAE_STAGES | {"sparse_adam"},
+    "triton": _SAE_STAGES | {"sparse_adam", "sparse_adam_rowwise"},
 }
 
 #: CUDA stages that CI compiles but that have never run on a GPU (written in sessions without one).

@@ -274,6 +274,66 @@ def _check_number(name: str, value: object, low: float, high: float, *, closed_l
     return float(value)
 
 
+def check_step_arguments(
+    param: torch.Tensor,
+    last_step: torch.Tensor,
+    rows: torch.Tensor,
+    grads: torch.Tensor | None,
+    step: int,
+    schedule: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    horizon: int | None,
+    master: torch.Tensor | None,
+) -> tuple[float, float, float, int] | None:
+    """The checks every sparse Adam op shares (everything but the moments): raises naming the bad
+    argument; returns (beta1, beta2, eps, horizon) with the horizon resolved, or None when no row is
+    touched."""
+    n, d = param.shape
+    check_tensor("last_step", last_step, shape={"n": n}, dtype=torch.int64, like=("param", param))
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step: expected an int >= 1, got {step!r}")
+    check_tensor("schedule", schedule, shape={"steps": None, "2": 2}, dtype=torch.float64, like=("param", param))
+    if schedule.shape[0] <= step:
+        raise ValueError(f"schedule: expected at least step + 1 = {step + 1} rows, got {schedule.shape[0]}")
+    beta1 = _check_number("beta1", beta1, 0.0, 1.0)
+    beta2 = _check_number("beta2", beta2, 0.0, 1.0)
+    eps = _check_number("eps", eps, 0.0, math.inf, closed_low=False)
+    if horizon is None:
+        horizon = catch_up_horizon(beta1, beta2, param.dtype)
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0:
+        raise ValueError(f"horizon: expected an int >= 0, got {horizon!r}")
+    if master is not None:
+        if param.dtype not in MASTER_PARAM_DTYPES:
+            raise ValueError(
+                f"master: only bfloat16/float16 parameters keep a float32 master copy, param is {param.dtype}"
+            )
+        check_tensor("master", master, shape={"n": n, "d": d}, dtype=torch.float32, like=("param", param))
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")
+    if rows.numel() == 0 and (grads is None or grads.numel() == 0):
+        return None  # nothing touched
+    check_tensor("rows", rows, shape={"m": None}, dtype=torch.int64, like=("param", param))
+    m = rows.shape[0]
+    if grads is not None:
+        check_tensor("grads", grads, shape={"m": m, "d": d}, dtype=param.dtype, like=("param", param))
+        if _checks.VALUE_CHECKS:
+            # min and max propagate NaN and show +-Inf: one vectorized pass (torch.isfinite(...).all()
+            # costs 35x more on CPU: 100 ms for a [24576, 768] float32 gradient on one core)
+            low, high = torch.aminmax(grads)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                _checks.check_finite("grads", grads)  # the exact count, for the message
+    if _checks.VALUE_CHECKS:
+        if int(rows[0]) < 0 or int(rows[-1]) >= n:
+            raise ValueError(f"rows: expected row ids in [0, {n}), got a range [{int(rows[0])}, {int(rows[-1])}]")
+        if m > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            raise ValueError("rows: expected row ids sorted ascending without repeats")
+        if int(last_step.index_select(0, rows).max()) >= step + (grads is None):
+            raise ValueError(f"last_step: some row was already updated at step {step} or later")
+    return beta1, beta2, eps, horizon
+
+
 def sparse_adam_(
     param: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -317,46 +377,10 @@ def sparse_adam_(
     states = STATE_DTYPES[param.dtype]
     check_tensor("exp_avg", exp_avg, shape={"n": n, "d": d}, dtype=states, like=("param", param))
     check_tensor("exp_avg_sq", exp_avg_sq, shape={"n": n, "d": d}, dtype=exp_avg.dtype, like=("param", param))
-    check_tensor("last_step", last_step, shape={"n": n}, dtype=torch.int64, like=("param", param))
-    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f"step: expected an int >= 1, got {step!r}")
-    check_tensor("schedule", schedule, shape={"steps": None, "2": 2}, dtype=torch.float64, like=("param", param))
-    if schedule.shape[0] <= step:
-        raise ValueError(f"schedule: expected at least step + 1 = {step + 1} rows, got {schedule.shape[0]}")
-    beta1 = _check_number("beta1", beta1, 0.0, 1.0)
-    beta2 = _check_number("beta2", beta2, 0.0, 1.0)
-    eps = _check_number("eps", eps, 0.0, math.inf, closed_low=False)
-    if horizon is None:
-        horizon = catch_up_horizon(beta1, beta2, param.dtype)
-    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0:
-        raise ValueError(f"horizon: expected an int >= 0, got {horizon!r}")
-    if master is not None:
-        if param.dtype not in MASTER_PARAM_DTYPES:
-            raise ValueError(
-                f"master: only bfloat16/float16 parameters keep a float32 master copy, param is {param.dtype}"
-            )
-        check_tensor("master", master, shape={"n": n, "d": d}, dtype=torch.float32, like=("param", param))
-    if not isinstance(rows, torch.Tensor):
-        raise TypeError(f"rows: expected a torch.Tensor, got {type(rows).__name__}")
-    if rows.numel() == 0 and (grads is None or grads.numel() == 0):
+    checked = check_step_arguments(param, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon, master)
+    if checked is None:
         return  # nothing touched
-    check_tensor("rows", rows, shape={"m": None}, dtype=torch.int64, like=("param", param))
-    m = rows.shape[0]
-    if grads is not None:
-        check_tensor("grads", grads, shape={"m": m, "d": d}, dtype=param.dtype, like=("param", param))
-        if _checks.VALUE_CHECKS:
-            # min and max propagate NaN and show +-Inf: one vectorized pass (torch.isfinite(...).all()
-            # costs 35x more on CPU: 100 ms for a [24576, 768] float32 gradient on one core)
-            low, high = torch.aminmax(grads)
-            if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                _checks.check_finite("grads", grads)  # the exact count, for the message
-    if _checks.VALUE_CHECKS:
-        if int(rows[0]) < 0 or int(rows[-1]) >= n:
-            raise ValueError(f"rows: expected row ids in [0, {n}), got a range [{int(rows[0])}, {int(rows[-1])}]")
-        if m > 1 and not bool((rows[1:] > rows[:-1]).all()):
-            raise ValueError("rows: expected row ids sorted ascending without repeats")
-        if int(last_step.index_select(0, rows).max()) >= step + (grads is None):
-            raise ValueError(f"last_step: some row was already updated at step {step} or later")
+    beta1, beta2, eps, horizon = checked
     requested = _backend.requested_backend(backend)
     _sparse_adam_op(
         param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon, master,
