@@ -1,9 +1,10 @@
-"""The fused sparse Adam Triton kernel compiles for the GPU (sm_90a, cubin through ptxas), without a GPU.
+"""The fused sparse Adam Triton kernels (sparse_adam, sparse_adam_rowwise) compile for the GPU (sm_90a, cubin through ptxas), without a GPU.
 
 As tests/test_triton_compile.py does for the other kernels: a subprocess with the interpreter off runs
 the launcher on meta tensors, records each launch (arguments and the block sizes the launcher picks on
 a GPU) instead of running it, and compiles it with triton.compile. Every storage option is compiled:
-float32 / bfloat16 parameters, float32 / bfloat16 moments, with and without a master copy and a gradient.
+float32 / bfloat16 parameters, float32 / bfloat16 moments, with and without a master copy and a gradient;
+for the row-wise kernel int8 / bfloat16 / no first moment.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import pytest
 
 pytest.importorskip("triton")
 
-TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64"}
+TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64", "int8": "i8"}
 
 
 def compile_launches() -> list[dict]:
     import torch
     import triton
-    from flashsae.kernels import sparse_adam
+    from flashsae.kernels import sparse_adam, sparse_adam_rowwise
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -48,6 +49,22 @@ def compile_launches() -> list[dict]:
             torch.empty(n, dtype=torch.int64, device=meta), torch.empty(m, dtype=torch.int64, device=meta),
             torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
             torch.empty(8, 2, dtype=torch.float64, device=meta), 0.9, 0.999, 1e-8, 261,
+        )  # fmt: skip
+    for param_dtype, first, master, grads in (
+        (torch.bfloat16, torch.int8, False, True),
+        (torch.bfloat16, torch.int8, True, True),
+        (torch.float32, torch.bfloat16, False, True),
+        (torch.float32, None, False, True),
+        (torch.bfloat16, torch.int8, False, False),
+    ):
+        param = torch.empty(n, d, dtype=param_dtype, device=meta)
+        sparse_adam_rowwise.sparse_adam_rowwise(
+            param, torch.empty(n, d, device=meta) if master else None,
+            None if first is None else torch.empty(n, d, dtype=first, device=meta),
+            torch.empty(n, device=meta) if first == torch.int8 else None, torch.empty(n, device=meta),
+            torch.empty(n, dtype=torch.int64, device=meta), torch.empty(m, dtype=torch.int64, device=meta),
+            torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
+            torch.empty(8, 2, dtype=torch.float64, device=meta), 0.0 if first is None else 0.9, 0.999, 1e-8, 261,
         )  # fmt: skip
     results = []
     for fn, args, kwargs in launches:
@@ -81,7 +98,8 @@ def test_sparse_adam_kernel_compiles_for_sm90a(tmp_path):
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 and {r["kernel"] for r in results} == {"_sparse_adam_kernel"}
+    assert len(results) == 9
+    assert {r["kernel"] for r in results} == {"_sparse_adam_kernel", "_sparse_adam_rowwise_kernel"}
 
 
 if __name__ == "__main__":

@@ -55,19 +55,22 @@ def same_state(a: Trainer, b: Trainer):
     assert torch.equal(a.since_fired[HOOK], b.since_fired[HOOK])
 
 
-@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
-def test_resume_is_exact_with_sparse_adam(tmp_path, text, state_dtype):
-    straight = Trainer(config(tmp_path, "straight", text, optimizer_state_dtype=state_dtype))
+@pytest.mark.parametrize(
+    ("state_dtype", "moments"), [("float32", "elementwise"), ("bfloat16", "elementwise"), ("float32", "row-int8")]
+)
+def test_resume_is_exact_with_sparse_adam(tmp_path, text, state_dtype, moments):
+    settings = {"optimizer_state_dtype": state_dtype, "optimizer_moments": moments}
+    straight = Trainer(config(tmp_path, "straight", text, **settings))
     assert isinstance(straight.optimizers[HOOK], SparseAdam)
     straight.train()
-    moments = straight.optimizers[HOOK].state[straight.saes[HOOK].W_enc]["exp_avg"]
-    assert moments.dtype == getattr(torch, state_dtype)
+    first_moment = straight.optimizers[HOOK].state[straight.saes[HOOK].W_enc]["exp_avg"]
+    assert first_moment.dtype == (torch.int8 if moments == "row-int8" else getattr(torch, state_dtype))
 
     def interrupt(trainer):
         if trainer.step == STEPS // 2:
             signal.raise_signal(signal.SIGINT)
 
-    half = Trainer(config(tmp_path, "halves", text, optimizer_state_dtype=state_dtype))
+    half = Trainer(config(tmp_path, "halves", text, **settings))
     assert half.train(on_step=interrupt).interrupted
     resumed = Trainer(resume_config(str(tmp_path / "halves")))
     resumed.train()
@@ -105,7 +108,7 @@ def test_runs_saved_before_the_optimizer_setting_resume(tmp_path, text):
     Trainer(config(tmp_path, "old", text, optimizer="adam", train_tokens=2 * BATCH, eval_tokens=0)).train()
     state_file = tmp_path / "old" / "checkpoint" / "state.json"
     state = json.loads(state_file.read_text())
-    for name in ("optimizer", "optimizer_state_dtype"):  # as written before these settings existed
+    for name in ("optimizer", "optimizer_state_dtype", "optimizer_moments"):  # before these settings existed
         del state["config"][name]
     state_file.write_text(json.dumps(state))
     resumed = Trainer(resume_config(str(tmp_path / "old"), train_tokens=3 * BATCH))
@@ -118,5 +121,9 @@ def test_bad_optimizer_settings():
         TrainConfig(optimizer="sgd")
     with pytest.raises(ValueError, match=r"optimizer_state_dtype: bfloat16 moments need --optimizer sparse_adam"):
         TrainConfig(optimizer_state_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"optimizer_moments: row-int8 moments need --optimizer sparse_adam"):
+        TrainConfig(optimizer_moments="row-int8")
+    with pytest.raises(ValueError, match=r"optimizer_moments: expected one of elementwise, row, row-int8"):
+        TrainConfig(optimizer="sparse_adam", optimizer_moments="int4")
     with pytest.raises(ValueError, match=r"adam_beta1: sparse_adam replays skipped steps"):
         TrainConfig(optimizer="sparse_adam", adam_beta1=0.99, adam_beta2=0.95)

@@ -128,6 +128,7 @@ class DistributedTrainer:
             return SparseAdam(
                 self.sae.parameters(), lr=self.base_lr, betas=betas, eps=config.adam_eps,
                 state_dtype=config.optimizer_state_dtype,
+                moments=config.optimizer_moments,
             )  # fmt: skip
         return torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=betas, eps=config.adam_eps)
 

@@ -27,6 +27,7 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTOCAST_MODES = ("auto", "bf16", "off")
 OPTIMIZERS = ("adam", "sparse_adam")
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
+OPTIMIZER_MOMENTS = ("elementwise", "row", "row-int8")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 #: sparsify's and Gao et al.'s "dead": no activation in the last 10M tokens.
 LITERATURE_DEAD_TOKENS = 10_000_000
@@ -208,6 +209,10 @@ class TrainConfig(ActivationSourceConfig):
     replaying the steps a row skipped (dense Adam's math); the memory-lean choice for wide SAEs."""
     optimizer_state_dtype: str = "float32"
     """Dtype of sparse_adam's moments: float32, or bfloat16 (half the optimizer memory)."""
+    optimizer_moments: str = "elementwise"
+    """Layout of sparse_adam's moments for W_enc / W_dec: elementwise (Adam), row (one second moment per
+    latent row, Adam-mini style) or row-int8 (that, and an int8 first moment with a scale per row: 1 byte
+    per weight instead of 8 in float32, the setting for the widest SAEs; see flashsae plan)."""
     dead_tokens: int | None = None
     """A latent that has not fired for this many tokens counts as dead: AuxK trains it and the
     dead % reports it. None: min(10M, train_tokens // 4); 10M is the literature's threshold, the
@@ -287,6 +292,9 @@ class TrainConfig(ActivationSourceConfig):
         _choice("optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
         if self.optimizer == "adam" and self.optimizer_state_dtype != "float32":
             raise ValueError("optimizer_state_dtype: bfloat16 moments need --optimizer sparse_adam")
+        _choice("optimizer_moments", self.optimizer_moments, OPTIMIZER_MOMENTS)
+        if self.optimizer == "adam" and self.optimizer_moments != "elementwise":
+            raise ValueError(f"optimizer_moments: {self.optimizer_moments} moments need --optimizer sparse_adam")
         if self.optimizer == "sparse_adam" and self.adam_beta1**2 >= self.adam_beta2:
             raise ValueError(
                 f"adam_beta1: sparse_adam replays skipped steps and needs adam_beta1^2 < adam_beta2, got "

@@ -318,6 +318,7 @@ class Trainer:
                     betas=(config.adam_beta1, config.adam_beta2),
                     eps=config.adam_eps,
                     state_dtype=config.optimizer_state_dtype,
+                    moments=config.optimizer_moments,
                 )
                 continue
             self.optimizers[name] = torch.optim.Adam(
