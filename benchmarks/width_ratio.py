@@ -12,7 +12,9 @@ brackets and bisects on measurements to a resolution of ``--resolution`` (2%). P
 
 - ``dense``: flashsae.benchmarking.DenseTopKSAE + torch's fused Adam (what most codebases write);
 - ``flashsae``: TopKSAE + SparseAdam (row-sparse gradients), moments in the parameter dtype;
-- ``flashsae-bf16-moments``: the same with bfloat16 moments (SparseAdam(state_dtype="bfloat16")).
+- ``flashsae-bf16-moments``: the same with bfloat16 moments (SparseAdam(state_dtype="bfloat16"));
+- ``flashsae-row-int8``: SparseAdam(moments="row-int8"): one second moment per latent row and an int8
+  first moment (1 byte per weight of optimizer state; flashsae/ops/sparse_adam_rowwise.py).
 
 The CPU run keeps the issue's shape ratio (batch = 2 d, k = 64) at a size this machine can train; the
 plan's model (checked against these measurements in tests/test_plan.py) gives the GPU-scale ratios,
@@ -43,6 +45,7 @@ PROVIDERS = {
     "dense": {"provider": "dense"},
     "flashsae": {"provider": "flashsae"},
     "flashsae-bf16-moments": {"provider": "flashsae", "state_dtype": "bfloat16"},
+    "flashsae-row-int8": {"provider": "flashsae", "moments": "row-int8"},
 }
 
 
@@ -54,6 +57,7 @@ def plan_config(args, options: dict, **overrides) -> PlanConfig:
         "batch": args.batch,
         "dtype": args.dtype,
         "state_dtype": options.get("state_dtype"),
+        "moments": options.get("moments", "elementwise"),
         "device": args.device,
         "buffer_tokens": 0,
         "memory": args.budget,
@@ -114,13 +118,18 @@ def gpu_model_ratios() -> list[dict]:
         ("bf16 weights, bf16 moments (like-for-like)", {}),
         ("bf16 weights, fp32 moments", {"state_dtype": "float32"}),
         ("bf16 weights, fp32 master + fp32 moments", {"state_dtype": "float32", "master_weights": True}),
+        ("bf16 weights, int8 first moment + row-wise second moment", {"moments": "row-int8"}),
     ):
         cfg = PlanConfig(**(asdict(base) | overrides))
         n = widest(flashsae_memory, cfg, cfg.usable)
         rows.append({"flashsae": label, "widest_flashsae": n, "widest_dense": dense_n, "ratio": n / dense_n})
     fp32 = PlanConfig(d=4096, n=1 << 20, k=64, batch=8192, dtype="float32")
     dense32 = widest(dense_memory, fp32, fp32.usable)
-    variants = (("fp32 weights, fp32 moments", {}), ("fp32 weights, bf16 moments", {"state_dtype": "bfloat16"}))
+    variants = (
+        ("fp32 weights, fp32 moments", {}),
+        ("fp32 weights, bf16 moments", {"state_dtype": "bfloat16"}),
+        ("fp32 weights, int8 first moment + row-wise second moment", {"moments": "row-int8"}),
+    )
     for label, overrides in variants:
         cfg = PlanConfig(**(asdict(fp32) | overrides))
         n = widest(flashsae_memory, cfg, cfg.usable)

@@ -27,13 +27,15 @@ MEASURED = [
     ("dense", 256, 65536, 16, 256, "float32", {}),
     ("dense", 64, 32768, 8, 512, "float32", {"dead_fraction": 0.3}),  # AuxK: a fourth [batch, n] tensor
     ("flashsae", 128, 65536, 16, 512, "bfloat16", {"master_weights": True, "state_dtype": "float32"}),
+    # every row touched (batch * k = n): the backward's [m, d] blocks are as large as they get
+    ("flashsae", 512, 65536, 64, 1024, "bfloat16", {"moments": "row-int8"}),
 ]
 
 
 @pytest.mark.parametrize(
     ("provider", "d", "n", "k", "batch", "dtype", "options"),
     MEASURED,
-    ids=["flashsae-f32", "dense-f32", "dense-f32-auxk", "flashsae-bf16-master"],
+    ids=["flashsae-f32", "dense-f32", "dense-f32-auxk", "flashsae-bf16-master", "flashsae-bf16-row-int8"],
 )
 def test_model_matches_measured_peak_memory(provider, d, n, k, batch, dtype, options):
     cfg = PlanConfig(d=d, n=n, k=k, batch=batch, dtype=dtype, device="cpu", buffer_tokens=0, memory=1 << 40, **options)
@@ -50,8 +52,8 @@ def test_flashsae_has_no_batch_by_n_term():
     small = PlanConfig(d=4096, n=n, k=64, batch=4096)
     large = PlanConfig(d=4096, n=n, k=64, batch=4096 + extra)
     grown = flashsae_memory(large).peak - flashsae_memory(small).peak
-    # O(batch * k * d): the touched rows' gradients and one row gather (3 [m, d] bf16), the batch itself
-    assert grown <= extra * (3 * 64 + 8) * 4096 * 2, "no [batch, n] term"
+    # O(batch * k * d): the touched rows' gradients (2 [m, d] bf16), the batch itself
+    assert grown <= extra * (2 * 64 + 8) * 4096 * 2, "no [batch, n] term"
     dense_grown = dense_memory(large).peak - dense_memory(small).peak
     assert dense_grown >= 3 * extra * n * 2, "the dense SAE grows by 3 [batch, n] bf16 tensors"
     assert dense_grown > 20 * grown
@@ -119,6 +121,8 @@ def test_cli_prints_the_table_and_verdict(capsys):
         (["--gpu", "tpu"], r"gpu: expected one of h200"),
         (["--n", "100", "--k", "101"], r"k: expected k <= n \(100\)"),
         (["--dead-fraction", "2"], r"dead_fraction: expected a number in \[0, 1\]"),
+        (["--moments", "int4"], r"moments: expected one of elementwise, row, row-int8"),
+        (["--moments", "row", "--optimizer", "adam"], r"moments: row moments need optimizer sparse_adam"),
     ],
 )
 def test_cli_errors(flags, message, capsys):

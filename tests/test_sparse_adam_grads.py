@@ -212,3 +212,30 @@ def test_copies_of_a_parameter_get_dense_gradients():
         twin(torch.randn(8, 16)).loss.backward()
         assert twin.W_enc.grad is not None and twin.W_enc.grad.shape == (64, 16)
     assert row_grads_of(sae.W_enc) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_encoder_db_dec_without_dx_is_summed_a_chunk_of_rows_at_a_time(backend, dtype, monkeypatch):
+    # x without a gradient (training data): the row-sparse encoder backward gathers no [m, d] block of
+    # W_enc; db_dec = -sum_i db_enc[i] W_enc[i] is summed over chunks of 3 rows here
+    from flashsae.ops import _row_grads
+
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the triton backend takes float32/bfloat16/float16")
+    monkeypatch.setattr(_row_grads, "DB_DEC_CHUNK_ELEMENTS", 3 * 97)
+    t = sae_tensors(37, 97, 1000, dtype)
+    x = t["x"]
+    weights = torch.randn(37, 7, dtype=torch.float64).to(dtype)
+    results = []
+    for sparse in (False, True):
+        W_enc, b_enc, b_dec = (t[k].detach().clone().requires_grad_() for k in ("W_enc", "b_enc", "b_dec"))
+        if sparse:
+            collect_row_grads(W_enc)
+        values, _ = topk_encode(x, W_enc, b_enc, 7, b_dec, backend=backend)
+        (values * weights).sum().backward()
+        grad_W = dense_of(row_grads_of(W_enc)) if sparse else W_enc.grad.double()
+        results.append((grad_W, b_enc.grad.double(), b_dec.grad.double()))
+    for name, dense, sparse in zip(("W_enc", "b_enc", "b_dec"), results[0], results[1], strict=True):
+        err = (dense - sparse).abs().max().item()
+        assert err <= 4 * RTOL[dtype] * max(dense.abs().max().item(), 1e-12), f"{name}: {err:.3e}"

@@ -198,7 +198,11 @@ def test_options_and_errors():
     assert row_grads_of(W) is None
 
 
-def test_decoder_row_helpers_match_the_dense_methods():
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 40], ids=["one-chunk", "two-rows-a-chunk"])
+def test_decoder_row_helpers_match_the_dense_methods(chunk_elements, monkeypatch):
+    from flashsae.optim import rows as row_helpers
+
+    monkeypatch.setattr(row_helpers, "CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(3)
     sae = TopKSAE(20, 100, 3, dtype=torch.float64)
     dense = clone(sae)

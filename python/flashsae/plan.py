@@ -11,10 +11,14 @@ backward, optimizer step), whether that fits the GPU, and the widest SAE (n) tha
   m = min(n, batch * k + AuxK rows), plus b_enc's dense [n]; dense PyTorch (and flashsae with --optimizer
   adam) hold full [n, d] gradients.
 - **optimizer**: Adam's two moments per parameter (flashsae: --state-dtype; torch keeps them in the
-  parameter dtype) and sparse_adam's int64 last-update step per row.
+  parameter dtype) and sparse_adam's int64 last-update step per row. ``--moments row`` keeps one float32
+  second moment per row of W_enc / W_dec; ``--moments row-int8`` also an int8 first moment with a
+  float32 scale per row (1 byte per weight; flashsae.optim.SparseAdam's moments).
 - **activations**: what a step allocates besides gradients. flashsae: the batch, the latents, x_hat, the
   fused encoder's scratch (Triton: a [batch, chunks, next_pow2(k)] int64 candidate list; CPU: one
-  [batch, tile] float32 tile) and the backward's [m, d] row gathers; never [batch, n]. Dense PyTorch:
+  [batch, tile] float32 tile); never [batch, n]. The backward holds at most two [m, d] blocks: the
+  decoder's gathered rows + dW_dec, then dW_dec + dW_enc (the encoder gathers no rows, and the
+  gathered decoder rows are freed before dW_enc exists), which the gradients term counts. Dense PyTorch:
   3 [batch, n] tensors at once (pre-activations kept for relu, the dense latent matrix kept for the
   decoder GEMM, and the gradient in flight), 4 with AuxK.
 - **buffer**: flashsae train's shuffle buffer on the device: (buffer_tokens + one model chunk) x d.
@@ -61,9 +65,13 @@ DEFAULT_SMS = 132
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 #: Elements of the CPU encoder's pre-activation tile (flashsae.ops.topk_encode.TILE_ELEMENTS).
 CPU_TILE_ELEMENTS = 1 << 22
+#: Elements of W_enc the row-sparse encoder backward gathers at a time (ops/_row_grads.py).
+DB_DEC_CHUNK_ELEMENTS = 1 << 22
 #: Model chunk the shuffle buffer holds on top of buffer_tokens (flashsae train: 32 contexts x 128 tokens).
 CHUNK_TOKENS = 4096
 GiB = 1 << 30
+#: SparseAdam's moment layouts (flashsae.optim.sparse_adam.MOMENTS).
+MOMENTS = ("elementwise", "row", "row-int8")
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -138,6 +146,9 @@ class PlanConfig:
     """Dtype of flashsae's Adam moments (sparse_adam): None = the weights' dtype, float32 or bfloat16."""
     master_weights: bool = False
     """flashsae keeps a float32 master copy of 16-bit weights (sparse_adam)."""
+    moments: str = "elementwise"
+    """Layout of sparse_adam's moments for W_enc / W_dec: elementwise (Adam), row (one second moment per
+    row) or row-int8 (that, and an int8 first moment with a scale per row)."""
     aux_k: int | None = None
     """AuxK slots per token (None: d / 2, as TopKSAE); used when dead_fraction > 0."""
     dead_fraction: float = 0.0
@@ -171,6 +182,10 @@ class PlanConfig:
             raise ValueError(f"optimizer: expected sparse_adam or adam, got {self.optimizer!r}")
         if self.state_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"state_dtype: expected float32 or bfloat16, got {self.state_dtype!r}")
+        if self.moments not in MOMENTS:
+            raise ValueError(f"moments: expected one of {', '.join(MOMENTS)}, got {self.moments!r}")
+        if self.moments != "elementwise" and self.optimizer != "sparse_adam":
+            raise ValueError(f"moments: {self.moments} moments need optimizer sparse_adam")
         if self.aux_k is None:
             self.aux_k = max(1, min(self.d // 2, self.n))
         if not 0 <= self.dead_fraction <= 1:
@@ -225,15 +240,18 @@ def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
     if cfg.optimizer == "sparse_adam":
         s = DTYPE_BYTES[cfg.state_dtype or cfg.dtype]
         b_enc_rows = n // math.gcd(n, 1024)
-        optimizer = 2 * elements * s + 8 * (2 * n + b_enc_rows + 1)
+        steps = 8 * (2 * n + b_enc_rows + 1)  # the int64 last step of every row
+        if cfg.moments == "elementwise":
+            optimizer = 2 * elements * s + steps
+        else:  # W_enc / W_dec: first moment (int8 + a float32 row scale, or s bytes), float32 v per row
+            first = n * d + 4 * n if cfg.moments == "row-int8" else n * d * s
+            optimizer = 2 * (first + 4 * n) + 2 * (n + d) * s + steps
         touched = min(n, B * k + min(math.ceil(cfg.dead_fraction * n), B * aux))
         gradients = 2 * touched * d * p + n * p + d * p
-        gathers = touched * d * p  # one [m, d] row gather at a time in the backward
     else:  # torch's Adam: dense gradients, moments in the parameter dtype
         touched = 0
         optimizer = 2 * elements * p
         gradients = elements * p
-        gathers = 0
     slots = k + aux
     batch_io = B * d * p + B * slots * (p + 4)  # the batch and its latents (values, int32 indices)
     if cfg.device == "cpu":
@@ -251,7 +269,9 @@ def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
         scratch += B * cfg.tensor_parallel * slots * (p + 8) + B * d * 4
     reconstruction = B * d * p + B * d * 4  # x_hat, and the loss's float32 centered batch
     forward = batch_io + scratch + reconstruction
-    backward = batch_io + reconstruction + gathers + 16 * B * slots + gradients
+    # the encoder's db_dec sums a chunk of gathered W_enc rows at a time (+ a float32 copy of 16-bit rows)
+    db_dec_chunk = min(touched or n, max(1, DB_DEC_CHUNK_ELEMENTS // d)) * d * (p + (4 if p != 4 else 0))
+    backward = batch_io + reconstruction + 16 * B * slots + gradients + db_dec_chunk
     peak = weights + optimizer + buffer + max(forward, backward)
     activations = max(forward, backward - gradients)
     return MemoryEstimate(weights, gradients, optimizer, activations, buffer, peak)
@@ -317,8 +337,10 @@ def format_plan(result: dict[str, Any]) -> str:
         aux = f"AuxK on ({cfg.aux_k} slots, {cfg.dead_fraction:.0%} dead)"
     device = f"{cfg.gpu.upper()} " if cfg.memory is None else ""
     tp = f", {cfg.tensor_parallel} latent shards (per device)" if cfg.tensor_parallel > 1 else ""
+    layout = {"elementwise": f"{state} moments", "row": f"{state} first moment, row-wise second moment",
+              "row-int8": "int8 first moment, row-wise second moment"}[cfg.moments]  # fmt: skip
     optimizer = (
-        f"sparse_adam, {state} moments{', float32 master weights' if cfg.master_weights else ''}, row-sparse gradients"
+        f"sparse_adam, {layout}{', float32 master weights' if cfg.master_weights else ''}, row-sparse gradients"
         if cfg.optimizer == "sparse_adam"
         else "torch Adam, dense gradients"
     )
@@ -430,6 +452,7 @@ class MeasureConfig:
     dtype: str = "float32"
     state_dtype: str | None = None
     master_weights: bool = False
+    moments: str = "elementwise"
     dead_fraction: float = 0.0
     device: str = "cpu"
     steps: int = 2
@@ -455,7 +478,8 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
             return sae, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
         sae = TopKSAE(cfg.d, n, cfg.k, dtype=dtype, device=device)
         optimizer = SparseAdam(
-            sae.parameters(), lr=1e-4, state_dtype=cfg.state_dtype, master_weights=cfg.master_weights
+            sae.parameters(), lr=1e-4, state_dtype=cfg.state_dtype, master_weights=cfg.master_weights,
+            moments=cfg.moments,
         )
         return sae, optimizer
 

@@ -284,10 +284,11 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
         x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_x, ctx.backend,
     )  # fmt: skip
     if sink is not None:
+        W_dec = None  # the gathered rows: freed before the gradient is handed over
         if touched:
             coefficients = [values] if aux_values is None else [values, aux_values]
             keep = _row_grads.contributing(list(compact), coefficients, rows.numel())
-            sink.add(rows[keep], dW_dec[keep])
+            _row_grads.add_contributing(sink, rows, dW_dec, keep)
         dW_dec = None
     return (
         dx if need_x else None,

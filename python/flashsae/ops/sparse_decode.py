@@ -166,9 +166,10 @@ def _autograd_backward(ctx, grad):
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
     )
     if sink is not None:
+        W_dec = None  # the gathered rows: freed before the gradient is handed over
         if touched:
             keep = _row_grads.contributing([indices], [values], rows.numel())
-            sink.add(rows[keep], dW_dec[keep])
+            _row_grads.add_contributing(sink, rows, dW_dec, keep)
         dW_dec = None
     return (
         d_values if need_values else None,

@@ -419,18 +419,30 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         values = torch.cat([values, aux_values], dim=1)
         indices = torch.cat([indices, aux_indices], dim=1)
     sink = ctx.row_grads if need_W_enc else None
+    chunked_db_dec = False
     if sink is not None:
         # the same backward on the touched rows only: dW_enc [m, d] goes to the collector
         n = W_enc.shape[0]
+        full_W_enc = W_enc
         rows, touched, (indices,) = _row_grads.compact_indices(indices)
-        W_enc = W_enc.index_select(0, rows)
+        if need_x:  # dx reads every touched row of W_enc: gather them
+            W_enc = W_enc.index_select(0, rows)
+        else:
+            # dW_enc needs no W_enc, and db_dec is summed below a chunk of rows at a time: no [m, d]
+            # gather (an [m, d]-shaped view of one row stands in; the kernels do not read it)
+            W_enc = W_enc[:1].expand(rows.numel(), W_enc.shape[1])
+            chunked_db_dec = need_b_dec
     dW_enc, db_enc, dx, db_dec = _topk_encode_backward_op(
-        d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx.backend
+        d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec and not chunked_db_dec, ctx.backend
     )
     if sink is not None:
+        W_enc = None
+        gated = d_values * (values > 0)
+        if chunked_db_dec:
+            db_dec = _row_grads.encoder_db_dec(gated, indices, rows, full_W_enc).to(x.dtype)
         if touched:
-            keep = _row_grads.contributing([indices], [d_values * (values > 0)], rows.numel())
-            sink.add(rows[keep], dW_enc[keep])
+            keep = _row_grads.contributing([indices], [gated], rows.numel())
+            _row_grads.add_contributing(sink, rows, dW_enc, keep)
         dW_enc = None
         if need_b_enc:
             db_enc = _row_grads.dense_vector(db_enc, rows, touched, n)

@@ -14,17 +14,29 @@ import torch
 from ..ops._row_grads import row_grads_of
 
 
+#: Rows handled at a time (16M elements: the float32 temporaries of a chunk stay at 64 MiB; whole at
+#: once, a flush of a 5M x 4096 bf16 decoder would allocate 80 GiB of float32 copies).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(count: int, width: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, width))
+    for start in range(0, count, step):
+        yield slice(start, min(count, start + step))
+
+
 @torch.no_grad()
 def remove_parallel_row_grads_(W_dec: torch.Tensor) -> None:
-    """Removes from W_dec's row-sparse gradient its component along each (touched) decoder row.
-    No-op without a collector or without collected rows."""
+    """Removes from W_dec's row-sparse gradient its component along each (touched) decoder row, in
+    place, a chunk of rows at a time. No-op without a collector or without collected rows."""
     collector = row_grads_of(W_dec)
     if collector is None or not len(collector):
         return
     rows, grads = collector.coalesced()
-    weights = W_dec.index_select(0, rows).float()
-    along = torch.linalg.vecdot(grads.float(), weights) / torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
-    collector.set(rows, grads - (along.unsqueeze(1) * weights).to(grads.dtype))
+    for chunk in _chunks(rows.numel(), W_dec.shape[1]):
+        weights = W_dec.index_select(0, rows[chunk]).float()
+        along = torch.linalg.vecdot(grads[chunk].float(), weights) / torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
+        grads[chunk] -= (along.unsqueeze(1) * weights).to(grads.dtype)
 
 
 @torch.no_grad()
@@ -32,17 +44,20 @@ def normalize_rows_(
     W: torch.Tensor, rows: torch.Tensor | None = None, *, master: torch.Tensor | None = None, eps: float = 1e-12
 ) -> None:
     """Rescales the given rows of W (all rows when None) to unit L2 norm (rows of norm < eps are left
-    as they are). With a float32 ``master`` copy (SparseAdam's master_weights), the master rows are
-    normalized and rounded into W, so the two stay consistent."""
+    as they are), a chunk of rows at a time. With a float32 ``master`` copy (SparseAdam's
+    master_weights), the master rows are normalized and rounded into W, so the two stay consistent."""
     source = W if master is None else master
-    chosen = source if rows is None else source.index_select(0, rows)
-    norms = chosen.float().norm(dim=1, keepdim=True)
-    scaled = chosen.div(torch.where(norms < eps, torch.ones_like(norms), norms).to(chosen.dtype))
-    if rows is None:
-        source.copy_(scaled)
-        if master is not None:
-            W.copy_(scaled.to(W.dtype))
-        return
-    source.index_copy_(0, rows, scaled)
-    if master is not None:
-        W.index_copy_(0, rows, scaled.to(W.dtype))
+    count = source.shape[0] if rows is None else rows.numel()
+    for chunk in _chunks(count, source.shape[1]):
+        ids = None if rows is None else rows[chunk]
+        chosen = source[chunk] if ids is None else source.index_select(0, ids)
+        norms = chosen.float().norm(dim=1, keepdim=True)
+        scaled = chosen.div(torch.where(norms < eps, torch.ones_like(norms), norms).to(chosen.dtype))
+        if ids is None:
+            source[chunk] = scaled
+            if master is not None:
+                W[chunk] = scaled.to(W.dtype)
+        else:
+            source.index_copy_(0, ids, scaled)
+            if master is not None:
+                W.index_copy_(0, ids, scaled.to(W.dtype))
