@@ -1,4 +1,5 @@
-"""The fused sparse Adam Triton kernels (sparse_adam, sparse_adam_rowwise) compile for the GPU (sm_90a, cubin through ptxas), without a GPU.
+"""The fused sparse Adam Triton kernels (sparse_adam, sparse_adam_rowwise) compile for the GPU (sm_90a,
+cubin through ptxas), without a GPU.
 
 As tests/test_triton_compile.py does for the other kernels: a subprocess with the interpreter off runs
 the launcher on meta tensors, records each launch (arguments and the block sizes the launcher picks on

@@ -270,7 +270,7 @@ def good_args():
 POSITIONAL = ("param", "exp_avg", "exp_avg_scale", "exp_avg_sq", "last_step", "rows", "grads")
 BAD = [
     ({"exp_avg": None}, ValueError, r"exp_avg: None \(no first moment\) needs beta1 = 0"),
-    ({"exp_avg": torch.zeros(10, 4, dtype=torch.int16)}, TypeError, r"exp_avg: expected dtype float32 or bfloat16 or int8, got torch.int16"),
+    ({"exp_avg": torch.zeros(10, 4, dtype=torch.int16)}, TypeError, r"exp_avg: expected dtype .* or int8, got .*int16"),
     ({"exp_avg": torch.zeros(10, 5, dtype=torch.int8)}, ValueError, r"exp_avg: expected shape \[n=10, d=4\]"),
     ({"exp_avg_scale": None}, TypeError, r"exp_avg_scale: expected a torch.Tensor"),
     ({"exp_avg_scale": torch.zeros(9)}, ValueError, r"exp_avg_scale: expected shape \[n=10\]"),

@@ -478,7 +478,10 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
             return sae, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
         sae = TopKSAE(cfg.d, n, cfg.k, dtype=dtype, device=device)
         optimizer = SparseAdam(
-            sae.parameters(), lr=1e-4, state_dtype=cfg.state_dtype, master_weights=cfg.master_weights,
+            sae.parameters(),
+            lr=1e-4,
+            state_dtype=cfg.state_dtype,
+            master_weights=cfg.master_weights,
             moments=cfg.moments,
         )
         return sae, optimizer

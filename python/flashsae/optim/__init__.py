@@ -2,7 +2,8 @@
 
 :class:`SparseAdam` updates only the rows of W_enc / W_dec whose latents fired (row-sparse gradients
 from flashsae's ops, no [n, d] gradient), with an exact catch-up of the steps a row skipped, so that
-it stays dense Adam's math; one fused kernel per backend (flashsae.ops.sparse_adam). :mod:`.rows`
+it stays dense Adam's math; one fused kernel per backend (flashsae.ops.sparse_adam). With
+``moments="row-int8"`` it keeps 1 byte of state per weight (flashsae.ops.sparse_adam_rowwise). :mod:`.rows`
 holds the decoder-row helpers a unit-norm-decoder training loop needs with row-sparse gradients.
 """
 

@@ -13,7 +13,6 @@ import torch
 
 from ..ops._row_grads import row_grads_of
 
-
 #: Rows handled at a time (16M elements: the float32 temporaries of a chunk stay at 64 MiB; whole at
 #: once, a flush of a 5M x 4096 bf16 decoder would allocate 80 GiB of float32 copies).
 CHUNK_ELEMENTS = 1 << 24
@@ -35,7 +34,8 @@ def remove_parallel_row_grads_(W_dec: torch.Tensor) -> None:
     rows, grads = collector.coalesced()
     for chunk in _chunks(rows.numel(), W_dec.shape[1]):
         weights = W_dec.index_select(0, rows[chunk]).float()
-        along = torch.linalg.vecdot(grads[chunk].float(), weights) / torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
+        norms_sq = torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
+        along = torch.linalg.vecdot(grads[chunk].float(), weights) / norms_sq
         grads[chunk] -= (along.unsqueeze(1) * weights).to(grads.dtype)
 
 
