@@ -29,7 +29,7 @@ from ..ops import sae_loss, topk_encode
 from ..ops._common import acc_dtype
 from ..outputs import ForwardOutput, SparseLatents
 from . import _shared
-from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, register
+from .base import SAE, SAEConfig, geometric_median, init_row_chunks, non_negative, positive_int, register, unit_rows
 
 
 @dataclass
@@ -110,9 +110,10 @@ class Transcoder(SAE):
         """sparsify's transcoder init: unit-norm random encoder rows, zero decoder, biases and skip."""
         n, d_in, d_out = self.n_latents, self.d_in, self.d_out
         dtype, device = self._init_dtype, self._init_device
-        encoder = torch.randn(n, d_in, dtype=torch.float32, device=device)
-        encoder /= encoder.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(encoder.to(dtype))
+        W_enc = torch.empty(n, d_in, dtype=dtype, device=device)
+        for rows in init_row_chunks(n, d_in):
+            W_enc[rows] = unit_rows(torch.randn(rows.stop - rows.start, d_in, dtype=torch.float32, device=device))
+        self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(torch.zeros(n, d_out, dtype=dtype, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))

@@ -37,8 +37,9 @@ With bfloat16 weights that is 3 bytes per element of weights + state against Ada
 moments): the difference between 2x and 4x the width of a dense SAE on one GPU (``flashsae plan``).
 Same catch-up: rows touched every step, and all rows after :meth:`flush`, equal the dense form of
 that optimizer. With ``betas[0] == 0`` the row modes store no first moment at all.
-Measured on the demo (``flashsae train``, MiniLM layer 3, 16k latents, 1.5M tokens): explained
-variance 0.859 (Adam), 0.860 ("row"), 0.860 ("row-int8"), 0.851 ("row", beta1 = 0).
+Measured on the demo (``flashsae train --optimizer sparse_adam --optimizer-moments M``, MiniLM layer 3,
+3072 latents, 262k tokens; held-out explained variance): 0.860 with "row-int8" against 0.859 with
+torch's Adam; a dense prototype of the row-wise second moment gave 0.860, and 0.851 with beta1 = 0.
 """
 
 from __future__ import annotations
