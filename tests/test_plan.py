@@ -27,8 +27,8 @@ MEASURED = [
     ("dense", 256, 65536, 16, 256, "float32", {}),
     ("dense", 64, 32768, 8, 512, "float32", {"dead_fraction": 0.3}),  # AuxK: a fourth [batch, n] tensor
     ("flashsae", 128, 65536, 16, 512, "bfloat16", {"master_weights": True, "state_dtype": "float32"}),
-    # every row touched (batch * k = n): the backward's [m, d] blocks are as large as they get
-    ("flashsae", 512, 65536, 64, 1024, "bfloat16", {"moments": "row-int8"}),
+    # every row touched (batch * k = 4 n): the backward's [m, d] blocks are as large as they get
+    ("flashsae", 1024, 16384, 64, 1024, "bfloat16", {"moments": "row-int8"}),
 ]
 
 
