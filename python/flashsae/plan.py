@@ -50,6 +50,10 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# the CPU encoder's pre-activation tile and the row-sparse encoder backward's W_enc chunk (elements)
+from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS
+from .ops.topk_encode import TILE_ELEMENTS as CPU_TILE_ELEMENTS
+
 #: Usable device memory of common GPUs (nvidia-smi's total, MiB).
 GPUS: dict[str, int] = {
     "h200": 143771,
@@ -63,10 +67,6 @@ GPUS: dict[str, int] = {
 #: Streaming multiprocessors (the Triton encoder sizes its candidate chunks by them); H100/H200: 132.
 DEFAULT_SMS = 132
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-#: Elements of the CPU encoder's pre-activation tile (flashsae.ops.topk_encode.TILE_ELEMENTS).
-CPU_TILE_ELEMENTS = 1 << 22
-#: Elements of W_enc the row-sparse encoder backward gathers at a time (ops/_row_grads.py).
-DB_DEC_CHUNK_ELEMENTS = 1 << 22
 #: Model chunk the shuffle buffer holds on top of buffer_tokens (flashsae train: 32 contexts x 128 tokens).
 CHUNK_TOKENS = 4096
 GiB = 1 << 30

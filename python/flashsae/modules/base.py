@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import _backend
 from ..io.native import is_native, load_checkpoint, save_checkpoint
+from ..ops._common import row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -49,13 +50,6 @@ def non_negative(name: str, value: object) -> float:
 #: Rows of a weight matrix initialized at a time (16M elements: a 64 MiB float32 block). Whole at once,
 #: the float32 draw of a 5.6M x 4096 bf16 SAE would add 88 GiB to the 88 GiB of weights.
 INIT_CHUNK_ELEMENTS = 1 << 24
-
-
-def init_row_chunks(n: int, d: int):
-    """Slices of at most INIT_CHUNK_ELEMENTS elements covering the rows of an [n, d] matrix."""
-    step = max(1, INIT_CHUNK_ELEMENTS // max(1, d))
-    for start in range(0, n, step):
-        yield slice(start, min(n, start + step))
 
 
 def unit_rows(block: torch.Tensor) -> torch.Tensor:
@@ -141,7 +135,7 @@ class SAE(nn.Module):
         dtype, device = self._init_dtype, self._init_device
         W_dec = torch.empty(n, d, dtype=dtype, device=device)
         W_enc = torch.empty_like(W_dec)
-        for rows in init_row_chunks(n, d):
+        for rows in row_blocks(n, d, INIT_CHUNK_ELEMENTS):
             decoder = unit_rows(torch.randn(rows.stop - rows.start, d, dtype=torch.float32, device=device))
             W_dec[rows] = decoder
             W_enc[rows] = decoder

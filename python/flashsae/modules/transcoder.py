@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from ..ops import sae_loss, topk_encode
-from ..ops._common import acc_dtype
+from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
-from . import _shared
-from .base import SAE, SAEConfig, geometric_median, init_row_chunks, non_negative, positive_int, register, unit_rows
+from . import _shared, base
+from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, register, unit_rows
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Transcoder(SAE):
         n, d_in, d_out = self.n_latents, self.d_in, self.d_out
         dtype, device = self._init_dtype, self._init_device
         W_enc = torch.empty(n, d_in, dtype=dtype, device=device)
-        for rows in init_row_chunks(n, d_in):
+        for rows in row_blocks(n, d_in, base.INIT_CHUNK_ELEMENTS):
             W_enc[rows] = unit_rows(torch.randn(rows.stop - rows.start, d_in, dtype=torch.float32, device=device))
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))

@@ -23,8 +23,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_blocks(rows: int, elements_per_row: int) -> Iterator[slice]:
-    step = max(1, BLOCK_ELEMENTS // max(1, elements_per_row))
+def row_blocks(rows: int, elements_per_row: int, block_elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
+    """Slices of consecutive rows, each at most ``block_elements`` elements (at least one row)."""
+    step = max(1, block_elements // max(1, elements_per_row))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import row_blocks
+
 _ATTRIBUTE = "_flashsae_row_grads"
 
 
@@ -175,9 +177,7 @@ def encoder_db_dec(d_pre: torch.Tensor, compact: torch.Tensor, rows: torch.Tenso
     per_row = torch.zeros(rows.numel(), dtype=acc, device=W_enc.device)
     per_row.index_add_(0, compact[valid].long(), d_pre.to(acc)[valid])
     total = torch.zeros(W_enc.shape[1], dtype=acc, device=W_enc.device)
-    step = max(1, DB_DEC_CHUNK_ELEMENTS // W_enc.shape[1])
-    for start in range(0, rows.numel(), step):
-        chunk = slice(start, start + step)
+    for chunk in row_blocks(rows.numel(), W_enc.shape[1], DB_DEC_CHUNK_ELEMENTS):
         total -= per_row[chunk] @ W_enc.index_select(0, rows[chunk]).to(acc)
     return total
 

@@ -84,6 +84,28 @@ def _first_moment_kind(exp_avg: torch.Tensor | None) -> int:
     return FIRST_MOMENT_INT8 if exp_avg.dtype == torch.int8 else FIRST_MOMENT_FLOAT
 
 
+def _gather_first_moment(exp_avg, exp_avg_scale, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The stored first moment of ``rows`` as a tensor like ``like`` ([m, d], the math dtype): decoded
+    int8 codes, the float storage, or zeros when none is kept."""
+    kind = _first_moment_kind(exp_avg)
+    if kind == FIRST_MOMENT_INT8:
+        return decode_first_moment(exp_avg.index_select(0, rows), exp_avg_scale.index_select(0, rows), like.dtype)
+    if kind == FIRST_MOMENT_FLOAT:
+        return exp_avg.index_select(0, rows).to(like.dtype)
+    return torch.zeros_like(like)
+
+
+def _scatter_first_moment(exp_avg, exp_avg_scale, rows: torch.Tensor, m: torch.Tensor) -> None:
+    """Stores the first moment ``m`` [len(rows), d] of ``rows`` (coded when int8; nothing when none)."""
+    kind = _first_moment_kind(exp_avg)
+    if kind == FIRST_MOMENT_INT8:
+        codes, scale = encode_first_moment(m)
+        exp_avg.index_copy_(0, rows, codes)
+        exp_avg_scale.index_copy_(0, rows, scale)
+    elif kind == FIRST_MOMENT_FLOAT:
+        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+
+
 # --------------------------------------------------------------------------------------- reference
 
 
@@ -110,16 +132,10 @@ def sparse_adam_rowwise_reference(
     acc = _common.acc_dtype(param.dtype)
     upto = step - 1 if grads is not None else step
     weight1 = 1.0 - beta1
-    kind = _first_moment_kind(exp_avg)
     for q, row in enumerate(rows.tolist()):
         weights = master if master is not None else param
         p = weights[row].to(acc)
-        if kind == FIRST_MOMENT_INT8:
-            m = decode_first_moment(exp_avg[row : row + 1], exp_avg_scale[row : row + 1], acc)[0]
-        elif kind == FIRST_MOMENT_FLOAT:
-            m = exp_avg[row].to(acc)
-        else:
-            m = torch.zeros_like(p)
+        m = _gather_first_moment(exp_avg, exp_avg_scale, rows[q : q + 1], p.unsqueeze(0))[0]
         v = exp_avg_sq[row].to(acc)
         last = int(last_step[row])
         gap = upto - last if last > 0 and upto > last else 0
@@ -143,11 +159,7 @@ def sparse_adam_rowwise_reference(
         if master is not None:
             master[row] = p.to(master.dtype)
         param[row] = p.to(param.dtype)
-        if kind == FIRST_MOMENT_INT8:
-            codes, scale = encode_first_moment(m.unsqueeze(0))
-            exp_avg[row], exp_avg_scale[row] = codes[0], scale[0]
-        elif kind == FIRST_MOMENT_FLOAT:
-            exp_avg[row] = m.to(exp_avg.dtype)
+        _scatter_first_moment(exp_avg, exp_avg_scale, rows[q : q + 1], m.unsqueeze(0))
         exp_avg_sq[row] = v.to(exp_avg_sq.dtype)
         last_step[row] = step
 
@@ -160,15 +172,9 @@ def _rowwise_torch(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, g
     """Vectorized over the touched rows: [m, d] gathers, the drift coefficients as [m] scalars."""
     acc = _common.acc_dtype(param.dtype)
     upto = step - 1 if grads is not None else step
-    kind = _first_moment_kind(exp_avg)
     weights = master if master is not None else param
     p = weights.index_select(0, rows).to(acc)
-    if kind == FIRST_MOMENT_INT8:
-        m = decode_first_moment(exp_avg.index_select(0, rows), exp_avg_scale.index_select(0, rows), acc)
-    elif kind == FIRST_MOMENT_FLOAT:
-        m = exp_avg.index_select(0, rows).to(acc)
-    else:
-        m = torch.zeros_like(p)
+    m = _gather_first_moment(exp_avg, exp_avg_scale, rows, p)
     v = exp_avg_sq.index_select(0, rows).to(acc)
     last = last_step.index_select(0, rows)
     gap = (upto - last).clamp_min(0) * (last > 0)
@@ -196,12 +202,7 @@ def _rowwise_torch(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, g
     if master is not None:
         master.index_copy_(0, rows, p.to(master.dtype))
     param.index_copy_(0, rows, p.to(param.dtype))
-    if kind == FIRST_MOMENT_INT8:
-        codes, scale = encode_first_moment(m)
-        exp_avg.index_copy_(0, rows, codes)
-        exp_avg_scale.index_copy_(0, rows, scale)
-    elif kind == FIRST_MOMENT_FLOAT:
-        exp_avg.index_copy_(0, rows, m.to(exp_avg.dtype))
+    _scatter_first_moment(exp_avg, exp_avg_scale, rows, m)
     exp_avg_sq.index_copy_(0, rows, v.to(exp_avg_sq.dtype))
     last_step.index_fill_(0, rows, step)
 

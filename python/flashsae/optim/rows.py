@@ -11,17 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._common import row_blocks
 from ..ops._row_grads import row_grads_of
 
 #: Rows handled at a time (16M elements: the float32 temporaries of a chunk stay at 64 MiB; whole at
 #: once, a flush of a 5M x 4096 bf16 decoder would allocate 80 GiB of float32 copies).
 CHUNK_ELEMENTS = 1 << 24
-
-
-def _chunks(count: int, width: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, width))
-    for start in range(0, count, step):
-        yield slice(start, min(count, start + step))
 
 
 @torch.no_grad()
@@ -32,7 +27,7 @@ def remove_parallel_row_grads_(W_dec: torch.Tensor) -> None:
     if collector is None or not len(collector):
         return
     rows, grads = collector.coalesced()
-    for chunk in _chunks(rows.numel(), W_dec.shape[1]):
+    for chunk in row_blocks(rows.numel(), W_dec.shape[1], CHUNK_ELEMENTS):
         weights = W_dec.index_select(0, rows[chunk]).float()
         norms_sq = torch.linalg.vecdot(weights, weights).clamp_min(1e-12)
         along = torch.linalg.vecdot(grads[chunk].float(), weights) / norms_sq
@@ -48,7 +43,7 @@ def normalize_rows_(
     master_weights), the master rows are normalized and rounded into W, so the two stay consistent."""
     source = W if master is None else master
     count = source.shape[0] if rows is None else rows.numel()
-    for chunk in _chunks(count, source.shape[1]):
+    for chunk in row_blocks(count, source.shape[1], CHUNK_ELEMENTS):
         ids = None if rows is None else rows[chunk]
         chosen = source[chunk] if ids is None else source.index_select(0, ids)
         norms = chosen.float().norm(dim=1, keepdim=True)
