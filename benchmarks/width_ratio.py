@@ -10,7 +10,7 @@ fresh process: peak RSS on CPU (glibc's mmap threshold fixed so freed tensors le
 torch.cuda.max_memory_allocated on a GPU. The search starts at the width flashsae.plan predicts, then
 brackets and bisects on measurements to a resolution of ``--resolution`` (2%). Providers:
 
-- ``dense``: flashsae.benchmarking.DenseTopKSAE + torch's fused Adam (what most codebases write);
+- ``dense``: flashsae.bench.DenseTopKSAE + torch's fused Adam (what most codebases write);
 - ``flashsae``: TopKSAE + SparseAdam (row-sparse gradients), moments in the parameter dtype;
 - ``flashsae-bf16-moments``: the same with bfloat16 moments (SparseAdam(state_dtype="bfloat16"));
 - ``flashsae-row-int8``: SparseAdam(moments="row-int8"): one second moment per latent row and an int8
@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from flashsae.benchmarking import environment
+from flashsae.bench import environment
 from flashsae.plan import (
     GiB,
     MeasureConfig,
