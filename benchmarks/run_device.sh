@@ -13,7 +13,7 @@
 #   tests    every test under tests/ that names triton, on CUDA tensors (interpreter off) -> tests.log, tests.xml
 #   cuda     every test under tests/ that names cuda (not triton; the CPU "fake" variants run in CI):
 #            the CUDA kernels against the float64 references        -> cuda.log, cuda.xml
-#   sanitize compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_sanitize.py (every
+#   sanitize compute-sanitizer memcheck, then racecheck, over tests/cuda_sanitize.py (every
 #            _C_cuda kernel path once, small odd sizes)             -> sanitize.log
 #   ops      benchmarks/test_bench_ops.py, CUDA cases only: every op per provider (torch_dense,
 #            torch_sparse, torch_gemm, each flashsae backend), each checked against torch_dense
@@ -71,8 +71,8 @@ SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sa
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: one allocation per tensor, so an out-of-bounds access leaves its
 # allocation (memcheck sees it) instead of landing in a neighbour inside torch's cache
 step sanitize 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 bash -c "rc=0; \
-    echo '--- memcheck'; '$SANITIZER' --tool memcheck --error-exitcode 1 $PY benchmarks/cuda_sanitize.py || rc=1; \
-    echo '--- racecheck'; '$SANITIZER' --tool racecheck --error-exitcode 1 $PY benchmarks/cuda_sanitize.py || rc=1; \
+    echo '--- memcheck'; '$SANITIZER' --tool memcheck --error-exitcode 1 $PY tests/cuda_sanitize.py || rc=1; \
+    echo '--- racecheck'; '$SANITIZER' --tool racecheck --error-exitcode 1 $PY tests/cuda_sanitize.py || rc=1; \
     exit \$rc"
 if [[ "$STEPS" == *" cuda "* && "$STEPS" == *" sanitize "* && "$failed" -eq "$before_cuda" ]]; then
     export FLASHSAE_AUTO_UNVALIDATED=1  # the CUDA kernels passed here: let auto pick them for the benchmarks
