@@ -1,4 +1,4 @@
-"""`flashsae bench`: the README's main command until the trainer lands."""
+"""The `flashsae` entry point: bench (progress, repeats, the table, JSON), its errors, the console script, convert."""
 
 import json
 import subprocess

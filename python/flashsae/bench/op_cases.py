@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -37,10 +37,10 @@ from .. import _backend
 from ..ops import sae_loss, sparse_decode, topk_encode
 from .baselines import SparsifyStyleEncoder, embedding_bag_decode
 from .timer import time_ms
+from .train_step import DTYPES
 
 OPS = ("topk_encode", "sparse_decode", "sae_loss")
 STAGES = ("fwd", "fwd+bwd", "select")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASELINES = ("torch_dense", "torch_sparse")
 #: Providers that time a part of the op (not its result): never checked against torch_dense.
 PARTIAL = ("torch_gemm",)
@@ -52,9 +52,9 @@ DEAD_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
-class OpCase:
-    """One op stage at one size; aux_k > 0 adds AuxK (topk_encode: over 10% dead latents; sae_loss:
-    aux_k auxiliary latents per token)."""
+class CaseKey:
+    """What a benchmark row measures: an op stage at one size (benchmarks/test_bench_train_step.py
+    records op="train_step"). Rows with equal keys are compared with each other in the report."""
 
     op: str
     stage: str
@@ -65,6 +65,16 @@ class OpCase:
     dtype: str = "float32"
     device: str = "cpu"
     aux_k: int = 0
+    """AuxK latents per token (0: none)."""
+
+    def key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(CaseKey))
+
+
+@dataclass(frozen=True)
+class OpCase(CaseKey):
+    """One op stage at one size; aux_k > 0 adds AuxK (topk_encode: over 10% dead latents; sae_loss:
+    aux_k auxiliary latents per token)."""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:

@@ -32,25 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from .environment import describe
+from .op_cases import CaseKey
 
-GROUP_KEYS = ("op", "stage", "d", "n", "k", "aux_k", "batch", "dtype", "device")
 BASELINE = "torch_dense"
 SPARSE_BASELINE = "torch_sparse"
 GEMM = "torch_gemm"
 
 
-@dataclass
-class Row:
+@dataclass(frozen=True, kw_only=True)
+class Row(CaseKey):
     """One benchmark: a provider on an op stage at one size."""
 
-    op: str
-    stage: str
-    d: int
-    n: int
-    k: int
-    batch: int
-    dtype: str
-    device: str
     provider: str
     median_s: float
     flop: float
@@ -58,11 +50,10 @@ class Row:
     peak_bytes: int
     peak_flops: float | None = None
     peak_bytes_per_s: float | None = None
-    aux_k: int = 0
 
     @property
     def group(self) -> tuple:
-        return tuple(getattr(self, key) for key in GROUP_KEYS)
+        return self.key()
 
     @property
     def roofline_fraction(self) -> float | None:
