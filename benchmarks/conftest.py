@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import, as in tests/
 
 import pytest
+
 from suite_params import ROUNDS, full_run
 
 _PEAKS: dict[tuple[str, str], dict[str, float]] = {}

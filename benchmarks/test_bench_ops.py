@@ -12,9 +12,9 @@ flashsae op with extra keyword arguments, on every backend).
 """
 
 import pytest
-from suite_params import DEVICES, device_marks, full_run
 
 from flashsae.bench.op_cases import OpCase, check, make_call, make_inputs, providers, work
+from suite_params import DEVICES, device_marks, full_run
 
 STAGES = {"topk_encode": ("fwd", "fwd+bwd"), "sparse_decode": ("fwd", "fwd+bwd"), "sae_loss": ("fwd", "fwd+bwd")}
 

@@ -9,9 +9,9 @@ dense fp32 Adam over both matrices (56 * n * d: read and write of weight, gradie
 
 import pytest
 import torch
-from suite_params import DEVICES, device_marks, full_run
 
 from flashsae.bench.train_step import PROVIDERS, BenchConfig, prepare, train_step
+from suite_params import DEVICES, device_marks, full_run
 
 FULL = {"cpu": [(768, n, 32, 1024) for n in (8192, 24576)], "cuda": [(4096, n, 64, 4096) for n in (1 << 15, 1 << 17)]}
 TINY = [(16, 96, 4, 32)]

@@ -104,15 +104,12 @@ def providers(case: OpCase) -> list[str]:
     and backward for fwd+bwd) on case.device and dtype. The Triton interpreter is a test harness,
     not a provider."""
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
-    if case.stage == "select":
-        return ["torch_dense", *(["flashsae-cuda"] if "cuda" in _backend.available_backends(case.op, device, dtype)
-                                 else [])]  # fmt: skip
-    backends = _backend.available_backends(case.op, device, dtype)
+    backends = _backend.available_backends(case.op, device, dtype)  # never the Triton interpreter
+    if case.stage == "select":  # the select kernel alone is a binding of the CUDA module only
+        return ["torch_dense", *(["flashsae-cuda"] if "cuda" in backends else [])]
     if case.stage == "fwd+bwd":
         backward = _backend.available_backends(f"{case.op}_backward", device, dtype)
         backends = [b for b in backends if b in backward]
-    if _backend.triton_interpreting():
-        backends = [b for b in backends if b != "triton"]
     names = [*BASELINES, *(["torch_gemm"] if (case.op, case.stage, case.aux_k) == ("topk_encode", "fwd", 0) else [])]
     for backend in backends:
         names += [f"flashsae-{backend}", *(f"flashsae-{backend}-{v}" for v in VARIANTS[case.op])]
@@ -262,14 +259,17 @@ def forward(case: OpCase, provider: str, t: dict[str, torch.Tensor]) -> torch.Te
 
 def check(case: OpCase, provider: str, t: dict[str, torch.Tensor]) -> None:
     """Raises AssertionError when the provider's forward disagrees with torch_dense's beyond the
-    rounding of case.dtype (top-k values compared sorted per row: ties may pick other latents)."""
+    rounding of case.dtype (top-k values compared sorted per row: near-ties may pick other latents).
+    A check that the timed call computes the op, not a substitute for the float64 tests."""
     if provider in PARTIAL or provider == "torch_dense":
         return
     with torch.no_grad():
         ours, ref = forward(case, provider, t).float(), forward(case, "torch_dense", t).float()
     if case.op == "topk_encode":
         ours, ref = ours.sort(dim=1).values, ref.sort(dim=1).values
-    tol = (1e-4 if case.dtype == "float32" else 2e-2) * max(float(ref.abs().max()), 1.0)
+    # float32: 5e-3 leaves room for GPU kernels that multiply in TF32 (10-bit mantissa); 16-bit
+    # dtypes: a few roundings of the output (bfloat16: 8 bits)
+    tol = (5e-3 if case.dtype == "float32" else 3e-2) * max(float(ref.abs().max()), 1.0)
     err = float((ours - ref).abs().max())
     assert err <= tol, f"{case.op} {case.name} {provider}: max error {err:.3g} vs torch_dense (tolerance {tol:.3g})"
 
