@@ -4,7 +4,7 @@
 # everything packed in $OUT/device-results.tar.gz, plus $OUT/summary.log (the tail of every step's log).
 #
 #   bash benchmarks/run_device.sh                # every step; OUT defaults to ./device-out
-#   bash benchmarks/run_device.sh tests ops      # only these steps (build outputs survive on a warm machine)
+#   bash benchmarks/run_device.sh tests encode   # only these steps (build outputs survive on a warm machine)
 #
 # Steps (each one logs to $OUT/<step>.log; a failing step does not stop the later ones, the exit
 # status is the number of failed steps):
@@ -15,11 +15,13 @@
 #            the CUDA kernels against the float64 references        -> cuda.log, cuda.xml
 #   sanitize compute-sanitizer memcheck, then racecheck, over tests/cuda_sanitize.py (every
 #            _C_cuda kernel path once, small odd sizes)             -> sanitize.log
-#   ops      benchmarks/test_bench_ops.py, CUDA cases only: every op per provider (torch_dense,
-#            torch_sparse, torch_gemm, each flashsae backend), each checked against torch_dense
-#            first; peak memory, roofline fractions                 -> ops.log, bench_ops.json
-#   train    benchmarks/test_bench_train_step.py, CUDA cases only   -> train.log, bench_train.json
-#   report   benchmarks/report.py over both JSON files: markdown + PNGs -> report.md, *.png
+#   encode   benchmarks/test_bench_ops.py::test_topk_encode, CUDA cases only: each provider (torch_dense,
+#            torch_sparse, torch_gemm, every flashsae backend) checked against torch_dense, then
+#            timed; peak memory, roofline fractions              -> encode.log, bench_encode.json
+#   decode   the same for test_sparse_decode                     -> decode.log, bench_decode.json
+#   loss     the same for test_sae_loss                          -> loss.log, bench_loss.json
+#   train    benchmarks/test_bench_train_step.py, CUDA cases     -> train.log, bench_train.json
+#   report   benchmarks/report.py over the JSON files: markdown + PNGs -> report.md, *.png
 # The tests are chosen by name (-k), not by path, so that moving a test file keeps it in its step.
 # CUDA kernels awaiting their first GPU validation (flashsae._backend.CUDA_AWAITING_VALIDATION) are
 # skipped by backend="auto"; when this run's cuda and sanitize steps both pass, the benchmark steps
@@ -40,7 +42,7 @@ export TRITON_INTERPRET=0            # compiled kernels: tests/conftest.py only 
 export TRITON_DEFAULT_FP_FUSION=1    # triton >= 3.9 warns when unset, and pytest turns warnings into errors
 export FLASHSAE_CUDA=AUTO
 PY="${PYTHON:-python}"
-STEPS=" ${*:-env build tests cuda sanitize ops train report} "
+STEPS=" ${*:-env build tests cuda sanitize encode decode loss train report} "
 failed=0
 
 step() {  # step NAME SECONDS COMMAND...
@@ -78,14 +80,19 @@ if [[ "$STEPS" == *" cuda "* && "$STEPS" == *" sanitize "* && "$failed" -eq "$be
     export FLASHSAE_AUTO_UNVALIDATED=1  # the CUDA kernels passed here: let auto pick them for the benchmarks
     echo "   CUDA tests and compute-sanitizer passed: benchmarks run with FLASHSAE_AUTO_UNVALIDATED=1"
 fi
-# BENCH_FILTER: the benchmark cases to run (-k); a CPU check of these steps: BENCH_FILTER="cpu and n8192 and not bwd"
+# BENCH_FILTER: the benchmark cases to run (-k); a CPU check of these steps: BENCH_FILTER="cpu and n8192 and not bwd".
+# One pytest per op, each with its own JSON: a suite stopped by its time limit loses only its own rows.
 BENCH_FILTER="${BENCH_FILTER:-cuda}"
-step ops 190 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_ops.py --benchmark-only -k "$BENCH_FILTER" \
-    --benchmark-json="$OUT/bench_ops.json"
-step train 40 $PY -m pytest -q -p no:cacheprovider benchmarks/test_bench_train_step.py --benchmark-only -k "$BENCH_FILTER" \
-    --benchmark-json="$OUT/bench_train.json"
-# over whichever of the two suites wrote its JSON (pytest-benchmark writes it when the suite ends; a
-# suite stopped by its time limit leaves an empty file)
+bench_step() {  # bench_step NAME SECONDS FILE TEST
+    step "$1" "$2" $PY -m pytest -q -p no:cacheprovider "benchmarks/$3" --benchmark-only -k "($BENCH_FILTER) and $4" \
+        --benchmark-json="$OUT/bench_$1.json"
+}
+bench_step encode 90 test_bench_ops.py test_topk_encode
+bench_step decode 50 test_bench_ops.py test_sparse_decode
+bench_step loss 50 test_bench_ops.py test_sae_loss
+bench_step train 40 test_bench_train_step.py test_train_step
+# over whichever suites wrote their JSON (pytest-benchmark writes it when the suite ends; a suite
+# stopped by its time limit leaves an empty file)
 step report 10 bash -c "$PY benchmarks/report.py \$(find '$OUT' -name 'bench_*.json' -size +0) --out '$OUT'"
 echo "== done: $failed failed step(s)"
 { for f in "$OUT"/*.log; do echo "===== $(basename "$f")"; tail -n 40 "$f"; done; } >"$FINAL_OUT/summary.log" 2>&1

@@ -20,8 +20,8 @@ STAGES = {"topk_encode": ("fwd", "fwd+bwd"), "sparse_decode": ("fwd", "fwd+bwd")
 
 
 def full_cases(op: str, device: str) -> list[OpCase]:
-    """Sizes for `--benchmark-only`: on this project's 2-core CPU the CPU half runs in ~5 minutes;
-    the CUDA half (issue-scale sizes: d = 4096, n up to 2^20) fits the GPU session's step limit."""
+    """Sizes for `--benchmark-only`: the CPU half takes minutes on this project's 2-core machine; the
+    CUDA half (d = 4096, n up to 2^20) fits run_device.sh's time limits on an H200."""
     if device == "cpu":
         base = {"d": 768, "k": 32, "batch": 1024, "dtype": "float32"}
         n_sweep, mid, other_dtype = (4096, 8192, 16384, 32768), 16384, "bfloat16"
