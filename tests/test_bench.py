@@ -41,9 +41,13 @@ def test_providers_per_stage(monkeypatch):
     fwd = op_cases.providers(OpCase("topk_encode", "fwd", 16, 96, 4, 32))
     assert fwd[:3] == ["torch_dense", "torch_sparse", "torch_gemm"] and "flashsae-cpu" in fwd
     assert "torch_gemm" not in op_cases.providers(OpCase("topk_encode", "fwd+bwd", 16, 96, 4, 32))
-    monkeypatch.setitem(op_cases.VARIANTS, "sparse_decode", {"fast": {}})
-    names = op_cases.providers(OpCase("sparse_decode", "fwd", 16, 96, 4, 32))
-    assert {"flashsae-cpu", "flashsae-cpu-fast"} <= set(names)
+    monkeypatch.setitem(op_cases.VARIANTS, "sparse_decode", {"fast": {}, "amp": {"autocast": "bfloat16"}})
+    case = OpCase("sparse_decode", "fwd+bwd", 16, 96, 4, 32)
+    names = op_cases.providers(case)
+    assert {"flashsae-cpu", "flashsae-cpu-fast", "flashsae-cpu-amp", "flashsae-torch-amp"} <= set(names)
+    inputs = op_cases.make_inputs(case)
+    op_cases.check(case, "flashsae-torch-amp", inputs)
+    op_cases.make_call(case, "flashsae-torch-amp", inputs)()
     with pytest.raises(ValueError, match="stage"):
         OpCase("sae_loss", "select", 16, 96, 4, 32)
     with pytest.raises(ValueError, match="aux_k"):

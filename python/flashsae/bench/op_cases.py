@@ -45,7 +45,8 @@ BASELINES = ("torch_dense", "torch_sparse")
 #: Providers that time a part of the op (not its result): never checked against torch_dense.
 PARTIAL = ("torch_gemm",)
 #: op -> variant name -> extra keyword arguments of the flashsae op: each entry adds a provider
-#: ``flashsae-<backend>-<variant>`` for every backend (e.g. a precision setting).
+#: ``flashsae-<backend>-<variant>`` for every backend (e.g. a precision setting). The key "autocast"
+#: (a DTYPES name) is not an argument: the op then runs under torch.autocast(device, that dtype).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {op: {} for op in OPS}
 #: Fraction of latents marked dead in cases with aux_k > 0.
 DEAD_FRACTION = 0.1
@@ -253,8 +254,12 @@ def forward(case: OpCase, provider: str, t: dict[str, torch.Tensor]) -> torch.Te
     if provider.startswith("flashsae-"):
         backend, _, variant = provider.removeprefix("flashsae-").partition("-")
         options = {"backend": backend, **(VARIANTS[case.op][variant] if variant else {})}
+    autocast = options.pop("autocast", None)
     run = _encode if case.op == "topk_encode" else _decode
-    return run(case, provider, t, **options)
+    if autocast is None:
+        return run(case, provider, t, **options)
+    with torch.autocast(torch.device(case.device).type, dtype=DTYPES[autocast]):
+        return run(case, provider, t, **options)
 
 
 def check(case: OpCase, provider: str, t: dict[str, torch.Tensor]) -> None:
