@@ -1,6 +1,6 @@
 """The CUDA top-k select's algorithm, run by its sequential host mirror in flashsae._C (CPU, every CI run).
 
-csrc/cuda/topk_select_host.cpp runs csrc/cuda/topk_select.cu's steps (keys, threshold filter,
+csrc/cuda/topk_encode_host.cpp runs csrc/cuda/topk_encode.cu's steps (keys, threshold filter,
 capacity rule, radix cut, compaction, sort) with the same shared functions (csrc/cuda/topk_keys.h),
 with the slice and buffer capacity as parameters so that small inputs go through many merges. The
 result must be exactly a stable descending sort's top k: same latents, same float32 values.
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flashsae import _C
 
-KERNEL_SLICE = 2048  # topk_select.cu: kSlice and kCapacity
+KERNEL_SLICE = 2048  # topk_encode.cu: kSlice and kCapacity
 KERNEL_CAPACITY = 2048
 
 

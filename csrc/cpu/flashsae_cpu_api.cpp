@@ -20,7 +20,7 @@ namespace py = pybind11;
 using flashsae::DType;
 
 namespace flashsae {
-void register_topk_select_host(py::module_& m);  // csrc/cuda/topk_select_host.cpp (tests of the CUDA select)
+void register_topk_encode_host(py::module_& m);  // csrc/cuda/topk_encode_host.cpp (tests of the CUDA select)
 }  // namespace flashsae
 
 namespace {
@@ -333,5 +333,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("sae_loss_backward", &sae_loss_backward);
   m.def("sparse_adam", &sparse_adam);
   m.def("sparse_adam_rowwise", &sparse_adam_rowwise);
-  flashsae::register_topk_select_host(m);
+  flashsae::register_topk_encode_host(m);
 }

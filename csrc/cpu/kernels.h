@@ -11,7 +11,7 @@
 
 namespace flashsae::cpu {
 
-// ---- running top-k over tiles of pre-activations (topk_select.cpp) -------------------------------
+// ---- running top-k over tiles of pre-activations (topk_encode.cpp) -------------------------------
 // State: per row a min-heap of k (score, index) pairs, worst at the root. score_dtype is float32 or
 // float64: the tile is computed in that precision so selection never sees rounded bf16 scores.
 

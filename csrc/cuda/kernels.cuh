@@ -13,7 +13,7 @@
 
 namespace flashsae::cuda {
 
-// ---- top-k select over wide rows (topk_select.cu) -------------------------------------------------
+// ---- top-k select over wide rows (topk_encode.cu) -------------------------------------------------
 // Merges scores[rows, cols] (row stride ld, dtype score_dtype) for latents col0 .. col0 + cols - 1
 // into the per-row select state [rows, k] (uint64 keys, topk_keys.h; all 0 = empty initially). The
 // key of a score s is built from s + bias[latent] (bias: fp32, indexed by latent, may be null),
@@ -32,7 +32,7 @@ cudaError_t topk_finish(const uint64_t* state, int64_t rows, int k, void* values
 int topk_select_slice();
 int topk_select_capacity();
 
-// ---- sparse rows (sparse_decode.cu) ----------------------------------------------------------------
+// ---- sparse rows (sparse_rows.cu) ------------------------------------------------------------------
 // out[b] = bias + sum_j c[b, j] W[idx[b, j]], c = coef * [gate > 0] (gate and bias may be null).
 // out is fp32 when out_fp32, else dtype.
 cudaError_t gather_rows(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,

@@ -9,7 +9,7 @@
 //   G[b] = 2 g_sse[b] (x_hat - x) + g_x_hat[b]        H[b] = 2 g_aux[b] (e_hat + x_hat - x)
 //   dx[b] = -2 g_sse[b] (x_hat - x)                   (the AuxK target x - x_hat is held constant)
 // in fp32 ([rows, d] each); Python then runs dot_rows (d_values from G, d_aux_values from H) and one
-// segment_rows over main + aux slots (dW_dec), and db_dec = sum_b G[b] (sparse_decode.cu).
+// segment_rows over main + aux slots (dW_dec), and db_dec = sum_b G[b] (sparse_rows.cu).
 #include <cstdint>
 
 #include "cuda/device_common.cuh"

@@ -1,8 +1,8 @@
-// The top-k select of flashsae._C_cuda (topk_select.cu), as plain functions shared by the device
-// kernel and a sequential host mirror (topk_select_host.cpp, compiled into flashsae._C), so that the
+// The top-k select of flashsae._C_cuda (topk_encode.cu), as plain functions shared by the device
+// kernel and a sequential host mirror (topk_encode_host.cpp, compiled into flashsae._C), so that the
 // algorithm itself is tested on every CI run, GPU or not. The kernel parallelizes the same steps;
 // where it differs (histograms by shared-memory atomics, the digit search split over a warp), the
-// comments in topk_select.cu say why the parallel form computes the same thing.
+// comments in topk_encode.cu say why the parallel form computes the same thing.
 //
 // Keys. A candidate (score v, latent i) is one 64-bit key
 //     key = ordered_bits(v) << 32 | ~i        (i in [0, 2^31), so ~i in [2^31, 2^32))

@@ -11,7 +11,7 @@ k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for auto
 The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/sae_loss.cu) has the same structure: a forward row
 kernel (x_hat, per-row SSE and AuxK SSE), a backward row kernel (recomputes x_hat and e_hat, writes
 the fp32 residual gradients G, H and dx), then the sparse decoder's row-dot and latent segment-reduce
-kernels (csrc/cuda/sparse_decode.cu).
+kernels (csrc/cuda/sparse_rows.cu).
 
 The ``triton`` backend (flashsae.kernels.sae_loss) runs the forward as one kernel over row blocks
 and the backward as one row kernel (G, H, dx) followed by the sparse decoder's row-dot and latent

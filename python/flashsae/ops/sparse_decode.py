@@ -5,7 +5,7 @@ Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
 dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
 
 Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (flashsae._C_cuda,
-csrc/cuda/sparse_decode.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
+csrc/cuda/sparse_rows.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
 over slots sorted by latent, no atomics), ``triton`` (flashsae.kernels.sparse_decode: gather-combine,
 row dots, dW_dec by a segment reduce over slots sorted by latent, no atomics), ``torch``
 (embedding_bag + index_add, row-blocked). See flashsae._backend.

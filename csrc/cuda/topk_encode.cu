@@ -5,7 +5,7 @@
 // slices of 2048 (8 consecutive scores per thread, one or two 16-byte loads, the next slice's loads
 // issued before the current one is processed), and keeps the row's select state in shared memory:
 // the k best keys so far plus a buffer of candidates (topk_keys.h has the key format and the
-// algorithm; topk_select_host.cpp is the sequential mirror CI tests). Per slice:
+// algorithm; topk_encode_host.cpp is the sequential mirror CI tests). Per slice:
 //   1. keys of the 8 scores (optionally + bias[latent], relu'd); count those above the threshold
 //      (the state's minimum key), for the main and the aux (dead latents only) selections;
 //   2. if the buffer cannot take them, merge: radix select over state + buffer, 8 bits per pass

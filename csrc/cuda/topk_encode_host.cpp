@@ -1,4 +1,4 @@
-// Sequential host mirror of the CUDA top-k select (topk_select.cu), compiled into flashsae._C.
+// Sequential host mirror of the CUDA top-k select (topk_encode.cu), compiled into flashsae._C.
 //
 // It runs the kernel's algorithm step for step with the same shared functions (topk_keys.h: keys,
 // choose_digit, RadixCut) on one CPU thread: per row, slices of scores, the threshold filter, the
@@ -8,7 +8,7 @@
 // differs only in how each step is parallelized (see the comments there).
 //
 // Not used by any op: it is a test of the algorithm, not a CPU backend (the cpu backend has its own
-// heap-based select, csrc/cpu/topk_select.cpp).
+// heap-based select, csrc/cpu/topk_encode.cpp).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -173,7 +173,7 @@ void topk_make_keys_host(addr_t values, addr_t latents, int64_t count, addr_t ke
 namespace flashsae {
 
 // Called from flashsae._C's module init (csrc/cpu/flashsae_cpu_api.cpp).
-void register_topk_select_host(py::module_& m) {
+void register_topk_encode_host(py::module_& m) {
   using namespace flashsae::topk::host;
   m.attr("TOPK_HOST_MAX_K") = flashsae::topk::kMaxK;
   m.def("topk_select_host", &topk_select_host, "Sequential mirror of _C_cuda.topk_select (tests only)");
