@@ -2,8 +2,9 @@
 parameters in their own dtype with the values of the float64 reference (on the operands the kernels
 saw), and outside autocast nothing changes. The rules are in flashsae/ops/_autocast.py.
 
-What a kernel receives is recorded by :class:`OpOperands`, a TorchDispatchMode: it sees each
-flashsae op below the autocast and autograd keys, i.e. the arguments the op's backend dispatch gets.
+What a kernel receives is recorded by helpers.OpOperands, a TorchDispatchMode: it sees each flashsae
+op below the autocast and autograd keys, i.e. the arguments the op's backend dispatch gets; compiled
+graphs are read by GraphOperands.
 
 Backends: cpu, torch and triton (interpreted) on CPU tensors under CPU autocast; the cuda backend's
 glue on CPU tensors through tests/cuda_fake.py; cuda and triton on a GPU under CUDA autocast (skipped
@@ -15,7 +16,6 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import cuda_fake
 from flashsae import TopKSAE, _backend, _native
@@ -30,33 +30,10 @@ from flashsae.ops import (
     topk_encode,
 )
 from flashsae.ops.threshold_encode import DENSE_FRACTION
-from helpers import assert_close, randn, sae_tensors
+from helpers import OpOperands, assert_close, assert_received, randn, sae_tensors
 
 LOW = [torch.bfloat16, torch.float16]
 ROWS, D, N, K, AUX_K = 13, 24, 150, 5, 6
-
-
-class OpOperands(TorchDispatchMode):
-    """Records every flashsae op that runs while active: (op name, {argument: dtype}) of its floating
-    tensor arguments, as the op's implementation receives them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, dict[str, torch.dtype]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "flashsae":
-            names = [a.name for a in func._schema.arguments]
-            bound = dict(zip(names, args, strict=False)) | kwargs
-            floats = {k: v.dtype for k, v in bound.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-            self.calls.append((func._schema.name.removeprefix("flashsae::"), floats))
-        return func(*args, **kwargs)
-
-    def dtypes(self, op: str) -> list[dict[str, torch.dtype]]:
-        found = [floats for name, floats in self.calls if name == op]
-        assert found, f"{op} never ran (ran: {sorted({name for name, _ in self.calls})})"
-        return found
 
 
 def gpu_ready() -> bool:
@@ -99,18 +76,6 @@ def leaves(device, **tensors) -> dict[str, torch.Tensor]:
 def rounded(t: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The operands the kernels see under autocast, in float64, as reference leaves."""
     return {k: v.detach().to(dtype).double().cpu().requires_grad_() for k, v in t.items()}
-
-
-def assert_received(mode: OpOperands, op: str, dtype: torch.dtype, names) -> None:
-    """Every recorded call of `op` received each of `names` it was given in `dtype` (and some call was
-    given each of them)."""
-    calls = mode.dtypes(op)
-    for name in names:
-        assert any(name in floats for floats in calls), f"{op} was never given {name}"
-    for floats in calls:
-        for name in names:
-            if name in floats:
-                assert floats[name] == dtype, f"{op} received {name} in {floats[name]}, expected {dtype}"
 
 
 def assert_grads(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dtype: torch.dtype) -> None:

@@ -1,0 +1,105 @@
+"""The trainer's autocast setting reaches the SAE's own ops: with ``autocast="bf16"`` (``flashsae train
+--autocast bf16``) on CPU, and with the default ``"auto"`` on CUDA, every flashsae op of the SAE step
+receives bfloat16 operands (recorded through the ops' dispatch, helpers.OpOperands), the run still
+trains, and the parameters stay float32. ``"auto"`` on CPU changes nothing."""
+
+import json
+
+import pytest
+import torch
+
+from flashsae import _native
+from flashsae.cli import main
+from flashsae.train import TrainConfig, Trainer
+from helpers import OpOperands, assert_received
+from train_helpers import tiny_bert, write_text_files
+
+HOOK = "encoder.layer.1"
+BATCH = 64
+ENCODER = ["x", "W_enc", "b_enc", "b_dec"]
+LOSS = ["x", "values", "W_dec", "b_dec"]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
+
+
+def config(tmp_path, text, **overrides) -> TrainConfig:
+    settings = {
+        "model": str(tiny_bert()),
+        "hookpoints": [HOOK],
+        "dataset": str(text),
+        "ctx_len": 16,
+        "model_batch_size": 4,
+        "device": "cpu",
+        "k": 8,
+        "batch_size": BATCH,
+        "buffer_tokens": 256,
+        "train_tokens": BATCH * 40,
+        "dead_tokens": 128,  # AuxK active: the aux operands are dispatched too
+        "checkpoint_every": 0,
+        "log_every": 4,
+        "eval_tokens": 128,
+        "progress": False,
+        "tensorboard": False,
+        "out": str(tmp_path / "run"),
+    }
+    return TrainConfig(**(settings | overrides))
+
+
+def fvu_curve(trainer: Trainer) -> list[float]:
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)[f"{HOOK}/fvu"] for line in lines]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+def test_bf16_autocast_step_runs_the_ops_in_bf16_and_trains(tmp_path, text, optimizer):
+    trainer = Trainer(config(tmp_path, text, autocast="bf16", optimizer=optimizer))
+    with OpOperands() as mode:
+        trainer.train()
+    assert_received(mode, "topk_encode", torch.bfloat16, ENCODER)
+    assert_received(mode, "sae_loss", torch.bfloat16, [*LOSS, "aux_values"])
+    assert_received(mode, "topk_encode_backward", torch.bfloat16, ["d_values", "x", "W_enc", "b_dec"])
+    assert_received(mode, "sae_loss_backward", torch.bfloat16, LOSS)
+    fvu = fvu_curve(trainer)
+    assert fvu[-1] < 0.7 * fvu[0], f"the bf16 autocast run did not train: fvu {fvu}"
+    for name, p in trainer.saes[HOOK].named_parameters():
+        assert p.dtype == torch.float32, f"{name} left float32"
+        assert torch.isfinite(p).all(), name
+
+
+def test_auto_on_cpu_changes_nothing(tmp_path, text):
+    trainer = Trainer(config(tmp_path, text, autocast="auto", train_tokens=BATCH * 4))
+    with OpOperands() as mode:
+        trainer.train()
+    assert_received(mode, "topk_encode", torch.float32, ENCODER)
+    assert_received(mode, "sae_loss", torch.float32, LOSS)
+
+
+def test_cli_autocast_bf16_reaches_the_ops(tmp_path, text):
+    flags = [
+        "--model", str(tiny_bert()), "--hookpoints", HOOK, "--dataset", str(text), "--ctx-len", "16",
+        "--model-batch-size", "4", "--device", "cpu", "--k", "8", "--batch-size", "64", "--buffer-tokens", "256",
+        "--train-tokens", "256", "--eval-tokens", "64", "--no-progress", "--no-tensorboard",
+        "--out", str(tmp_path / "cli"), "--autocast", "bf16",
+    ]  # fmt: skip
+    with OpOperands() as mode:
+        assert main(["train", *flags]) == 0
+    assert_received(mode, "topk_encode", torch.bfloat16, ENCODER)
+    assert_received(mode, "sae_loss", torch.bfloat16, LOSS)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _native.cuda_module_available()), reason="needs a CUDA GPU + _C_cuda"
+)
+def test_auto_on_cuda_runs_the_sae_step_in_bf16(tmp_path, text):
+    trainer = Trainer(config(tmp_path, text, device="cuda", autocast="auto"))
+    with OpOperands() as mode:
+        trainer.train()
+    assert_received(mode, "topk_encode", torch.bfloat16, ENCODER)
+    assert_received(mode, "sae_loss", torch.bfloat16, [*LOSS, "aux_values"])
+    fvu = fvu_curve(trainer)
+    assert fvu[-1] < 0.7 * fvu[0], f"the bf16 autocast run did not train: fvu {fvu}"
+    assert all(p.dtype == torch.float32 for p in trainer.saes[HOOK].parameters())
