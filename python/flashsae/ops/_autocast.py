@@ -51,13 +51,17 @@ import torch
 
 from . import _row_grads
 
-#: Device types whose autocast the ops follow, with their dispatch keys.
+#: Device types whose autocast the ops follow.
 DEVICE_TYPES = ("cpu", "cuda")
+#: Both autocast keys are excluded while an op runs: its internals (tile GEMMs, row gathers) compute in
+#: the dtypes its kernels were written for, whichever region is active.
 _AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU) | torch._C.DispatchKeySet(
     torch._C.DispatchKey.AutocastCUDA
 )
 #: The dtypes torch's autocast casts (float64 stays float64).
 CASTABLE = (torch.float32, torch.bfloat16, torch.float16)
+#: The registrations below live as long as this library object (the module's lifetime).
+_LIBRARY = torch.library.Library("flashsae", "IMPL")
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -66,13 +70,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type in DEVICE_TYPES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def operand_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype `t` reaches the kernels in: the autocast dtype for a castable floating tensor while
-    autocast is on for its device type, else its own. The ops' argument checks compare these."""
-    target = autocast_dtype(t.device)
-    return target if target is not None and t.dtype in CASTABLE else t.dtype
 
 
 def _cast(t: object, device_type: str, dtype: torch.dtype) -> object:
@@ -102,27 +99,26 @@ def disabled(t: object) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def register(op, cast: Sequence[str] = ()) -> None:
+def register(op: torch._ops.OpOverload, cast: Sequence[str] = ()) -> None:
     """Registers `op`'s autocast kernel on CPU and CUDA: the arguments named in `cast` are cast to
     the autocast dtype (those castable and on the kernel's device type), then the op runs with
     autocast off. An empty `cast` only turns autocast off (the backward ops)."""
-    schema = op._opoverload._schema
-    names = [a.name for a in schema.arguments]
+    names = [a.name for a in op._schema.arguments]
     unknown = set(cast) - set(names)
     if unknown:
-        raise ValueError(f"cast: {op._opoverload} has no argument(s) {sorted(unknown)}")
-    positions = [i for i, name in enumerate(names) if name in cast]
+        raise ValueError(f"cast: {op} has no argument(s) {sorted(unknown)}")
+    positions = frozenset(i for i, name in enumerate(names) if name in cast)
     for device_type in DEVICE_TYPES:
         key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        op._lib.impl(op._name, _kernel(op._opoverload, device_type, positions, frozenset(cast)), key, with_keyset=True)
+        _LIBRARY.impl(op, _kernel(op, device_type, positions, frozenset(cast)), key, with_keyset=True)
 
 
-def _kernel(overload, device_type: str, positions: list[int], names: frozenset[str]):
+def _kernel(op: torch._ops.OpOverload, device_type: str, positions: frozenset[int], names: frozenset[str]):
     def kernel(_keyset, *args, **kwargs):
         dtype = torch.get_autocast_dtype(device_type)
         args = tuple(_cast(a, device_type, dtype) if i in positions else a for i, a in enumerate(args))
         kwargs = {k: _cast(v, device_type, dtype) if k in names else v for k, v in kwargs.items()}
         with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
-            return overload(*args, **kwargs)
+            return op(*args, **kwargs)
 
     return kernel

@@ -306,8 +306,8 @@ _sae_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # autocast (see ops/_autocast.py): the fused decoder + loss reads every float operand in the autocast
 # dtype; the per-row sums (and so the losses) stay float32, as torch's autocast keeps losses
-_autocast.register(_sae_loss_op, cast=("x", "values", "W_dec", "b_dec", "aux_values"))
-_autocast.register(_sae_loss_backward_op)
+_autocast.register(torch.ops.flashsae.sae_loss.default, cast=("x", "values", "W_dec", "b_dec", "aux_values"))
+_autocast.register(torch.ops.flashsae.sae_loss_backward.default)
 
 
 # ------------------------------------------------------------------------------------------- public

@@ -183,8 +183,8 @@ def _autograd_backward(ctx, grad):
 _sparse_decode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # autocast (see ops/_autocast.py): the decoder reads values and the parameters in the autocast dtype
-_autocast.register(_sparse_decode_op, cast=("values", "W_dec", "b_dec"))
-_autocast.register(_sparse_decode_backward_op)
+_autocast.register(torch.ops.flashsae.sparse_decode.default, cast=("values", "W_dec", "b_dec"))
+_autocast.register(torch.ops.flashsae.sparse_decode_backward.default)
 
 
 # ------------------------------------------------------------------------------------------- public

@@ -461,8 +461,8 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
 _topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 # autocast (see ops/_autocast.py): the encoder GEMM reads x and the parameters in the autocast dtype
-_autocast.register(_topk_encode_op, cast=("x", "W_enc", "b_enc", "b_dec"))
-_autocast.register(_topk_encode_backward_op)
+_autocast.register(torch.ops.flashsae.topk_encode.default, cast=("x", "W_enc", "b_enc", "b_dec"))
+_autocast.register(torch.ops.flashsae.topk_encode_backward.default)
 
 
 # ------------------------------------------------------------------------------------------- public
