@@ -89,8 +89,38 @@ def assert_grads(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], dty
         assert_close(leaf.grad.cpu(), ref[name].grad, dtype, f"d{name}")
 
 
+def encoder_inputs(device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """float32 encoder leaves x, W_enc, b_enc, b_dec and a dead mask (40% of the latents)."""
+    t = sae_tensors(ROWS, D, N, torch.float32)
+    return leaves(device, **{k: t[k] for k in ("x", "W_enc", "b_enc", "b_dec")}), (torch.rand(N) < 0.4).to(device)
+
+
 def encoder_pre(r: dict[str, torch.Tensor]) -> torch.Tensor:
     return (r["x"] - r["b_dec"]) @ r["W_enc"].T + r["b_enc"]
+
+
+def encoder_act(r: dict[str, torch.Tensor]) -> torch.Tensor:
+    return encoder_pre(r).relu()
+
+
+def check_against_reference(p, dtype, out, reference_of) -> None:
+    """out against ``reference_of(r)``, the float64 reference on the rounded operands r; then the
+    gradients of sum(out * w) against the reference's."""
+    w = randn(*out.shape)
+    (out.double().cpu() * w).sum().backward()
+    r = rounded(p, dtype)
+    ref = reference_of(r)
+    assert_close(out.cpu(), ref, dtype, "output")
+    (ref * w).sum().backward()
+    assert_grads(p, r, dtype)
+
+
+def check_selected(p, dtype, values, indices, dense_of) -> None:
+    """Padded encoder output values [rows, m] (index -1: empty slot) against the float64 reference
+    ``dense_of(r)`` [rows, n] at the kernel's own selection (low precision may pick differently at
+    near-ties), and their gradients."""
+    idx = indices.long().cpu()
+    check_against_reference(p, dtype, values, lambda r: dense_of(r).gather(1, idx.clamp_min(0)) * (idx >= 0))
 
 
 # ------------------------------------------------------------------------------------ topk_encode
@@ -99,27 +129,18 @@ def encoder_pre(r: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_topk_encode_under_autocast(target, dtype):
     device, backend = target
-    t = sae_tensors(ROWS, D, N, torch.float32)
-    p = leaves(device, **{k: t[k] for k in ("x", "W_enc", "b_enc", "b_dec")})
-    dead = (torch.rand(N) < 0.4).to(device)
+    p, dead = encoder_inputs(device)
     with OpOperands() as mode, torch.autocast(device.type, dtype):
         values, indices, aux_values, aux_indices = topk_encode(
             p["x"], p["W_enc"], p["b_enc"], K, p["b_dec"], dead_mask=dead, aux_k=AUX_K, backend=backend
         )
     assert values.dtype == aux_values.dtype == dtype and indices.dtype == aux_indices.dtype == torch.int32
     assert_received(mode, "topk_encode", dtype, ["x", "W_enc", "b_enc", "b_dec"])
-    w, w_aux = randn(ROWS, K), randn(ROWS, AUX_K)
     with OpOperands() as back:
-        ((values.double().cpu() * w).sum() + (aux_values.double().cpu() * w_aux).sum()).backward()
+        check_selected(
+            p, dtype, torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1), encoder_act
+        )
     assert_received(back, "topk_encode_backward", dtype, ["d_values", "values", "x", "W_enc", "b_dec"])
-    # float64 reference on the rounded operands, at the kernel's own selection (near-ties may differ)
-    r = rounded(p, dtype)
-    act = encoder_pre(r).relu()
-    assert_close(values.cpu(), act.gather(1, indices.long().cpu()), dtype, "values")
-    aux_valid = aux_indices.cpu() >= 0
-    aux_ref = act.gather(1, aux_indices.long().cpu().clamp_min(0)) * aux_valid
-    ((act.gather(1, indices.long().cpu()) * w).sum() + (aux_ref * w_aux).sum()).backward()
-    assert_grads(p, r, dtype)
 
 
 # ---------------------------------------------------------------------------------- sparse_decode
@@ -141,15 +162,11 @@ def test_sparse_decode_under_autocast(target, dtype):
         x_hat = sparse_decode(p["values"], indices.to(device), p["W_dec"], p["b_dec"], backend=backend)
     assert x_hat.dtype == dtype
     assert_received(mode, "sparse_decode", dtype, ["values", "W_dec", "b_dec"])
-    w = randn(ROWS, D)
     with OpOperands() as back:
-        (x_hat.double().cpu() * w).sum().backward()
+        check_against_reference(
+            p, dtype, x_hat, lambda r: sparse_decode_reference(r["values"], indices, r["W_dec"], r["b_dec"])
+        )
     assert_received(back, "sparse_decode_backward", dtype, ["grad", "values", "W_dec"])
-    r = rounded(p, dtype)
-    ref = sparse_decode_reference(r["values"], indices, r["W_dec"], r["b_dec"])
-    assert_close(x_hat.cpu(), ref, dtype, "x_hat")
-    (ref * w).sum().backward()
-    assert_grads(p, r, dtype)
 
 
 # --------------------------------------------------------------------------------------- sae_loss
@@ -189,8 +206,7 @@ def test_sae_loss_under_autocast(target, dtype):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_threshold_encode_under_autocast(target, dtype, path):
     device, backend = target
-    t = sae_tensors(ROWS, D, N, torch.float32)
-    p = leaves(device, **{k: t[k] for k in ("x", "W_enc", "b_enc", "b_dec")})
+    p, _ = encoder_inputs(device)
     # float32 thresholds, as JumpReLU's exp(log_threshold): high ones leave ~5% of the latents active
     # (topk_encode with 4 candidates, the counting pass, a second encode); low ones take the dense path
     low = 1.6 if path == "sparse" else 0.0
@@ -202,36 +218,20 @@ def test_threshold_encode_under_autocast(target, dtype, path):
     assert values.dtype == dtype and indices.dtype == torch.int32
     assert_received(mode, "topk_encode", dtype, ["x", "W_enc", "b_enc", "b_dec"])
     assert (values.shape[1] > N * DENSE_FRACTION) == (path == "dense")
-    w = randn(*values.shape)
-    (values.double().cpu() * w).sum().backward()
-    r = rounded(p, dtype)
-    valid = indices.cpu() >= 0
-    assert valid.any()
-    pre = encoder_pre(r).gather(1, indices.long().cpu().clamp_min(0)) * valid
-    assert_close(values.cpu(), pre, dtype, "values")
-    (pre * w).sum().backward()
-    assert_grads(p, r, dtype)
+    assert (indices >= 0).any()
+    check_selected(p, dtype, values, indices, encoder_pre)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_batch_topk_under_autocast(target, dtype):
     device, backend = target
-    t = sae_tensors(ROWS, D, N, torch.float32)
-    p = leaves(device, **{k: t[k] for k in ("x", "W_enc", "b_enc", "b_dec")})
-    dead = (torch.rand(N) < 0.4).to(device)
+    p, dead = encoder_inputs(device)
     with OpOperands() as mode, torch.autocast(device.type, dtype):
         out = batch_topk(p["x"], p["W_enc"], p["b_enc"], K, p["b_dec"], dead_mask=dead, aux_k=AUX_K, backend=backend)
     assert out.values.dtype == out.aux_values.dtype == dtype
     assert_received(mode, "topk_encode", dtype, ["x", "W_enc", "b_enc", "b_dec"])
-    w = randn(*out.values.shape)
-    (out.values.double().cpu() * w).sum().backward()
-    r = rounded(p, dtype)
-    valid = out.indices.cpu() >= 0
-    act = encoder_pre(r).relu().gather(1, out.indices.long().cpu().clamp_min(0)) * valid
-    assert int(valid.sum()) == ROWS * K
-    assert_close(out.values.cpu(), act, dtype, "values")
-    (act * w).sum().backward()
-    assert_grads(p, r, dtype)
+    assert int((out.indices >= 0).sum()) == ROWS * K
+    check_selected(p, dtype, out.values, out.indices, encoder_act)
 
 
 # ------------------------------------------------------------------------- the registered kernels

@@ -10,12 +10,13 @@ import torch
 
 from flashsae import _native
 from flashsae.cli import main
-from flashsae.train import TrainConfig, Trainer
+from flashsae.train import Trainer
 from helpers import OpOperands, assert_received
-from train_helpers import tiny_bert, write_text_files
+from test_train_cli import tiny_flags
+from test_train_trainer import BATCH, small
+from train_helpers import write_text_files
 
 HOOK = "encoder.layer.1"
-BATCH = 64
 ENCODER = ["x", "W_enc", "b_enc", "b_dec"]
 LOSS = ["x", "values", "W_dec", "b_dec"]
 
@@ -25,27 +26,10 @@ def text(tmp_path_factory):
     return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
 
 
-def config(tmp_path, text, **overrides) -> TrainConfig:
-    settings = {
-        "model": str(tiny_bert()),
-        "hookpoints": [HOOK],
-        "dataset": str(text),
-        "ctx_len": 16,
-        "model_batch_size": 4,
-        "device": "cpu",
-        "k": 8,
-        "batch_size": BATCH,
-        "buffer_tokens": 256,
-        "train_tokens": BATCH * 40,
-        "dead_tokens": 128,  # AuxK active: the aux operands are dispatched too
-        "checkpoint_every": 0,
-        "log_every": 4,
-        "eval_tokens": 128,
-        "progress": False,
-        "tensorboard": False,
-        "out": str(tmp_path / "run"),
-    }
-    return TrainConfig(**(settings | overrides))
+def config(tmp_path, text, **overrides):
+    """The trainer tests' tiny BERT run (AuxK active), one hookpoint, 40 steps."""
+    settings = {"hookpoints": [HOOK], "train_tokens": BATCH * 40, "log_every": 4}
+    return small(tmp_path, "run", text, **(settings | overrides))
 
 
 def fvu_curve(trainer: Trainer) -> list[float]:
@@ -78,12 +62,7 @@ def test_auto_on_cpu_changes_nothing(tmp_path, text):
 
 
 def test_cli_autocast_bf16_reaches_the_ops(tmp_path, text):
-    flags = [
-        "--model", str(tiny_bert()), "--hookpoints", HOOK, "--dataset", str(text), "--ctx-len", "16",
-        "--model-batch-size", "4", "--device", "cpu", "--k", "8", "--batch-size", "64", "--buffer-tokens", "256",
-        "--train-tokens", "256", "--eval-tokens", "64", "--no-progress", "--no-tensorboard",
-        "--out", str(tmp_path / "cli"), "--autocast", "bf16",
-    ]  # fmt: skip
+    flags = tiny_flags(text, tmp_path / "cli", "--train-tokens", "256", "--autocast", "bf16")
     with OpOperands() as mode:
         assert main(["train", *flags]) == 0
     assert_received(mode, "topk_encode", torch.bfloat16, ENCODER)
