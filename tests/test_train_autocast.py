@@ -10,6 +10,7 @@ import torch
 
 from flashsae import _native
 from flashsae.cli import main
+from flashsae.modules import REGISTRY
 from flashsae.train import Trainer
 from helpers import OpOperands, assert_received
 from test_train_cli import tiny_flags
@@ -82,3 +83,20 @@ def test_auto_on_cuda_runs_the_sae_step_in_bf16(tmp_path, text):
     fvu = fvu_curve(trainer)
     assert fvu[-1] < 0.7 * fvu[0], f"the bf16 autocast run did not train: fvu {fvu}"
     assert all(p.dtype == torch.float32 for p in trainer.saes[HOOK].parameters())
+
+
+@pytest.mark.parametrize("architecture", sorted(REGISTRY))
+def test_every_registered_architecture_trains_under_bf16_autocast(tmp_path, text, architecture):
+    """Each architecture's step runs under --autocast bf16: every flashsae op it calls receives bfloat16
+    operands (besides the gradients of sae_loss's float32 row sums), and the parameters keep float32
+    values that stay finite. (JumpReLU, ReLU and Gated SAEs train on dense torch ops, which follow
+    torch's own autocast rules; their sparse ops serve inference.)"""
+    trainer = Trainer(config(tmp_path, text, architecture=architecture, autocast="bf16", train_tokens=BATCH * 6))
+    with OpOperands() as mode:
+        result = trainer.train()
+    assert result.step == 6
+    for op, floats in mode.calls:
+        wrong = {name: dtype for name, dtype in floats.items() if dtype != torch.bfloat16}
+        assert set(wrong) <= {"grad_sse", "grad_aux_sse"}, f"{architecture}: {op} received {floats}"
+    for name, p in trainer.saes[HOOK].named_parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), f"{architecture}: {name}"
