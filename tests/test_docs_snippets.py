@@ -135,7 +135,8 @@ def test_named_paths_exist(page):
     for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
         for match in REPO_PATH.finditer(line):
             path = match["path"].rstrip(".")
-            assert list(ROOT.glob(path)), f"{page.relative_to(ROOT)}:{number}: names {path!r}, which is not in the repository"
+            where = f"{page.relative_to(ROOT)}:{number}"
+            assert list(ROOT.glob(path)), f"{where}: names {path!r}, which is not in the repository"
 
 
 @pytest.fixture
