@@ -29,7 +29,7 @@ def record_launches() -> list[tuple]:
     representative problems, on meta tensors."""
     import torch
     import triton
-    from flashsae.kernels import sae_loss, sparse_decode, topk_encode
+    from flashsae.kernels import sae_loss, sparse_rows, topk_encode
 
     launches = []
 
@@ -54,15 +54,19 @@ def record_launches() -> list[tuple]:
     k, aux_k = 64, 256
     x, W, b = t(B, d), t(n, d), t(d)
     vals, idx, aux_vals, aux_idx = t(B, k), t(B, k, dtype=torch.int32), t(B, aux_k), t(B, aux_k, dtype=torch.int32)
-    sparse_decode.gather_rows(vals, idx, W, b, t(B, d))
-    sparse_decode.dot_rows(t(B, d), idx, W, t(B, k))
-    sparse_decode.segment_rows(vals, idx, x, t(n, d), gate=vals, offset=b, coef_sum=t(n))
+    flags = t(2, dtype=torch.int32)
+    sparse_rows.gather_rows(vals, idx, W, t(B, d), flags, bias=b)
+    sparse_rows.dot_rows(t(B, d), idx, W, t(B, k), flags)
+    sparse_rows.scatter_rows(vals, idx, x, t(n, d), gate=vals, offset=b, coef_sum=t(n))
     f32 = torch.float32
-    sae_loss.sae_loss_forward(x, vals, idx, aux_vals, aux_idx, W, b, t(B, d), t(B, dtype=f32), t(B, dtype=f32))
-    sae_loss.sae_loss_backward(
-        t(B, d), t(B, dtype=f32), t(B, dtype=f32), x, vals, idx, W, b, aux_vals, aux_idx, t(B, k), t(B, aux_k), t(n, d),
-        t(B, d),
-    )  # fmt: skip
+    G, H = t(B, d, dtype=f32), t(B, d, dtype=f32)
+    sae_loss.loss_forward(x, vals, idx, aux_vals, aux_idx, W, b, t(B, d), t(B, dtype=f32), t(B, dtype=f32), flags)
+    sae_loss.loss_backward_rows(
+        t(B, d), t(B, dtype=f32), t(B, dtype=f32), x, vals, idx, aux_vals, aux_idx, W, b, G, H, t(B, d), flags
+    )
+    # what flashsae.ops.sae_loss runs next: the row dots and one scatter over the main and aux slots
+    sparse_rows.dot_rows(G, idx, W, t(B, k), flags)
+    sparse_rows.scatter_rows(t(B, k + aux_k), t(B, k + aux_k, dtype=torch.int32), G, t(n, d), R2=H, main_slots=k)
     return launches
 
 
@@ -137,7 +141,7 @@ def test_every_launch_compiles_for_the_gpu(tmp_path):
     kernels = {r["kernel"] for r in results}
     assert kernels == {
         "_encoder_bias_kernel", "_encode_topk_kernel", "_topk_finish_kernel", "_gather_rows_kernel", "_dot_rows_kernel",
-        "_segment_rows_kernel", "_loss_forward_kernel", "_loss_backward_kernel",
+        "_scatter_rows_kernel", "_loss_forward_kernel", "_loss_backward_kernel",
     }  # fmt: skip
     assert len(results) >= len(kernels) * len(archs.split(","))
 

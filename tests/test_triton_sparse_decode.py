@@ -50,11 +50,12 @@ def test_forward_matches_reference(dtype, size, with_bias):
     ref = sparse_decode_reference(values.double(), indices, W_dec.double(), None if b_dec is None else b_dec.double())
     assert x_hat.dtype == dtype
     assert_close(x_hat.cpu(), ref, dtype, "x_hat")
-    from flashsae.kernels import sparse_decode as kernels
+    from flashsae.kernels import sparse_rows
 
     direct = torch.full_like(x_hat, float("nan"))
-    kernels.gather_rows(values_nan.to(DEVICE), indices.to(DEVICE), W_dec.to(DEVICE),
-                        None if b_dec is None else b_dec.to(DEVICE), direct)  # fmt: skip
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    sparse_rows.gather_rows(values_nan.to(DEVICE), indices.to(DEVICE), W_dec.to(DEVICE), direct, flag,
+                            bias=None if b_dec is None else b_dec.to(DEVICE))  # fmt: skip
     assert torch.equal(direct, x_hat)
 
 

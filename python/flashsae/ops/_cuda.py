@@ -3,11 +3,11 @@
 The op modules validate every tensor first (flashsae._checks: device, dtype float32/bfloat16/float16,
 contiguity, shapes) and allocate outputs with :func:`flashsae._native.new_output`; these wrappers hand
 raw addresses, sizes, dtype codes, the device index and torch's current stream on that device to
-_C_cuda (DESIGN.md §2), so every kernel is ordered with the surrounding torch work. _C_cuda checks
+_C_cuda, so every kernel is ordered with the surrounding torch work. _C_cuda checks
 sizes again at its boundary (ValueError) and turns any CUDA error into a RuntimeError.
 
 Index values are checked where the kernels read them: an index outside [-1, n) is skipped and sets
-a device flag, which the caller reads back (:func:`new_flag`).
+a device flag, which the caller reads back (:func:`~flashsae.ops._sparse_rows.new_flag`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from .. import _native
 from .._native import addr, dtype_code
+from ._sparse_rows import latent_segments
 
 
 def _module():
@@ -25,11 +26,6 @@ def _module():
 def _where(t: torch.Tensor) -> tuple[int, int]:
     """(device index, raw handle of torch's current stream on t's device)."""
     return t.device.index, _native.cuda_stream(t.device)
-
-
-def new_flag(device: torch.device, count: int = 1) -> torch.Tensor:
-    """Zeroed int32 device flags the kernels set to 1 on an out-of-range index."""
-    return torch.zeros(count, dtype=torch.int32, device=device)
 
 
 # ----------------------------------------------------------------------------------- sparse rows
@@ -64,18 +60,7 @@ def dot_rows(R: torch.Tensor, indices: torch.Tensor, M: torch.Tensor, out: torch
     )  # fmt: skip
 
 
-def latent_segments(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, seg): flat slot ids b * K + j sorted by latent (stable, so ascending within a latent)
-    and each latent's segment [seg[i], seg[i + 1]) of them, int64. Empty slots (-1) and any index
-    outside [0, n) sort past the last segment and are never summed."""
-    flat = indices.reshape(-1)
-    keys = torch.where((flat >= 0) & (flat < n), flat.long(), n)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    seg = torch.searchsorted(sorted_keys, torch.arange(n + 1, device=indices.device))
-    return order, seg
-
-
-def segment_rows(
+def scatter_rows(
     coef: torch.Tensor,
     indices: torch.Tensor,
     R1: torch.Tensor,

@@ -226,7 +226,9 @@ def _adam_triton(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, sched
     last_step.index_fill_(0, rows, step)
 
 
-_BACKENDS = {"cpu": _adam_cpu, "triton": _adam_triton, "torch": _adam_torch}
+DISPATCH = _backend.register(
+    {"sparse_adam": {"cpu": _adam_cpu, "triton": _adam_triton, "torch": _adam_torch}}
+)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -251,8 +253,7 @@ def _sparse_adam_op(
     master: torch.Tensor | None,
     backend: str,
 ) -> None:
-    impl = _backend.resolve("sparse_adam", param.device, backend, param.dtype)
-    _BACKENDS[impl](
+    _backend.dispatch("sparse_adam", param.device, backend, param.dtype)(
         param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon, master
     )
 

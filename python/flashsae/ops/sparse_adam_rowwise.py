@@ -229,7 +229,9 @@ def _rowwise_triton(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, 
     last_step.index_fill_(0, rows, step)
 
 
-_BACKENDS = {"cpu": _rowwise_cpu, "triton": _rowwise_triton, "torch": _rowwise_torch}
+DISPATCH = _backend.register(
+    {"sparse_adam_rowwise": {"cpu": _rowwise_cpu, "triton": _rowwise_triton, "torch": _rowwise_torch}}
+)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -256,8 +258,7 @@ def _sparse_adam_rowwise_op(
     master: torch.Tensor | None,
     backend: str,
 ) -> None:
-    impl = _backend.resolve("sparse_adam_rowwise", param.device, backend, param.dtype)
-    _BACKENDS[impl](
+    _backend.dispatch("sparse_adam_rowwise", param.device, backend, param.dtype)(
         param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps,
         horizon, master,
     )  # fmt: skip
