@@ -10,8 +10,9 @@
 # status is the number of failed steps):
 #   env      nvidia-smi, torch / triton / CUDA versions            -> env.log
 #   build    pip install --no-build-isolation --no-deps -e .        -> build.log (stops the script if it fails)
-#   tests    every test_triton_* file on CUDA tensors (interpreter off) -> tests.log, tests.xml
-#   cuda     tests/test_cuda*.py: the CUDA kernels against the float64 references -> cuda.log, cuda.xml
+#   tests    the op tests' triton cases (tests/ops -k triton) on CUDA tensors (interpreter off) -> tests.log, tests.xml
+#   cuda     the op tests' cuda cases (tests/ops -k cuda): the CUDA kernels against the float64 references
+#                                                                    -> cuda.log, cuda.xml
 #   sanitize compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_sanitize.py (every
 #            _C_cuda kernel path once, small odd sizes)             -> sanitize.log
 #   cudabench benchmarks/bench_cuda.py: the CUDA select vs torch.topk, decoder and encoder per backend
@@ -60,12 +61,11 @@ step build 90 $PY -m pip install --no-build-isolation --no-deps -e .
 if [ "$failed" -ne 0 ]; then
     exit "$failed"
 fi
-step tests 70 $PY -m pytest -q -p no:cacheprovider tests/test_triton_topk_encode.py tests/test_triton_sparse_decode.py \
-    tests/test_triton_sae_loss.py tests/test_triton_backend.py --junitxml="$OUT/tests.xml"
+step tests 70 $PY -m pytest -q -p no:cacheprovider tests/ops -k triton --junitxml="$OUT/tests.xml"
 before_cuda=$failed
-# (the "fake" variants of test_cuda_ops.py and test_cuda_select_host.py are CPU tests that CI runs)
-step cuda 50 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_ops.py tests/test_cuda_select.py \
-    tests/test_cuda_boundary.py -k "not fake" --junitxml="$OUT/cuda.xml"
+# (the cuda_fake cases of tests/ops and tests/ops/test_cuda_select_host.py are CPU tests that CI runs)
+step cuda 50 $PY -m pytest -q -p no:cacheprovider tests/ops tests/test_cuda_boundary.py -k "cuda and not fake" \
+    --junitxml="$OUT/cuda.xml"
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 # PYTORCH_NO_CUDA_MEMORY_CACHING=1: one allocation per tensor, so an out-of-bounds access leaves its
 # allocation (memcheck sees it) instead of landing in a neighbour inside torch's cache
