@@ -34,6 +34,20 @@ def reference_activations(t: dict[str, torch.Tensor]) -> torch.Tensor:
     return ((r["x"] - r["b_dec"]) @ r["W_enc"].T + r["b_enc"]).relu()
 
 
+def assert_aux_selection(t, dead, out, n_dead, aux_k, dtype):
+    """The main top-k and the AuxK selection among the dead latents, checked against the activations."""
+    values, indices, aux_values, aux_indices = (o.cpu() for o in out)
+    act = reference_activations(t)
+    assert_valid_topk(act, values, indices, dtype)
+    filled = min(n_dead, aux_k)
+    # slots beyond the dead count are empty: value 0, index -1
+    assert (aux_indices[:, filled:] == -1).all() and (aux_values[:, filled:] == 0).all()
+    if filled:
+        assert dead[aux_indices[:, :filled].long()].all(), "aux selected a live latent"
+        dead_act = act.masked_fill(~dead, float("-inf"))
+        assert_valid_topk(dead_act, aux_values[:, :filled], aux_indices[:, :filled], dtype, "aux")
+
+
 def encode(be, t, k, **kw):
     return topk_encode(t["x"], t["W_enc"], t["b_enc"], k, t["b_dec"], backend=be.name, **kw)
 
@@ -78,16 +92,8 @@ def test_aux_topk_over_dead_latents(be, dtype, n_dead, chunks):
     dead = torch.zeros(n, dtype=torch.bool)
     dead[torch.randperm(n)[:n_dead]] = True
     out = encode(be, t, k, dead_mask=dead.to(be.device), aux_k=aux_k)
-    values, indices, aux_values, aux_indices = (o.cpu() for o in out)
-    act = reference_activations(t)
-    assert_valid_topk(act, values, indices, dtype)
-    filled = min(n_dead, aux_k)
-    # slots beyond the dead count are empty: value 0, index -1
-    assert (aux_indices[:, filled:] == -1).all() and (aux_values[:, filled:] == 0).all()
-    if filled:
-        assert dead[aux_indices[:, :filled].long()].all(), "aux selected a live latent"
-        dead_act = act.masked_fill(~dead, float("-inf"))
-        assert_valid_topk(dead_act, aux_values[:, :filled], aux_indices[:, :filled], dtype, "aux")
+    assert_aux_selection(t, dead, out, n_dead, aux_k, dtype)
+    aux_values, aux_indices = out[2], out[3]
     if dtype == torch.float64:
         r = f64(t)
         ref = topk_encode_reference(r["x"], r["W_enc"], r["b_enc"], k, r["b_dec"], dead_mask=dead, aux_k=aux_k)
@@ -253,15 +259,7 @@ def test_triton_aux_k_past_the_fused_selection(be, n_dead):
     t = on(be.device, sae_tensors(rows, d, n, dtype))
     dead = torch.zeros(n, dtype=torch.bool)
     dead[torch.randperm(n)[:n_dead]] = True
-    out = encode(be, t, k, dead_mask=dead.to(be.device), aux_k=aux_k)
-    values, indices, aux_values, aux_indices = (o.cpu() for o in out)
-    act = reference_activations(t)
-    assert_valid_topk(act, values, indices, dtype)
-    filled = min(n_dead, aux_k)
-    assert (aux_indices[:, filled:] == -1).all() and (aux_values[:, filled:] == 0).all()
-    if filled:
-        assert dead[aux_indices[:, :filled].long()].all(), "aux selected a live latent"
-        assert_valid_topk(act.masked_fill(~dead, float("-inf")), aux_values[:, :filled], aux_indices[:, :filled], dtype)
+    assert_aux_selection(t, dead, encode(be, t, k, dead_mask=dead.to(be.device), aux_k=aux_k), n_dead, aux_k, dtype)
 
 
 @pytest.mark.parametrize("be", backends("triton"), indirect=True)

@@ -36,6 +36,7 @@ def record_launches(group: str) -> list[tuple]:
     import torch
     import triton
     from flashsae.kernels import sae_loss, sparse_adam, sparse_adam_rowwise, sparse_rows, topk_encode
+    from flashsae.ops.sparse_adam import AdamStep
 
     launches = []
 
@@ -59,10 +60,13 @@ def record_launches(group: str) -> list[tuple]:
             param = torch.empty(n, d, dtype=param_dtype, device=meta)
             state = torch.empty(n, d, dtype=state_dtype, device=meta)
             sparse_adam.sparse_adam(
-                param, torch.empty(n, d, device=meta) if master else None, state, state,
-                torch.empty(n, dtype=torch.int64, device=meta), torch.empty(m, dtype=torch.int64, device=meta),
-                torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
-                torch.empty(8, 2, dtype=torch.float64, device=meta), 0.9, 0.999, 1e-8, 261,
+                param, state, state, torch.empty(n, dtype=torch.int64, device=meta),
+                AdamStep(
+                    torch.empty(m, dtype=torch.int64, device=meta),
+                    torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
+                    torch.empty(8, 2, dtype=torch.float64, device=meta), 0.9, 0.999, 1e-8, 261,
+                    torch.empty(n, d, device=meta) if master else None,
+                ),
             )  # fmt: skip
         for param_dtype, first, master, grads in (
             (torch.bfloat16, torch.int8, False, True),
@@ -73,12 +77,15 @@ def record_launches(group: str) -> list[tuple]:
         ):
             param = torch.empty(n, d, dtype=param_dtype, device=meta)
             sparse_adam_rowwise.sparse_adam_rowwise(
-                param, torch.empty(n, d, device=meta) if master else None,
-                None if first is None else torch.empty(n, d, dtype=first, device=meta),
+                param, None if first is None else torch.empty(n, d, dtype=first, device=meta),
                 torch.empty(n, device=meta) if first == torch.int8 else None, torch.empty(n, device=meta),
-                torch.empty(n, dtype=torch.int64, device=meta), torch.empty(m, dtype=torch.int64, device=meta),
-                torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
-                torch.empty(8, 2, dtype=torch.float64, device=meta), 0.0 if first is None else 0.9, 0.999, 1e-8, 261,
+                torch.empty(n, dtype=torch.int64, device=meta),
+                AdamStep(
+                    torch.empty(m, dtype=torch.int64, device=meta),
+                    torch.empty(m, d, dtype=param_dtype, device=meta) if grads else None, 7,
+                    torch.empty(8, 2, dtype=torch.float64, device=meta), 0.0 if first is None else 0.9, 0.999, 1e-8,
+                    261, torch.empty(n, d, device=meta) if master else None,
+                ),
             )  # fmt: skip
         return launches
 
