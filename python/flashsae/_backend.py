@@ -65,7 +65,7 @@ def __getattr__(name: str) -> Any:
         tables = _dispatch_tables()
         value: Any = {b: frozenset(s for s, impls in tables.items() if b in impls) for b in _COMPILED}
     elif name == "CUDA_AWAITING_VALIDATION":
-        value = _derived("KERNELS")["cuda"]  # all of them, until a GPU session has validated them
+        value = _derived("KERNELS")["cuda"]  # all of them, until validated on a GPU
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

@@ -44,8 +44,8 @@ def cuda_module_present(monkeypatch):
 
 
 def test_auto_skips_cuda_kernels_awaiting_gpu_validation(cuda_module_present):
-    # written without a GPU: auto must not pick them until a GPU session has run tests/test_cuda*.py
-    # and compute-sanitizer over them (then CUDA_AWAITING_VALIDATION is emptied)
+    # auto must not pick them until the cuda cases of tests/ops and compute-sanitizer have passed on a
+    # GPU (then CUDA_AWAITING_VALIDATION is emptied)
     fallback = "triton" if _backend.triton_installed() and not _backend.triton_interpreting() else "torch"
     assert _backend.CUDA_AWAITING_VALIDATION.issubset(_backend.KERNELS["cuda"])
     for stage in _backend.CUDA_AWAITING_VALIDATION:
@@ -63,7 +63,7 @@ def test_unvalidated_cuda_kernels_can_be_let_into_auto(cuda_module_present, monk
 
 
 def test_validated_cuda_stages_are_picked_by_auto(cuda_module_present, monkeypatch):
-    # what the first GPU session's edit does: an emptied set lets auto pick the CUDA kernels
+    # once validated, a stage leaves the set and auto picks its CUDA kernel
     monkeypatch.setattr(_backend, "CUDA_AWAITING_VALIDATION", frozenset({"topk_encode"}))
     assert _backend.resolve("sparse_decode", CUDA, "auto", torch.bfloat16) == "cuda"
     assert _backend.resolve("topk_encode", CUDA, "auto", torch.bfloat16) != "cuda"
