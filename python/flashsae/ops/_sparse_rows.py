@@ -1,9 +1,9 @@
 """sparse_rows: the three row primitives every sparse op is built from, in pure PyTorch.
 
 A batch of sparse latents is ``coef`` [rows, k] with ``indices`` [rows, k] into the rows of an
-[n, d] matrix M (-1 = an empty slot). The ops need three things of it, and every backend implements
-the same three under the same names (``kernels/sparse_rows.py`` in Triton, ``csrc/cuda/sparse_rows.cu``
-behind ``ops/_cuda.py``, ``csrc/cpu/sparse_rows.cpp``):
+[n, d] matrix M (-1 = an empty slot). The ops need three things of it, under the same names on the
+GPU backends (``kernels/sparse_rows.py`` in Triton, ``csrc/cuda/sparse_rows.cu`` behind
+``ops/_cuda.py``; on the CPU ``csrc/cpu/sparse_rows.cpp`` fuses them per op):
 
 - ``gather_rows``: out[b] = bias + sum_j coef[b, j] M[indices[b, j]]  (decoder forward, encoder dx);
 - ``dot_rows``: out[b, j] = G[b] . M[indices[b, j]]                  (d_values);

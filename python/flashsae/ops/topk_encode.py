@@ -11,7 +11,7 @@ Backward is sparse: with d_pre = d_values * [values > 0] on the k selected slots
 dW_enc[i] += d_pre * (x - b_dec) and db_enc[i] += d_pre touch only selected latents;
 dx = sum_j d_pre W_enc[idx] and db_dec = -sum_b dx are computed only when asked for.
 
-The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/topk_select.cu) runs the encoder GEMM with torch
+The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/topk_encode.cu) runs the encoder GEMM with torch
 (cuBLAS) one chunk of ``cuda_chunk_columns`` latents at a time, into fp32 scores, and merges each chunk
 into a per-row select state with one radix-select kernel that reads the scores once and adds the
 bias c = b_enc - W_enc b_dec (fp32) and the relu itself; the AuxK state is fed in the same pass.
