@@ -58,18 +58,25 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M: tl.constexpr):
+    """This program's block of touched rows: (slot q, its mask, row id r, the row's last step, the gap
+    of skipped steps to catch up on, and how many of them are replayed: at most ``horizon``)."""
+    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qmask = q < M
+    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
+    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
+    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
+    return q, qmask, r, last, gap, tl.minimum(gap, horizon)
+
+
+@triton.jit
 def _sparse_adam_kernel(
     param_ptr, master_ptr, m_ptr, v_ptr, last_ptr, rows_ptr, grad_ptr, sched_ptr,
     M, d, step, upto, horizon, w1, w1_rest, beta2, c2, eps, log2_beta1, log2_beta2,
     HAS_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr, LERP_FROM_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qmask = q < M
-    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
-    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
-    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
-    replay = tl.minimum(gap, horizon)
+    q, qmask, r, last, gap, replay = touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
     mask = qmask[:, None] & cmask[None, :]

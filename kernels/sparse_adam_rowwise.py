@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRETED, next_pow2
-from .sparse_adam import _lerp, _rounded, step_scalars
+from .sparse_adam import _lerp, _rounded, step_scalars, touched_rows
 
 FIRST_NONE, FIRST_FLOAT, FIRST_INT8 = 0, 1, 2
 
@@ -59,12 +59,7 @@ def _sparse_adam_rowwise_kernel(
     FIRST: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr, LERP_FROM_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qmask = q < M
-    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
-    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
-    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
-    replay = tl.minimum(gap, horizon)
+    q, qmask, r, last, gap, replay = touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M)
     v = tl.load(v_ptr + r, mask=qmask, other=0.0)
     # drift of the skipped steps: sum_i ss_{last+i} b1^i / (sqrt(v b2^i) / bs_{last+i} + eps)
     coef = tl.zeros([BLOCK_M], dtype=tl.float32)
