@@ -58,6 +58,11 @@ def _dispatch_tables() -> dict[str, dict[str, Callable[..., Any]]]:
     return _DISPATCH
 
 
+def _all_registered() -> bool:
+    """Whether flashsae.ops has finished importing (its __all__ comes after every op module)."""
+    return hasattr(sys.modules.get(f"{__package__}.ops"), "__all__")
+
+
 def __getattr__(name: str) -> Any:
     # KERNELS and CUDA_AWAITING_VALIDATION are derived from the dispatch tables on first read (the op
     # modules register after this module is imported) and then kept as plain module attributes.
@@ -68,7 +73,8 @@ def __getattr__(name: str) -> Any:
         value = _derived("KERNELS")["cuda"]  # all of them, until validated on a GPU
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value
+    if _all_registered():  # read while flashsae.ops is still importing: derive again next time
+        globals()[name] = value
     return value
 
 
