@@ -100,9 +100,9 @@ def _loss_cpu(x, values, indices, W_dec, b_dec, aux_values, aux_indices):
     x_hat, sse = _loss_outputs(x)
     aux_sse = new_output((rows,) if aux_k else (0,), sse.dtype, x.device)
     _C.sae_loss_forward(
-        addr(x), addr(values), addr(indices), k, addr(aux_values), addr(aux_indices), aux_k,
-        addr(W_dec), addr(b_dec), rows, n, d, addr(x_hat), addr(sse), addr(aux_sse) if aux_k else 0,
-        dtype_code(x),
+        x=addr(x), values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values),
+        aux_indices=addr(aux_indices), aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n,
+        d=d, x_hat=addr(x_hat), sse=addr(sse), aux_sse=addr(aux_sse) if aux_k else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return x_hat, sse, aux_sse
 
@@ -160,10 +160,11 @@ def _loss_backward_cpu(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W
     d_values, d_aux_values, dW_dec, dx = _loss_gradients(x, values, W_dec, aux_k, need_dx)
     db_dec = new_output((d,), W_dec.dtype, x.device)
     _C.sae_loss_backward(
-        addr(grad_x_hat), addr(grad_sse), addr(grad_aux_sse), addr(x), addr(values), addr(indices), k,
-        addr(aux_values), addr(aux_indices), aux_k, addr(W_dec), addr(b_dec), rows, n, d,
-        addr(d_values), addr(d_aux_values) if aux_k else 0, addr(dW_dec), addr(db_dec),
-        addr(dx) if need_dx else 0, dtype_code(x),
+        grad_x_hat=addr(grad_x_hat), grad_sse=addr(grad_sse), grad_aux_sse=addr(grad_aux_sse), x=addr(x),
+        values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values), aux_indices=addr(aux_indices),
+        aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n, d=d, d_values=addr(d_values),
+        d_aux_values=addr(d_aux_values) if aux_k else 0, dW_dec=addr(dW_dec), db_dec=addr(db_dec),
+        dx=addr(dx) if need_dx else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return d_values, d_aux_values, dW_dec, db_dec, dx
 

@@ -47,8 +47,9 @@ def _decode_cpu(values, indices, W_dec, b_dec):
     n, d = W_dec.shape
     out = new_output((rows, d), values.dtype, values.device)
     _C.sparse_decode_forward(
-        addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), dtype_code(values)
-    )
+        values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n, d=d,
+        b_dec=addr(b_dec), x_hat=addr(out), dtype=dtype_code(values),
+    )  # fmt: skip
     return out
 
 
@@ -75,8 +76,9 @@ def _decode_backward_cpu(grad, values, indices, W_dec, need_db_dec):
     dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
     db_dec = new_output((d,) if need_db_dec else (0,), W_dec.dtype, W_dec.device)
     _C.sparse_decode_backward(
-        addr(grad), addr(values), addr(indices), rows, k, addr(W_dec), n, d,
-        addr(d_values), addr(dW_dec), addr(db_dec) if need_db_dec else 0, dtype_code(values),
+        grad=addr(grad), values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n,
+        d=d, d_values=addr(d_values), dW_dec=addr(dW_dec), db_dec=addr(db_dec) if need_db_dec else 0,
+        dtype=dtype_code(values),
     )  # fmt: skip
     return d_values, dW_dec, db_dec
 

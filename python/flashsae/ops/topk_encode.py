@@ -124,7 +124,9 @@ def _heap_state(rows: int, slots: int, acc: torch.dtype) -> tuple[torch.Tensor |
         return None, None
     scores = torch.empty(rows, slots, dtype=acc)
     ids = torch.empty(rows, slots, dtype=torch.int32)
-    _C.topk_state_init(addr(scores), addr(ids), rows, slots, DTYPE_CODES[acc])
+    _C.topk_state_init(
+        heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=DTYPE_CODES[acc]
+    )
     return scores, ids
 
 
@@ -136,15 +138,19 @@ def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
     (heap, heap_ids), (aux, aux_ids) = _heap_state(rows, k, acc), _heap_state(rows, aux_k, acc)
     for c0, tile in _tiles(x, W_enc, b_enc, b_dec):
         _C.topk_state_merge(
-            addr(tile), tile.stride(0), rows, tile.shape[1], c0, n, addr(heap), addr(heap_ids), k,
-            addr(dead_mask), addr(aux), addr(aux_ids), aux_k, code,
+            scores=addr(tile), ld=tile.stride(0), rows=rows, cols=tile.shape[1], col0=c0, n_latents=n,
+            heap_scores=addr(heap), heap_indices=addr(heap_ids), k=k, dead_mask=addr(dead_mask),
+            aux_scores=addr(aux), aux_indices=addr(aux_ids), aux_k=aux_k, score_dtype=code,
         )  # fmt: skip
     outputs = []
     for scores, ids, slots in ((heap, heap_ids, k), (aux, aux_ids, aux_k)):
         values = new_output((rows, slots), x.dtype, x.device)
         indices = new_output((rows, slots), torch.int32, x.device)
         if slots:
-            _C.topk_state_finish(addr(scores), addr(ids), rows, slots, code, addr(values), addr(indices), dtype_code(x))
+            _C.topk_state_finish(
+                heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=code,
+                values=addr(values), indices=addr(indices), value_dtype=dtype_code(x),
+            )  # fmt: skip
         outputs += [values, indices]
     return tuple(outputs)
 
@@ -281,9 +287,9 @@ def _backward_cpu(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_d
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
     db_dec = new_output((d,) if need_db_dec else (0,), x.dtype, x.device)
     _C.topk_encode_backward(
-        addr(d_values), addr(values), addr(indices), rows, k, addr(x), addr(b_dec), addr(W_enc), n, d,
-        addr(dW_enc), addr(db_enc), addr(dx) if need_dx else 0, addr(db_dec) if need_db_dec else 0,
-        dtype_code(x),
+        d_values=addr(d_values), values=addr(values), indices=addr(indices), rows=rows, k=k, x=addr(x),
+        b_dec=addr(b_dec), W_enc=addr(W_enc), n_latents=n, d=d, dW_enc=addr(dW_enc), db_enc=addr(db_enc),
+        dx=addr(dx) if need_dx else 0, db_dec=addr(db_dec) if need_db_dec else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return dW_enc, db_enc, dx, db_dec
 
