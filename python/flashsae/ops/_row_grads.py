@@ -215,3 +215,12 @@ def compact_rows(sink: RowGrads | None, *indices: torch.Tensor) -> CompactRows |
     """The compact problem of a backward whose parameter has a collector (`sink`), else None (the
     dense backward)."""
     return None if sink is None else CompactRows(sink, *indices)
+
+
+def share_row_grads(param: torch.Tensor, copy: torch.Tensor) -> None:
+    """Routes the row gradients of `copy` (a cast of `param`, as autocast makes) to `param`'s
+    collector, if it has one: the ops then hand the copy's touched rows to the collector, which rounds
+    them into the parameter's dtype, and autograd gets no dense gradient for either tensor."""
+    collector = row_grads_of(param)
+    if collector is not None:
+        setattr(copy, _ATTRIBUTE, collector)

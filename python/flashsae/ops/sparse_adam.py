@@ -251,6 +251,8 @@ DISPATCH = _backend.register(
 # ------------------------------------------------------------------------------------ torch.library
 
 
+# No autocast rule (ops/_autocast.py): the step updates parameters and moments in place, in their own
+# dtypes (a cast copy would take the update), and an optimizer step runs outside the autocast region.
 @torch.library.custom_op(
     "flashsae::sparse_adam", mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step", "master")
 )
