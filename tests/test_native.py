@@ -57,16 +57,19 @@ def test_boundary_checks_sizes_before_running_a_kernel():
     heap = torch.zeros(4, 3)
     ids = torch.zeros(4, 3, dtype=torch.int32)
     args = [scores.data_ptr(), 10, 4, 10, 0, 10, heap.data_ptr(), ids.data_ptr(), 3, 0, 0, 0, 0, _C.DTYPE_FLOAT32]
+    tail = [_C.DTYPE_FLOAT32, 0, 0, 0, 0.0]  # chunk dtype, bias, row_bound, col_bound, rel
     with pytest.raises(ValueError, match=r"k: expected 1 <= k <= n_latents \(10\), got 11"):
-        _C.topk_state_merge(*args[:8], 11, *args[9:])
+        _C.topk_state_merge(*args[:8], 11, *args[9:], *tail)
     with pytest.raises(ValueError, match=r"col0: tile \[5, 15\) leaves \[0, 10\)"):
-        _C.topk_state_merge(*args[:4], 5, *args[5:])
+        _C.topk_state_merge(*args[:4], 5, *args[5:], *tail)
     with pytest.raises(ValueError, match=r"heap_scores: null address"):
-        _C.topk_state_merge(*args[:6], 0, *args[7:])
+        _C.topk_state_merge(*args[:6], 0, *args[7:], *tail)
     with pytest.raises(ValueError, match=r"dead_mask: null address"):
-        _C.topk_state_merge(*args[:12], 2, _C.DTYPE_FLOAT32)
-    with pytest.raises(ValueError, match=r"scores: unsupported dtype bfloat16 \(expected float32 or float64\)"):
-        _C.topk_state_merge(*args[:13], _C.DTYPE_BFLOAT16)
+        _C.topk_state_merge(*args[:12], 2, _C.DTYPE_FLOAT32, *tail)
+    with pytest.raises(ValueError, match=r"heap_scores: unsupported dtype bfloat16 \(expected float32 or float64\)"):
+        _C.topk_state_merge(*args[:13], _C.DTYPE_BFLOAT16, *tail)
+    with pytest.raises(ValueError, match=r"row_bound: given without col_bound"):
+        _C.topk_state_merge(*args, _C.DTYPE_FLOAT32, 0, heap.data_ptr(), 0, 0.0)
 
 
 def test_version():

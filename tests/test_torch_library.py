@@ -18,12 +18,14 @@ def grad_leaves(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.clone().requires_grad_() for k, v in t.items()}
 
 
+@pytest.mark.parametrize("precision", ["exact", "certified", "fast"])
 @pytest.mark.parametrize("aux_k", [0, 4])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_opcheck_topk_encode(backend, aux_k):
+def test_opcheck_topk_encode(backend, aux_k, precision):
     t = grad_leaves(sae_tensors(9, 12, 70, torch.float32))
     dead = (torch.rand(70) < 0.3) if aux_k else None
-    opcheck(ops.topk_encode.default, (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, aux_k, backend))
+    args = (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, aux_k, backend, precision)
+    opcheck(ops.topk_encode.default, args)
     values, indices = topk_encode(t["x"], t["W_enc"], t["b_enc"], 5, t["b_dec"])
     d_values = randn(9, 5, dtype=torch.float32)
     opcheck(
