@@ -65,6 +65,15 @@ template <> inline f16 store<f16>(float v) { return f16_from_float(v); }
 template <typename T> inline T store_acc(Acc<T> v) { return store<T>(static_cast<float>(v)); }
 template <> inline double store_acc<double>(double v) { return v; }
 
+// Hot loops that run at memory speed only when vectorized are compiled for AVX-512, AVX2 and the
+// baseline ISA and picked at load time (GCC / Clang function multi-versioning): the extension targets
+// any x86-64, where the baseline is SSE2 (4 float lanes against 16).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FLASHSAE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLASHSAE_CLONES
+#endif
+
 // Calls fn(T{}) with the storage type named by a floating dtype code.
 template <typename Fn> auto dispatch_float(int code, const char* what, Fn&& fn) {
   switch (static_cast<DType>(code)) {

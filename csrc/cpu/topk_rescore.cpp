@@ -6,6 +6,7 @@
 // partial sums (lane = t mod 8), combined as ((0+4)+(2+6))+((1+5)+(3+7)). Whether the compiler
 // fuses the multiply-add or vectorizes the lanes cannot change a bit of it.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -18,20 +19,93 @@ namespace {
 
 constexpr int kLanes = 8;
 
-template <typename T> inline double dot64(const double* xd, const T* w, int64_t d) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+inline __attribute__((always_inline)) v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) v8f load8(const bf16* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+  v8f v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) v8f load8(const f16* p) {
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, v8f);
+}
+
+// The eight lanes as one GCC / Clang vector (one AVX-512 register); lane l sums t = l mod 8 in
+// order, exactly as a scalar loop over the lanes would.
+template <typename T>
+inline __attribute__((always_inline)) double dot64_body(const double* xd, const T* w, int64_t d) {
+  v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t t = 0;
-  for (; t + kLanes <= d; t += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += xd[t + l] * load<double>(w[t + l]);
-  for (int l = 0; t + l < d; ++l) acc[l] += xd[t + l] * load<double>(w[t + l]);
+  for (; t + kLanes <= d; t += kLanes) {
+    v8d xv;
+    std::memcpy(&xv, xd + t, sizeof xv);
+    acc += xv * __builtin_convertvector(load8(w + t), v8d);
+  }
+  for (int l = 0; t + l < d; ++l) acc[l] += xd[t + l] * static_cast<double>(to_float(w[t + l]));
   return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
 }
+
+// One clone per storage type (FLASHSAE_CLONES, cpu/dtype.h): eight float64 lanes are one AVX-512
+// register, which keeps the rescoring of k + margin candidates per row small next to the GEMM.
+FLASHSAE_CLONES double dot64(const double* xd, const float* w, int64_t d) { return dot64_body(xd, w, d); }
+FLASHSAE_CLONES double dot64(const double* xd, const bf16* w, int64_t d) { return dot64_body(xd, w, d); }
+FLASHSAE_CLONES double dot64(const double* xd, const f16* w, int64_t d) { return dot64_body(xd, w, d); }
 
 // sqrt(sum of squares) rounded up to float: the float64 sum of d squares is within a relative
 // d * 2^-53 of the exact one, far inside the 2^-20 added before rounding.
 inline float norm_up(double sum_sq) {
   return static_cast<float>(std::sqrt(sum_sq) * (1.0 + 0x1p-20));
 }
+
+// Sum of squares in eight float64 lanes (vectorizable without reassociation); with `low`, the row is
+// also rounded to L into `low` and the squares of the rounded values and of the residuals summed.
+template <typename T, typename L>
+inline __attribute__((always_inline)) void square_sums_body(const T* w, int64_t d, L* low, double* low_sq,
+                                                            double* res_sq) {
+  double a[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, r[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t t0 = 0; t0 < d; t0 += kLanes) {
+    for (int l = 0; l < kLanes && t0 + l < d; ++l) {
+      const float v = to_float(w[t0 + l]);
+      float lo = v;
+      if (low != nullptr) {
+        const L rounded = store<L>(v);
+        low[t0 + l] = rounded;
+        lo = to_float(rounded);
+      }
+      a[l] += static_cast<double>(lo) * lo;
+      const double res = static_cast<double>(v) - lo;  // exact: lo is v rounded
+      r[l] += res * res;
+    }
+  }
+  *low_sq = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+  *res_sq = ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
+}
+
+#define FLASHSAE_SQUARE_SUMS(T, L)                                                               \
+  FLASHSAE_CLONES void square_sums(const T* w, int64_t d, L* low, double* low_sq, double* res_sq) { \
+    square_sums_body(w, d, low, low_sq, res_sq);                                                 \
+  }
+FLASHSAE_SQUARE_SUMS(float, float)
+FLASHSAE_SQUARE_SUMS(float, bf16)
+FLASHSAE_SQUARE_SUMS(bf16, float)
+FLASHSAE_SQUARE_SUMS(bf16, bf16)
+FLASHSAE_SQUARE_SUMS(f16, float)
+FLASHSAE_SQUARE_SUMS(f16, bf16)
+#undef FLASHSAE_SQUARE_SUMS
 
 template <typename T, typename L>
 void latent_stats_impl(const T* W, const T* b_enc, const T* b_dec, int64_t n, int64_t d, double* bias64,
@@ -44,26 +118,10 @@ void latent_stats_impl(const T* W, const T* b_enc, const T* b_dec, int64_t n, in
     const T* w = W + j * d;
     bias64[j] = load<double>(b_enc[j]) - (b_dec != nullptr ? dot64(beta.data(), w, d) : 0.0);
     double low_sq = 0.0, res_sq = 0.0;
-    if (W_low != nullptr) {
-      L* out = W_low + j * d;
-      for (int64_t t = 0; t < d; ++t) {
-        const float v = to_float(w[t]);
-        const L r = store<L>(v);
-        out[t] = r;
-        const double lo = to_float(r);
-        low_sq += lo * lo;
-        res_sq += (v - lo) * (v - lo);  // v - lo is exact in float64
-      }
-      q1[j] = norm_up(low_sq) + norm_up(res_sq);  // float addition rounds: norm_up's 2^-20 covers it
-      q2[j] = norm_up(res_sq);
-    } else {
-      for (int64_t t = 0; t < d; ++t) {
-        const double v = load<double>(w[t]);
-        low_sq += v * v;
-      }
-      q1[j] = norm_up(low_sq);
-      q2[j] = 0.0f;
-    }
+    square_sums(w, d, W_low != nullptr ? W_low + j * d : nullptr, &low_sq, &res_sq);
+    // float addition rounds down by at most 2^-24: norm_up's 2^-20 covers it
+    q1[j] = norm_up(low_sq) + norm_up(res_sq);
+    q2[j] = norm_up(res_sq);
   }
 }
 
@@ -76,7 +134,7 @@ void rescore_impl(const T* x, const T* W, const double* bias64, const int32_t* i
     for (int64_t t = 0; t < d; ++t) xd[b * d + t] = load<double>(x[b * d + t]);
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < rows; ++b) {
-    for (int64_t j = 0; j < m; ++j) {
+    for (int64_t j = 0; j < m; ++j) {  // collapsed: a few recomputed rows still use every thread
       const int32_t id = idx[b * idx_ld + j];
       out[b * m + j] = (id < 0 || id >= n)
                            ? -std::numeric_limits<float>::infinity()
