@@ -2,9 +2,9 @@
 // topk_encode's rescoring; flashsae.ops.topk_encode derives the error bound these feed).
 //
 // Every product x[t] * W[t] of float32/bfloat16/float16 values is exact in float64 (at most 24 + 24
-// significant bits), so dot64 below depends only on its summation order, which is fixed: eight
-// partial sums (lane = t mod 8), combined as ((0+4)+(2+6))+((1+5)+(3+7)). Whether the compiler
-// fuses the multiply-add or vectorizes the lanes cannot change a bit of it.
+// significant bits), so dot64 below depends only on its summation order, which is fixed: 32 partial
+// sums (lane = t mod 32) combined in a fixed tree. Whether the compiler fuses the multiply-add or
+// vectorizes the lanes cannot change a bit of it.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -44,19 +44,23 @@ inline __attribute__((always_inline)) v8f load8(const f16* p) {
   return __builtin_convertvector(h, v8f);
 }
 
-// The eight lanes as one GCC / Clang vector (one AVX-512 register); lane l sums t = l mod 8 in
-// order, exactly as a scalar loop over the lanes would.
+// Thirty-two lanes as four GCC / Clang vectors of eight (four AVX-512 registers: four independent
+// FMA chains, so a 768-long dot is not bound by one chain's latency); lane l sums t = l mod 32 in
+// order, exactly as a scalar loop over the lanes would, and the lanes combine in a fixed tree.
 template <typename T>
 inline __attribute__((always_inline)) double dot64_body(const double* xd, const T* w, int64_t d) {
-  v8d acc = {0, 0, 0, 0, 0, 0, 0, 0};
+  v8d acc[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
   int64_t t = 0;
-  for (; t + kLanes <= d; t += kLanes) {
-    v8d xv;
-    std::memcpy(&xv, xd + t, sizeof xv);
-    acc += xv * __builtin_convertvector(load8(w + t), v8d);
+  for (; t + 4 * kLanes <= d; t += 4 * kLanes) {
+    for (int a = 0; a < 4; ++a) {
+      v8d xv;
+      std::memcpy(&xv, xd + t + a * kLanes, sizeof xv);
+      acc[a] += xv * __builtin_convertvector(load8(w + t + a * kLanes), v8d);
+    }
   }
-  for (int l = 0; t + l < d; ++l) acc[l] += xd[t + l] * static_cast<double>(to_float(w[t + l]));
-  return ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+  for (int l = 0; t + l < d; ++l) acc[l / kLanes][l % kLanes] += xd[t + l] * static_cast<double>(to_float(w[t + l]));
+  const v8d sum = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  return ((sum[0] + sum[4]) + (sum[2] + sum[6])) + ((sum[1] + sum[5]) + (sum[3] + sum[7]));
 }
 
 // One clone per storage type (FLASHSAE_CLONES, cpu/dtype.h): eight float64 lanes are one AVX-512
@@ -71,25 +75,53 @@ inline float norm_up(double sum_sq) {
   return static_cast<float>(std::sqrt(sum_sq) * (1.0 + 0x1p-20));
 }
 
-// Sum of squares in eight float64 lanes (vectorizable without reassociation); with `low`, the row is
-// also rounded to L into `low` and the squares of the rounded values and of the residuals summed.
+// Sums of squares in eight float64 lanes of one vector: of the row itself (low == null, the
+// residual sum then 0), or of the row rounded to L (written to `low`) and of the residuals.
+inline __attribute__((always_inline)) v8f round8(v8f v, bf16*) {  // to bfloat16, ties to even
+  v8u32 u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  v8f r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+inline __attribute__((always_inline)) v8f round8(v8f v, float*) { return v; }
+inline __attribute__((always_inline)) void store8(v8f v, bf16* out) {
+  v8u32 u;
+  std::memcpy(&u, &v, sizeof u);
+  const v8u16 h = __builtin_convertvector(u >> 16, v8u16);
+  std::memcpy(out, &h, sizeof h);
+}
+inline __attribute__((always_inline)) void store8(v8f v, float* out) { std::memcpy(out, &v, sizeof v); }
+
 template <typename T, typename L>
 inline __attribute__((always_inline)) void square_sums_body(const T* w, int64_t d, L* low, double* low_sq,
                                                             double* res_sq) {
-  double a[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, r[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t t0 = 0; t0 < d; t0 += kLanes) {
-    for (int l = 0; l < kLanes && t0 + l < d; ++l) {
-      const float v = to_float(w[t0 + l]);
-      float lo = v;
-      if (low != nullptr) {
-        const L rounded = store<L>(v);
-        low[t0 + l] = rounded;
-        lo = to_float(rounded);
-      }
-      a[l] += static_cast<double>(lo) * lo;
-      const double res = static_cast<double>(v) - lo;  // exact: lo is v rounded
-      r[l] += res * res;
+  v8d a = {0, 0, 0, 0, 0, 0, 0, 0}, r = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes) {
+    const v8f v = load8(w + t);
+    v8f lo = v;
+    if (low != nullptr) {
+      lo = round8(v, low);
+      store8(lo, low + t);
     }
+    const v8d lod = __builtin_convertvector(lo, v8d);
+    const v8d res = __builtin_convertvector(v, v8d) - lod;  // exact: lo is v rounded
+    a += lod * lod;
+    r += res * res;
+  }
+  for (int l = 0; t + l < d; ++l) {
+    const float v = to_float(w[t + l]);
+    float lo = v;
+    if (low != nullptr) {
+      const L rounded = store<L>(v);
+      low[t + l] = rounded;
+      lo = to_float(rounded);
+    }
+    const double res = static_cast<double>(v) - lo;
+    a[l] += static_cast<double>(lo) * lo;
+    r[l] += res * res;
   }
   *low_sq = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
   *res_sq = ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
@@ -135,6 +167,14 @@ void rescore_impl(const T* x, const T* W, const double* bias64, const int32_t* i
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t b = 0; b < rows; ++b) {
     for (int64_t j = 0; j < m; ++j) {  // collapsed: a few recomputed rows still use every thread
+      // candidates are scattered rows of W: fetch the next one while this one is summed
+      if (j + 1 < m) {
+        const int32_t next = idx[b * idx_ld + j + 1];
+        if (next >= 0 && next < n) {
+          const char* p = reinterpret_cast<const char*>(W + next * d);
+          for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+        }
+      }
       const int32_t id = idx[b * idx_ld + j];
       out[b * m + j] = (id < 0 || id >= n)
                            ? -std::numeric_limits<float>::infinity()
