@@ -145,7 +145,7 @@ void latent_stats_impl(const T* W, const T* b_enc, const T* b_dec, int64_t n, in
   std::vector<double> beta(static_cast<size_t>(d), 0.0);
   if (b_dec != nullptr)
     for (int64_t t = 0; t < d; ++t) beta[t] = load<double>(b_dec[t]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 64)  // dynamic: see topk_state_merge
   for (int64_t j = 0; j < n; ++j) {
     const T* w = W + j * d;
     bias64[j] = load<double>(b_enc[j]) - (b_dec != nullptr ? dot64(beta.data(), w, d) : 0.0);
@@ -164,7 +164,7 @@ void rescore_impl(const T* x, const T* W, const double* bias64, const int32_t* i
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < rows; ++b)
     for (int64_t t = 0; t < d; ++t) xd[b * d + t] = load<double>(x[b * d + t]);
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(dynamic, 64)
   for (int64_t b = 0; b < rows; ++b) {
     for (int64_t j = 0; j < m; ++j) {  // collapsed: a few recomputed rows still use every thread
       // candidates are scattered rows of W: fetch the next one while this one is summed

@@ -203,7 +203,9 @@ void merge_impl_f32(const C* scores, int64_t ld, int64_t rows, int64_t cols, int
                 bounded ? terms.col + terms.n + col0 : nullptr,
                 bounded ? terms.col + 2 * terms.n + col0 : nullptr,
                 0.0f, 0.0f, 0.0f, terms.rel};
-#pragma omp parallel for schedule(static)
+  // dynamic: on a shared machine a static split waits for the slowest thread (2 busy cores: the
+  // merge took 112 ms on 2 threads against 43 ms on 1 with static row blocks)
+#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t b = 0; b < rows; ++b) {
     RowTerms t = base;
     if (bounded) {

@@ -258,7 +258,7 @@ def _certified_top(x, W_enc, bias64, heap, heap_ids, k, eligible):
         certified = torch.ones(rows, dtype=torch.bool)
     else:
         certified = top[:, k - 1] > heap[:, 0]
-    return top[:, :k].to(x.dtype), top_ids[:, :k].contiguous(), certified
+    return top[:, :k].to(x.dtype).contiguous(), top_ids[:, :k].contiguous(), certified
 
 
 def _recompute_rows(x, W_enc, bias64, k, dead_mask, aux_k, cols):
