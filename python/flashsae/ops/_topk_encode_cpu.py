@@ -3,7 +3,7 @@ precisions (exact / fast / certified) with their rescoring and error bound.
 
 Per chunk of latents, torch's matmul (oneDNN / MKL: AMX and AVX-512 BF16 tiles for bfloat16
 operands) writes the chunk's scores x W_chunk^T, in the GEMM dtype, into one reused [rows, cols]
-buffer, and the C++ merge (csrc/cpu/topk_select.cpp) adds the latent bias, applies relu and keeps a
+buffer, and the C++ merge (csrc/cpu/topk_encode.cpp) adds the latent bias, applies relu and keeps a
 running top-k per row. [rows, n] never exists. Python owns the GEMM call, C++ the selection.
 
 The exact score. For float32 / bfloat16 / float16 operands every precision returns the canonical
@@ -122,7 +122,7 @@ def heap_state(rows: int, slots: int, acc: torch.dtype) -> tuple[torch.Tensor | 
         return None, None
     keys = torch.empty(rows, slots, dtype=acc)
     ids = torch.empty(rows, slots, dtype=torch.int32)
-    _C.topk_state_init(addr(keys), addr(ids), rows, slots, DTYPE_CODES[acc])
+    _C.topk_state_init(heap_scores=addr(keys), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=DTYPE_CODES[acc])
     return keys, ids
 
 
@@ -132,8 +132,9 @@ def finish(heap, heap_ids, rows: int, slots: int, dtype: torch.dtype) -> tuple[t
     indices = new_output((rows, slots), torch.int32, torch.device("cpu"))
     if slots:
         _C.topk_state_finish(
-            addr(heap), addr(heap_ids), rows, slots, DTYPE_CODES[heap.dtype], addr(values), addr(indices),
-            DTYPE_CODES[dtype],
+            heap_scores=addr(heap), heap_indices=addr(heap_ids), rows=rows, k=slots,
+            score_dtype=DTYPE_CODES[heap.dtype], values=addr(values), indices=addr(indices),
+            value_dtype=DTYPE_CODES[dtype],
         )  # fmt: skip
     return values, indices
 
@@ -206,9 +207,9 @@ def encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols):
     for c0 in range(0, n, cols):
         c1 = min(n, c0 + cols)
         _C.encoder_latent_stats(
-            addr(W_enc[c0:c1]), addr(b_enc[c0:c1]), addr(b_dec), c1 - c0, d, DTYPE_CODES[W_enc.dtype],
-            addr(bias64[c0:c1]), addr(col_bound[0, c0:c1]), addr(col_bound[1, c0:c1]), addr(W_low),
-            DTYPE_CODES[low],
+            W=addr(W_enc[c0:c1]), b_enc=addr(b_enc[c0:c1]), b_dec=addr(b_dec), n_latents=c1 - c0, d=d,
+            dtype=DTYPE_CODES[W_enc.dtype], bias64=addr(bias64[c0:c1]), q1=addr(col_bound[0, c0:c1]),
+            q2=addr(col_bound[1, c0:c1]), W_low=addr(W_low), low_dtype=DTYPE_CODES[low],
         )  # fmt: skip
         bias32[c0:c1] = bias64[c0:c1]
         if certify:
@@ -216,9 +217,10 @@ def encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols):
         W_chunk = W_low[: c1 - c0] if copy_W else W_enc[c0:c1]
         torch.mm(x_low, W_chunk.T, out=scores[:, : c1 - c0])  # writes the strided view: row stride `cols`
         _C.topk_state_merge(
-            addr(scores), cols, rows, c1 - c0, c0, n, addr(heap), addr(heap_ids), slots, addr(dead_mask),
-            addr(aux), addr(aux_ids), aux_slots, code32, DTYPE_CODES[low], addr(bias32), addr(row_bound),
-            addr(col_bound) if certify else 0, rel,
+            scores=addr(scores), ld=cols, rows=rows, cols=c1 - c0, col0=c0, n_latents=n, heap_scores=addr(heap),
+            heap_indices=addr(heap_ids), k=slots, dead_mask=addr(dead_mask), aux_scores=addr(aux),
+            aux_indices=addr(aux_ids), aux_k=aux_slots, score_dtype=code32, chunk_dtype=DTYPE_CODES[low],
+            bias=addr(bias32), row_bound=addr(row_bound), col_bound=addr(col_bound) if certify else 0, rel=rel,
         )  # fmt: skip
     if not certify:
         return (*finish(heap, heap_ids, rows, k, x.dtype), *finish(aux, aux_ids, rows, aux_k, x.dtype))
@@ -248,8 +250,8 @@ def _certified_top(x, W_enc, bias64, heap, heap_ids, k, eligible):
     n, d = W_enc.shape
     exact = torch.empty(rows, slots, dtype=torch.float32)
     _C.topk_rescore(
-        addr(x), addr(W_enc), addr(bias64), addr(heap_ids), slots, rows, slots, n, d, DTYPE_CODES[x.dtype],
-        addr(exact),
+        x=addr(x), W=addr(W_enc), bias64=addr(bias64), indices=addr(heap_ids), idx_ld=slots, rows=rows, m=slots,
+        n_latents=n, d=d, dtype=DTYPE_CODES[x.dtype], out=addr(exact),
     )  # fmt: skip
     # sorted by relu(S) descending, index ascending (the C++ finish); empty slots (-inf -> 0, index
     # INT32_MAX) come after every real 0 and leave as (0, -1)
@@ -273,12 +275,14 @@ def _recompute_rows(x, W_enc, bias64, k, dead_mask, aux_k, cols):
     for c0 in range(0, n, cols):
         c1 = min(n, c0 + cols)
         _C.topk_rescore(
-            addr(x), addr(W_enc), addr(bias64), addr(latents[c0:c1]), 0, rows, c1 - c0, n, d,
-            DTYPE_CODES[x.dtype], addr(exact),
+            x=addr(x), W=addr(W_enc), bias64=addr(bias64), indices=addr(latents[c0:c1]), idx_ld=0, rows=rows,
+            m=c1 - c0, n_latents=n, d=d, dtype=DTYPE_CODES[x.dtype], out=addr(exact),
         )  # fmt: skip
         _C.topk_state_merge(
-            addr(exact), c1 - c0, rows, c1 - c0, c0, n, addr(heap), addr(heap_ids), k, addr(dead_mask), addr(aux),
-            addr(aux_ids), aux_k, code32, code32, 0, 0, 0, 0.0,
+            scores=addr(exact), ld=c1 - c0, rows=rows, cols=c1 - c0, col0=c0, n_latents=n, heap_scores=addr(heap),
+            heap_indices=addr(heap_ids), k=k, dead_mask=addr(dead_mask), aux_scores=addr(aux),
+            aux_indices=addr(aux_ids), aux_k=aux_k, score_dtype=code32, chunk_dtype=code32, bias=0, row_bound=0,
+            col_bound=0, rel=0.0,
         )  # fmt: skip
     return (*finish(heap, heap_ids, rows, k, x.dtype), *finish(aux, aux_ids, rows, aux_k, x.dtype))
 
@@ -296,8 +300,10 @@ def encode_float64(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, cols):
         c1 = min(n, c0 + cols)
         torch.mm(centered, W_enc[c0:c1].T, out=buffer[:, : c1 - c0])
         _C.topk_state_merge(
-            addr(buffer), cols, rows, c1 - c0, c0, n, addr(heap), addr(heap_ids), k, addr(dead_mask), addr(aux),
-            addr(aux_ids), aux_k, code, code, addr(b_enc), 0, 0, 0.0,
+            scores=addr(buffer), ld=cols, rows=rows, cols=c1 - c0, col0=c0, n_latents=n, heap_scores=addr(heap),
+            heap_indices=addr(heap_ids), k=k, dead_mask=addr(dead_mask), aux_scores=addr(aux),
+            aux_indices=addr(aux_ids), aux_k=aux_k, score_dtype=code, chunk_dtype=code, bias=addr(b_enc),
+            row_bound=0, col_bound=0, rel=0.0,
         )  # fmt: skip
     return (*finish(heap, heap_ids, rows, k, x.dtype), *finish(aux, aux_ids, rows, aux_k, x.dtype))
 
