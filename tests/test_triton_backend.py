@@ -83,7 +83,7 @@ def leaves(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_opcheck_topk_encode(aux_k):
     t = leaves(sae_tensors(9, 12, 70, torch.float32))
     dead = (torch.rand(70) < 0.3).to(DEVICE) if aux_k else None
-    opcheck(ops.topk_encode.default, (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, aux_k, "triton"))
+    opcheck(ops.topk_encode.default, (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, aux_k, "triton", "exact"))
     values, indices = topk_encode(t["x"], t["W_enc"], t["b_enc"], 5, t["b_dec"], backend="triton")
     d_values = randn(9, 5, dtype=torch.float32).to(DEVICE)
     opcheck(
