@@ -32,7 +32,7 @@ import torch
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _common, _row_grads, _topk_encode_cpu
+from . import _autocast, _common, _row_grads, _topk_encode_cpu
 
 #: Values of topk_encode's ``precision`` argument.
 PRECISIONS = _topk_encode_cpu.PRECISIONS
@@ -331,13 +331,13 @@ def _topk_encode_op(
     dead_mask: torch.Tensor | None,
     aux_k: int,
     backend: str,
-    precision: str,
+    precision: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision)
 
 
 @_topk_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision):
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision="exact"):
     rows = x.shape[0]
     return (
         x.new_empty(rows, k),
@@ -437,6 +437,10 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
 
 _topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
+# autocast (see ops/_autocast.py): the encoder GEMM reads x and the parameters in the autocast dtype
+_autocast.register(torch.ops.flashsae.topk_encode.default, cast=("x", "W_enc", "b_enc", "b_dec"))
+_autocast.register(torch.ops.flashsae.topk_encode_backward.default)
+
 
 # ------------------------------------------------------------------------------------------- public
 
@@ -483,7 +487,13 @@ def topk_encode(
         indices int32. With aux_k > 0, also ``(aux_values, aux_indices)`` [batch, aux_k]; slots
         beyond the number of dead latents hold value 0 and index -1.
         Differentiable in x, W_enc, b_enc and b_dec through the values (sparse backward).
+
+    Under ``torch.autocast(device_type, dtype)``: x, W_enc, b_enc and b_dec are cast to ``dtype``
+    (float32/bfloat16/float16 tensors on that device type; float64 stays), so the encoder GEMM reads
+    them in ``dtype`` and accumulates and selects in float32; values and aux_values come back in
+    ``dtype``; gradients reach each input in its own dtype. See ops/_autocast.py.
     """
+    x, W_enc, b_enc, b_dec = _autocast.cast_operands(x, W_enc, b_enc, b_dec)
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n, d = W_enc.shape
     check_tensor("x", x, shape={"batch": None, "d": d}, like=("W_enc", W_enc))
