@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from flashsae.benchmarking import DenseTopKSAE, make_optimizer, train_step
+from flashsae.bench.baselines import DenseTopKSAE
+from flashsae.bench.train_step import make_optimizer, train_step
 from flashsae.modules import TopKSAE
 from flashsae.ops import topk_encode, topk_encode_stats
 
