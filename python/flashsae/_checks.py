@@ -1,6 +1,6 @@
 """Tensor validation: the one place that checks tensors before their addresses go to C++.
 
-The compiled kernels trust what they are given (DESIGN.md §2), so every public op calls these
+The compiled kernels trust the sizes and addresses they are given, so every public op calls these
 checks first. Errors name the argument and say what was expected:
 
 - ``TypeError`` for a non-tensor or a wrong dtype,

@@ -177,3 +177,13 @@ def test_backends_without_a_candidate_pass_compute_exactly(precision):
     exact = topk_encode(t["x"], t["W_enc"], t["b_enc"], 4, t["b_dec"], backend="torch")
     other = topk_encode(t["x"], t["W_enc"], t["b_enc"], 4, t["b_dec"], backend="torch", precision=precision)
     assert_equal_outputs(exact, other, f"torch backend, precision={precision}")
+
+
+@pytest.mark.parametrize("precision", ["certified", "fast"])
+def test_opcheck_cpu_precisions(precision):
+    from torch.library import opcheck
+
+    t = {k: v.clone().requires_grad_() for k, v in sae_tensors(9, 12, 70, torch.float32).items()}
+    dead = torch.rand(70) < 0.3
+    args = (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, 4, "cpu", precision)
+    opcheck(torch.ops.flashsae.topk_encode.default, args)
