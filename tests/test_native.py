@@ -66,8 +66,10 @@ def test_boundary_checks_sizes_before_running_a_kernel():
         _C.topk_state_merge(**args | {"heap_scores": 0})
     with pytest.raises(ValueError, match=r"dead_mask: null address"):
         _C.topk_state_merge(**args | {"aux_k": 2})
-    with pytest.raises(ValueError, match=r"scores: unsupported dtype bfloat16 \(expected float32 or float64\)"):
+    with pytest.raises(ValueError, match=r"heap_scores: unsupported dtype bfloat16 \(expected float32 or float64\)"):
         _C.topk_state_merge(**args | {"score_dtype": _C.DTYPE_BFLOAT16})
+    with pytest.raises(ValueError, match=r"row_bound: given without col_bound"):
+        _C.topk_state_merge(**args | {"row_bound": heap.data_ptr()})
 
 
 def merge_args(scores: int, heap: int, ids: int) -> dict:
@@ -75,12 +77,14 @@ def merge_args(scores: int, heap: int, ids: int) -> dict:
     return {
         "scores": scores, "ld": 10, "rows": 4, "cols": 10, "col0": 0, "n_latents": 10, "heap_scores": heap,
         "heap_indices": ids, "k": 3, "dead_mask": 0, "aux_scores": 0, "aux_indices": 0, "aux_k": 0,
-        "score_dtype": _C.DTYPE_FLOAT32,
+        "score_dtype": _C.DTYPE_FLOAT32, "chunk_dtype": _C.DTYPE_FLOAT32, "bias": 0, "row_bound": 0,
+        "col_bound": 0, "rel": 0.0,
     }  # fmt: skip
 
 
 KERNEL_BINDINGS = [
-    "topk_state_init", "topk_state_merge", "topk_state_finish", "sparse_decode_forward", "sparse_decode_backward",
+    "topk_state_init", "topk_state_merge", "topk_state_finish", "encoder_latent_stats", "topk_rescore",
+    "sparse_decode_forward", "sparse_decode_backward",
     "topk_encode_backward", "sae_loss_forward", "sae_loss_backward", "sparse_adam", "sparse_adam_rowwise",
     "topk_select_host", "topk_finish_host", "topk_make_keys_host",
 ]  # fmt: skip

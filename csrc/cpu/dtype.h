@@ -70,6 +70,15 @@ template <> inline double store_acc<double>(double v) { return v; }
 template <typename T> inline const T* typed(const void* p) { return static_cast<const T*>(p); }
 template <typename T> inline T* typed(void* p) { return static_cast<T*>(p); }
 
+// Hot loops that run at memory speed only when vectorized are compiled for AVX-512, AVX2 and the
+// baseline ISA and picked at load time (GCC / Clang function multi-versioning): the extension targets
+// any x86-64, where the baseline is SSE2 (4 float lanes against 16).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FLASHSAE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FLASHSAE_CLONES
+#endif
+
 // Calls fn(T{}) with the storage type named by a floating dtype code.
 template <typename Fn> auto dispatch_float(int code, const char* what, Fn&& fn) {
   switch (static_cast<DType>(code)) {

@@ -81,7 +81,8 @@ void topk_state_init(addr_t heap_scores, addr_t heap_indices, int64_t rows, int6
 
 void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0, int64_t n,
                       addr_t heap_scores, addr_t heap_indices, int64_t k, addr_t dead_mask,
-                      addr_t aux_scores, addr_t aux_indices, int64_t aux_k, int score_dtype) {
+                      addr_t aux_scores, addr_t aux_indices, int64_t aux_k, int score_dtype,
+                      int chunk_dtype, addr_t bias, addr_t row_bound, addr_t col_bound, double rel) {
   require_addresses({{scores, "scores"}, {heap_scores, "heap_scores"}, {heap_indices, "heap_indices"}});
   require_positive(rows, "rows");
   require_positive(cols, "cols");
@@ -95,9 +96,36 @@ void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int
   if (aux_k > 0) {
     require_addresses({{dead_mask, "dead_mask"}, {aux_scores, "aux_scores"}, {aux_indices, "aux_indices"}});
   }
+  require((row_bound == 0) == (col_bound == 0), "row_bound: given without col_bound (or the reverse)");
+  require(rel >= 0.0, "rel: expected >= 0");
+  check_float_dtype(chunk_dtype, "scores");
   flashsae::cpu::topk_state_merge(as_ptr(scores), ld, rows, cols, col0, as_ptr(heap_scores),
                                   as_ptr<int32_t>(heap_indices), k, as_ptr<const uint8_t>(dead_mask),
-                                  as_ptr(aux_scores), as_ptr<int32_t>(aux_indices), aux_k, score_dtype);
+                                  as_ptr(aux_scores), as_ptr<int32_t>(aux_indices), aux_k, score_dtype,
+                                  chunk_dtype, as_ptr(bias), n, as_ptr<const float>(row_bound),
+                                  as_ptr<const float>(col_bound), rel);
+}
+
+void encoder_latent_stats(addr_t W, addr_t b_enc, addr_t b_dec, int64_t n, int64_t d, int dtype,
+                          addr_t bias64, addr_t q1, addr_t q2, addr_t W_low, int low_dtype) {
+  require_addresses({{W, "W"}, {b_enc, "b_enc"}, {bias64, "bias64"}, {q1, "q1"}, {q2, "q2"}});
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  flashsae::cpu::encoder_latent_stats(as_ptr(W), as_ptr(b_enc), as_ptr(b_dec), n, d, dtype,
+                                      as_ptr<double>(bias64), as_ptr<float>(q1), as_ptr<float>(q2),
+                                      as_ptr(W_low), low_dtype);
+}
+
+void topk_rescore(addr_t x, addr_t W, addr_t bias64, addr_t indices, int64_t idx_ld, int64_t rows,
+                  int64_t m, int64_t n, int64_t d, int dtype, addr_t out) {
+  require_addresses({{x, "x"}, {W, "W"}, {bias64, "bias64"}, {indices, "indices"}, {out, "out"}});
+  require_positive(rows, "rows");
+  require_positive(m, "m");
+  require_positive(n, "n_latents");
+  require_positive(d, "d");
+  require(idx_ld == 0 || idx_ld >= m, "idx_ld: expected 0 or >= m");
+  flashsae::cpu::topk_rescore(as_ptr(x), as_ptr(W), as_ptr<const double>(bias64),
+                              as_ptr<const int32_t>(indices), idx_ld, rows, m, n, d, dtype, as_ptr<float>(out));
 }
 
 void topk_state_finish(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k,
@@ -285,10 +313,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_state_merge", &topk_state_merge, nogil, py::kw_only(), py::arg("scores"), py::arg("ld"),
         py::arg("rows"), py::arg("cols"), py::arg("col0"), py::arg("n_latents"), py::arg("heap_scores"),
         py::arg("heap_indices"), py::arg("k"), py::arg("dead_mask"), py::arg("aux_scores"),
-        py::arg("aux_indices"), py::arg("aux_k"), py::arg("score_dtype"));
+        py::arg("aux_indices"), py::arg("aux_k"), py::arg("score_dtype"), py::arg("chunk_dtype"),
+        py::arg("bias"), py::arg("row_bound"), py::arg("col_bound"), py::arg("rel"));
   m.def("topk_state_finish", &topk_state_finish, nogil, py::kw_only(), py::arg("heap_scores"),
         py::arg("heap_indices"), py::arg("rows"), py::arg("k"), py::arg("score_dtype"), py::arg("values"),
         py::arg("indices"), py::arg("value_dtype"));
+  m.def("encoder_latent_stats", &encoder_latent_stats, nogil, py::kw_only(), py::arg("W"), py::arg("b_enc"),
+        py::arg("b_dec"), py::arg("n_latents"), py::arg("d"), py::arg("dtype"), py::arg("bias64"), py::arg("q1"),
+        py::arg("q2"), py::arg("W_low"), py::arg("low_dtype"));
+  m.def("topk_rescore", &topk_rescore, nogil, py::kw_only(), py::arg("x"), py::arg("W"), py::arg("bias64"),
+        py::arg("indices"), py::arg("idx_ld"), py::arg("rows"), py::arg("m"), py::arg("n_latents"), py::arg("d"),
+        py::arg("dtype"), py::arg("out"));
   // The bindings below check indices while holding the GIL, then release it themselves.
   m.def("sparse_decode_forward", &sparse_decode_forward, py::kw_only(), py::arg("values"), py::arg("indices"),
         py::arg("rows"), py::arg("k"), py::arg("W_dec"), py::arg("n_latents"), py::arg("d"), py::arg("b_dec"),

@@ -11,25 +11,47 @@
 
 namespace flashsae::cpu {
 
-// ---- running top-k over tiles of pre-activations (topk_encode.cpp) -------------------------------
-// State: per row a min-heap of k (score, index) pairs, worst at the root. score_dtype is float32 or
-// float64: the tile is computed in that precision so selection never sees rounded bf16 scores.
+// ---- running top-k over chunks of encoder scores (topk_encode.cpp) -------------------------------
+// State: per row a min-heap of k (key, index) pairs, worst at the root. score_dtype (the heap's) is
+// float32 or float64; the chunk itself may be any float dtype (chunk_dtype).
 
 // Fills the heaps with sentinels (score -inf, index INT32_MAX) that every real candidate beats.
 void topk_state_init(void* heap_scores, int32_t* heap_indices, int64_t rows, int64_t k, int score_dtype);
 
-// Merges scores[rows, cols] (row stride ld) for latents col0 .. col0+cols-1 into the heaps, using
-// relu(score) as the key; ties go to the lower latent index. Tiles must arrive in ascending col0.
-// When aux_k > 0, latents with dead_mask[col] != 0 also enter a second heap of aux_k slots.
+// Merges scores[rows, cols] (row stride ld, chunk_dtype) for latents col0 .. col0+cols-1 into the
+// heaps, using relu(score + bias[col]) as the key (bias: [n] in score_dtype, or null); ties go to the
+// lower latent index. Chunks must arrive in ascending col0. When aux_k > 0, latents with
+// dead_mask[col] != 0 also enter a second heap of aux_k slots. With row_bound ([3, rows] float:
+// p1, p2, z) and col_bound ([3, n] float: q1, q2, o), float32 heaps only, the key is instead relu of
+// the upper bound a + rel |a| + p1 q1[col] + p2 q2[col] + z + o[col] of the exact score (a = score +
+// bias[col]): the candidate pass of the certified precision.
 void topk_state_merge(const void* scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0,
                       void* heap_scores, int32_t* heap_indices, int64_t k,
                       const uint8_t* dead_mask, void* aux_scores, int32_t* aux_indices, int64_t aux_k,
-                      int score_dtype);
+                      int score_dtype, int chunk_dtype, const void* bias, int64_t n,
+                      const float* row_bound, const float* col_bound, double rel);
 
 // Sorts each row (score descending, index ascending) and writes values in value_dtype. Sentinel
 // slots (only possible in the aux heap) become value 0, index -1.
 void topk_state_finish(const void* heap_scores, const int32_t* heap_indices, int64_t rows, int64_t k,
                        int score_dtype, void* values, int32_t* indices, int value_dtype);
+
+// ---- canonical encoder scores (topk_rescore.cpp) --------------------------------------------------
+// The exact score every precision of topk_encode returns, for float32/bfloat16/float16 operands:
+//   score(b, j) = float32( dot64(x[b], W[j]) + bias64[j] ),  bias64[j] = b_enc[j] - dot64(b_dec, W[j])
+// where dot64 sums the (exact) float64 products in eight interleaved partial sums (lane = t mod 8)
+// combined in a fixed order: independent of threads, ISA and chunking.
+
+// Per latent j in [0, n): bias64[j] (b_dec may be null), and upper bounds of the norms the certified
+// key needs: with W_low (a copy of W rounded to low_dtype, written here), q1[j] >= |W_low[j]| +
+// |W[j] - W_low[j]| and q2[j] >= |W[j] - W_low[j]|; without, q1[j] >= |W[j]| and q2[j] = 0.
+void encoder_latent_stats(const void* W, const void* b_enc, const void* b_dec, int64_t n, int64_t d,
+                          int dtype, double* bias64, float* q1, float* q2, void* W_low, int low_dtype);
+
+// out[b, j] = score(b, idx[b * idx_ld + j]) (idx_ld 0: the same latents for every row), -inf where
+// the index is outside [0, n) (empty heap slots). out is float32.
+void topk_rescore(const void* x, const void* W, const double* bias64, const int32_t* idx,
+                  int64_t idx_ld, int64_t rows, int64_t m, int64_t n, int64_t d, int dtype, float* out);
 
 // ---- sparse decoder (sparse_rows.cpp) -------------------------------------------------------------
 // x_hat[b] = b_dec + sum_j values[b, j] W_dec[idx[b, j]]   (b_dec may be null)

@@ -17,14 +17,8 @@
 namespace flashsae::cpu {
 namespace {
 
-// The float32 row loops are compiled for AVX-512, AVX2 and the baseline ISA and picked at load time
-// (GCC / Clang function multi-versioning): the wheel targets any x86-64, and sqrt + division are
-// the whole cost of a replayed step, so the vector width matters (4 lanes -> 16).
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FLASHSAE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FLASHSAE_CLONES
-#endif
+// The float32 row loops are multi-versioned (FLASHSAE_CLONES, cpu/dtype.h): sqrt + division are the
+// whole cost of a replayed step, so the vector width matters (4 lanes -> 16).
 
 // torch.lerp's two formulas (aten/src/ATen/native/Lerp.h): from the start for weight < 0.5.
 template <typename A> struct Lerp {

@@ -43,6 +43,7 @@ _CHOICES = {
     "model_dtype": ("auto", "float32", "bfloat16", "float16"),
     "cache_dtype": ("auto", "float32", "bfloat16", "float16"),
     "autocast": ("auto", "bf16", "off"),
+    "precision": ("auto", "exact", "certified", "fast"),
     "b_dec_init": ("geometric_median", "mean", "zeros"),
     "optimizer": ("adam", "sparse_adam"),
 }

@@ -100,6 +100,9 @@ class ShardedTopKSAE(SAE):
                 "config: ShardedTopKSAE encodes x - b_dec without input normalization (Gao et al.); "
                 f"got apply_b_dec_to_input={config.apply_b_dec_to_input}, input_norm={config.input_norm!r}"
             )
+        if config.precision == "fast":
+            # its shards encode exactly, which every other precision's results equal
+            raise ValueError("config: precision='fast' is not supported by ShardedTopKSAE")
         if config.n_latents < layout.tensor_parallel:
             raise ValueError(
                 f"config: n_latents ({config.n_latents}) must be at least the number of shards "

@@ -26,9 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from ..ops import sae_loss, sparse_decode, topk_encode
+from ..ops.topk_encode import PRECISIONS
 from ..outputs import ForwardOutput, SparseLatents
 from . import _shared
 from .base import SAE, SAEConfig, non_negative, positive_int, register
+
+
+#: Values of TopKConfig.precision: topk_encode's precisions and "auto".
+TOPK_PRECISIONS = ("auto", *PRECISIONS)
 
 
 @dataclass
@@ -52,6 +57,14 @@ class TopKConfig(SAEConfig):
     """Per-row normalization before encoding, undone on the reconstruction: "none", "layer_norm"
     (OpenAI's TopK SAEs: (x - mean) / (std + 1e-5)) or "constant_norm_rescale" (x * sqrt(d) / |x|).
     See :data:`flashsae.modules._shared.INPUT_NORMS`."""
+    precision: str = "exact"
+    """How the encoder scores latents (:func:`flashsae.ops.topk_encode`'s precision): "exact",
+    "certified" (exact's results, bit for bit, from bfloat16 GEMM scores, a proven error bound and
+    exact rescoring of a few candidates per row), "fast" (bfloat16 scores as computed) or "auto",
+    which is "certified" in training and at inference alike: it never changes a result, and it runs
+    at the bfloat16 GEMM's speed on CPUs (rows the bound cannot prove, under 1% on real activations,
+    are recomputed exactly). "fast" is never chosen automatically: it changes which latents win
+    near-ties."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,6 +82,13 @@ class TopKConfig(SAEConfig):
         _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
         if self.input_norm not in _shared.INPUT_NORMS:
             raise ValueError(f"input_norm: expected one of {_shared.INPUT_NORMS}, got {self.input_norm!r}")
+        if self.precision not in TOPK_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(TOPK_PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def encoder_precision(self) -> str:
+        """The topk_encode precision that ``precision`` names ("auto" resolved)."""
+        return "certified" if self.precision == "auto" else self.precision
 
 
 #: Multi-TopK (Gao et al. 2024, 5.3): the second reconstruction uses MULTI_TOPK_FACTOR * k latents
@@ -88,6 +108,7 @@ class TopKSAE(SAE):
         aux_k, auxk_alpha: AuxK settings, see :class:`TopKConfig`.
         multi_topk: add the Multi-TopK term L(4k) / 8 to the loss, see :class:`TopKConfig`.
         apply_b_dec_to_input, input_norm: how the input is prepared, see :class:`TopKConfig`.
+        precision: how the encoder scores latents, see :class:`TopKConfig`.
         dtype, device: of the parameters (float32 default; bfloat16, float16, float64 work).
         backend: kernel backend for every op ("auto" default; see flashsae._backend).
 
@@ -115,13 +136,14 @@ class TopKSAE(SAE):
         multi_topk: bool = False,
         apply_b_dec_to_input: bool = True,
         input_norm: str = "none",
+        precision: str = "exact",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
     ) -> None:
         config = TopKConfig(
             d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk,
-            apply_b_dec_to_input=apply_b_dec_to_input, input_norm=input_norm,
+            apply_b_dec_to_input=apply_b_dec_to_input, input_norm=input_norm, precision=precision,
         )  # fmt: skip
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         self._build()
@@ -146,7 +168,10 @@ class TopKSAE(SAE):
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The top-k latents of x [..., d_in]: values and int32 indices, each [..., k]."""
         rows, _ = self._prepared_rows(x)
-        values, indices = topk_encode(rows, self.W_enc, self.b_enc, self.k, self._input_bias(), backend=self.backend)
+        values, indices = topk_encode(
+            rows, self.W_enc, self.b_enc, self.k, self._input_bias(), backend=self.backend,
+            precision=self.config.encoder_precision,
+        )  # fmt: skip
         lead = x.shape[:-1]
         return SparseLatents(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
 
@@ -185,7 +210,7 @@ class TopKSAE(SAE):
         slots = min(MULTI_TOPK_FACTOR * self.k, self.n_latents) if self.config.multi_topk else self.k
         encoded = topk_encode(
             rows, self.W_enc, self.b_enc, slots, self._input_bias(), dead_mask=dead_mask, aux_k=aux_k,
-            backend=self.backend,
+            backend=self.backend, precision=self.config.encoder_precision,
         )  # fmt: skip
         values, indices = encoded[:2]
         wide = (values, indices)

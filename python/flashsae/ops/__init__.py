@@ -16,7 +16,7 @@ from .sparse_adam import sparse_adam_, sparse_adam_reference
 from .sparse_adam_rowwise import sparse_adam_rowwise_, sparse_adam_rowwise_reference
 from .sparse_decode import sparse_decode, sparse_decode_reference
 from .threshold_encode import threshold_encode, threshold_encode_reference
-from .topk_encode import topk_encode, topk_encode_reference
+from .topk_encode import topk_encode, topk_encode_reference, topk_encode_stats
 
 __all__ = [
     "BatchTopKOutput",
@@ -35,4 +35,5 @@ __all__ = [
     "threshold_encode_reference",
     "topk_encode",
     "topk_encode_reference",
+    "topk_encode_stats",
 ]

@@ -34,7 +34,10 @@ import torch
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads, _sparse_rows
+from . import _autocast, _common, _row_grads, _sparse_rows, _topk_encode_cpu
+
+#: Values of topk_encode's ``precision`` argument.
+PRECISIONS = _topk_encode_cpu.PRECISIONS
 
 #: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
 #: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
@@ -118,41 +121,12 @@ def _tiles(x, W_enc, b_enc, b_dec):
         yield c0, tile
 
 
-def _heap_state(rows: int, slots: int, acc: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Running top-k state of the C++ merge: (scores [rows, slots], indices [rows, slots])."""
-    if not slots:
-        return None, None
-    scores = torch.empty(rows, slots, dtype=acc)
-    ids = torch.empty(rows, slots, dtype=torch.int32)
-    _C.topk_state_init(
-        heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=DTYPE_CODES[acc]
-    )
-    return scores, ids
-
-
-def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
-    rows = x.shape[0]
-    n = W_enc.shape[0]
-    acc = _common.acc_dtype(x.dtype)
-    code = DTYPE_CODES[acc]
-    (heap, heap_ids), (aux, aux_ids) = _heap_state(rows, k, acc), _heap_state(rows, aux_k, acc)
-    for c0, tile in _tiles(x, W_enc, b_enc, b_dec):
-        _C.topk_state_merge(
-            scores=addr(tile), ld=tile.stride(0), rows=rows, cols=tile.shape[1], col0=c0, n_latents=n,
-            heap_scores=addr(heap), heap_indices=addr(heap_ids), k=k, dead_mask=addr(dead_mask),
-            aux_scores=addr(aux), aux_indices=addr(aux_ids), aux_k=aux_k, score_dtype=code,
-        )  # fmt: skip
-    outputs = []
-    for scores, ids, slots in ((heap, heap_ids, k), (aux, aux_ids, aux_k)):
-        values = new_output((rows, slots), x.dtype, x.device)
-        indices = new_output((rows, slots), torch.int32, x.device)
-        if slots:
-            _C.topk_state_finish(
-                heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=code,
-                values=addr(values), indices=addr(indices), value_dtype=dtype_code(x),
-            )  # fmt: skip
-        outputs += [values, indices]
-    return tuple(outputs)
+def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision):
+    """The vendor GEMM per latent chunk + the C++ running top-k, with the precisions (_topk_encode_cpu)."""
+    cols = tile_columns(x.shape[0], W_enc.shape[0])
+    if x.dtype == torch.float64:
+        return _topk_encode_cpu.encode_float64(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, cols)
+    return _topk_encode_cpu.encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols)
 
 
 class _RunningTopK:
@@ -314,13 +288,23 @@ def _backward_gpu(backend, d_values, values, indices, x, W_enc, b_dec, need_dx, 
     return dW_enc, db_enc, dx, db_dec
 
 
+def _every_precision_exact(encode):
+    """A backend without a low-precision candidate pass: it computes every precision exactly
+    (certified's results are exact's by definition; fast promises no more)."""
+
+    def run(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision):
+        return encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+
+    return run
+
+
 DISPATCH = _backend.register(
     {
         "topk_encode": {
             "cpu": _encode_cpu,
-            "cuda": _encode_cuda,
-            "triton": _encode_triton,
-            "torch": _encode_torch,
+            "cuda": _every_precision_exact(_encode_cuda),
+            "triton": _every_precision_exact(_encode_triton),
+            "torch": _every_precision_exact(_encode_torch),
         },
         "topk_encode_backward": {
             "cpu": _backward_cpu,
@@ -332,10 +316,10 @@ DISPATCH = _backend.register(
 )
 
 
-def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
+def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision):
     run = _backend.dispatch("topk_encode", x.device, backend, x.dtype)
     check_finite("x", x)
-    return run(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+    return run(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision)
 
 
 def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
@@ -356,12 +340,13 @@ def _topk_encode_op(
     dead_mask: torch.Tensor | None,
     aux_k: int,
     backend: str,
+    precision: str = "exact",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend)
+    return _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision)
 
 
 @_topk_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
+def _(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend, precision="exact"):
     rows = x.shape[0]
     return (
         x.new_empty(rows, k),
@@ -397,7 +382,7 @@ def _(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend)
 
 
 def _setup_context(ctx, inputs, output):
-    x, W_enc, _b_enc, b_dec, _k, _dead_mask, aux_k, backend = inputs
+    x, W_enc, _b_enc, b_dec, _k, _dead_mask, aux_k, backend, _precision = inputs
     values, indices, aux_values, aux_indices = output
     ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
     ctx.aux_k = aux_k
@@ -451,6 +436,7 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         None,
         None,
         None,
+        None,
     )
 
 
@@ -474,6 +460,7 @@ def topk_encode(
     dead_mask: torch.Tensor | None = None,
     aux_k: int = 0,
     backend: str | None = None,
+    precision: str = "exact",
 ) -> tuple[torch.Tensor, ...]:
     """Sparse TopK encoding without the dense [batch, n_latents] activations.
 
@@ -485,6 +472,19 @@ def topk_encode(
         dead_mask: [n_latents] bool, latents eligible for the AuxK selection; needs aux_k > 0.
         aux_k: size of the AuxK selection among dead latents (0: none).
         backend: "auto" (default, or FLASHSAE_BACKEND), "cpu", "cuda", "triton" or "torch".
+        precision: how the scores are computed (cpu backend; see PRECISIONS):
+            "exact" (default): the top-k of the exact scores, values the exact scores rounded to
+            x's dtype. On the cpu backend for float32 / bfloat16 / float16 operands "exact" is
+            defined by one canonical score (the pre-activation computed with float64 products and
+            sums, rounded once to float32; flashsae.ops._topk_encode_cpu) and bfloat16 operands
+            get it from the bfloat16 GEMM, certified.
+            "certified": the same results as "exact", bit for bit, from bfloat16 GEMM scores: a
+            candidate set per row is rescored exactly and a rigorous error bound proves the top-k
+            (rows it cannot prove are recomputed; counted by topk_encode_stats()).
+            "fast": scores from the bfloat16 GEMM, selected and returned as computed.
+            Backends without a low-precision candidate pass (torch, cuda, triton) and float64
+            operands compute "certified" and "fast" exactly: certified's results are exact's by
+            definition, and fast promises no more than that.
 
     Returns:
         ``(values, indices)``, each [batch, k]: the top-k of relu(pre-activations) per row sorted
@@ -513,8 +513,20 @@ def topk_encode(
         if not aux_k:
             raise ValueError("aux_k: dead_mask was given but aux_k is 0; pass aux_k > 0 for the AuxK selection")
         check_tensor("dead_mask", dead_mask, shape={"n_latents": n}, dtype=torch.bool, like=("W_enc", W_enc))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     requested = _backend.requested_backend(backend)
-    values, indices, aux_values, aux_indices = _topk_encode_op(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, requested)
+    values, indices, aux_values, aux_indices = _topk_encode_op(
+        x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, requested, precision
+    )
     if aux_k:
         return values, indices, aux_values, aux_indices
     return values, indices
+
+
+def topk_encode_stats(reset: bool = False) -> _topk_encode_cpu.EncodeStats:
+    """Counters of the cpu backend's rescoring since the last reset: forwards that rescored
+    (precision "exact" or "certified" on float32 / bfloat16 / float16 operands), their rows, and the
+    rows the error bound could not certify and that were recomputed exactly. ``reset=True`` zeroes
+    them after reading."""
+    return _topk_encode_cpu.stats(reset)

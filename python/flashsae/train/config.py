@@ -25,6 +25,8 @@ BUILTIN_CORPUS = "pydoc"
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUTOCAST_MODES = ("auto", "bf16", "off")
+#: Values of TrainConfig.precision (TopKConfig.precision's).
+PRECISION_MODES = ("auto", "exact", "certified", "fast")
 OPTIMIZERS = ("adam", "sparse_adam")
 OPTIMIZER_STATE_DTYPES = ("float32", "bfloat16")
 OPTIMIZER_MOMENTS = ("elementwise", "row", "row-int8")
@@ -230,6 +232,11 @@ class TrainConfig(ActivationSourceConfig):
     """Seeds SAE initialization and the data shuffle."""
     autocast: str = "auto"
     """Mixed precision of the SAE step: auto (bf16 autocast on CUDA, off on CPU), bf16 or off."""
+    precision: str = "auto"
+    """How a TopK encoder scores latents (architectures whose config has a precision field): auto
+    (certified), exact, certified (exact's results from bfloat16 GEMM scores, proven per row; the
+    rows it recomputes are logged as <hookpoint>/recomputed_rows_pct) or fast (bfloat16 scores as
+    computed). See flashsae.modules.TopKConfig."""
     out: str | None = None
     """Run directory (SAEs, checkpoint/, metrics.jsonl); None: flashsae-runs/<model>-<date-time>."""
     resume: bool = False
@@ -309,6 +316,7 @@ class TrainConfig(ActivationSourceConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
         _choice("autocast", self.autocast, AUTOCAST_MODES)
+        _choice("precision", self.precision, PRECISION_MODES)
         _text("out", self.out, optional=True)
         for name in ("resume", "progress", "tensorboard"):
             if not isinstance(getattr(self, name), bool):

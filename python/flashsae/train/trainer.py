@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..modules import REGISTRY, SAE, create, load
+from ..ops import topk_encode_stats
 from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
 from .activations import ModelActivations, resolve_device
 from .buffer import ShuffleBuffer
@@ -221,6 +222,8 @@ class Trainer:
         else:
             self._initialize()
         self.metrics = {name: StepMetrics() for name in self.hookpoints}
+        # per hookpoint since the last record: [rows the encoder rescored, rows it recomputed exactly]
+        self.encoder_rows = {name: [0, 0] for name in self.hookpoints}
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -259,6 +262,8 @@ class Trainer:
         options: dict[str, Any] = {"d_in": d, "n_latents": config.n_latents or config.expansion_factor * d}
         if config.k is not None and "k" in fields:
             options["k"] = config.k
+        if "precision" in fields:
+            options["precision"] = config.precision
         options.update(config.sae_options)
         return options
 
@@ -440,8 +445,12 @@ class Trainer:
         for name, sae in self.saes.items():
             x = batch[name].to(sae.dtype) * self.scales[name]
             dead = self.since_fired[name] >= self.dead_tokens
+            before = topk_encode_stats()
             with self._autocast():
                 out = sae(x, dead_mask=dead if bool(dead.any()) else None)
+            after = topk_encode_stats()
+            self.encoder_rows[name][0] += after.rows - before.rows
+            self.encoder_rows[name][1] += after.recomputed_rows - before.recomputed_rows
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(
                     f"training diverged: the loss of the SAE on {name} is {out.loss.item()} at step {self.step}; "
@@ -505,6 +514,10 @@ class Trainer:
         for name in self.hookpoints:
             figures = self.metrics[name].read()
             figures["dead_pct"] = 100 * self.dead_fraction(name)
+            rescored, recomputed = self.encoder_rows[name]
+            if rescored:  # the encoder certified its top-k: the share of rows it had to recompute
+                figures["recomputed_rows_pct"] = 100 * recomputed / rescored
+            self.encoder_rows[name] = [0, 0]
             record.update({f"{name}/{key}": value for key, value in figures.items()})
         return record
 

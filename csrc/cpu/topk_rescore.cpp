@@ -1,0 +1,226 @@
+// Canonical encoder scores and the per-latent terms of the certified top-k (the CPU half of
+// topk_encode's rescoring; flashsae.ops.topk_encode derives the error bound these feed).
+//
+// Every product x[t] * W[t] of float32/bfloat16/float16 values is exact in float64 (at most 24 + 24
+// significant bits), so dot64 below depends only on its summation order, which is fixed: 32 partial
+// sums (lane = t mod 32) combined in a fixed tree. Whether the compiler fuses the multiply-add or
+// vectorizes the lanes cannot change a bit of it.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/dtype.h"
+#include "cpu/kernels.h"
+
+namespace flashsae::cpu {
+namespace {
+
+constexpr int kLanes = 8;
+
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef _Float16 v8h __attribute__((vector_size(16)));
+
+inline __attribute__((always_inline)) v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) v8f load8(const bf16* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+  v8f v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline __attribute__((always_inline)) v8f load8(const f16* p) {
+  v8h h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, v8f);
+}
+
+// Thirty-two lanes as four GCC / Clang vectors of eight (four AVX-512 registers: four independent
+// FMA chains, so a 768-long dot is not bound by one chain's latency); lane l sums t = l mod 32 in
+// order, exactly as a scalar loop over the lanes would, and the lanes combine in a fixed tree.
+template <typename T>
+inline __attribute__((always_inline)) double dot64_body(const double* xd, const T* w, int64_t d) {
+  v8d acc[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+  int64_t t = 0;
+  for (; t + 4 * kLanes <= d; t += 4 * kLanes) {
+    for (int a = 0; a < 4; ++a) {
+      v8d xv;
+      std::memcpy(&xv, xd + t + a * kLanes, sizeof xv);
+      acc[a] += xv * __builtin_convertvector(load8(w + t + a * kLanes), v8d);
+    }
+  }
+  for (int l = 0; t + l < d; ++l) acc[l / kLanes][l % kLanes] += xd[t + l] * static_cast<double>(to_float(w[t + l]));
+  const v8d sum = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  return ((sum[0] + sum[4]) + (sum[2] + sum[6])) + ((sum[1] + sum[5]) + (sum[3] + sum[7]));
+}
+
+// One clone per storage type (FLASHSAE_CLONES, cpu/dtype.h): eight float64 lanes are one AVX-512
+// register, which keeps the rescoring of k + margin candidates per row small next to the GEMM.
+FLASHSAE_CLONES double dot64(const double* xd, const float* w, int64_t d) { return dot64_body(xd, w, d); }
+FLASHSAE_CLONES double dot64(const double* xd, const bf16* w, int64_t d) { return dot64_body(xd, w, d); }
+FLASHSAE_CLONES double dot64(const double* xd, const f16* w, int64_t d) { return dot64_body(xd, w, d); }
+
+// sqrt(sum of squares) rounded up to float: the float64 sum of d squares is within a relative
+// d * 2^-53 of the exact one, far inside the 2^-20 added before rounding.
+inline float norm_up(double sum_sq) {
+  return static_cast<float>(std::sqrt(sum_sq) * (1.0 + 0x1p-20));
+}
+
+// Sums of squares in eight float64 lanes of one vector: of the row itself (low == null, the
+// residual sum then 0), or of the row rounded to L (written to `low`) and of the residuals.
+inline __attribute__((always_inline)) v8f round8(v8f v, bf16*) {  // to bfloat16, ties to even
+  v8u32 u;
+  std::memcpy(&u, &v, sizeof u);
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  v8f r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+inline __attribute__((always_inline)) v8f round8(v8f v, float*) { return v; }
+inline __attribute__((always_inline)) void store8(v8f v, bf16* out) {
+  v8u32 u;
+  std::memcpy(&u, &v, sizeof u);
+  const v8u16 h = __builtin_convertvector(u >> 16, v8u16);
+  std::memcpy(out, &h, sizeof h);
+}
+inline __attribute__((always_inline)) void store8(v8f v, float* out) { std::memcpy(out, &v, sizeof v); }
+
+template <typename T, typename L>
+inline __attribute__((always_inline)) void square_sums_body(const T* w, int64_t d, L* low, double* low_sq,
+                                                            double* res_sq) {
+  v8d a = {0, 0, 0, 0, 0, 0, 0, 0}, r = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes) {
+    const v8f v = load8(w + t);
+    v8f lo = v;
+    if (low != nullptr) {
+      lo = round8(v, low);
+      store8(lo, low + t);
+    }
+    const v8d lod = __builtin_convertvector(lo, v8d);
+    const v8d res = __builtin_convertvector(v, v8d) - lod;  // exact: lo is v rounded
+    a += lod * lod;
+    r += res * res;
+  }
+  for (int l = 0; t + l < d; ++l) {
+    const float v = to_float(w[t + l]);
+    float lo = v;
+    if (low != nullptr) {
+      const L rounded = store<L>(v);
+      low[t + l] = rounded;
+      lo = to_float(rounded);
+    }
+    const double res = static_cast<double>(v) - lo;
+    a[l] += static_cast<double>(lo) * lo;
+    r[l] += res * res;
+  }
+  *low_sq = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+  *res_sq = ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
+}
+
+#define FLASHSAE_SQUARE_SUMS(T, L)                                                               \
+  FLASHSAE_CLONES void square_sums(const T* w, int64_t d, L* low, double* low_sq, double* res_sq) { \
+    square_sums_body(w, d, low, low_sq, res_sq);                                                 \
+  }
+FLASHSAE_SQUARE_SUMS(float, float)
+FLASHSAE_SQUARE_SUMS(float, bf16)
+FLASHSAE_SQUARE_SUMS(bf16, float)
+FLASHSAE_SQUARE_SUMS(bf16, bf16)
+FLASHSAE_SQUARE_SUMS(f16, float)
+FLASHSAE_SQUARE_SUMS(f16, bf16)
+#undef FLASHSAE_SQUARE_SUMS
+
+template <typename T, typename L>
+void latent_stats_impl(const T* W, const T* b_enc, const T* b_dec, int64_t n, int64_t d, double* bias64,
+                       float* q1, float* q2, L* W_low) {
+  std::vector<double> beta(static_cast<size_t>(d), 0.0);
+  if (b_dec != nullptr)
+    for (int64_t t = 0; t < d; ++t) beta[t] = load<double>(b_dec[t]);
+#pragma omp parallel for schedule(dynamic, 64)  // dynamic: see topk_state_merge
+  for (int64_t j = 0; j < n; ++j) {
+    const T* w = W + j * d;
+    bias64[j] = load<double>(b_enc[j]) - (b_dec != nullptr ? dot64(beta.data(), w, d) : 0.0);
+    double low_sq = 0.0, res_sq = 0.0;
+    square_sums(w, d, W_low != nullptr ? W_low + j * d : nullptr, &low_sq, &res_sq);
+    // float addition rounds down by at most 2^-24: norm_up's 2^-20 covers it
+    q1[j] = norm_up(low_sq) + norm_up(res_sq);
+    q2[j] = norm_up(res_sq);
+  }
+}
+
+template <typename T>
+void rescore_impl(const T* x, const T* W, const double* bias64, const int32_t* idx, int64_t idx_ld,
+                  int64_t rows, int64_t m, int64_t n, int64_t d, float* out) {
+  std::vector<double> xd(static_cast<size_t>(rows * d));
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < rows; ++b)
+    for (int64_t t = 0; t < d; ++t) xd[b * d + t] = load<double>(x[b * d + t]);
+#pragma omp parallel for collapse(2) schedule(dynamic, 64)
+  for (int64_t b = 0; b < rows; ++b) {
+    for (int64_t j = 0; j < m; ++j) {  // collapsed: a few recomputed rows still use every thread
+      // candidates are scattered rows of W: fetch the next one while this one is summed
+      if (j + 1 < m) {
+        const int32_t next = idx[b * idx_ld + j + 1];
+        if (next >= 0 && next < n) {
+          const char* p = reinterpret_cast<const char*>(W + next * d);
+          for (int64_t off = 0; off < d * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off);
+        }
+      }
+      const int32_t id = idx[b * idx_ld + j];
+      out[b * m + j] = (id < 0 || id >= n)
+                           ? -std::numeric_limits<float>::infinity()
+                           : static_cast<float>(dot64(xd.data() + b * d, W + id * d, d) + bias64[id]);
+    }
+  }
+}
+
+}  // namespace
+
+void encoder_latent_stats(const void* W, const void* b_enc, const void* b_dec, int64_t n, int64_t d,
+                          int dtype, double* bias64, float* q1, float* q2, void* W_low, int low_dtype) {
+  dispatch_float(dtype, "W", [&](auto w) {
+    using T = decltype(w);
+    if constexpr (std::is_same_v<T, double>) {
+      throw std::invalid_argument("W: canonical scores are for float32, bfloat16 and float16 weights");
+    } else {
+      if (W_low == nullptr) {
+        latent_stats_impl<T, float>(static_cast<const T*>(W), static_cast<const T*>(b_enc),
+                                    static_cast<const T*>(b_dec), n, d, bias64, q1, q2, nullptr);
+      } else if (low_dtype == static_cast<int>(DType::BFloat16)) {
+        latent_stats_impl<T, bf16>(static_cast<const T*>(W), static_cast<const T*>(b_enc),
+                                   static_cast<const T*>(b_dec), n, d, bias64, q1, q2, static_cast<bf16*>(W_low));
+      } else if (low_dtype == static_cast<int>(DType::Float32)) {
+        latent_stats_impl<T, float>(static_cast<const T*>(W), static_cast<const T*>(b_enc),
+                                    static_cast<const T*>(b_dec), n, d, bias64, q1, q2, static_cast<float*>(W_low));
+      } else {
+        throw std::invalid_argument(std::string("W_low: unsupported dtype ") + dtype_name(low_dtype) +
+                                    " (expected bfloat16 or float32)");
+      }
+    }
+    return 0;
+  });
+}
+
+void topk_rescore(const void* x, const void* W, const double* bias64, const int32_t* idx, int64_t idx_ld,
+                  int64_t rows, int64_t m, int64_t n, int64_t d, int dtype, float* out) {
+  dispatch_float(dtype, "x", [&](auto v) {
+    using T = decltype(v);
+    if constexpr (std::is_same_v<T, double>) {
+      throw std::invalid_argument("x: canonical scores are for float32, bfloat16 and float16 operands");
+    } else {
+      rescore_impl(static_cast<const T*>(x), static_cast<const T*>(W), bias64, idx, idx_ld, rows, m, n, d, out);
+    }
+    return 0;
+  });
+}
+
+}  // namespace flashsae::cpu
