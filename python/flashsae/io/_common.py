@@ -25,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..registry import REGISTRY
+
 MODEL_KEY = "model"
 HOOKPOINT_KEY = "hookpoint"
 SOURCE_KEY = "source_format"
@@ -241,8 +243,6 @@ def build_sae(
     `tensors` (flashsae names and layouts, any float dtype; cast to `dtype`). Buffers not given keep
     their initial values (num_steps = 0, ...). A parameter missing from `tensors` is an error: no
     randomly initialized weight ever survives a load."""
-    from ..modules.base import REGISTRY  # imported here: the modules import this package
-
     cls = REGISTRY[architecture]
     try:
         sae_config = cls.config_class(**config)

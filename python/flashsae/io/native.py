@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..registry import REGISTRY
 from ._common import FormatError, atomic_directory, read_json, read_safetensors
 
 CONFIG_NAME = "cfg.json"
@@ -61,3 +62,43 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
             f"{FORMAT_VERSION}. Upgrade flashsae."
         )
     return config, read_safetensors(weights_file)
+
+
+def save(sae: Any, path: str | os.PathLike) -> Path:
+    """Writes `sae` as a native checkpoint: its architecture, dtype, config and metadata in cfg.json,
+    its state dict (parameters and schedule buffers) in sae.safetensors; every field round-trips."""
+    header = {
+        "architecture": sae.architecture,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "config": sae.config.to_dict(),
+        "metadata": sae.metadata,
+    }
+    return save_checkpoint(path, header, dict(sae.state_dict()))
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    sae_class: Any = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> Any:
+    """The SAE in the native checkpoint `path`: of the registered class its cfg.json names, which
+    must be `sae_class` when one is given. dtype: as saved unless given."""
+    header, tensors = load_checkpoint(path)
+    architecture = header.get("architecture")
+    target = REGISTRY.get(architecture) if sae_class is None else sae_class
+    if target is None:
+        known = ", ".join(REGISTRY)
+        raise ValueError(f"path: {path} holds an unknown architecture {architecture!r}; known: {known}")
+    if architecture != target.architecture:
+        raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
+    config = target.config_class(**header["config"])
+    sae = target.from_config(config, dtype=dtype or getattr(torch, header["dtype"]), device=device, backend=backend)
+    differing = set(sae.state_dict()) ^ set(tensors)
+    if differing:
+        raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")
+    sae.load_state_dict(tensors)
+    sae.metadata = dict(header.get("metadata") or {})
+    return sae

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from ..registry import config_fields
 from ._common import (
     FLASHSAE_BLOCK,
     HOOKPOINT_KEY,
@@ -274,9 +275,7 @@ def load(
 
 def _training_fields(block: dict[str, Any], architecture: str) -> dict[str, Any]:
     """The saved flashsae config of `architecture`, minus the fields the SAELens file determines."""
-    from ..modules.base import REGISTRY
-
-    known = {f for f in REGISTRY[architecture].config_class.__dataclass_fields__}
+    known = config_fields(architecture)
     saved = block.get("config") if isinstance(block.get("config"), dict) else {}
     return {key: value for key, value in saved.items() if key in known}
 

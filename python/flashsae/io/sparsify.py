@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..registry import config_fields
 from ._common import (
     HOOKPOINT_KEY,
     MODEL_KEY,
@@ -139,9 +140,7 @@ def load(
         config = {"d_in": d_in, "n_latents": n, "k": k, "multi_topk": multi_topk}
     block = read_json(path / BLOCK_NAME) if (path / BLOCK_NAME).is_file() else None
     if block is not None and block.get("architecture") == architecture and isinstance(block.get("config"), dict):
-        from ..modules.base import REGISTRY
-
-        known = set(REGISTRY[architecture].config_class.__dataclass_fields__)
+        known = config_fields(architecture)
         config = {**{key: v for key, v in block["config"].items() if key in known}, **config}
     target_dtype = dtype or weights["W_dec"].dtype
     sae = build_sae(

@@ -22,7 +22,8 @@ TopK ``apply_b_dec_to_input`` and ``input_norm`` ("layer_norm" as OpenAI's TopK 
 Gated ``apply_b_dec_to_input``, JumpReLU ``threshold_parametrization="direct"`` (thresholds stored as given).
 """
 
-from .base import REGISTRY, SAE, SAEConfig, create, geometric_median, load, register
+from ..registry import REGISTRY, register
+from .base import SAE, SAEConfig, create, geometric_median, load
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE

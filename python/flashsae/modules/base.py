@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..io.native import is_native, load_checkpoint, save_checkpoint
+from .._checks import FLOAT_DTYPES
+from ..io import api as io_api
 from ..ops._common import row_blocks
 from ..outputs import ForwardOutput, SparseLatents
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from ..registry import architecture_class
 
 
 def positive_int(name: str, value: object) -> int:
@@ -119,8 +119,9 @@ class SAE(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
         dtype = dtype or torch.float32
-        if dtype not in DTYPE_NAMES:
-            raise TypeError(f"dtype: expected one of {', '.join(DTYPE_NAMES.values())}, got {dtype}")
+        if dtype not in FLOAT_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            raise TypeError(f"dtype: expected one of {names}, got {dtype}")
         self.config = config
         self.backend = None if backend is None else _backend.requested_backend(backend)
         self.metadata: dict[str, Any] = {}
@@ -223,18 +224,7 @@ class SAE(nn.Module):
         """Writes the SAE to the directory `path`, atomically: the native checkpoint (cfg.json +
         sae.safetensors; every field round-trips) or, with format="saelens" / "sparsify", that
         library's layout (see flashsae.io; what it cannot express raises a FormatError naming the field)."""
-        if format != "native":
-            from ..io import api  # imported here: flashsae.io's format modules import the modules
-
-            api.save(self, path, format=format)
-            return
-        header = {
-            "architecture": self.architecture,
-            "dtype": DTYPE_NAMES[self.dtype],
-            "config": self.config.to_dict(),
-            "metadata": self.metadata,
-        }
-        save_checkpoint(path, header, dict(self.state_dict()))
+        io_api.save(self, path, format=format)
 
     @classmethod
     def from_config(
@@ -271,44 +261,10 @@ class SAE(nn.Module):
         see flashsae.io; a Hub id org/repo works when huggingface_hub is installed). dtype: as saved
         unless given. Called on SAE itself (or via flashsae.load) it picks the class; on a subclass
         the SAE must be of that architecture."""
-        from ..io import api  # imported here: flashsae.io's format modules import the modules
-
-        if format == "native" or (format is None and subfolder is None and is_native(path)):
-            return cls._load_native(api.resolve(path, subfolder), device=device, dtype=dtype, backend=backend)
-        sae = api.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
-        if cls is not SAE and not isinstance(sae, cls):
-            raise ValueError(f"path: {path} holds a {sae.architecture!r} SAE, not {cls.architecture!r}")
-        return sae
-
-    @classmethod
-    def _load_native(
-        cls,
-        path: str | os.PathLike,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """Loads a native checkpoint (cfg.json + sae.safetensors)."""
-        header, tensors = load_checkpoint(path)
-        architecture = header.get("architecture")
-        target = REGISTRY.get(architecture) if cls is SAE else cls
-        if target is None:
-            known = ", ".join(REGISTRY)
-            raise ValueError(f"path: {path} holds an unknown architecture {architecture!r}; known: {known}")
-        if architecture != target.architecture:
-            raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
-        config = target.config_class(**header["config"])
-        sae = target.from_config(config, dtype=dtype or getattr(torch, header["dtype"]), device=device, backend=backend)
-        differing = set(sae.state_dict()) ^ set(tensors)
-        if differing:
-            raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")
-        sae.load_state_dict(tensors)
-        sae.metadata = dict(header.get("metadata") or {})
-        return sae
-
-
-REGISTRY: dict[str, type[SAE]] = {}
+        sae_class = None if cls is SAE else cls
+        return io_api.load(
+            path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend, sae_class=sae_class
+        )
 
 
 class KeywordConfigSAE(SAE):
@@ -330,17 +286,6 @@ class KeywordConfigSAE(SAE):
         self._build()
 
 
-def register(cls: type[SAE]) -> type[SAE]:
-    """Class decorator: makes `cls` available to create() and load() under cls.architecture."""
-    if not cls.architecture:
-        raise ValueError(f"{cls.__name__}: set the class attribute `architecture` before registering")
-    if cls.architecture in REGISTRY and REGISTRY[cls.architecture] is not cls:
-        owner = REGISTRY[cls.architecture].__name__
-        raise ValueError(f"architecture {cls.architecture!r} is already registered by {owner}")
-    REGISTRY[cls.architecture] = cls
-    return cls
-
-
 def create(
     name: str,
     *,
@@ -351,9 +296,7 @@ def create(
 ) -> SAE:
     """A new SAE of the architecture `name` (see ``REGISTRY``), configured by keyword arguments,
     e.g. ``create("topk", d_in=768, n_latents=24576, k=32)``."""
-    if name not in REGISTRY:
-        raise ValueError(f"name: unknown architecture {name!r}; expected one of {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
+    cls = architecture_class(name)
     known = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -374,4 +317,4 @@ def load(
     """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
     library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see flashsae.io).
     `format` forces one; `subfolder` picks one SAE of a multi-hookpoint directory or Hub repo."""
-    return SAE.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
+    return io_api.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)

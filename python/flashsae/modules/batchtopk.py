@@ -38,8 +38,9 @@ from ..ops._common import acc_dtype
 from ..ops.batch_topk import batch_topk
 from ..ops.threshold_encode import threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int, register
+from .base import SAE, SAEConfig, non_negative, positive_int
 
 
 @dataclass

@@ -46,8 +46,9 @@ from torch import nn
 
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative, register
+from .base import KeywordConfigSAE, SAEConfig, non_negative
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")

@@ -24,7 +24,7 @@ from itertools import pairwise
 import torch
 
 from ..ops import sae_loss
-from .base import register
+from ..registry import register
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
 

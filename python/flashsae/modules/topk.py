@@ -27,8 +27,9 @@ import torch
 
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int, register
+from .base import SAE, SAEConfig, non_negative, positive_int
 
 
 @dataclass

@@ -28,8 +28,9 @@ from torch import nn
 from ..ops import sae_loss, topk_encode
 from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared, base
-from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, register, unit_rows
+from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, unit_rows
 
 
 @dataclass
