@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -97,3 +99,22 @@ def test_no_import_cycle_between_subpackages():
     if cycle:
         where = {f"{a} -> {b}": graph[a][b] for a, b in zip(cycle, cycle[1:], strict=False)}
         raise AssertionError(f"import cycle {' -> '.join(cycle)}: {json.dumps(where, indent=1)}")
+
+
+def _modules_after(statement: str) -> set[str]:
+    script = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_import_flashsae_leaves_training_and_evaluation_unloaded():
+    loaded = _modules_after("import flashsae")
+    assert "flashsae.modules" in loaded and "flashsae.io" in loaded
+    heavy = sorted(m for m in loaded if m.split(".")[:2] in (["flashsae", "train"], ["flashsae", "eval"]))
+    assert heavy == [], f"import flashsae loaded {heavy}"
+
+
+def test_lazy_subpackages_load_on_first_use():
+    loaded = _modules_after("import flashsae; flashsae.eval.evaluate")
+    assert {"flashsae.eval", "flashsae.train"} <= loaded
+    assert "eval" in dir(flashsae) and "train" in flashsae.__all__

@@ -19,7 +19,10 @@ model); flashsae.eval (evaluate: reconstruction, sparsity and downstream metrics
 Training: flashsae.train (the streaming trainer behind ``flashsae train``).
 """
 
-from . import eval, hooks, io, ops, synthetic
+import importlib
+from typing import Any
+
+from . import hooks, io, ops, synthetic
 from ._backend import BACKENDS, available_backends
 from ._version import __version__
 from .errors import BackendUnavailableError
@@ -78,4 +81,19 @@ __all__ = [
     "load_many",
     "ops",
     "synthetic",
+    "train",
 ]
+
+#: Subpackages imported on first attribute access: the trainer and the evaluation pull in the
+#: training loop, metrics writers and transformers helpers, which using or loading an SAE never needs.
+LAZY_SUBPACKAGES = ("distributed", "eval", "optim", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY_SUBPACKAGES))
