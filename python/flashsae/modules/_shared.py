@@ -13,33 +13,29 @@ Training schedule (every architecture with a warm-up or a running estimate):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from .._checks import non_negative, positive_int
 from ..ops import sparse_decode
 from ..ops._common import acc_dtype
 from ..outputs import SparseLatents
 
 
-def positive_number(name: str, value: object) -> float:
-    """value as a float > 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def non_negative_int(name: str, value: object) -> int:
-    """value as an int >= 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return value
-
-
-def boolean(name: str, value: object) -> bool:
-    """value as a bool, else ValueError naming it (JSON round trips keep bools as bools)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-    return value
+def check_topk_fields(config: Any, reconstruction_width: int) -> None:
+    """Checks k and aux_k (1 <= each <= n_latents) and auxk_alpha (>= 0) of a TopK-family config;
+    aux_k None becomes min(reconstruction_width // 2, n_latents), sparsify's AuxK size."""
+    n = config.n_latents
+    positive_int("k", config.k)
+    if config.k > n:
+        raise ValueError(f"k: expected 1 <= k <= n_latents ({n}), got {config.k}")
+    if config.aux_k is None:
+        config.aux_k = max(1, min(reconstruction_width // 2, n))
+    positive_int("aux_k", config.aux_k)
+    if config.aux_k > n:
+        raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({n}), got {config.aux_k}")
+    config.auxk_alpha = non_negative("auxk_alpha", config.auxk_alpha)
 
 
 def check_dead_mask(dead_mask: object, n_latents: int, device: torch.device) -> torch.Tensor:

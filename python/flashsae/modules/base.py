@@ -26,25 +26,11 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES
+from .._checks import FLOAT_DTYPES, positive_int
 from ..io import api as io_api
 from ..ops._common import row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import architecture_class
-
-
-def positive_int(name: str, value: object) -> int:
-    """value as a positive int, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def non_negative(name: str, value: object) -> float:
-    """value as a float >= 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
 
 
 #: Rows of a weight matrix initialized at a time (16M elements: a 64 MiB float32 block). Whole at once,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import fraction, non_negative_int
 from ..ops import sae_loss
 from ..ops._common import acc_dtype
 from ..ops.batch_topk import batch_topk
@@ -40,7 +41,7 @@ from ..ops.threshold_encode import threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int
+from .base import SAE, SAEConfig
 
 
 @dataclass
@@ -62,20 +63,9 @@ class BatchTopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        beta = self.threshold_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"threshold_beta: expected a number in [0, 1), got {beta!r}")
-        self.threshold_beta = float(beta)
-        _shared.non_negative_int("threshold_start_step", self.threshold_start_step)
+        _shared.check_topk_fields(self, reconstruction_width=self.d_in)
+        self.threshold_beta = fraction("threshold_beta", self.threshold_beta)
+        non_negative_int("threshold_start_step", self.threshold_start_step)
 
 
 @register

@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import boolean, non_negative, non_negative_int
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative
+from .base import KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -55,8 +56,8 @@ class GatedConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
-        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
 
 
 @register

@@ -44,11 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import boolean, non_negative, non_negative_int, positive_number
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative
+from .base import KeywordConfigSAE, SAEConfig
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")
@@ -87,14 +88,14 @@ class JumpReLUConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l0_coefficient = non_negative("l0_coefficient", self.l0_coefficient)
-        self.bandwidth = _shared.positive_number("bandwidth", self.bandwidth)
-        self.threshold_init = _shared.positive_number("threshold_init", self.threshold_init)
+        self.bandwidth = positive_number("bandwidth", self.bandwidth)
+        self.threshold_init = positive_number("threshold_init", self.threshold_init)
         if self.sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"sparsity_loss: expected one of {SPARSITY_LOSSES}, got {self.sparsity_loss!r}")
-        self.tanh_scale = _shared.positive_number("tanh_scale", self.tanh_scale)
+        self.tanh_scale = positive_number("tanh_scale", self.tanh_scale)
         self.pre_act_coefficient = non_negative("pre_act_coefficient", self.pre_act_coefficient)
-        _shared.non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
         if self.threshold_parametrization not in THRESHOLD_PARAMETRIZATIONS:
             raise ValueError(
                 f"threshold_parametrization: expected one of {THRESHOLD_PARAMETRIZATIONS}, "

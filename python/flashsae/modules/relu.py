@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import boolean, non_negative, non_negative_int, positive_number
 from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative
+from .base import KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -54,9 +55,9 @@ class ReLUConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
-        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
-        self.decoder_init_norm = _shared.positive_number("decoder_init_norm", self.decoder_init_norm)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        self.decoder_init_norm = positive_number("decoder_init_norm", self.decoder_init_norm)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
 
 
 @register

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import boolean, choice
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int
+from .base import SAE, SAEConfig
 
 
 @dataclass
@@ -56,20 +57,10 @@ class TopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        if not isinstance(self.multi_topk, bool):
-            raise ValueError(f"multi_topk: expected True or False, got {self.multi_topk!r}")
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
-        if self.input_norm not in _shared.INPUT_NORMS:
-            raise ValueError(f"input_norm: expected one of {_shared.INPUT_NORMS}, got {self.input_norm!r}")
+        _shared.check_topk_fields(self, reconstruction_width=self.d_in)
+        boolean("multi_topk", self.multi_topk)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        choice("input_norm", self.input_norm, _shared.INPUT_NORMS)
 
 
 #: Multi-TopK (Gao et al. 2024, 5.3): the second reconstruction uses MULTI_TOPK_FACTOR * k latents

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import boolean, positive_int
 from ..ops import sae_loss, topk_encode
 from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared, base
-from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, unit_rows
+from .base import SAE, SAEConfig, geometric_median, unit_rows
 
 
 @dataclass
@@ -54,16 +55,8 @@ class TranscoderConfig(SAEConfig):
         if self.d_out is None:
             self.d_out = self.d_in
         positive_int("d_out", self.d_out)
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_out // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        _shared.boolean("skip", self.skip)
+        _shared.check_topk_fields(self, reconstruction_width=self.d_out)
+        boolean("skip", self.skip)
 
 
 @register
