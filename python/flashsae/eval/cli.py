@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..modules import load
-from ..train.activations import resolve_device
+from ..model_loading import resolve_device
 from .data import load_eval_model
 from .downstream import DOWNSTREAM_KINDS
 from .evaluate import EvalConfig, EvalResult, evaluate

@@ -24,7 +24,7 @@ from typing import Any
 
 from .._version import __version__
 from ..modules import SAE, load
-from ..train.activations import resolve_device
+from ..model_loading import resolve_device
 from .data import load_eval_model
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .runs import RunRecords, read_run, sae_directories, source_settings

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .activations import ModelActivations, resolve_device, resolve_model_dtype
+from ..model_loading import resolve_device, resolve_model_dtype
+from .activations import ModelActivations
 from .config import CacheConfig
 
 MANIFEST = "manifest.json"

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._checks import boolean, choice, fraction, non_negative_int, positive_int, positive_number, text
+from ..model_loading import DEFAULT_MODEL
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_HOOKPOINT = "encoder.layer.3"
 BUILTIN_CORPUS = "pydoc"
 DEVICES = ("auto", "cpu", "cuda")

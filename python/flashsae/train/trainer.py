@@ -31,9 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..model_loading import resolve_device
 from ..modules import REGISTRY, SAE, create, load
 from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
-from .activations import ModelActivations, resolve_device
+from .activations import ModelActivations
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
