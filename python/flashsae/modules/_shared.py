@@ -20,7 +20,8 @@ import torch
 from .._checks import non_negative, positive_int
 from ..ops import sparse_decode
 from ..ops._common import acc_dtype
-from ..outputs import SparseLatents
+from ..ops.threshold_encode import padded_rows
+from ..outputs import ForwardOutput, SparseLatents
 
 
 def check_topk_fields(config: Any, reconstruction_width: int) -> None:
@@ -108,6 +109,33 @@ def decode_latents(
         backend=backend,
     )
     return x_hat.reshape(*lead, W_dec.shape[1])
+
+
+def dense_output(
+    module: Any,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    x_hat: torch.Tensor,
+    *,
+    fvu: torch.Tensor,
+    mse: torch.Tensor,
+    loss: torch.Tensor,
+) -> ForwardOutput:
+    """The ForwardOutput of a dense-activation architecture (ReLU, JumpReLU, Gated) from its
+    activations f [rows, n] and reconstruction x_hat [rows, d_in]: advances the step counter on a
+    training step, keeps the active latents padded per row and updates the candidate count."""
+    if is_training_step(module):
+        advance(module)
+    latents = padded_rows(f, f > 0)
+    module._candidates = next_candidates(module._candidates, latents[0], module.n_latents)
+    return ForwardOutput(
+        x_hat=x_hat.reshape(*x.shape[:-1], module.d_in),
+        latents=shaped(latents, x.shape[:-1]),
+        fvu=fvu,
+        mse=mse,
+        auxk_loss=fvu.new_zeros(()),
+        loss=loss,
+    )
 
 
 def shaped(latents: tuple[torch.Tensor, torch.Tensor], lead: torch.Size) -> SparseLatents:

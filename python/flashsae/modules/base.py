@@ -254,19 +254,33 @@ class SAE(nn.Module):
 
 
 class KeywordConfigSAE(SAE):
-    """An SAE whose constructor takes its config's fields as keywords, ``Cls(d_in, n_latents,
-    **options)`` (JumpReLU, ReLU, Gated): one constructor for them instead of a copy per class."""
+    """An SAE whose constructor takes its config's fields, ``Cls(d_in, n_latents, *required, **options)``:
+    one constructor for every architecture instead of a copy per class. ``required_fields`` names the
+    config fields the constructor needs after n_latents (by position or keyword), e.g. TopK's k."""
+
+    required_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         d_in: int,
         n_latents: int,
-        *,
+        *required: Any,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
         **options: Any,
     ) -> None:
+        name = type(self).__name__
+        if len(required) > len(self.required_fields):
+            expected = 2 + len(self.required_fields)
+            raise TypeError(f"{name}: takes {expected} positional arguments, got {2 + len(required)}")
+        for field, value in zip(self.required_fields, required, strict=False):
+            if field in options:
+                raise TypeError(f"{name}: got {field} both by position and by keyword")
+            options[field] = value
+        missing = [field for field in self.required_fields if field not in options]
+        if missing:
+            raise TypeError(f"{name}: missing required argument(s) {', '.join(missing)}")
         config = self.config_class(d_in=d_in, n_latents=n_latents, **options)
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         self._build()

@@ -41,7 +41,7 @@ from ..ops.threshold_encode import threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig
+from .base import KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -69,7 +69,7 @@ class BatchTopKConfig(SAEConfig):
 
 
 @register
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(KeywordConfigSAE):
     """A BatchTopK sparse autoencoder (Bussmann et al. 2024, arXiv:2412.06410).
 
     Args:
@@ -90,27 +90,7 @@ class BatchTopKSAE(SAE):
     config_class = BatchTopKConfig
     config: BatchTopKConfig
     unit_norm_decoder = True
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = BatchTopKConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, threshold_beta=threshold_beta,
-            threshold_start_step=threshold_start_step,
-        )  # fmt: skip
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
+    required_fields = ("k",)
 
     def _build(self) -> None:
         self.init_weights_()

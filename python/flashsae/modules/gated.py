@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .._checks import boolean, non_negative, non_negative_int
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, padded_rows, threshold_encode
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
@@ -135,15 +135,4 @@ class GatedSAE(KeywordConfigSAE):
         aux, _, _ = _shared.dense_losses(rows, via_gate)
         coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
         loss = recon + coefficient.to(acc) * l1 + aux
-        if _shared.is_training_step(self):
-            _shared.advance(self)
-        latents = padded_rows(f, f > 0)
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return ForwardOutput(
-            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
-            latents=_shared.shaped(latents, x.shape[:-1]),
-            fvu=fvu,
-            mse=mse,
-            auxk_loss=fvu.new_zeros(()),
-            loss=loss,
-        )
+        return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import boolean, non_negative, non_negative_int, positive_number
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
@@ -125,15 +125,4 @@ class ReLUSAE(KeywordConfigSAE):
         acc = fvu.dtype
         l1 = (f.to(acc) * self.W_dec.to(acc).norm(dim=1)).sum(1).mean()
         loss = recon + self.l1_coefficient_now().to(acc) * l1
-        if _shared.is_training_step(self):
-            _shared.advance(self)
-        latents = padded_rows(f, f > 0)
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return ForwardOutput(
-            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
-            latents=_shared.shaped(latents, x.shape[:-1]),
-            fvu=fvu,
-            mse=mse,
-            auxk_loss=fvu.new_zeros(()),
-            loss=loss,
-        )
+        return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)

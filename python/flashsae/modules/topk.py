@@ -30,7 +30,7 @@ from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig
+from .base import KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -70,7 +70,7 @@ MULTI_TOPK_WEIGHT = 1 / 8
 
 
 @register
-class TopKSAE(SAE):
+class TopKSAE(KeywordConfigSAE):
     """A TopK sparse autoencoder as a plain ``nn.Module`` (Gao et al. 2024).
 
     Args:
@@ -95,28 +95,7 @@ class TopKSAE(SAE):
     architecture = "topk"
     config_class = TopKConfig
     config: TopKConfig
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        multi_topk: bool = False,
-        apply_b_dec_to_input: bool = True,
-        input_norm: str = "none",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = TopKConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk,
-            apply_b_dec_to_input=apply_b_dec_to_input, input_norm=input_norm,
-        )  # fmt: skip
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
+    required_fields = ("k",)
 
     @property
     def k(self) -> int:

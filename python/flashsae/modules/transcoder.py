@@ -31,7 +31,7 @@ from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared, base
-from .base import SAE, SAEConfig, geometric_median, unit_rows
+from .base import KeywordConfigSAE, SAEConfig, geometric_median, unit_rows
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TranscoderConfig(SAEConfig):
 
 
 @register
-class Transcoder(SAE):
+class Transcoder(KeywordConfigSAE):
     """A TopK transcoder, optionally with a skip connection (module docstring).
 
     Args:
@@ -79,26 +79,7 @@ class Transcoder(SAE):
     config_class = TranscoderConfig
     config: TranscoderConfig
     unit_norm_decoder = True
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        d_out: int | None = None,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        skip: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = TranscoderConfig(
-            d_in=d_in, n_latents=n_latents, d_out=d_out, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, skip=skip
-        )
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
+    required_fields = ("k",)
 
     def init_weights_(self) -> None:
         """sparsify's transcoder init: unit-norm random encoder rows, zero decoder, biases and skip."""
