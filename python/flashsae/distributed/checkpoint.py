@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from ..modules.topk import TopKConfig, TopKSAE
 from ..optim import SparseAdam
+from ..storage import check_header, fsync_file, replace_directory
 from .layout import Layout, shard_range, single_process
 from .tensor_parallel import ShardedTopKSAE
 
@@ -117,8 +118,7 @@ def save_sharded(
             tensors |= {"b_dec": sae.b_dec.detach()} | replicated
         name = staging / _file(layout.tp_rank, layout.tensor_parallel)
         save_file({key: t.contiguous().cpu() for key, t in tensors.items()}, str(name))
-        with open(name, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(name)
     _barrier(layout)
     if layout.rank == 0:
         n, parts = sae.config.n_latents, layout.tensor_parallel
@@ -138,12 +138,8 @@ def save_sharded(
             "extra": extra or {},
         }
         (staging / INDEX).write_text(json.dumps(index, indent=1, default=_json_default) + "\n")
-        old = target.parent / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_file(staging / INDEX)
+        replace_directory(staging, target)
     _barrier(layout)
     return target
 
@@ -161,11 +157,8 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"path: {path} holds no sharded SAE checkpoint ({INDEX})")
     index = json.loads(file.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"path: {file} is not a flashsae sharded SAE checkpoint")
-    if index.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"path: {file} has format_version {index['format_version']}; upgrade flashsae")
-    return index
+    what = "flashsae sharded SAE checkpoint"
+    return check_header(index, path=file, argument="path", format=FORMAT, version=FORMAT_VERSION, what=what)
 
 
 def _read_rows(path: Path, index: dict, key: str, start: int, end: int) -> torch.Tensor:

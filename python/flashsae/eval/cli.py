@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..modules import load
 from ..model_loading import resolve_device
+from ..modules import load
 from .data import load_eval_model
 from .downstream import DOWNSTREAM_KINDS
 from .evaluate import EvalConfig, EvalResult, evaluate

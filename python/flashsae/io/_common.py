@@ -1,4 +1,4 @@
-"""What every format module shares: the error type, atomic directory writes, safe readers (JSON,
+"""What every format module shares: the error type, JSON / safetensors writers, safe readers (JSON,
 safetensors, ``torch.load(weights_only=True)``) with errors that name the file and the problem,
 tensor checks against a layout, and building a flashsae SAE from foreign tensors.
 
@@ -10,14 +10,10 @@ a later save to that format keeps its bookkeeping fields: dataset, context size,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,40 +45,6 @@ class FormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- writing
-
-
-def fsync_tree(directory: Path) -> None:
-    """fsync every file under `directory` (so a rename publishes complete files)."""
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a fresh staging directory next to `path`; when the block exits normally the staging
-    directory replaces `path` (renames only, so a reader sees the old directory or the new one, never
-    a mix; a crash leaves at most a stale ``.<name>.tmp-*`` sibling). On an exception the staging
-    directory is removed and `path` is untouched."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        fsync_tree(staging)
-        if target.exists():
-            if not target.is_dir():
-                raise FileExistsError(f"path: {target} exists and is not a directory")
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / "checkpoint")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

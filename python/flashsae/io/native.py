@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..registry import REGISTRY
-from ._common import FormatError, atomic_directory, read_json, read_safetensors
+from ..storage import atomic_directory, check_header
+from ._common import FormatError, read_json, read_safetensors
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -54,13 +55,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         if not file.is_file():
             raise FileNotFoundError(f"path: {source} has no {file.name}; not a flashsae checkpoint")
     config = read_json(config_file)
-    if config.get("format") != "flashsae":
-        raise ValueError(f"path: {config_file} is not a flashsae config (format={config.get('format')!r})")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"path: {config_file} has format_version {config['format_version']}; this flashsae reads up to "
-            f"{FORMAT_VERSION}. Upgrade flashsae."
-        )
+    check_header(
+        config, path=config_file, argument="path", format="flashsae", version=FORMAT_VERSION, what="flashsae config"
+    )
     return config, read_safetensors(weights_file)
 
 

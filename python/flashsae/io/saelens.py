@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from ..registry import config_fields
+from ..storage import atomic_directory
 from ._common import (
     FLASHSAE_BLOCK,
     HOOKPOINT_KEY,
@@ -53,7 +54,6 @@ from ._common import (
     SOURCE_KEY,
     FormatError,
     Tensors,
-    atomic_directory,
     build_sae,
     decoder_norms,
     json_safe,

@@ -30,13 +30,13 @@ from typing import Any
 import torch
 
 from ..registry import config_fields
+from ..storage import atomic_directory
 from ._common import (
     HOOKPOINT_KEY,
     MODEL_KEY,
     SOURCE_KEY,
     FormatError,
     Tensors,
-    atomic_directory,
     build_sae,
     json_safe,
     read_json,
