@@ -228,6 +228,30 @@ def build_sae(
     return sae
 
 
+def int_field(name: str, value: object, where: str, *, at_most: tuple[str, int] | None = None) -> int:
+    """A count read from a foreign file: an int >= 1 (a whole float such as 16384.0 counts, since
+    JSON writers differ), and <= at_most = (its name, bound) when given; FormatError naming the file
+    and the field otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if at_most is None:
+        if not valid:
+            raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
+        return value
+    bound_name, bound = at_most
+    if not valid or value > bound:
+        raise FormatError(f"{where}: {name} must be an int in [1, {bound_name}={bound}], got {value!r}")
+    return value
+
+
+def bool_field(name: str, value: object, where: str) -> bool:
+    """A flag read from a foreign file; FormatError naming the file and the field unless a bool."""
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
+
+
 def is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -47,6 +47,7 @@ from ._common import (
     FormatError,
     Tensors,
     build_sae,
+    int_field,
     json_safe,
     read_json,
     read_torch_weights,
@@ -149,12 +150,7 @@ def load(
 
 
 def _k(tensors: Tensors, n: int) -> int:
-    k = tensors.take_value("k")
-    if isinstance(k, float) and k.is_integer():
-        k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise FormatError(f"{tensors.where}: k must be an int in [1, dict_size={n}], got {k!r}")
-    return k
+    return int_field("k", tensors.take_value("k"), tensors.where, at_most=("dict_size", n))
 
 
 def _scalar_threshold(tensors: Tensors) -> float:

@@ -50,6 +50,7 @@ from ._common import (
     Tensors,
     build_sae,
     decoder_norms,
+    int_field,
     json_safe,
     read_json,
     read_safetensors,
@@ -119,11 +120,11 @@ def load(
     act_fn = str(cfg.get("act_fn", "relu")).lower()
     if act_fn not in ACT_FNS:
         raise FormatError(f"{where}: act_fn {act_fn!r} has no flashsae equivalent (expected one of {ACT_FNS})")
-    d = _positive_int(cfg, "d_model", where)
+    d = int_field("d_model", cfg.get("d_model"), where)
     n = cfg.get("d_sae")
     if n is None and isinstance(cfg.get("expansion_factor"), (int, float)):
         n = int(d * cfg["expansion_factor"])
-    n = _positive_int({"d_sae": n}, "d_sae", where)
+    n = int_field("d_sae", n, where)
     hook_in = cfg.get("hook_point_in", cfg.get("hook_point"))
     hook_out = cfg.get("hook_point_out", hook_in)
 
@@ -230,15 +231,8 @@ def _folds_norm(cfg: dict[str, Any], act_fn: str) -> bool:
     return bool(cfg.get("sparsity_include_decoder_norm", True)) and act_fn != "relu"
 
 
-def _positive_int(cfg: dict[str, Any], name: str, where: str) -> int:
-    value = cfg.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
-    return value
-
-
 def _top_k(cfg: dict[str, Any], n: int, where: str) -> int:
-    k = _positive_int(cfg, "top_k", where)
+    k = int_field("top_k", cfg.get("top_k"), where)
     if k > n:
         raise FormatError(f"{where}: top_k={k} exceeds d_sae={n}")
     return k

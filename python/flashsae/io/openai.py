@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._common import SOURCE_KEY, FormatError, Tensors, build_sae, json_safe, read_torch_weights, shape_of
+from ._common import SOURCE_KEY, FormatError, Tensors, build_sae, int_field, json_safe, read_torch_weights, shape_of
 
 STAT_BUFFERS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 
@@ -71,8 +71,7 @@ def load(
             raise FormatError(f"{where}: activation_state_dict must be a dict, got {type(activation_state).__name__}")
         k = activation_state.get("k")
         postact = activation_state.get("postact_fn", "ReLU")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise FormatError(f"{where}: activation_state_dict.k must be an int in [1, n_latents={n}], got {k!r}")
+        k = int_field("activation_state_dict.k", k, where, at_most=("n_latents", n))
         if postact != "ReLU":
             raise FormatError(
                 f"{where}: activation_state_dict.postact_fn {postact!r} has no flashsae equivalent (expected 'ReLU')"

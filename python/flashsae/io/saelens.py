@@ -54,8 +54,10 @@ from ._common import (
     SOURCE_KEY,
     FormatError,
     Tensors,
+    bool_field,
     build_sae,
     decoder_norms,
+    int_field,
     json_safe,
     parse_dtype,
     read_json,
@@ -144,22 +146,6 @@ def canonical_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return cfg
 
 
-def _int_field(cfg: dict[str, Any], name: str, where: str) -> int:
-    value = cfg.get(name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _bool_field(cfg: dict[str, Any], name: str, where: str) -> bool:
-    value = cfg.get(name)
-    if not isinstance(value, bool):
-        raise FormatError(f"{where}: {name} must be true or false, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------- load
 
 
@@ -181,8 +167,8 @@ def load(
         raise FormatError(
             f"{where}: unknown architecture {architecture!r}; flashsae reads SAELens {', '.join(ARCHITECTURES)}"
         )
-    d_in, d_sae = _int_field(cfg, "d_in", where), _int_field(cfg, "d_sae", where)
-    apply_b_dec = _bool_field(cfg, "apply_b_dec_to_input", where)
+    d_in, d_sae = int_field("d_in", cfg.get("d_in"), where), int_field("d_sae", cfg.get("d_sae"), where)
+    apply_b_dec = bool_field("apply_b_dec_to_input", cfg.get("apply_b_dec_to_input"), where)
     normalize = cfg["normalize_activations"]
     if normalize not in PASSIVE_NORMALIZATIONS + ACTIVE_NORMALIZATIONS:
         raise FormatError(f"{where}: unknown normalize_activations {normalize!r}")
@@ -221,7 +207,7 @@ def load(
         config["apply_b_dec_to_input"] = apply_b_dec
     elif architecture == "topk":
         name = "topk"
-        k = _int_field(cfg, "k", where)
+        k = int_field("k", cfg.get("k"), where)
         if k > d_sae:
             raise FormatError(f"{where}: k={k} exceeds d_sae={d_sae}")
         config.update(

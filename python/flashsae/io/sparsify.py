@@ -38,6 +38,7 @@ from ._common import (
     FormatError,
     Tensors,
     build_sae,
+    int_field,
     json_safe,
     read_json,
     read_safetensors,
@@ -103,8 +104,7 @@ def load(
     d_in = cfg.get("d_in")
     if d_in is None:
         d_in = shape_of(raw, "encoder.weight", 2, weights_where)[1]
-    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
-        raise FormatError(f"{where}: d_in must be a positive int, got {d_in!r}")
+    d_in = int_field("d_in", d_in, where)
     num_latents = _field(cfg, "num_latents", int, where)
     n = num_latents or d_in * _field(cfg, "expansion_factor", int, where)
     if n < 1:
