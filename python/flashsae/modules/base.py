@@ -43,6 +43,20 @@ def unit_rows(block: torch.Tensor) -> torch.Tensor:
     return block.div_(block.norm(dim=1, keepdim=True))
 
 
+class ConfigField:
+    """A read-only SAE attribute that is the config field of the same name (``sae.k`` is
+    ``sae.config.k``), declared as ``k = ConfigField()`` in the class body."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance.config, self.name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is a config field; build a new SAE to change it")
+
+
 @dataclass
 class SAEConfig:
     """Fields every architecture has. Subclasses add theirs and extend ``__post_init__``."""
@@ -131,13 +145,8 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
 
-    @property
-    def d_in(self) -> int:
-        return self.config.d_in
-
-    @property
-    def n_latents(self) -> int:
-        return self.config.n_latents
+    d_in = ConfigField()
+    n_latents = ConfigField()
 
     @property
     def dtype(self) -> torch.dtype:

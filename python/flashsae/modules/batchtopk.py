@@ -41,7 +41,7 @@ from ..ops.threshold_encode import threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig
+from .base import ConfigField, KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -89,7 +89,6 @@ class BatchTopKSAE(KeywordConfigSAE):
     architecture = "batchtopk"
     config_class = BatchTopKConfig
     config: BatchTopKConfig
-    unit_norm_decoder = True
     required_fields = ("k",)
 
     def _build(self) -> None:
@@ -100,13 +99,8 @@ class BatchTopKSAE(KeywordConfigSAE):
         self.register_buffer("threshold", estimate)
         self._candidates = 4 * self.config.k
 
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    k = ConfigField()
+    aux_k = ConfigField()
 
     def inference_threshold(self) -> torch.Tensor:
         """[n_latents] threshold of the inference rule in the SAE's dtype (0 before any estimate)."""

@@ -78,7 +78,6 @@ class GatedSAE(KeywordConfigSAE):
     architecture = "gated"
     config_class = GatedConfig
     config: GatedConfig
-    unit_norm_decoder = True
 
     def _build(self) -> None:
         self.init_weights_()

@@ -23,6 +23,7 @@ from itertools import pairwise
 
 from ..ops import sae_loss
 from ..registry import register
+from .base import ConfigField
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
@@ -70,9 +71,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
     config: MatryoshkaConfig
 
-    @property
-    def matryoshka_widths(self) -> list[int]:
-        return self.config.matryoshka_widths
+    matryoshka_widths = ConfigField()
 
     def _objective(self, rows, values, indices, aux_values, aux_indices, dead_mask):
         """Sum of the prefixes' FVUs plus the AuxK term of the full reconstruction."""

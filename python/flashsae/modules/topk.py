@@ -30,7 +30,7 @@ from ..ops import sae_loss, sparse_decode, topk_encode
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig
+from .base import ConfigField, KeywordConfigSAE, SAEConfig
 
 
 @dataclass
@@ -97,13 +97,8 @@ class TopKSAE(KeywordConfigSAE):
     config: TopKConfig
     required_fields = ("k",)
 
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    k = ConfigField()
+    aux_k = ConfigField()
 
     # ----------------------------------------------------------------------------- forward pieces
 

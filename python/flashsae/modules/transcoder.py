@@ -31,7 +31,7 @@ from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared, base
-from .base import KeywordConfigSAE, SAEConfig, geometric_median, unit_rows
+from .base import ConfigField, KeywordConfigSAE, SAEConfig, geometric_median, unit_rows
 
 
 @dataclass
@@ -78,7 +78,6 @@ class Transcoder(KeywordConfigSAE):
     architecture = "transcoder"
     config_class = TranscoderConfig
     config: TranscoderConfig
-    unit_norm_decoder = True
     required_fields = ("k",)
 
     def init_weights_(self) -> None:
@@ -95,17 +94,9 @@ class Transcoder(KeywordConfigSAE):
         if self.config.skip:
             self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype, device=device))
 
-    @property
-    def d_out(self) -> int:
-        return self.config.d_out
-
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    d_out = ConfigField()
+    k = ConfigField()
+    aux_k = ConfigField()
 
     @torch.no_grad()
     def init_b_dec_(self, y: torch.Tensor, method: str = "geometric_median") -> None:
