@@ -22,66 +22,30 @@ Training: flashsae.train (the streaming trainer behind ``flashsae train``).
 import importlib
 from typing import Any
 
-from . import hooks, io, ops, synthetic
+from . import hooks, io, modules, ops, synthetic
 from ._backend import BACKENDS, available_backends
 from ._version import __version__
 from .errors import BackendUnavailableError
 from .io import FormatError, load_many
-from .modules import (
-    REGISTRY,
-    SAE,
-    BatchTopKConfig,
-    BatchTopKSAE,
-    GatedConfig,
-    GatedSAE,
-    JumpReLUConfig,
-    JumpReLUSAE,
-    MatryoshkaConfig,
-    MatryoshkaSAE,
-    ReLUConfig,
-    ReLUSAE,
-    TopKConfig,
-    TopKSAE,
-    Transcoder,
-    TranscoderConfig,
-    create,
-    load,
-)
+from .modules import *  # noqa: F403 - every architecture, its config, create / load / register (modules.__all__)
 from .outputs import ForwardOutput, SparseLatents
 
 __all__ = [
     "BACKENDS",
-    "REGISTRY",
-    "SAE",
     "BackendUnavailableError",
-    "BatchTopKConfig",
-    "BatchTopKSAE",
     "FormatError",
     "ForwardOutput",
-    "GatedConfig",
-    "GatedSAE",
-    "JumpReLUConfig",
-    "JumpReLUSAE",
-    "MatryoshkaConfig",
-    "MatryoshkaSAE",
-    "ReLUConfig",
-    "ReLUSAE",
     "SparseLatents",
-    "TopKConfig",
-    "TopKSAE",
-    "Transcoder",
-    "TranscoderConfig",
     "__version__",
     "available_backends",
-    "create",
     "eval",
     "hooks",
     "io",
-    "load",
     "load_many",
     "ops",
     "synthetic",
     "train",
+    *modules.__all__,
 ]
 
 #: Subpackages imported on first attribute access: the trainer and the evaluation pull in the
