@@ -14,6 +14,7 @@ import json
 import math
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,26 +192,40 @@ def decoder_norms(W_dec: torch.Tensor, field: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------- building SAEs
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded SAE goes: its device, its dtype (None: the file's) and its backend."""
+
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+    backend: str | None = None
+
+    def dtype_or(self, file_dtype: torch.dtype) -> torch.dtype:
+        """The requested dtype, else the file's."""
+        return self.dtype or file_dtype
+
+
+
 def build_sae(
     architecture: str,
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
+    placement: Placement,
     *,
-    dtype: torch.dtype,
-    device: torch.device | str | None,
-    backend: str | None,
+    file_dtype: torch.dtype,
     where: str,
 ):
     """A flashsae SAE of `architecture` configured by `config`, with every parameter set from
-    `tensors` (flashsae names and layouts, any float dtype; cast to `dtype`). Buffers not given keep
-    their initial values (num_steps = 0, ...). A parameter missing from `tensors` is an error: no
-    randomly initialized weight ever survives a load."""
+    `tensors` (flashsae names and layouts, any float dtype; cast to placement.dtype, else
+    `file_dtype`). Buffers not given keep their initial values (num_steps = 0, ...). A parameter
+    missing from `tensors` is an error: no randomly initialized weight ever survives a load."""
     cls = REGISTRY[architecture]
     try:
         sae_config = cls.config_class(**config)
     except (TypeError, ValueError) as exc:
         raise FormatError(f"{where}: the config does not make a valid {cls.__name__} ({exc})") from exc
-    sae = cls.from_config(sae_config, dtype=dtype, device=device, backend=backend)
+    dtype = placement.dtype_or(file_dtype)
+    sae = cls.from_config(sae_config, dtype=dtype, device=placement.device, backend=placement.backend)
     state = sae.state_dict()
     unknown = sorted(set(tensors) - set(state))
     missing = sorted(name for name, _ in sae.named_parameters() if name not in tensors)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from . import dictionary_learning, lm_saes, native, openai, saelens, sparsify
-from ._common import FormatError, read_json, read_torch_weights
+from ._common import FormatError, Placement, read_json, read_torch_weights
 
 #: Every format flashsae reads, and the module that reads it.
 FORMAT_MODULES = {
@@ -193,9 +193,12 @@ def load(
     backend: str | None = None,
     sae_class: Any = None,
 ):
-    """One SAE from `path` in any format flashsae reads (see the module docstring); `format` forces
-    one of FORMATS instead of detecting it. dtype: the file's unless given (SAELens: its cfg dtype).
-    `sae_class`: the SAE must be an instance of it (a native checkpoint: of exactly its architecture)."""
+    """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
+    library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see the module
+    docstring; a Hub id org/repo works when huggingface_hub is installed). `format` forces one of
+    FORMATS instead of detecting it; `subfolder` picks one SAE of a multi-hookpoint directory or Hub
+    repo. dtype: the file's unless given (SAELens: its cfg dtype). `sae_class`: the SAE must be an
+    instance of it (a native checkpoint: of exactly its architecture)."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
     local = resolve(path, subfolder)
@@ -208,15 +211,15 @@ def load(
             format = detect_format(local)
     elif local.is_file() and format not in ("openai", "dictionary_learning"):
         target = local.parent
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "backend": backend}
+    placement = Placement(device=device, dtype=dtype, backend=backend)
     if format == "native":
-        return native.load(target, sae_class=sae_class, **kwargs)
+        return native.load(target, placement, sae_class=sae_class)
     if format == "openai":
-        sae = openai.load(target, state=state, **kwargs)
+        sae = openai.load(target, placement, state=state)
     else:
         if format == "dictionary_learning" and target.is_dir() and not (target / "ae.pt").is_file():
             raise FileNotFoundError(f"path: {target} has no ae.pt")
-        sae = FORMAT_MODULES[format].load(target, **kwargs)
+        sae = FORMAT_MODULES[format].load(target, placement)
     if sae_class is not None and not isinstance(sae, sae_class):
         raise ValueError(f"path: {path} holds a {sae.architecture!r} SAE, not {sae_class.architecture!r}")
     return sae

@@ -45,6 +45,7 @@ from ._common import (
     MODEL_KEY,
     SOURCE_KEY,
     FormatError,
+    Placement,
     Tensors,
     build_sae,
     int_field,
@@ -96,13 +97,7 @@ def guess_dict_class(state: dict[str, Any]) -> str | None:
     return None
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: Placement):
     """A flashsae SAE from a dictionary_learning directory (or its ae.pt); see the module docstring."""
     weights_file = path / WEIGHTS_NAME if path.is_dir() else path
     directory = weights_file.parent
@@ -129,10 +124,9 @@ def load(
     for name in TRAINER_FIELDS.get(architecture, ()):
         if name in trainer:
             sae_config[name] = trainer[name]
-    target_dtype = dtype or weights["W_dec"].dtype
     buffers = {key: value for key, value in weights.items() if key == "threshold"}
     params = {key: value for key, value in weights.items() if key != "threshold"}
-    sae = build_sae(architecture, sae_config, params, dtype=target_dtype, device=device, backend=backend, where=where)
+    sae = build_sae(architecture, sae_config, params, placement, file_dtype=weights["W_dec"].dtype, where=where)
     if buffers:
         with torch.no_grad():
             sae.threshold.fill_(float(buffers["threshold"]))

@@ -47,6 +47,7 @@ from ._common import (
     MODEL_KEY,
     SOURCE_KEY,
     FormatError,
+    Placement,
     Tensors,
     build_sae,
     decoder_norms,
@@ -89,13 +90,7 @@ def is_lm_saes(path: Path) -> bool:
     return "d_model" in cfg or "sae_type" in cfg
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: Placement):
     """A flashsae SAE from an lm-saes / Llama Scope directory (module docstring)."""
     config_file = path / HYPERPARAMS_NAME if (path / HYPERPARAMS_NAME).is_file() else path / CONFIG_NAME
     cfg = read_json(config_file)
@@ -209,9 +204,9 @@ def load(
         kind, value = threshold
         config["threshold_parametrization"] = kind
         weights["log_threshold" if kind == "log" else "direct_threshold"] = value
-    target_dtype = dtype or file_dtype
+    target_dtype = placement.dtype_or(file_dtype)
     weights = {key: value.to(target_dtype) for key, value in weights.items()}
-    sae = build_sae(architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=str(file))
+    sae = build_sae(architecture, config, weights, placement, file_dtype=target_dtype, where=str(file))
     metadata: dict[str, Any] = {SOURCE_KEY: "lm_saes", CONFIG_KEY: cfg}
     if isinstance(hook_in, str):
         metadata[HOOKPOINT_KEY] = hook_in

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..registry import REGISTRY
 from ..storage import atomic_directory, check_header
-from ._common import FormatError, read_json, read_safetensors
+from ._common import FormatError, Placement, read_json, read_safetensors
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -73,14 +73,7 @@ def save(sae: Any, path: str | os.PathLike) -> Path:
     return save_checkpoint(path, header, dict(sae.state_dict()))
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    sae_class: Any = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-) -> Any:
+def load(path: str | os.PathLike, placement: Placement, *, sae_class: Any = None) -> Any:
     """The SAE in the native checkpoint `path`: of the registered class its cfg.json names, which
     must be `sae_class` when one is given. dtype: as saved unless given."""
     header, tensors = load_checkpoint(path)
@@ -92,7 +85,8 @@ def load(
     if architecture != target.architecture:
         raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
     config = target.config_class(**header["config"])
-    sae = target.from_config(config, dtype=dtype or getattr(torch, header["dtype"]), device=device, backend=backend)
+    dtype = placement.dtype_or(getattr(torch, header["dtype"]))
+    sae = target.from_config(config, dtype=dtype, device=placement.device, backend=placement.backend)
     differing = set(sae.state_dict()) ^ set(tensors)
     if differing:
         raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")

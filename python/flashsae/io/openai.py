@@ -24,7 +24,17 @@ from typing import Any
 
 import torch
 
-from ._common import SOURCE_KEY, FormatError, Tensors, build_sae, int_field, json_safe, read_torch_weights, shape_of
+from ._common import (
+    SOURCE_KEY,
+    FormatError,
+    Placement,
+    Tensors,
+    build_sae,
+    int_field,
+    json_safe,
+    read_torch_weights,
+    shape_of,
+)
 
 STAT_BUFFERS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 
@@ -33,14 +43,7 @@ def looks_like_openai(state: Any) -> bool:
     return isinstance(state, dict) and {"pre_bias", "latent_bias", "encoder.weight"} <= set(state)
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-    state: dict[str, Any] | None = None,
-):
+def load(path: Path, placement: Placement, state: dict[str, Any] | None = None):
     """A flashsae SAE from an OpenAI sparse_autoencoder state dict file (module docstring)."""
     where = str(path)
     if state is None:
@@ -83,8 +86,7 @@ def load(
         config = {"d_in": d, "n_latents": n, "apply_b_dec_to_input": True}
     else:
         raise FormatError(f"{where}: activation {activation!r} has no flashsae equivalent (expected 'TopK' or 'ReLU')")
-    target_dtype = dtype or W_dec.dtype
-    sae = build_sae(architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=where)
+    sae = build_sae(architecture, config, weights, placement, file_dtype=W_dec.dtype, where=where)
     metadata: dict[str, Any] = {SOURCE_KEY: "openai", "openai_file": path.name}
     if stats:
         metadata["openai_stats"] = {name: value.tolist() for name, value in stats.items()}

@@ -53,6 +53,7 @@ from ._common import (
     MODEL_KEY,
     SOURCE_KEY,
     FormatError,
+    Placement,
     Tensors,
     bool_field,
     build_sae,
@@ -149,13 +150,7 @@ def canonical_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- load
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: Placement):
     """A flashsae SAE from a SAELens directory (v6 or pre-6 cfg.json); see the module docstring."""
     raw = read_json(path / CONFIG_NAME)
     where = str(path / CONFIG_NAME)
@@ -180,7 +175,7 @@ def load(
     if cfg["reshape_activations"] not in ("none", "hook_z"):
         raise FormatError(f"{where}: unknown reshape_activations {cfg['reshape_activations']!r}")
     file_dtype = tensors.tensors.get("W_dec", torch.empty(0)).dtype
-    target_dtype = dtype or (parse_dtype(cfg["dtype"], f"{where}: dtype") if "dtype" in cfg else file_dtype)
+    target_dtype = placement.dtype_or(parse_dtype(cfg["dtype"], f"{where}: dtype") if "dtype" in cfg else file_dtype)
 
     W_enc = tensors.take("W_enc", (d_in, d_sae)).T.double()
     W_dec = tensors.take("W_dec", (d_sae, d_in)).double()
@@ -232,11 +227,11 @@ def load(
     state = read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
     if name == "jumprelu" and block is not None and block.get("architecture") == name:
         _restore_log_threshold(block, state, config, weights)
-    sae = _restore_from_block(block, name, config, weights, target_dtype, device, backend, where)
+    sae = _restore_from_block(block, name, config, weights, placement, target_dtype, where)
     if sae is None:
         if block is not None and block.get("architecture") == name:
             config = {**_training_fields(block, name), **config}
-        sae = build_sae(name, config, weights, dtype=target_dtype, device=device, backend=backend, where=weights_where)
+        sae = build_sae(name, config, weights, placement, file_dtype=target_dtype, where=weights_where)
     if "num_steps" in state and hasattr(sae, "num_steps") and block.get("architecture") == sae.architecture:
         with torch.no_grad():
             sae.num_steps.fill_(int(state["num_steps"]))
@@ -281,7 +276,7 @@ def _restore_log_threshold(block, state, config, weights) -> None:
         config["threshold_parametrization"] = "log"
 
 
-def _restore_from_block(block, name, config, weights, dtype, device, backend, where):
+def _restore_from_block(block, name, config, weights, placement, dtype, where):
     """A BatchTopK / Matryoshka SAE saved as a SAELens jumprelu, rebuilt from its flashsae block when
     the file still says what the block says (one shared threshold, b_dec subtracted); else None."""
     if block is None or name != "jumprelu" or block.get("architecture") not in ("batchtopk", "matryoshka"):
@@ -296,7 +291,7 @@ def _restore_from_block(block, name, config, weights, dtype, device, backend, wh
     fields = _training_fields(block, architecture)
     fields.update(d_in=config["d_in"], n_latents=config["n_latents"])
     core = {key: weights[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    sae = build_sae(architecture, fields, core, dtype=dtype, device=device, backend=backend, where=where)
+    sae = build_sae(architecture, fields, core, placement, file_dtype=dtype, where=where)
     with torch.no_grad():
         sae.threshold.fill_(estimate)
     return sae

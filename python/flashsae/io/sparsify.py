@@ -36,6 +36,7 @@ from ._common import (
     MODEL_KEY,
     SOURCE_KEY,
     FormatError,
+    Placement,
     Tensors,
     build_sae,
     int_field,
@@ -84,13 +85,7 @@ def _field(cfg: dict[str, Any], name: str, kind: type, where: str) -> Any:
     return value
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: Placement):
     """A flashsae TopKSAE or Transcoder from a sparsify hookpoint directory (module docstring)."""
     cfg = read_json(path / CONFIG_NAME)
     where = str(path / CONFIG_NAME)
@@ -142,9 +137,8 @@ def load(
     if block is not None and block.get("architecture") == architecture and isinstance(block.get("config"), dict):
         known = config_fields(architecture)
         config = {**{key: v for key, v in block["config"].items() if key in known}, **config}
-    target_dtype = dtype or weights["W_dec"].dtype
     sae = build_sae(
-        architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=weights_where
+        architecture, config, weights, placement, file_dtype=weights["W_dec"].dtype, where=weights_where
     )
     metadata = dict(block.get("metadata", {})) if block is not None else {}
     metadata[SOURCE_KEY] = "sparsify"

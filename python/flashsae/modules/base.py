@@ -242,24 +242,11 @@ class SAE(nn.Module):
         self.init_weights_()
 
     @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        *,
-        format: str | None = None,
-        subfolder: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """Loads an SAE saved by :meth:`save` or by another library (format detected unless given:
-        see flashsae.io; a Hub id org/repo works when huggingface_hub is installed). dtype: as saved
-        unless given. Called on SAE itself (or via flashsae.load) it picks the class; on a subclass
-        the SAE must be of that architecture."""
-        sae_class = None if cls is SAE else cls
-        return io_api.load(
-            path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend, sae_class=sae_class
-        )
+    def load(cls, path: str | os.PathLike, **options: Any) -> SAE:
+        """Loads an SAE saved by :meth:`save` or by another library; options (format, subfolder,
+        device, dtype, backend) as for :func:`flashsae.load`. Called on SAE itself it picks the class;
+        on a subclass the SAE must be of that architecture."""
+        return io_api.load(path, sae_class=None if cls is SAE else cls, **options)
 
 
 class KeywordConfigSAE(SAE):
@@ -314,16 +301,5 @@ def create(
     return cls.from_config(cls.config_class(**config), dtype=dtype, device=device, backend=backend)
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    format: str | None = None,
-    subfolder: str | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-) -> SAE:
-    """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
-    library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see flashsae.io).
-    `format` forces one; `subfolder` picks one SAE of a multi-hookpoint directory or Hub repo."""
-    return io_api.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
+#: flashsae.load: any SAE flashsae reads (see flashsae.io.api.load).
+load = io_api.load
