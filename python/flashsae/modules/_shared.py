@@ -20,8 +20,9 @@ import torch
 from .._checks import non_negative, positive_int
 from ..ops import sparse_decode
 from ..ops._common import acc_dtype
-from ..ops.threshold_encode import padded_rows
+from ..ops.threshold_encode import padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
+from .base import KeywordConfigSAE
 
 
 def check_topk_fields(config: Any, reconstruction_width: int) -> None:
@@ -109,6 +110,32 @@ def decode_latents(
         backend=backend,
     )
     return x_hat.reshape(*lead, W_dec.shape[1])
+
+
+class DenseActivationSAE(KeywordConfigSAE):
+    """What ReLU, JumpReLU and Gated share: b_dec optionally subtracted before encoding
+    (config.apply_b_dec_to_input), the latents above a per-latent threshold found sparsely by
+    threshold_encode, and padded latents decoded by sparse_decode."""
+
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
+    def _zero_threshold(self) -> torch.Tensor:
+        return torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
+
+    def _latents_above(self, x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (values, indices) [rows, m] of the pre-activations of x above `threshold` [n]; the
+        next call's candidate count follows the largest row count seen."""
+        latents = threshold_encode(
+            self._rows(x), self.W_enc, self.b_enc, threshold, self._input_bias(),
+            candidates=self._candidates, backend=self.backend,
+        )  # fmt: skip
+        self._candidates = next_candidates(self._candidates, latents[0], self.n_latents)
+        return latents
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:
+        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
+        return decode_latents(latents, self.W_dec, self.b_dec, self.backend)
 
 
 def dense_output(

@@ -89,6 +89,16 @@ def geometric_median(points: torch.Tensor, *, max_iter: int = 100, rtol: float =
     return guess
 
 
+def sample_center(rows: torch.Tensor, method: str) -> torch.Tensor:
+    """The center of a data sample [m, d] that b_dec starts at: its geometric median or its mean
+    (float64)."""
+    if method == "geometric_median":
+        return geometric_median(rows)
+    if method == "mean":
+        return rows.to(torch.float64).mean(0)
+    raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
+
+
 class SAE(nn.Module):
     """Base class of flashsae's sparse autoencoders (plain ``nn.Module``s).
 
@@ -188,13 +198,7 @@ class SAE(nn.Module):
     def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median") -> None:
         """Sets b_dec from a data sample x [..., d_in]: its geometric median (default) or mean."""
         rows = self._rows(x)
-        if method == "geometric_median":
-            center = geometric_median(rows)
-        elif method == "mean":
-            center = rows.to(torch.float64).mean(0)
-        else:
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        self.b_dec.copy_(center.to(self.dtype))
+        self.b_dec.copy_(sample_center(rows, method).to(self.dtype))
 
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 1e-12) -> None:

@@ -45,11 +45,11 @@ import torch
 from torch import nn
 
 from .._checks import boolean, non_negative, non_negative_int, positive_number
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, threshold_encode
+from ..ops.threshold_encode import DEFAULT_CANDIDATES
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig
+from .base import SAEConfig
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")
@@ -144,7 +144,7 @@ class _Step(torch.autograd.Function):
 
 
 @register
-class JumpReLUSAE(KeywordConfigSAE):
+class JumpReLUSAE(_shared.DenseActivationSAE):
     """A JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2407.14435).
 
     Args:
@@ -193,24 +193,12 @@ class JumpReLUSAE(KeywordConfigSAE):
             return self.direct_threshold
         return self.log_threshold.exp()
 
-    def _input_bias(self) -> torch.Tensor | None:
-        return self.b_dec if self.config.apply_b_dec_to_input else None
-
     # ----------------------------------------------------------------------------- forward pieces
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The active latents of x [..., d_in] (pre > threshold), padded to [..., m] with m the
         largest count of any row; empty slots hold value 0 and index -1. Sparse (threshold_encode)."""
-        latents = threshold_encode(
-            self._rows(x), self.W_enc, self.b_enc, self.threshold.detach(), self._input_bias(),
-            candidates=self._candidates, backend=self.backend,
-        )  # fmt: skip
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return _shared.shaped(latents, x.shape[:-1])
-
-    def decode(self, latents: SparseLatents) -> torch.Tensor:
-        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
-        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+        return _shared.shaped(self._latents_above(x, self.threshold.detach()), x.shape[:-1])
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module docstring).

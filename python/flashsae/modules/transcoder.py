@@ -31,7 +31,7 @@ from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared, base
-from .base import ConfigField, KeywordConfigSAE, SAEConfig, geometric_median, unit_rows
+from .base import ConfigField, KeywordConfigSAE, SAEConfig, sample_center, unit_rows
 
 
 @dataclass
@@ -103,13 +103,7 @@ class Transcoder(KeywordConfigSAE):
         """Sets b_dec from a sample of the TARGET activations y [..., d_out]: their geometric median
         (default) or mean (b_dec lives in the output space)."""
         rows = self._rows(y, "y", self.d_out, "d_out")
-        if method == "geometric_median":
-            center = geometric_median(rows)
-        elif method == "mean":
-            center = rows.to(torch.float64).mean(0)
-        else:
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        self.b_dec.copy_(center.to(self.dtype))
+        self.b_dec.copy_(sample_center(rows, method).to(self.dtype))
 
     # ----------------------------------------------------------------------------- forward pieces
 
