@@ -294,4 +294,4 @@ def _evaluate_batch(
     with ablate(model, read[-1], mask=keep):
         ablated = model(**batch.inputs)
     outputs = {"clean": clean, "spliced": spliced, "ablation": ablated}
-    downstream.update(outputs, batch.input_ids, batch.attention_mask, keep)
+    downstream.update(outputs, batch)

@@ -226,18 +226,12 @@ class SAE(nn.Module):
         io_api.save(self, path, format=format)
 
     @classmethod
-    def from_config(
-        cls,
-        config: SAEConfig,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """A fresh SAE of this class from its config (subclass constructors may take plain
-        arguments; this is the uniform entry point the registry and load use)."""
+    def from_config(cls, config: SAEConfig, **placement: Any) -> SAE:
+        """A fresh SAE of this class from its config; placement: dtype, device, backend as for
+        :class:`SAE` (subclass constructors may take plain arguments; this is the uniform entry
+        point the registry and load use)."""
         sae = cls.__new__(cls)
-        SAE.__init__(sae, config, dtype=dtype, device=device, backend=backend)
+        SAE.__init__(sae, config, **placement)
         sae._build()
         return sae
 
