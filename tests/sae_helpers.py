@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 from helpers import assert_close
@@ -30,3 +31,49 @@ def check_against_reference(
     for name, p in sae.named_parameters():
         assert_close(p.grad, params[name].grad, torch.float64, f"grad {name}")
     return params
+
+
+def batch_topk_activations(
+    params: dict[str, torch.Tensor], x: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK written plainly over dense float64 pre-activations: (the ReLU pre-activations,
+    the activations f that keep the batch * k largest of the whole batch (ties: lower flat index))."""
+    W_enc, b_enc, b_dec = params["W_enc"], params["b_enc"], params["b_dec"]
+    act = ((x - b_dec) @ W_enc.T + b_enc).relu()
+    order = torch.sort(act.flatten(), descending=True, stable=True).indices[: x.shape[0] * k]
+    keep = torch.zeros(act.numel(), dtype=torch.bool)
+    keep[order] = True
+    return act, act * keep.view_as(act)
+
+
+def auxk_reference(
+    act: torch.Tensor, dead_mask: torch.Tensor, aux_k: int, W_dec: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """The AuxK loss written plainly: the aux_k largest ReLU pre-activations `act` among dead latents
+    reconstruct the (detached) residual; sum of squared errors, scaled by min(dead / aux_k, 1)."""
+    top = torch.sort(act.masked_fill(~dead_mask, float("-inf")), dim=1, descending=True, stable=True)
+    aux_f = torch.zeros_like(act).scatter(1, top.indices[:, :aux_k], top.values[:, :aux_k].clamp_min(0))
+    sse = (aux_f @ W_dec - residual.detach()).pow(2).sum()
+    return sse * min(int(dead_mask.sum()) / aux_k, 1.0)
+
+
+def dense_fraction_paths(module: Any) -> Any:
+    """A `path` fixture over a variable-count op's two paths: the sparse retry path at every size
+    (module.DENSE_FRACTION = 1: no dense fallback) or the dense fallback whenever the first attempt
+    is not enough (DENSE_FRACTION = 0)."""
+
+    @pytest.fixture(params=["sparse", "dense_fallback"])
+    def path(request: Any, monkeypatch: Any) -> str:
+        monkeypatch.setattr(module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
+        return request.param
+
+    return path
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny training loops run faster on one thread, and much faster on a loaded shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import torch
 import flashsae
 from flashsae import JumpReLUConfig, JumpReLUSAE
 from helpers import SIZE_IDS, SIZES, LargestTensorMode, assert_close, f64, sae_tensors
-from sae_helpers import check_against_reference
+from sae_helpers import check_against_reference, dense_fraction_paths
 
 threshold_encode_module = importlib.import_module("flashsae.ops.threshold_encode")
 topk_encode_module = importlib.import_module("flashsae.ops.topk_encode")
@@ -26,12 +26,7 @@ def thresholds(n: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.rand(n, dtype=torch.float64) * 1.5 - 0.2).to(dtype)
 
 
-@pytest.fixture(params=["sparse", "dense_fallback"])
-def path(request, monkeypatch):
-    """The sparse retry path at every size (no dense fallback), or the dense fallback whenever the
-    first attempt is not enough."""
-    monkeypatch.setattr(threshold_encode_module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
-    return request.param
+path = dense_fraction_paths(threshold_encode_module)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
