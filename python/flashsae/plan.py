@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ._checks import positive_int
+from .cli_args import field_docs
 
 # the CPU encoder's pre-activation tile and the row-sparse encoder backward's W_enc chunk (elements)
 from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS
@@ -408,8 +409,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _field_docs() -> dict[str, str]:
-    from .train.config import field_docs
-
     return field_docs(PlanConfig)
 
 

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from ..modules.topk import TopKConfig, TopKSAE
 from ..optim import SparseAdam
+from ..optim.sparse_adam import _matrix_view
 from ..storage import check_header, fsync_file, replace_directory
 from .layout import Layout, shard_range, single_process
 from .tensor_parallel import ShardedTopKSAE
@@ -239,8 +240,6 @@ def load_optimizer_sharded(path: str | os.PathLike, sae: ShardedTopKSAE, optimiz
         state[ids[PARAMETERS.index(name)]][field] = value
     if isinstance(optimizer, SparseAdam) and "step" in state[ids[1]]:
         # b_enc's dense update touched every element at every step: its per-row last step is the step
-        from ..optim.sparse_adam import _matrix_view
-
         rows = _matrix_view(sae.b_enc).shape[0]
         step = int(torch.as_tensor(state[ids[1]]["step"]))
         state[ids[1]]["last_step"] = torch.full((rows,), step, dtype=torch.int64)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..cli_args import add_config_flags
 from ..modules.topk import TopKConfig
 from ..plan import parse_count
 from ..train.cache import CachedActivations
@@ -199,15 +200,13 @@ class DistributedTrainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _add_config_flags
-
     parser = argparse.ArgumentParser(
         prog="python -m flashsae.distributed.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    _add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, TrainConfig)
     for action in parser._actions:  # sizes with k/M/G suffixes
         if action.dest in ("n_latents", "batch_size", "train_tokens", "dead_tokens", "buffer_tokens"):
             action.type = parse_count if action.dest != "n_latents" else _optional_count

@@ -42,6 +42,7 @@ from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
 from .base import ConfigField, KeywordConfigSAE, SAEConfig
+from .jumprelu import JumpReLUSAE
 
 
 @dataclass
@@ -193,8 +194,6 @@ class BatchTopKSAE(KeywordConfigSAE):
         latent's threshold = the estimated threshold, b_dec subtracted before encoding
         (apply_b_dec_to_input=True). Its encode / forward latents equal this SAE's eval-mode ones.
         Raises ValueError while no threshold has been estimated (train in training mode first)."""
-        from .jumprelu import JumpReLUSAE  # a sibling module; imported here to keep modules independent
-
         estimate = float(self.threshold)
         if estimate <= 0:
             raise ValueError(

@@ -12,7 +12,8 @@ and the unit-norm decoder step, shared with flashsae.distributed), :mod:`.traine
 """
 
 from .cache import CachedActivations, CacheError, read_manifest, write_cache
-from .config import ActivationSourceConfig, CacheConfig, TrainConfig, field_docs
+from ..cli_args import field_docs
+from .config import ActivationSourceConfig, CacheConfig, TrainConfig
 from .trainer import NonFiniteActivationsError, Trainer, TrainResult, fold_activation_scale_, resume_config, train
 
 __all__ = [

@@ -10,12 +10,8 @@ April 2024 update; sparsify).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import itertools
 import math
-import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -320,19 +316,3 @@ RESUMABLE_OVERRIDES = frozenset(
     {"resume", "train_tokens", "checkpoint_every", "log_every", "eval_tokens", "progress", "tensorboard"}
     | {"wandb_project", "max_nonfinite_batches"}
 )
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """{field name: its docstring} of a dataclass and its bases (the string literal written under
-    each field), one line each, for the CLI's help."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for statement, following in itertools.pairwise(body):
-            documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-            if isinstance(statement, ast.AnnAssign) and documented and isinstance(following.value.value, str):
-                docs[statement.target.id] = " ".join(following.value.value.split())  # type: ignore[union-attr]
-    return docs
