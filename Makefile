@@ -31,8 +31,11 @@ train: $(VENV)/.flashsae-installed
 bench: $(VENV)/.flashsae-installed
 	$(VENV)/bin/flashsae bench
 
+# PYTHONSAFEPATH=1: `python -m pytest` would put the checkout's root on sys.path, where the top-level
+# kernels/ folder (shipped as flashsae.kernels) then shadows the `kernels` package that transformers
+# >= 5 looks for (`from kernels import CUDAProperties` -> ImportError in every model load).
 test: $(VENV)/.flashsae-installed
-	TRITON_INTERPRET=1 $(PY) -m pytest
+	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) build

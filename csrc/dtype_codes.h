@@ -1,4 +1,5 @@
-// Dtype codes passed next to every address across the pybind11 boundary (DESIGN.md §2).
+// Dtype codes passed next to every address across the pybind11 boundary: the modules include no
+// torch header, so a tensor's dtype crosses as one of these ints.
 // Shared by flashsae._C and flashsae._C_cuda; must match flashsae/_native.py (DTYPE_CODES),
 // which reads them back from the modules' DTYPE_* attributes at import time.
 #pragma once

@@ -60,11 +60,12 @@ class FakeCudaModule:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def gather_rows(self, coef, gate, indices, rows, k, W, n, d, bias, out, out_fp32, flag, dtype, device, stream):
+    def gather_rows(self, *, coef, gate, indices, rows, k, W, n_latents, d, bias, out, out_fp32, error_flag, dtype,
+                    device, stream):  # fmt: skip
         self.calls.append("gather_rows")
         T = CODES[dtype]
         gate, bias = _opt(gate), _opt(bias)
-        _check_rows(W, (n, d), T, "W")
+        _check_rows(W, (n_latents, d), T, "W")
         _check_rows(coef, (rows, k), T, "coef")
         _check_rows(indices, (rows, k), torch.int32, "indices")
         _check_rows(out, (rows, d), torch.float32 if out_fp32 else T, "out")
@@ -72,55 +73,59 @@ class FakeCudaModule:
             _check_rows(gate, (rows, k), T, "gate")
         if bias is not None:
             _check_rows(bias, (d,), T, "bias")
-        c, idx = _slots(coef, indices, n, gate, flag)
+        c, idx = _slots(coef, indices, n_latents, gate, error_flag)
         res = (c.unsqueeze(-1) * W.float()[idx]).sum(1)
         out.copy_(res if bias is None else res + bias.float())
 
-    def dot_rows(self, R, r_fp32, indices, rows, k, W, n, d, out, flag, dtype, device, stream):
+    def dot_rows(self, *, R, r_fp32, indices, rows, k, W, n_latents, d, out, error_flag, dtype, device, stream):
         self.calls.append("dot_rows")
         T = CODES[dtype]
-        _check_rows(W, (n, d), T, "W")
+        _check_rows(W, (n_latents, d), T, "W")
         _check_rows(R, (rows, d), torch.float32 if r_fp32 else T, "R")
         _check_rows(indices, (rows, k), torch.int32, "indices")
         _check_rows(out, (rows, k), T, "out")
-        c, idx = _slots(torch.ones(rows, k), indices, n, None, flag)
+        c, idx = _slots(torch.ones(rows, k), indices, n_latents, None, error_flag)
         out.copy_(torch.einsum("bkd,bd->bk", W.float()[idx], R.float()) * c)
 
-    def segment_rows(self, order, seg, n, rows, K, K1, coef, gate, R1, R2, r_fp32, offset, d, out, coef_sum, dtype,
-                     device, stream):  # fmt: skip
-        self.calls.append("segment_rows")
+    def scatter_rows(self, *, order, seg, n_latents, rows, k, main_slots, coef, gate, R1, R2, r_fp32, offset, d, out,
+                     coef_sum, dtype, device, stream):  # fmt: skip
+        self.calls.append("scatter_rows")
         T = CODES[dtype]
         R_dtype = torch.float32 if r_fp32 else T
         gate, R2, offset, coef_sum = _opt(gate), _opt(R2), _opt(offset), _opt(coef_sum)
-        _check_rows(order, (rows * K,), torch.int64, "order")
-        _check_rows(seg, (n + 1,), torch.int64, "seg")
-        _check_rows(coef, (rows, K), T, "coef")
+        _check_rows(order, (rows * k,), torch.int64, "order")
+        _check_rows(seg, (n_latents + 1,), torch.int64, "seg")
+        _check_rows(coef, (rows, k), T, "coef")
         _check_rows(R1, (rows, d), R_dtype, "R1")
-        _check_rows(out, (n, d), T, "out")
-        _expect(1 <= K1 <= K and (K1 == K or R2 is not None), f"K1 = {K1} with K = {K}, R2 {R2 is not None}")
+        _check_rows(out, (n_latents, d), T, "out")
+        _expect(
+            1 <= main_slots <= k and (main_slots == k or R2 is not None),
+            f"main_slots = {main_slots} with k = {k}, R2 {R2 is not None}",
+        )
         if R2 is not None:
             _check_rows(R2, (rows, d), R_dtype, "R2")
         if gate is not None:
-            _check_rows(gate, (rows, K), T, "gate")
+            _check_rows(gate, (rows, k), T, "gate")
         if offset is not None:
             _check_rows(offset, (d,), T, "offset")
         if coef_sum is not None:
-            _check_rows(coef_sum, (n,), T, "coef_sum")
-        _expect(torch.equal(order.sort().values, torch.arange(rows * K)), "order is not a permutation of the slots")
+            _check_rows(coef_sum, (n_latents,), T, "coef_sum")
+        _expect(torch.equal(order.sort().values, torch.arange(rows * k)), "order is not a permutation of the slots")
         _expect(bool((seg[1:] >= seg[:-1]).all()) and int(seg[0]) == 0, "seg is not a list of segment starts")
         used = int(seg[-1])
-        latent = torch.repeat_interleave(torch.arange(n), seg[1:] - seg[:-1])  # latent of sorted position p < used
+        # the latent of each sorted position p < used
+        latent = torch.repeat_interleave(torch.arange(n_latents), seg[1:] - seg[:-1])
         s = order[:used]
-        b, j = s // K, s % K
+        b, j = s // k, s % k
         flat_coef = coef.reshape(-1)[s].float()
         if gate is not None:
             flat_coef = flat_coef * (gate.reshape(-1)[s].float() > 0)
-        R = R1.float()[b] if R2 is None else torch.where((j < K1).unsqueeze(1), R1.float()[b], R2.float()[b])
+        R = R1.float()[b] if R2 is None else torch.where((j < main_slots).unsqueeze(1), R1.float()[b], R2.float()[b])
         if offset is not None:
             R = R - offset.float()
-        out.copy_(torch.zeros(n, d).index_add_(0, latent, flat_coef.unsqueeze(1) * R))
+        out.copy_(torch.zeros(n_latents, d).index_add_(0, latent, flat_coef.unsqueeze(1) * R))
         if coef_sum is not None:
-            coef_sum.copy_(torch.zeros(n).index_add_(0, latent, flat_coef))
+            coef_sum.copy_(torch.zeros(n_latents).index_add_(0, latent, flat_coef))
 
     def _reconstruct(self, x, values, indices, k, aux_values, aux_indices, aux_k, W, b_dec, rows, n, d, flags, T):
         _check_rows(W, (n, d), T, "W_dec")
@@ -139,11 +144,13 @@ class FakeCudaModule:
             e_hat = (ca.unsqueeze(-1) * W.float()[ia]).sum(1)
         return x_hat, e_hat
 
-    def sae_loss_forward(self, x, values, indices, k, aux_values, aux_indices, aux_k, W, b_dec, rows, n, d, x_hat, sse,
-                         aux_sse, flags, dtype, device, stream):  # fmt: skip
+    def sae_loss_forward(self, *, x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n_latents,
+                         d, x_hat, sse, aux_sse, error_flag, dtype, device, stream):  # fmt: skip
         self.calls.append("sae_loss_forward")
         T = CODES[dtype]
-        xh, e = self._reconstruct(x, values, indices, k, aux_values, aux_indices, aux_k, W, b_dec, rows, n, d, flags, T)
+        xh, e = self._reconstruct(
+            x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n_latents, d, error_flag, T
+        )
         _check_rows(x_hat, (rows, d), T, "x_hat")
         _check_rows(sse, (rows,), torch.float32, "sse")
         r = xh - x.float()
@@ -155,28 +162,31 @@ class FakeCudaModule:
         else:
             _expect(_opt(aux_sse) is None, "aux_sse without aux slots")
 
-    def sae_loss_backward_rows(self, g_xhat, g_sse, g_aux, x, values, indices, k, aux_values, aux_indices, aux_k, W,
-                               b_dec, rows, n, d, G, H, dx, flags, dtype, device, stream):  # fmt: skip
+    def sae_loss_backward_rows(self, *, grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, k, aux_values,
+                               aux_indices, aux_k, W_dec, b_dec, rows, n_latents, d, G, H, dx, error_flag, dtype,
+                               device, stream):  # fmt: skip
         self.calls.append("sae_loss_backward_rows")
         T = CODES[dtype]
-        g_xhat, dx = _opt(g_xhat), _opt(dx)
-        xh, e = self._reconstruct(x, values, indices, k, aux_values, aux_indices, aux_k, W, b_dec, rows, n, d, flags, T)
-        _check_rows(g_sse, (rows,), torch.float32, "grad_sse")
+        grad_x_hat, dx = _opt(grad_x_hat), _opt(dx)
+        xh, e = self._reconstruct(
+            x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n_latents, d, error_flag, T
+        )
+        _check_rows(grad_sse, (rows,), torch.float32, "grad_sse")
         _check_rows(G, (rows, d), torch.float32, "G")
         r = xh - x.float()
-        G.copy_(2 * g_sse.unsqueeze(1) * r + (0 if g_xhat is None else g_xhat.float()))
-        if g_xhat is not None:
-            _check_rows(g_xhat, (rows, d), T, "grad_x_hat")
+        G.copy_(2 * grad_sse.unsqueeze(1) * r + (0 if grad_x_hat is None else grad_x_hat.float()))
+        if grad_x_hat is not None:
+            _check_rows(grad_x_hat, (rows, d), T, "grad_x_hat")
         if aux_k:
-            _check_rows(g_aux, (rows,), torch.float32, "grad_aux_sse")
+            _check_rows(grad_aux_sse, (rows,), torch.float32, "grad_aux_sse")
             _check_rows(H, (rows, d), torch.float32, "H")
-            H.copy_(2 * g_aux.unsqueeze(1) * (e + r))
+            H.copy_(2 * grad_aux_sse.unsqueeze(1) * (e + r))
         if dx is not None:
             _check_rows(dx, (rows, d), T, "dx")
-            dx.copy_(-2 * g_sse.unsqueeze(1) * r)
+            dx.copy_(-2 * grad_sse.unsqueeze(1) * r)
 
-    def topk_select(self, scores, score_dtype, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state, aux_k,
-                    device, stream):  # fmt: skip
+    def topk_select(self, *, scores, score_dtype, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state,
+                    aux_k, device, stream):  # fmt: skip
         self.calls.append("topk_select")
         bias, dead_mask, aux_state = _opt(bias), _opt(dead_mask), _opt(aux_state)
         _expect(tuple(scores.shape) == (rows, cols), f"scores shape {tuple(scores.shape)} != {(rows, cols)}")
@@ -195,17 +205,20 @@ class FakeCudaModule:
             return 0 if t is None else t.data_ptr()
 
         _C.topk_select_host(
-            scores32.data_ptr(), cols, rows, cols, col0, ptr(bias), relu, state.data_ptr(), k, ptr(dead_mask),
-            ptr(aux_state), aux_k, self.TOPK_SLICE, self.TOPK_CAPACITY,
+            scores=scores32.data_ptr(), ld=cols, rows=rows, cols=cols, col0=col0, bias=ptr(bias), relu=relu,
+            state=state.data_ptr(), k=k, dead_mask=ptr(dead_mask), aux_state=ptr(aux_state), aux_k=aux_k,
+            slice=self.TOPK_SLICE, capacity=self.TOPK_CAPACITY,
         )  # fmt: skip
 
-    def topk_finish(self, state, rows, k, values, indices, value_dtype, device, stream):
+    def topk_finish(self, *, state, rows, k, values, indices, value_dtype, device, stream):
         self.calls.append("topk_finish")
         _check_rows(state, (rows, k), torch.int64, "state")
         _check_rows(values, (rows, k), CODES[value_dtype], "values")
         _check_rows(indices, (rows, k), torch.int32, "indices")
         values32 = torch.empty(rows, k)
-        _C.topk_finish_host(state.data_ptr(), rows, k, values32.data_ptr(), indices.data_ptr())
+        _C.topk_finish_host(
+            state=state.data_ptr(), rows=rows, k=k, values=values32.data_ptr(), indices=indices.data_ptr()
+        )
         values.copy_(values32)
 
 
@@ -228,7 +241,7 @@ def install(monkeypatch) -> FakeCudaModule:
     fake = FakeCudaModule()
     monkeypatch.setattr(_cuda, "_module", lambda: fake)
     monkeypatch.setattr(_cuda, "addr", lambda t: t)
-    monkeypatch.setattr(_cuda, "_where", lambda t: (0, 0))
+    monkeypatch.setattr(_cuda, "_where", lambda t: {"device": 0, "stream": 0})
     monkeypatch.setattr(_native, "cuda_module_available", lambda: True)
     monkeypatch.setitem(_backend._DEVICE_OF, "cuda", "cpu")
     monkeypatch.setattr(torch, "mm", _mm(torch.mm))

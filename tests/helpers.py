@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 CPU_BACKENDS = ["cpu", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
-#: Relative tolerance (to the largest reference magnitude) per dtype, DESIGN.md §5.
+#: Relative tolerance (to the largest reference magnitude) per dtype: a few roundings of the storage dtype
+#: (float32 accumulation throughout, float64 for float64 storage).
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 #: (rows, d, n_latents, k): odd sizes, k = 1, k = n, a single row.
 SIZES = [(37, 97, 1000, 7), (6, 16, 64, 1), (9, 33, 50, 50), (1, 8, 300, 3)]
 SIZE_IDS = ["odd", "k1", "k_eq_n", "one_row"]
+
+
+def binding_params(fn) -> list[str]:
+    """Parameter names of a compiled (pybind11) function, read from the signature line of its docstring
+    ("name(*, x: int, rows: int) -> None")."""
+    first = fn.__doc__.splitlines()[0]
+    return re.findall(r"(\w+):", first[first.index("(") + 1 : first.rindex(")")])
 
 
 def randn(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The CUDA top-k select's algorithm, run by its sequential host mirror in flashsae._C (CPU, every CI run).
 
-csrc/cuda/topk_select_host.cpp runs csrc/cuda/topk_select.cu's steps (keys, threshold filter,
+csrc/cuda/topk_encode_host.cpp runs csrc/cuda/topk_encode.cu's steps (keys, threshold filter,
 capacity rule, radix cut, compaction, sort) with the same shared functions (csrc/cuda/topk_keys.h),
 with the slice and buffer capacity as parameters so that small inputs go through many merges. The
 result must be exactly a stable descending sort's top k: same latents, same float32 values.
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flashsae import _C
 
-KERNEL_SLICE = 2048  # topk_select.cu: kSlice and kCapacity
+KERNEL_SLICE = 2048  # topk_encode.cu: kSlice and kCapacity
 KERNEL_CAPACITY = 2048
 
 
@@ -45,8 +45,10 @@ def mirror_select(
     for width in widths:
         chunk = scores[:, c0 : c0 + width]  # a strided view: row stride n
         _C.topk_select_host(
-            chunk.data_ptr(), n, rows, width, c0, 0 if bias32 is None else bias32.data_ptr(), relu, state.data_ptr(),
-            k, 0 if dead8 is None else dead8.data_ptr(), aux_state.data_ptr() if aux_k else 0, aux_k, slice_, capacity,
+            scores=chunk.data_ptr(), ld=n, rows=rows, cols=width, col0=c0,
+            bias=0 if bias32 is None else bias32.data_ptr(), relu=relu, state=state.data_ptr(), k=k,
+            dead_mask=0 if dead8 is None else dead8.data_ptr(), aux_state=aux_state.data_ptr() if aux_k else 0,
+            aux_k=aux_k, slice=slice_, capacity=capacity,
         )  # fmt: skip
         c0 += width
     out = []
@@ -55,7 +57,9 @@ def mirror_select(
             continue
         values = torch.full((rows, slots), float("nan"))
         indices = torch.full((rows, slots), -(2**31), dtype=torch.int32)
-        _C.topk_finish_host(st_.data_ptr(), rows, slots, values.data_ptr(), indices.data_ptr())
+        _C.topk_finish_host(
+            state=st_.data_ptr(), rows=rows, k=slots, values=values.data_ptr(), indices=indices.data_ptr()
+        )
         out += [values, indices]
     return tuple(out)
 
@@ -127,7 +131,9 @@ def test_special_values_order_like_floats():
     special = torch.tensor([float("-inf"), -1.0, -0.0, 0.0, 1e-45, 1.0, float("inf"), -3e38, 3e38])
     latents = torch.arange(special.numel(), dtype=torch.int32)
     keys = torch.empty(special.numel(), dtype=torch.int64)
-    _C.topk_make_keys_host(special.data_ptr(), latents.data_ptr(), special.numel(), keys.data_ptr())
+    _C.topk_make_keys_host(
+        values=special.data_ptr(), latents=latents.data_ptr(), count=special.numel(), keys=keys.data_ptr()
+    )
     as_unsigned = [k % 2**64 for k in keys.tolist()]
     order = sorted(range(special.numel()), key=lambda i: as_unsigned[i])
     expected = torch.tensor([float("-inf"), -3e38, -1.0, -0.0, 0.0, 1e-45, 1.0, 3e38, float("inf")])
@@ -172,10 +178,13 @@ def test_property_any_shape_any_schedule(n, data, slice_, extra, relu, levels):
 def test_bad_arguments_are_refused():
     state = torch.zeros(1, 2, dtype=torch.int64)
     scores = torch.zeros(1, 4)
-    args = [scores.data_ptr(), 4, 1, 4, 0, 0, False, state.data_ptr(), 2, 0, 0, 0, 8, 8]
+    args = {
+        "scores": scores.data_ptr(), "ld": 4, "rows": 1, "cols": 4, "col0": 0, "bias": 0, "relu": False,
+        "state": state.data_ptr(), "k": 2, "dead_mask": 0, "aux_state": 0, "aux_k": 0, "slice": 8, "capacity": 8,
+    }  # fmt: skip
     with pytest.raises(ValueError, match="slice, capacity"):
-        _C.topk_select_host(*args[:12], 8, 4)
+        _C.topk_select_host(**args | {"capacity": 4})
     with pytest.raises(ValueError, match="dead_mask, aux_state"):
-        _C.topk_select_host(*args[:11], 1, 8, 8)
+        _C.topk_select_host(**args | {"aux_k": 1})
     with pytest.raises(ValueError, match="ld >= cols"):
-        _C.topk_select_host(args[0], 3, *args[2:])
+        _C.topk_select_host(**args | {"ld": 3})

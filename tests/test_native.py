@@ -10,6 +10,7 @@ import torch
 
 import flashsae
 from flashsae import _C, _native
+from helpers import binding_params
 
 
 def test_openmp_pool_is_torchs():
@@ -56,17 +57,59 @@ def test_boundary_checks_sizes_before_running_a_kernel():
     scores = torch.zeros(4, 10)
     heap = torch.zeros(4, 3)
     ids = torch.zeros(4, 3, dtype=torch.int32)
-    args = [scores.data_ptr(), 10, 4, 10, 0, 10, heap.data_ptr(), ids.data_ptr(), 3, 0, 0, 0, 0, _C.DTYPE_FLOAT32]
+    args = merge_args(scores.data_ptr(), heap.data_ptr(), ids.data_ptr())
     with pytest.raises(ValueError, match=r"k: expected 1 <= k <= n_latents \(10\), got 11"):
-        _C.topk_state_merge(*args[:8], 11, *args[9:])
+        _C.topk_state_merge(**args | {"k": 11})
     with pytest.raises(ValueError, match=r"col0: tile \[5, 15\) leaves \[0, 10\)"):
-        _C.topk_state_merge(*args[:4], 5, *args[5:])
+        _C.topk_state_merge(**args | {"col0": 5})
     with pytest.raises(ValueError, match=r"heap_scores: null address"):
-        _C.topk_state_merge(*args[:6], 0, *args[7:])
+        _C.topk_state_merge(**args | {"heap_scores": 0})
     with pytest.raises(ValueError, match=r"dead_mask: null address"):
-        _C.topk_state_merge(*args[:12], 2, _C.DTYPE_FLOAT32)
+        _C.topk_state_merge(**args | {"aux_k": 2})
     with pytest.raises(ValueError, match=r"scores: unsupported dtype bfloat16 \(expected float32 or float64\)"):
-        _C.topk_state_merge(*args[:13], _C.DTYPE_BFLOAT16)
+        _C.topk_state_merge(**args | {"score_dtype": _C.DTYPE_BFLOAT16})
+
+
+def merge_args(scores: int, heap: int, ids: int) -> dict:
+    """Valid topk_state_merge arguments for a [4, 10] float32 tile, k = 3, no aux heap."""
+    return {
+        "scores": scores, "ld": 10, "rows": 4, "cols": 10, "col0": 0, "n_latents": 10, "heap_scores": heap,
+        "heap_indices": ids, "k": 3, "dead_mask": 0, "aux_scores": 0, "aux_indices": 0, "aux_k": 0,
+        "score_dtype": _C.DTYPE_FLOAT32,
+    }  # fmt: skip
+
+
+KERNEL_BINDINGS = [
+    "topk_state_init", "topk_state_merge", "topk_state_finish", "sparse_decode_forward", "sparse_decode_backward",
+    "topk_encode_backward", "sae_loss_forward", "sae_loss_backward", "sparse_adam", "sparse_adam_rowwise",
+    "topk_select_host", "topk_finish_host", "topk_make_keys_host",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", KERNEL_BINDINGS)
+def test_kernel_bindings_take_named_arguments_only(name):
+    # addresses are plain ints: passed by position, two swapped ones would run without complaint
+    fn = getattr(_C, name)
+    params = binding_params(fn)
+    assert params and fn.__doc__.startswith(f"{name}(*, {params[0]}: ")
+    assert len(set(params)) == len(params) and not any(p.startswith("arg") for p in params)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        fn(*range(len(params)))
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        fn(**{p: 0 for p in params[:-1]}, not_an_argument=0)
+
+
+def test_every_kernel_binding_is_checked():
+    compiled = {name for name, fn in vars(_C).items() if callable(fn)} - {"openmp_max_threads"}
+    assert compiled == set(KERNEL_BINDINGS)
+
+
+def test_a_misspelled_keyword_is_refused():
+    scores, heap, ids = torch.zeros(4, 10), torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32)
+    args = merge_args(scores.data_ptr(), heap.data_ptr(), ids.data_ptr())
+    args["heap_ids"] = args.pop("heap_indices")
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        _C.topk_state_merge(**args)
 
 
 def test_version():

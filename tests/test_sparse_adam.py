@@ -311,8 +311,10 @@ def test_the_cpu_kernel_checks_rows_itself():
     p, m, v, last, schedule = args["param"], args["exp_avg"], args["exp_avg_sq"], args["last_step"], args["schedule"]
     with pytest.raises(ValueError, match=r"rows: row 4 at position 1 is out of range or out of order"):
         _C.sparse_adam(
-            addr(p), 0, addr(m), addr(v), addr(last), addr(rows), 3, addr(args["grads"]), 10, 4, 1, addr(schedule), 2,
-            BETA1, BETA2, EPS, 5, dtype_code(p), dtype_code(m),
+            param=addr(p), master=0, exp_avg=addr(m), exp_avg_sq=addr(v), last_step=addr(last), rows=addr(rows),
+            row_count=3, grads=addr(args["grads"]), param_rows=10, d=4, step=1, schedule=addr(schedule),
+            schedule_rows=2, beta1=BETA1, beta2=BETA2, eps=EPS, horizon=5, param_dtype=dtype_code(p),
+            state_dtype=dtype_code(m),
         )  # fmt: skip
 
 

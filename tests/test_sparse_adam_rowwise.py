@@ -309,8 +309,10 @@ def test_the_cpu_kernel_checks_its_arguments_itself():
 
     def call(rows, first=2, scale=s, beta1=0.9):
         _C.sparse_adam_rowwise(
-            addr(p), 0, addr(m), addr(scale), addr(v), addr(last), addr(rows), 3, addr(a["grads"]), 10, 4, 1,
-            addr(schedule), 2, beta1, BETA2, EPS, 5, dtype_code(p), first, -1,
+            param=addr(p), master=0, exp_avg=addr(m), exp_avg_scale=addr(scale), exp_avg_sq=addr(v),
+            last_step=addr(last), rows=addr(rows), row_count=3, grads=addr(a["grads"]), param_rows=10, d=4, step=1,
+            schedule=addr(schedule), schedule_rows=2, beta1=beta1, beta2=BETA2, eps=EPS, horizon=5,
+            param_dtype=dtype_code(p), first_moment=first, first_moment_dtype=-1,
         )  # fmt: skip
 
     with pytest.raises(ValueError, match=r"rows: row 4 at position 1 is out of range or out of order"):

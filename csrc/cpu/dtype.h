@@ -1,4 +1,5 @@
-// Element types of the CPU kernels, without torch headers (DESIGN.md §2).
+// Element types of the CPU kernels. No torch header is included, so one build of flashsae._C
+// works with any torch version.
 //
 // Python passes a dtype code (dtype_codes.h) next to every address. Storage types are float,
 // double, bf16 and f16; every kernel accumulates in Acc<T> (float, or double for double storage)
@@ -64,6 +65,10 @@ template <> inline bf16 store<bf16>(float v) { return bf16_from_float(v); }
 template <> inline f16 store<f16>(float v) { return f16_from_float(v); }
 template <typename T> inline T store_acc(Acc<T> v) { return store<T>(static_cast<float>(v)); }
 template <> inline double store_acc<double>(double v) { return v; }
+
+// An untyped kernel argument seen as storage type T (const stays const).
+template <typename T> inline const T* typed(const void* p) { return static_cast<const T*>(p); }
+template <typename T> inline T* typed(void* p) { return static_cast<T*>(p); }
 
 // Calls fn(T{}) with the storage type named by a floating dtype code.
 template <typename Fn> auto dispatch_float(int code, const char* what, Fn&& fn) {

@@ -1,10 +1,11 @@
-// flashsae._C: the host boundary of the CPU kernels (the role flash_api.cpp plays in FlashAttention).
+// flashsae._C: the host boundary of the CPU kernels, the one file that checks their arguments.
 //
-// Every binding takes raw addresses (tensor.data_ptr() as a Python int), sizes and dtype codes;
-// no torch headers are involved (DESIGN.md §2). flashsae/_native.py has already checked device,
-// dtype, contiguity and shapes of each tensor; this file checks what only C++ can check cheaply
-// (index ranges, which the kernels would otherwise read out of bounds with) and the size invariants
-// the kernels rely on, then releases the GIL and runs the kernel.
+// Every binding takes raw addresses (tensor.data_ptr() as a Python int), sizes and dtype codes as
+// keyword-only arguments, so a call names every address it passes and two swapped addresses cannot
+// go unnoticed. flashsae/_native.py has already checked device, dtype, contiguity and shapes of each
+// tensor; this file checks what only C++ can check cheaply (index ranges, which the kernels would
+// otherwise read out of bounds with) and the size invariants the kernels rely on, then releases the
+// GIL and runs the kernel.
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -13,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "boundary.h"
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
 
@@ -20,26 +22,12 @@ namespace py = pybind11;
 using flashsae::DType;
 
 namespace flashsae {
-void register_topk_select_host(py::module_& m);  // csrc/cuda/topk_select_host.cpp (tests of the CUDA select)
+void register_topk_encode_host(py::module_& m);  // csrc/cuda/topk_encode_host.cpp (tests of the CUDA select)
 }  // namespace flashsae
 
 namespace {
 
-using addr_t = std::uintptr_t;
-
-template <typename T = void> T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
-void require_positive(int64_t value, const char* name) {
-  if (value < 1) {
-    std::ostringstream m;
-    m << name << ": expected >= 1, got " << value;
-    throw std::invalid_argument(m.str());
-  }
-}
+using namespace flashsae::boundary;
 
 void require_k(int64_t k, int64_t n, const char* name) {
   if (k < 1 || k > n) {
@@ -47,10 +35,6 @@ void require_k(int64_t k, int64_t n, const char* name) {
     m << name << ": expected 1 <= " << name << " <= n_latents (" << n << "), got " << k;
     throw std::invalid_argument(m.str());
   }
-}
-
-void require_address(addr_t a, const char* name) {
-  require(a != 0, std::string(name) + ": null address");
 }
 
 // Every index must be a latent in [0, n) or -1 (an empty slot).
@@ -89,8 +73,7 @@ void check_sparse_rows(addr_t indices, int64_t rows, int64_t k, int64_t n, int64
 
 // ---------------------------------------------------------------------------------------------
 void topk_state_init(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k, int score_dtype) {
-  require_address(heap_scores, "heap_scores");
-  require_address(heap_indices, "heap_indices");
+  require_addresses({{heap_scores, "heap_scores"}, {heap_indices, "heap_indices"}});
   require_positive(rows, "rows");
   require_positive(k, "k");
   flashsae::cpu::topk_state_init(as_ptr(heap_scores), as_ptr<int32_t>(heap_indices), rows, k, score_dtype);
@@ -99,9 +82,7 @@ void topk_state_init(addr_t heap_scores, addr_t heap_indices, int64_t rows, int6
 void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int64_t col0, int64_t n,
                       addr_t heap_scores, addr_t heap_indices, int64_t k, addr_t dead_mask,
                       addr_t aux_scores, addr_t aux_indices, int64_t aux_k, int score_dtype) {
-  require_address(scores, "scores");
-  require_address(heap_scores, "heap_scores");
-  require_address(heap_indices, "heap_indices");
+  require_addresses({{scores, "scores"}, {heap_scores, "heap_scores"}, {heap_indices, "heap_indices"}});
   require_positive(rows, "rows");
   require_positive(cols, "cols");
   require(ld >= cols, "scores: row stride " + std::to_string(ld) + " < cols " + std::to_string(cols));
@@ -112,9 +93,7 @@ void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int
   require(aux_k >= 0 && aux_k <= n, "aux_k: expected 0 <= aux_k <= n_latents (" +
                                         std::to_string(n) + "), got " + std::to_string(aux_k));
   if (aux_k > 0) {
-    require_address(dead_mask, "dead_mask");
-    require_address(aux_scores, "aux_scores");
-    require_address(aux_indices, "aux_indices");
+    require_addresses({{dead_mask, "dead_mask"}, {aux_scores, "aux_scores"}, {aux_indices, "aux_indices"}});
   }
   flashsae::cpu::topk_state_merge(as_ptr(scores), ld, rows, cols, col0, as_ptr(heap_scores),
                                   as_ptr<int32_t>(heap_indices), k, as_ptr<const uint8_t>(dead_mask),
@@ -123,10 +102,8 @@ void topk_state_merge(addr_t scores, int64_t ld, int64_t rows, int64_t cols, int
 
 void topk_state_finish(addr_t heap_scores, addr_t heap_indices, int64_t rows, int64_t k,
                        int score_dtype, addr_t values, addr_t indices, int value_dtype) {
-  require_address(heap_scores, "heap_scores");
-  require_address(heap_indices, "heap_indices");
-  require_address(values, "values");
-  require_address(indices, "indices");
+  require_addresses({{heap_scores, "heap_scores"}, {heap_indices, "heap_indices"}, {values, "values"},
+                     {indices, "indices"}});
   require_positive(rows, "rows");
   require_positive(k, "k");
   flashsae::cpu::topk_state_finish(as_ptr(heap_scores), as_ptr<const int32_t>(heap_indices), rows, k,
@@ -135,10 +112,7 @@ void topk_state_finish(addr_t heap_scores, addr_t heap_indices, int64_t rows, in
 
 void sparse_decode_forward(addr_t values, addr_t indices, int64_t rows, int64_t k, addr_t W_dec,
                            int64_t n, int64_t d, addr_t b_dec, addr_t x_hat, int dtype) {
-  require_address(values, "values");
-  require_address(indices, "indices");
-  require_address(W_dec, "W_dec");
-  require_address(x_hat, "x_hat");
+  require_addresses({{values, "values"}, {indices, "indices"}, {W_dec, "W_dec"}, {x_hat, "x_hat"}});
   check_sparse_rows(indices, rows, k, n, d, dtype, "values");
   py::gil_scoped_release release;
   flashsae::cpu::sparse_decode_forward(as_ptr(values), as_ptr<const int32_t>(indices), rows, k,
@@ -148,9 +122,8 @@ void sparse_decode_forward(addr_t values, addr_t indices, int64_t rows, int64_t 
 void sparse_decode_backward(addr_t grad, addr_t values, addr_t indices, int64_t rows, int64_t k,
                             addr_t W_dec, int64_t n, int64_t d, addr_t d_values, addr_t dW_dec,
                             addr_t db_dec, int dtype) {
-  for (auto [a, name] : {std::pair{grad, "grad"}, {values, "values"}, {indices, "indices"},
-                         {W_dec, "W_dec"}, {d_values, "d_values"}, {dW_dec, "dW_dec"}})
-    require_address(a, name);
+  require_addresses({{grad, "grad"}, {values, "values"}, {indices, "indices"}, {W_dec, "W_dec"},
+                     {d_values, "d_values"}, {dW_dec, "dW_dec"}});
   check_sparse_rows(indices, rows, k, n, d, dtype, "values");
   py::gil_scoped_release release;
   flashsae::cpu::sparse_decode_backward(as_ptr(grad), as_ptr(values), as_ptr<const int32_t>(indices),
@@ -161,9 +134,8 @@ void sparse_decode_backward(addr_t grad, addr_t values, addr_t indices, int64_t 
 void topk_encode_backward(addr_t d_values, addr_t values, addr_t indices, int64_t rows, int64_t k,
                           addr_t x, addr_t b_dec, addr_t W_enc, int64_t n, int64_t d, addr_t dW_enc,
                           addr_t db_enc, addr_t dx, addr_t db_dec, int dtype) {
-  for (auto [a, name] : {std::pair{d_values, "d_values"}, {values, "values"}, {indices, "indices"},
-                         {x, "x"}, {W_enc, "W_enc"}, {dW_enc, "dW_enc"}, {db_enc, "db_enc"}})
-    require_address(a, name);
+  require_addresses({{d_values, "d_values"}, {values, "values"}, {indices, "indices"}, {x, "x"},
+                     {W_enc, "W_enc"}, {dW_enc, "dW_enc"}, {db_enc, "db_enc"}});
   check_sparse_rows(indices, rows, k, n, d, dtype, "x");
   py::gil_scoped_release release;
   flashsae::cpu::topk_encode_backward(as_ptr(d_values), as_ptr(values),
@@ -175,14 +147,11 @@ void topk_encode_backward(addr_t d_values, addr_t values, addr_t indices, int64_
 void check_loss_args(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values,
                      addr_t aux_indices, int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows,
                      int64_t n, int64_t d, int dtype) {
-  for (auto [a, name] : {std::pair{x, "x"}, {values, "values"}, {indices, "indices"},
-                         {W_dec, "W_dec"}, {b_dec, "b_dec"}})
-    require_address(a, name);
+  require_addresses({{x, "x"}, {values, "values"}, {indices, "indices"}, {W_dec, "W_dec"}, {b_dec, "b_dec"}});
   check_sparse_rows(indices, rows, k, n, d, dtype, "x");
   require(aux_k >= 0, "aux_k: expected >= 0, got " + std::to_string(aux_k));
   if (aux_k > 0) {
-    require_address(aux_values, "aux_values");
-    require_address(aux_indices, "aux_indices");
+    require_addresses({{aux_values, "aux_values"}, {aux_indices, "aux_indices"}});
     check_indices(aux_indices, rows, aux_k, n, "aux_indices");
   }
 }
@@ -191,8 +160,7 @@ void sae_loss_forward(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t
                       addr_t aux_indices, int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows,
                       int64_t n, int64_t d, addr_t x_hat, addr_t sse, addr_t aux_sse, int dtype) {
   check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, dtype);
-  require_address(x_hat, "x_hat");
-  require_address(sse, "sse");
+  require_addresses({{x_hat, "x_hat"}, {sse, "sse"}});
   if (aux_k > 0) require_address(aux_sse, "aux_sse");
   py::gil_scoped_release release;
   flashsae::cpu::sae_loss_forward(as_ptr(x), as_ptr(values), as_ptr<const int32_t>(indices), k,
@@ -207,13 +175,8 @@ void sae_loss_backward(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr
                        addr_t d_values, addr_t d_aux_values, addr_t dW_dec, addr_t db_dec, addr_t dx,
                        int dtype) {
   check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, dtype);
-  for (auto [a, name] : {std::pair{g_sse, "grad_sse"}, {d_values, "d_values"}, {dW_dec, "dW_dec"},
-                         {db_dec, "db_dec"}})
-    require_address(a, name);
-  if (aux_k > 0) {
-    require_address(g_aux, "grad_aux_sse");
-    require_address(d_aux_values, "d_aux_values");
-  }
+  require_addresses({{g_sse, "grad_sse"}, {d_values, "d_values"}, {dW_dec, "dW_dec"}, {db_dec, "db_dec"}});
+  if (aux_k > 0) require_addresses({{g_aux, "grad_aux_sse"}, {d_aux_values, "d_aux_values"}});
   py::gil_scoped_release release;
   flashsae::cpu::sae_loss_backward(as_ptr(g_xhat), as_ptr(g_sse), as_ptr(g_aux), as_ptr(x),
                                    as_ptr(values), as_ptr<const int32_t>(indices), k,
@@ -228,11 +191,9 @@ void sae_loss_backward(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x, addr
 void check_adam_rows(addr_t param, addr_t last_step, addr_t rows, int64_t m, addr_t grads, int64_t n,
                      int64_t d, int64_t step, addr_t schedule, int64_t schedule_rows, int64_t horizon,
                      int param_dtype, addr_t master) {
-  for (auto [a, name] : {std::pair{param, "param"}, {last_step, "last_step"}, {rows, "rows"},
-                         {schedule, "schedule"}})
-    require_address(a, name);
-  require_positive(m, "rows");
-  require_positive(n, "n");
+  require_addresses({{param, "param"}, {last_step, "last_step"}, {rows, "rows"}, {schedule, "schedule"}});
+  require_positive(m, "row_count");
+  require_positive(n, "param_rows");
   require_positive(d, "d");
   require_positive(step, "step");
   require(schedule_rows > step, "schedule: expected at least step + 1 = " + std::to_string(step + 1) +
@@ -265,8 +226,7 @@ void sparse_adam(addr_t param, addr_t master, addr_t exp_avg, addr_t exp_avg_sq,
                  addr_t rows, int64_t m, addr_t grads, int64_t n, int64_t d, int64_t step,
                  addr_t schedule, int64_t schedule_rows, double beta1, double beta2, double eps,
                  int64_t horizon, int param_dtype, int state_dtype) {
-  require_address(exp_avg, "exp_avg");
-  require_address(exp_avg_sq, "exp_avg_sq");
+  require_addresses({{exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"}});
   check_adam_rows(param, last_step, rows, m, grads, n, d, step, schedule, schedule_rows, horizon,
                   param_dtype, master);
   check_float_dtype(state_dtype, "exp_avg");
@@ -314,24 +274,50 @@ void sparse_adam_rowwise(addr_t param, addr_t master, addr_t exp_avg, addr_t exp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flashsae CPU kernels (C++17 + OpenMP). Internal: use flashsae.ops.";
-  m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::Float32);
-  m.attr("DTYPE_FLOAT64") = static_cast<int>(DType::Float64);
-  m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::BFloat16);
-  m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::Float16);
+  add_dtype_codes(m);
 
   m.def("openmp_max_threads", &omp_get_max_threads,
         "Threads the kernels use (shared with torch's pool: torch.set_num_threads applies)");
+  // Every kernel binding takes keyword arguments only (py::kw_only), named as in kernels.h.
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("topk_state_init", &topk_state_init, nogil);
-  m.def("topk_state_merge", &topk_state_merge, nogil);
-  m.def("topk_state_finish", &topk_state_finish, nogil);
+  m.def("topk_state_init", &topk_state_init, nogil, py::kw_only(), py::arg("heap_scores"),
+        py::arg("heap_indices"), py::arg("rows"), py::arg("k"), py::arg("score_dtype"));
+  m.def("topk_state_merge", &topk_state_merge, nogil, py::kw_only(), py::arg("scores"), py::arg("ld"),
+        py::arg("rows"), py::arg("cols"), py::arg("col0"), py::arg("n_latents"), py::arg("heap_scores"),
+        py::arg("heap_indices"), py::arg("k"), py::arg("dead_mask"), py::arg("aux_scores"),
+        py::arg("aux_indices"), py::arg("aux_k"), py::arg("score_dtype"));
+  m.def("topk_state_finish", &topk_state_finish, nogil, py::kw_only(), py::arg("heap_scores"),
+        py::arg("heap_indices"), py::arg("rows"), py::arg("k"), py::arg("score_dtype"), py::arg("values"),
+        py::arg("indices"), py::arg("value_dtype"));
   // The bindings below check indices while holding the GIL, then release it themselves.
-  m.def("sparse_decode_forward", &sparse_decode_forward);
-  m.def("sparse_decode_backward", &sparse_decode_backward);
-  m.def("topk_encode_backward", &topk_encode_backward);
-  m.def("sae_loss_forward", &sae_loss_forward);
-  m.def("sae_loss_backward", &sae_loss_backward);
-  m.def("sparse_adam", &sparse_adam);
-  m.def("sparse_adam_rowwise", &sparse_adam_rowwise);
-  flashsae::register_topk_select_host(m);
+  m.def("sparse_decode_forward", &sparse_decode_forward, py::kw_only(), py::arg("values"), py::arg("indices"),
+        py::arg("rows"), py::arg("k"), py::arg("W_dec"), py::arg("n_latents"), py::arg("d"), py::arg("b_dec"),
+        py::arg("x_hat"), py::arg("dtype"));
+  m.def("sparse_decode_backward", &sparse_decode_backward, py::kw_only(), py::arg("grad"), py::arg("values"),
+        py::arg("indices"), py::arg("rows"), py::arg("k"), py::arg("W_dec"), py::arg("n_latents"), py::arg("d"),
+        py::arg("d_values"), py::arg("dW_dec"), py::arg("db_dec"), py::arg("dtype"));
+  m.def("topk_encode_backward", &topk_encode_backward, py::kw_only(), py::arg("d_values"), py::arg("values"),
+        py::arg("indices"), py::arg("rows"), py::arg("k"), py::arg("x"), py::arg("b_dec"), py::arg("W_enc"),
+        py::arg("n_latents"), py::arg("d"), py::arg("dW_enc"), py::arg("db_enc"), py::arg("dx"), py::arg("db_dec"),
+        py::arg("dtype"));
+  m.def("sae_loss_forward", &sae_loss_forward, py::kw_only(), py::arg("x"), py::arg("values"), py::arg("indices"),
+        py::arg("k"), py::arg("aux_values"), py::arg("aux_indices"), py::arg("aux_k"), py::arg("W_dec"),
+        py::arg("b_dec"), py::arg("rows"), py::arg("n_latents"), py::arg("d"), py::arg("x_hat"), py::arg("sse"),
+        py::arg("aux_sse"), py::arg("dtype"));
+  m.def("sae_loss_backward", &sae_loss_backward, py::kw_only(), py::arg("grad_x_hat"), py::arg("grad_sse"),
+        py::arg("grad_aux_sse"), py::arg("x"), py::arg("values"), py::arg("indices"), py::arg("k"),
+        py::arg("aux_values"), py::arg("aux_indices"), py::arg("aux_k"), py::arg("W_dec"), py::arg("b_dec"),
+        py::arg("rows"), py::arg("n_latents"), py::arg("d"), py::arg("d_values"), py::arg("d_aux_values"),
+        py::arg("dW_dec"), py::arg("db_dec"), py::arg("dx"), py::arg("dtype"));
+  m.def("sparse_adam", &sparse_adam, py::kw_only(), py::arg("param"), py::arg("master"), py::arg("exp_avg"),
+        py::arg("exp_avg_sq"), py::arg("last_step"), py::arg("rows"), py::arg("row_count"), py::arg("grads"),
+        py::arg("param_rows"), py::arg("d"), py::arg("step"), py::arg("schedule"), py::arg("schedule_rows"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("horizon"), py::arg("param_dtype"),
+        py::arg("state_dtype"));
+  m.def("sparse_adam_rowwise", &sparse_adam_rowwise, py::kw_only(), py::arg("param"), py::arg("master"),
+        py::arg("exp_avg"), py::arg("exp_avg_scale"), py::arg("exp_avg_sq"), py::arg("last_step"), py::arg("rows"),
+        py::arg("row_count"), py::arg("grads"), py::arg("param_rows"), py::arg("d"), py::arg("step"),
+        py::arg("schedule"), py::arg("schedule_rows"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        py::arg("horizon"), py::arg("param_dtype"), py::arg("first_moment"), py::arg("first_moment_dtype"));
+  flashsae::register_topk_encode_host(m);
 }

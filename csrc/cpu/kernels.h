@@ -1,9 +1,9 @@
 // CPU kernels of flashsae._C. Only flashsae_cpu_api.cpp calls these; it has already checked the
-// sizes, so the kernels trust them. Index ranges are checked here, where the indices are read.
+// sizes and the index ranges, so the kernels trust them.
 //
-// Conventions (DESIGN.md §3): rows of W_enc / W_dec are latents ([n, d], row-major); indices are
-// int32; index -1 marks an empty slot (value ignored), which the aux top-k emits when fewer latents
-// are dead than slots asked for. Every float tensor of one call shares the storage dtype `dtype`;
+// Conventions, shared with the CUDA and Triton kernels and the torch reference: rows of W_enc /
+// W_dec are latents ([n, d], row-major); indices are int32; index -1 marks an empty slot (value
+// ignored), which the aux top-k emits when fewer latents are dead than slots asked for. Every float tensor of one call shares the storage dtype `dtype`;
 // accumulation is float32 (float64 for float64 storage).
 #pragma once
 
@@ -11,7 +11,7 @@
 
 namespace flashsae::cpu {
 
-// ---- running top-k over tiles of pre-activations (topk_select.cpp) -------------------------------
+// ---- running top-k over tiles of pre-activations (topk_encode.cpp) -------------------------------
 // State: per row a min-heap of k (score, index) pairs, worst at the root. score_dtype is float32 or
 // float64: the tile is computed in that precision so selection never sees rounded bf16 scores.
 

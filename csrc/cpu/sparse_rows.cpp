@@ -18,21 +18,7 @@ void sparse_decode_forward(const void* values, const int32_t* idx, int64_t rows,
   (void)n;  // indices were range-checked at the boundary
   dispatch_float(dtype, "values", [&](auto tag) {
     using T = decltype(tag);
-    using A = Acc<T>;
-    const T* v = static_cast<const T*>(values);
-    const T* w = static_cast<const T*>(W_dec);
-    const T* bd = static_cast<const T*>(b_dec);
-    T* out = static_cast<T*>(x_hat);
-#pragma omp parallel
-    {
-      std::vector<A> acc(static_cast<size_t>(d));
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < rows; ++b) {
-        for (int64_t t = 0; t < d; ++t) acc[t] = bd ? load<A>(bd[t]) : A(0);
-        detail::gather_into(acc.data(), v + b * k, idx + b * k, k, w, d);
-        for (int64_t t = 0; t < d; ++t) out[b * d + t] = store_acc<T>(acc[t]);
-      }
-    }
+    detail::gather_rows(typed<T>(x_hat), typed<T>(values), idx, rows, k, typed<T>(W_dec), d, typed<T>(b_dec));
     return 0;
   });
 }
@@ -43,26 +29,16 @@ void sparse_decode_backward(const void* grad, const void* values, const int32_t*
   dispatch_float(dtype, "values", [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
-    const T* g = static_cast<const T*>(grad);
-    const T* w = static_cast<const T*>(W_dec);
-    T* dv = static_cast<T*>(d_values);
+    const T* g = typed<T>(grad);
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < rows; ++b) {
-      for (int64_t j = 0; j < k; ++j) {
-        const int32_t i = idx[b * k + j];
-        dv[b * k + j] = store_acc<T>(i < 0 ? A(0) : detail::dot<A>(g + b * d, w + int64_t(i) * d, d));
-      }
-    }
+    for (int64_t b = 0; b < rows; ++b)
+      detail::dot_slots(typed<T>(d_values) + b * k, g + b * d, idx + b * k, k, typed<T>(W_dec), d);
     const LatentBuckets buckets(idx, rows * k, n);
-    detail::scatter_impl(buckets, static_cast<const T*>(values), k, g, static_cast<const T*>(nullptr),
-                         n, d, static_cast<T*>(dW_dec), static_cast<T*>(nullptr), /*accumulate=*/false);
-    if (db_dec) {
-      const std::vector<A> sums = detail::reduce_rows<A>(rows, d, [&](int64_t b, A* partial) {
-        detail::axpy(partial, A(1), g + b * d, d);
-      });
-      T* o = static_cast<T*>(db_dec);
-      for (int64_t t = 0; t < d; ++t) o[t] = store_acc<T>(sums[t]);
-    }
+    detail::scatter_impl(buckets, typed<T>(values), k, g, static_cast<const T*>(nullptr), n, d, typed<T>(dW_dec),
+                         static_cast<T*>(nullptr), /*accumulate=*/false);
+    if (db_dec)
+      detail::store_sum(typed<T>(db_dec), rows, d,
+                        [&](int64_t b, A* partial) { detail::axpy(partial, A(1), g + b * d, d); });
     return 0;
   });
 }
@@ -74,10 +50,9 @@ void topk_encode_backward(const void* d_values, const void* values, const int32_
   dispatch_float(dtype, "x", [&](auto tag) {
     using T = decltype(tag);
     using A = Acc<T>;
-    const T* dv = static_cast<const T*>(d_values);
-    const T* v = static_cast<const T*>(values);
-    const T* w = static_cast<const T*>(W_enc);
-    const T* bd = static_cast<const T*>(b_dec);
+    const T* dv = typed<T>(d_values);
+    const T* v = typed<T>(values);
+    const T* w = typed<T>(W_enc);
     const int64_t count = rows * k;
 
     // d_pre: the relu gate of the k selected slots (a zero value had relu' = 0).
@@ -87,24 +62,11 @@ void topk_encode_backward(const void* d_values, const void* values, const int32_
 
     // dW_enc[i] = sum d_pre (x[b] - b_dec); db_enc[i] = sum d_pre.
     const LatentBuckets buckets(idx, count, n);
-    T* dwe = static_cast<T*>(dW_enc);
-    T* dbe = static_cast<T*>(db_enc);
-    detail::scatter_impl(buckets, d_pre.data(), k, static_cast<const T*>(x), bd, n, d, dwe, dbe,
-                         /*accumulate=*/false);
+    detail::scatter_impl(buckets, d_pre.data(), k, typed<T>(x), typed<T>(b_dec), n, d, typed<T>(dW_enc),
+                         typed<T>(db_enc), /*accumulate=*/false);
 
-    if (dx) {
-      T* o = static_cast<T*>(dx);
-#pragma omp parallel
-      {
-        std::vector<A> acc(static_cast<size_t>(d));
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < rows; ++b) {
-          std::fill(acc.begin(), acc.end(), A(0));
-          detail::gather_into(acc.data(), d_pre.data() + b * k, idx + b * k, k, w, d);
-          for (int64_t t = 0; t < d; ++t) o[b * d + t] = store_acc<T>(acc[t]);
-        }
-      }
-    }
+    // dx[b] = sum_j d_pre[b, j] W_enc[idx[b, j]]
+    if (dx) detail::gather_rows(typed<T>(dx), d_pre.data(), idx, rows, k, w, d, static_cast<const T*>(nullptr));
     if (db_dec) {
       // db_dec = -sum_b dx[b] = -sum_i db_enc[i] W_enc[i]: one axpy per touched latent instead of
       // one per (row, slot) pair, and it needs no dx.
@@ -114,13 +76,10 @@ void topk_encode_backward(const void* d_values, const void* values, const int32_
       std::vector<int64_t> touched;
       for (int64_t i = 0; i < n; ++i)
         if (per_latent[i] != A(0)) touched.push_back(i);
-      const std::vector<A> sums = detail::reduce_rows<A>(
-          static_cast<int64_t>(touched.size()), d, [&](int64_t q, A* partial) {
-            const int64_t i = touched[q];
-            detail::axpy(partial, -per_latent[i], w + i * d, d);
-          });
-      T* o = static_cast<T*>(db_dec);
-      for (int64_t t = 0; t < d; ++t) o[t] = store_acc<T>(sums[t]);
+      detail::store_sum(typed<T>(db_dec), static_cast<int64_t>(touched.size()), d, [&](int64_t q, A* partial) {
+        const int64_t i = touched[q];
+        detail::axpy(partial, -per_latent[i], w + i * d, d);
+      });
     }
     return 0;
   });

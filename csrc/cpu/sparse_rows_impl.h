@@ -1,7 +1,8 @@
 // Templates shared by sparse_rows.cpp and sae_loss.cpp: the three row patterns every sparse op of
-// flashsae reduces to (gather-combine, row dot, latent-bucketed scatter).
+// flashsae reduces to (gather-combine, row dot, latent-bucketed scatter), and the row sums.
 #pragma once
 
+#include <algorithm>
 #include <omp.h>
 
 #include <cstring>
@@ -62,6 +63,37 @@ inline void gather_into(A* acc, const C* coef, const int32_t* idx, int64_t k, co
     u = 4;
   }
   for (; u < m; ++u) axpy(acc, c[u], rows[u], d);
+}
+
+// out[0:d] = acc[0:d], each element rounded once to the storage type.
+template <typename T, typename A> inline void store_row(T* out, const A* acc, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) out[t] = store_acc<T>(acc[t]);
+}
+
+// out[b] = bias + sum_j coef[b, j] * M[idx[b, j]] for every row b (bias may be null), accumulated
+// in Acc<T> and rounded once; rows in parallel, each with its own accumulator row.
+template <typename T, typename C>
+void gather_rows(T* out, const C* coef, const int32_t* idx, int64_t rows, int64_t k, const T* M, int64_t d,
+                 const T* bias) {
+  using A = Acc<T>;
+#pragma omp parallel
+  {
+    std::vector<A> acc(static_cast<size_t>(d));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < rows; ++b) {
+      for (int64_t t = 0; t < d; ++t) acc[t] = bias ? load<A>(bias[t]) : A(0);
+      gather_into(acc.data(), coef + b * k, idx + b * k, k, M, d);
+      store_row(out + b * d, acc.data(), d);
+    }
+  }
+}
+
+// out[j] = g . M[idx[j]] over one row's k slots (0 for an empty slot), rounded once.
+template <typename T, typename G>
+inline void dot_slots(T* out, const G* g, const int32_t* idx, int64_t k, const T* M, int64_t d) {
+  using A = Acc<T>;
+  for (int64_t j = 0; j < k; ++j)
+    out[j] = store_acc<T>(idx[j] < 0 ? A(0) : dot<A>(g, M + static_cast<int64_t>(idx[j]) * d, d));
 }
 
 // The (row, slot) pairs of an idx[rows, k] array, bucketed by latent with a stable counting sort:
@@ -148,6 +180,11 @@ template <typename A, typename Fn> std::vector<A> reduce_rows(int64_t count, int
   for (int th = 0; th < threads; ++th)
     for (int64_t t = 0; t < d; ++t) total[t] += partial[static_cast<int64_t>(th) * d + t];
   return total;
+}
+
+// out[0:d] = the reduce_rows sum, rounded once to the storage type.
+template <typename T, typename Fn> void store_sum(T* out, int64_t count, int64_t d, Fn&& fn) {
+  store_row(out, reduce_rows<Acc<T>>(count, d, fn).data(), d);
 }
 
 }  // namespace flashsae::cpu::detail

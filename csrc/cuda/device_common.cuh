@@ -13,6 +13,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "dtype_codes.h"
 
 namespace flashsae::cuda {
 
@@ -103,6 +106,18 @@ template <typename T, int N> __device__ __forceinline__ void store_n(T* p, const
       }
       q[v] = make_uint4(words[0], words[1], words[2], words[3]);
     }
+  }
+}
+
+// out = base[offset .. offset + N) for an active thread when base is given (an optional input may
+// be null), else zeros.
+template <typename T, int N>
+__device__ __forceinline__ void load_n_or_zero(const T* base, int64_t offset, bool active, float (&out)[N]) {
+  if (active && base != nullptr) {
+    load_n<T, N>(base + offset, out);
+  } else {
+#pragma unroll
+    for (int u = 0; u < N; ++u) out[u] = 0.f;
   }
 }
 
@@ -202,6 +217,38 @@ __device__ __forceinline__ void gather_row(float (&acc)[VEC], bool active, const
     __syncthreads();
     if (active) accumulate_staged<T, VEC>(acc, s_row, s_coef, count, M, d, c0);
   }
+}
+
+// ---------------------------------------------------------------------------------- host side
+
+// An untyped kernel argument seen as storage type T (const stays const).
+template <typename T> inline const T* typed(const void* p) { return static_cast<const T*>(p); }
+template <typename T> inline T* typed(void* p) { return static_cast<T*>(p); }
+
+// Calls f(T{}) with the CUDA storage type of a dtype code; cudaErrorInvalidValue for any other
+// code (the host boundary has already refused those with a ValueError).
+template <typename F> cudaError_t dispatch_dtype(int dtype, F&& f) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::Float32:
+      return f(float{});
+    case DType::BFloat16:
+      return f(__nv_bfloat16{});
+    case DType::Float16:
+      return f(__half{});
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Launches a row kernel with 16-byte vectors (VEC = kVec16<T> elements per thread) when `vector`,
+// else element by element (VEC = 1): launch(std::integral_constant<int, VEC>{}) runs
+// kernel<..., VEC><<<...>>>. Returns the launch status.
+template <typename T, typename Launch> cudaError_t launch_vectorized(bool vector, Launch&& launch) {
+  if (vector)
+    launch(std::integral_constant<int, kVec16<T>>{});
+  else
+    launch(std::integral_constant<int, 1>{});
+  return cudaGetLastError();
 }
 
 // Threads for a row kernel whose threads each own VEC of d columns: enough warps to cover the row

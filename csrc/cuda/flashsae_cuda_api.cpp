@@ -1,20 +1,20 @@
 // flashsae._C_cuda: the host boundary of the CUDA kernels.
 //
-// Same contract as flashsae._C (raw addresses + sizes + dtype codes, checked tensors from Python),
-// plus a device index and the caller's stream (torch.cuda.current_stream().cuda_stream), so every
-// launch is ordered with the surrounding torch work. cudart is linked statically, so importing this
-// module needs no CUDA runtime on the machine, and no driver until a function is called.
+// Same contract as flashsae._C (raw addresses + sizes + dtype codes as keyword-only arguments,
+// checked tensors from Python), plus a device index and the caller's stream
+// (torch.cuda.current_stream().cuda_stream), so every launch is ordered with the surrounding torch
+// work. cudart is linked statically, so importing this module needs no CUDA runtime on the machine,
+// and no driver until a function is called.
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
-#include <initializer_list>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
+#include "boundary.h"
 #include "cuda/kernels.cuh"
 #include "cuda/topk_keys.h"
 #include "dtype_codes.h"
@@ -24,9 +24,7 @@ using flashsae::DType;
 
 namespace {
 
-using addr_t = std::uintptr_t;
-
-template <typename T = void> T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
+using namespace flashsae::boundary;
 
 [[noreturn]] void throw_cuda(cudaError_t err, const char* what) {
   std::ostringstream m;
@@ -54,10 +52,6 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
-
 int device_count() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
@@ -76,22 +70,6 @@ int runtime_version() {
 }
 
 constexpr int64_t kInt32Max = 0x7fffffff;
-
-void require_address(addr_t a, const char* name) {
-  require(a != 0, std::string(name) + ": null address");
-}
-
-void require_addresses(std::initializer_list<std::pair<addr_t, const char*>> required) {
-  for (const auto& [a, name] : required) require_address(a, name);
-}
-
-void require_range(int64_t value, int64_t low, int64_t high, const char* name) {
-  if (value < low || value > high) {
-    std::ostringstream m;
-    m << name << ": expected " << low << " <= " << name << " <= " << high << ", got " << value;
-    throw std::invalid_argument(m.str());
-  }
-}
 
 // CUDA storage dtypes: float32, bfloat16, float16 (float64 runs on the cpu / torch backends).
 void require_cuda_dtype(int dtype, const char* name) {
@@ -122,11 +100,7 @@ cudaStream_t as_stream(addr_t stream) { return reinterpret_cast<cudaStream_t>(st
 
 void gather_rows(addr_t coef, addr_t gate, addr_t indices, int64_t rows, int64_t k, addr_t W, int64_t n, int64_t d,
                  addr_t bias, addr_t out, bool out_fp32, addr_t error_flag, int dtype, int device, addr_t stream) {
-  require_address(coef, "coef");
-  require_address(indices, "indices");
-  require_address(W, "W");
-  require_address(out, "out");
-  require_address(error_flag, "error_flag");
+  require_addresses({{coef, "coef"}, {indices, "indices"}, {W, "W"}, {out, "out"}, {error_flag, "error_flag"}});
   require_row_sizes(rows, k, n, d);
   require_cuda_dtype(dtype, "coef");
   run_on(device, "gather_rows", [&] {
@@ -138,11 +112,7 @@ void gather_rows(addr_t coef, addr_t gate, addr_t indices, int64_t rows, int64_t
 
 void dot_rows(addr_t R, bool r_fp32, addr_t indices, int64_t rows, int64_t k, addr_t W, int64_t n, int64_t d,
               addr_t out, addr_t error_flag, int dtype, int device, addr_t stream) {
-  require_address(R, "R");
-  require_address(indices, "indices");
-  require_address(W, "W");
-  require_address(out, "out");
-  require_address(error_flag, "error_flag");
+  require_addresses({{R, "R"}, {indices, "indices"}, {W, "W"}, {out, "out"}, {error_flag, "error_flag"}});
   require_row_sizes(rows, k, n, d);
   require_cuda_dtype(dtype, "W");
   run_on(device, "dot_rows", [&] {
@@ -151,40 +121,41 @@ void dot_rows(addr_t R, bool r_fp32, addr_t indices, int64_t rows, int64_t k, ad
   });
 }
 
-void segment_rows(addr_t order, addr_t seg, int64_t n, int64_t rows, int64_t K, int64_t K1, addr_t coef, addr_t gate,
-                  addr_t R1, addr_t R2, bool r_fp32, addr_t offset, int64_t d, addr_t out, addr_t coef_sum,
-                  int dtype, int device, addr_t stream) {
-  require_address(order, "order");
-  require_address(seg, "seg");
-  require_address(coef, "coef");
-  require_address(R1, "R1");
-  require_address(out, "out");
-  require_row_sizes(rows, K, n, d);
-  require_range(K1, 1, K, "K1");
-  require(K1 == K || R2 != 0, "R2: null address (slots j >= K1 read R2)");
+void scatter_rows(addr_t order, addr_t seg, int64_t n, int64_t rows, int64_t k, int64_t main_slots, addr_t coef,
+                  addr_t gate, addr_t R1, addr_t R2, bool r_fp32, addr_t offset, int64_t d, addr_t out,
+                  addr_t coef_sum, int dtype, int device, addr_t stream) {
+  require_addresses({{order, "order"}, {seg, "seg"}, {coef, "coef"}, {R1, "R1"}, {out, "out"}});
+  require_row_sizes(rows, k, n, d);
+  require_range(main_slots, 1, k, "main_slots");
+  require(main_slots == k || R2 != 0, "R2: null address (slots j >= main_slots read R2)");
   // grid (n, column tiles): at worst one column per thread, 256 threads, and grid.y <= 65535
   require_range(d, 1, int64_t(65535) * 256, "d");
   require_cuda_dtype(dtype, "coef");
-  run_on(device, "segment_rows", [&] {
-    return flashsae::cuda::segment_rows(as_ptr<const int64_t>(order), as_ptr<const int64_t>(seg), n, K, K1,
+  run_on(device, "scatter_rows", [&] {
+    return flashsae::cuda::scatter_rows(as_ptr<const int64_t>(order), as_ptr<const int64_t>(seg), n, k, main_slots,
                                         as_ptr(coef), as_ptr(gate), as_ptr(R1), as_ptr(R2), r_fp32, as_ptr(offset),
                                         d, as_ptr(out), as_ptr(coef_sum), dtype, as_stream(stream));
   });
 }
 
+// The checks both loss bindings share: inputs, sizes, aux slots, dtype.
+void check_loss_args(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values, addr_t aux_indices,
+                     int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows, int64_t n, int64_t d, addr_t error_flag,
+                     int dtype) {
+  require_addresses({{x, "x"}, {values, "values"}, {indices, "indices"}, {W_dec, "W_dec"}, {b_dec, "b_dec"},
+                     {error_flag, "error_flag"}});
+  require_row_sizes(rows, k, n, d);
+  require_range(aux_k, 0, kInt32Max, "aux_k");
+  if (aux_k > 0) require_addresses({{aux_values, "aux_values"}, {aux_indices, "aux_indices"}});
+  require_cuda_dtype(dtype, "x");
+}
+
 void sae_loss_forward(addr_t x, addr_t values, addr_t indices, int64_t k, addr_t aux_values, addr_t aux_indices,
                       int64_t aux_k, addr_t W_dec, addr_t b_dec, int64_t rows, int64_t n, int64_t d, addr_t x_hat,
                       addr_t sse, addr_t aux_sse, addr_t error_flag, int dtype, int device, addr_t stream) {
-  require_addresses({{x, "x"}, {values, "values"}, {indices, "indices"}, {W_dec, "W_dec"},
-                         {b_dec, "b_dec"}, {x_hat, "x_hat"}, {sse, "sse"}, {error_flag, "error_flag"}});
-  require_row_sizes(rows, k, n, d);
-  require_range(aux_k, 0, kInt32Max, "aux_k");
-  if (aux_k > 0) {
-    require_address(aux_values, "aux_values");
-    require_address(aux_indices, "aux_indices");
-    require_address(aux_sse, "aux_sse");
-  }
-  require_cuda_dtype(dtype, "x");
+  check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, error_flag, dtype);
+  require_addresses({{x_hat, "x_hat"}, {sse, "sse"}});
+  if (aux_k > 0) require_address(aux_sse, "aux_sse");
   run_on(device, "sae_loss_forward", [&] {
     return flashsae::cuda::sae_loss_forward(as_ptr(x), as_ptr(values), as_ptr<const int32_t>(indices), k,
                                             as_ptr(aux_values), as_ptr<const int32_t>(aux_indices), aux_k,
@@ -198,17 +169,9 @@ void sae_loss_backward_rows(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x,
                             int64_t k, addr_t aux_values, addr_t aux_indices, int64_t aux_k, addr_t W_dec,
                             addr_t b_dec, int64_t rows, int64_t n, int64_t d, addr_t G, addr_t H, addr_t dx,
                             addr_t error_flag, int dtype, int device, addr_t stream) {
-  require_addresses({{g_sse, "grad_sse"}, {x, "x"}, {values, "values"}, {indices, "indices"},
-                         {W_dec, "W_dec"}, {b_dec, "b_dec"}, {G, "G"}, {error_flag, "error_flag"}});
-  require_row_sizes(rows, k, n, d);
-  require_range(aux_k, 0, kInt32Max, "aux_k");
-  if (aux_k > 0) {
-    require_address(g_aux, "grad_aux_sse");
-    require_address(aux_values, "aux_values");
-    require_address(aux_indices, "aux_indices");
-    require_address(H, "H");
-  }
-  require_cuda_dtype(dtype, "x");
+  check_loss_args(x, values, indices, k, aux_values, aux_indices, aux_k, W_dec, b_dec, rows, n, d, error_flag, dtype);
+  require_addresses({{g_sse, "grad_sse"}, {G, "G"}});
+  if (aux_k > 0) require_addresses({{g_aux, "grad_aux_sse"}, {H, "H"}});
   run_on(device, "sae_loss_backward_rows", [&] {
     return flashsae::cuda::sae_loss_backward_rows(
         as_ptr(g_xhat), as_ptr<const float>(g_sse), as_ptr<const float>(g_aux), as_ptr(x), as_ptr(values),
@@ -221,8 +184,7 @@ void sae_loss_backward_rows(addr_t g_xhat, addr_t g_sse, addr_t g_aux, addr_t x,
 void topk_select(addr_t scores, int score_dtype, int64_t ld, int64_t rows, int64_t cols, int64_t col0, addr_t bias,
                  bool relu, addr_t state, int64_t k, addr_t dead_mask, addr_t aux_state, int64_t aux_k, int device,
                  addr_t stream) {
-  require_address(scores, "scores");
-  require_address(state, "state");
+  require_addresses({{scores, "scores"}, {state, "state"}});
   require_range(rows, 1, kInt32Max, "rows");
   require_range(cols, 1, kInt32Max, "cols");
   require_range(ld, cols, std::numeric_limits<int64_t>::max(), "ld");
@@ -230,10 +192,7 @@ void topk_select(addr_t scores, int score_dtype, int64_t ld, int64_t rows, int64
   require_range(col0, 0, kInt32Max - cols, "col0");
   require_range(k, 1, flashsae::topk::kMaxK, "k");
   require_range(aux_k, 0, flashsae::topk::kMaxK, "aux_k");
-  if (aux_k > 0) {
-    require_address(dead_mask, "dead_mask");
-    require_address(aux_state, "aux_state");
-  }
+  if (aux_k > 0) require_addresses({{dead_mask, "dead_mask"}, {aux_state, "aux_state"}});
   require_cuda_dtype(score_dtype, "scores");
   run_on(device, "topk_select", [&] {
     return flashsae::cuda::topk_select(as_ptr(scores), score_dtype, ld, rows, cols, col0, as_ptr<const float>(bias),
@@ -245,9 +204,7 @@ void topk_select(addr_t scores, int score_dtype, int64_t ld, int64_t rows, int64
 
 void topk_finish(addr_t state, int64_t rows, int64_t k, addr_t values, addr_t indices, int value_dtype, int device,
                  addr_t stream) {
-  require_address(state, "state");
-  require_address(values, "values");
-  require_address(indices, "indices");
+  require_addresses({{state, "state"}, {values, "values"}, {indices, "indices"}});
   require_range(rows, 1, kInt32Max, "rows");
   require_range(k, 1, flashsae::topk::kMaxK, "k");
   require_cuda_dtype(value_dtype, "values");
@@ -261,24 +218,41 @@ void topk_finish(addr_t state, int64_t rows, int64_t k, addr_t values, addr_t in
 
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "flashsae CUDA kernels (static cudart). Internal: use flashsae.ops.";
-  m.attr("DTYPE_FLOAT32") = static_cast<int>(DType::Float32);
-  m.attr("DTYPE_FLOAT64") = static_cast<int>(DType::Float64);
-  m.attr("DTYPE_BFLOAT16") = static_cast<int>(DType::BFloat16);
-  m.attr("DTYPE_FLOAT16") = static_cast<int>(DType::Float16);
+  add_dtype_codes(m);
   m.attr("CUDART_VERSION") = CUDART_VERSION;
   m.def("device_count", &device_count, "Visible CUDA devices; 0 when there is no driver or device");
   m.def("runtime_version", &runtime_version, "Version of the statically linked CUDA runtime");
   m.attr("TOPK_MAX_K") = flashsae::topk::kMaxK;
   m.attr("TOPK_SLICE") = flashsae::cuda::topk_select_slice();
   m.attr("TOPK_CAPACITY") = flashsae::cuda::topk_select_capacity();
-  // Each binding checks its arguments (ValueError), then releases the GIL and launches on `stream`
-  // (torch.cuda.current_stream(device).cuda_stream) with `device` current; a CUDA error, including
-  // one left by an earlier asynchronous failure, raises RuntimeError.
-  m.def("gather_rows", &gather_rows);
-  m.def("dot_rows", &dot_rows);
-  m.def("segment_rows", &segment_rows);
-  m.def("sae_loss_forward", &sae_loss_forward);
-  m.def("sae_loss_backward_rows", &sae_loss_backward_rows);
-  m.def("topk_select", &topk_select);
-  m.def("topk_finish", &topk_finish);
+  // Each binding takes keyword arguments only (named as in kernels.cuh), checks them (ValueError),
+  // then releases the GIL and launches on `stream` (torch.cuda.current_stream(device).cuda_stream)
+  // with `device` current; a CUDA error, including one left by an earlier asynchronous failure,
+  // raises RuntimeError.
+  m.def("gather_rows", &gather_rows, py::kw_only(), py::arg("coef"), py::arg("gate"), py::arg("indices"),
+        py::arg("rows"), py::arg("k"), py::arg("W"), py::arg("n_latents"), py::arg("d"), py::arg("bias"),
+        py::arg("out"), py::arg("out_fp32"), py::arg("error_flag"), py::arg("dtype"), py::arg("device"),
+        py::arg("stream"));
+  m.def("dot_rows", &dot_rows, py::kw_only(), py::arg("R"), py::arg("r_fp32"), py::arg("indices"), py::arg("rows"),
+        py::arg("k"), py::arg("W"), py::arg("n_latents"), py::arg("d"), py::arg("out"), py::arg("error_flag"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("scatter_rows", &scatter_rows, py::kw_only(), py::arg("order"), py::arg("seg"), py::arg("n_latents"),
+        py::arg("rows"), py::arg("k"), py::arg("main_slots"), py::arg("coef"), py::arg("gate"), py::arg("R1"),
+        py::arg("R2"), py::arg("r_fp32"), py::arg("offset"), py::arg("d"), py::arg("out"), py::arg("coef_sum"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sae_loss_forward", &sae_loss_forward, py::kw_only(), py::arg("x"), py::arg("values"), py::arg("indices"),
+        py::arg("k"), py::arg("aux_values"), py::arg("aux_indices"), py::arg("aux_k"), py::arg("W_dec"),
+        py::arg("b_dec"), py::arg("rows"), py::arg("n_latents"), py::arg("d"), py::arg("x_hat"), py::arg("sse"),
+        py::arg("aux_sse"), py::arg("error_flag"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("sae_loss_backward_rows", &sae_loss_backward_rows, py::kw_only(), py::arg("grad_x_hat"),
+        py::arg("grad_sse"), py::arg("grad_aux_sse"), py::arg("x"), py::arg("values"), py::arg("indices"),
+        py::arg("k"), py::arg("aux_values"), py::arg("aux_indices"), py::arg("aux_k"), py::arg("W_dec"),
+        py::arg("b_dec"), py::arg("rows"), py::arg("n_latents"), py::arg("d"), py::arg("G"), py::arg("H"),
+        py::arg("dx"), py::arg("error_flag"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  m.def("topk_select", &topk_select, py::kw_only(), py::arg("scores"), py::arg("score_dtype"), py::arg("ld"),
+        py::arg("rows"), py::arg("cols"), py::arg("col0"), py::arg("bias"), py::arg("relu"), py::arg("state"),
+        py::arg("k"), py::arg("dead_mask"), py::arg("aux_state"), py::arg("aux_k"), py::arg("device"),
+        py::arg("stream"));
+  m.def("topk_finish", &topk_finish, py::kw_only(), py::arg("state"), py::arg("rows"), py::arg("k"),
+        py::arg("values"), py::arg("indices"), py::arg("value_dtype"), py::arg("device"), py::arg("stream"));
 }

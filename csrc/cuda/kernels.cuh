@@ -13,7 +13,7 @@
 
 namespace flashsae::cuda {
 
-// ---- top-k select over wide rows (topk_select.cu) -------------------------------------------------
+// ---- top-k select over wide rows (topk_encode.cu) -------------------------------------------------
 // Merges scores[rows, cols] (row stride ld, dtype score_dtype) for latents col0 .. col0 + cols - 1
 // into the per-row select state [rows, k] (uint64 keys, topk_keys.h; all 0 = empty initially). The
 // key of a score s is built from s + bias[latent] (bias: fp32, indexed by latent, may be null),
@@ -32,7 +32,7 @@ cudaError_t topk_finish(const uint64_t* state, int64_t rows, int k, void* values
 int topk_select_slice();
 int topk_select_capacity();
 
-// ---- sparse rows (sparse_decode.cu) ----------------------------------------------------------------
+// ---- sparse rows (sparse_rows.cu) ------------------------------------------------------------------
 // out[b] = bias + sum_j c[b, j] W[idx[b, j]], c = coef * [gate > 0] (gate and bias may be null).
 // out is fp32 when out_fp32, else dtype.
 cudaError_t gather_rows(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,
@@ -44,10 +44,10 @@ cudaError_t dot_rows(const void* R, bool r_fp32, const int32_t* idx, int64_t row
                      int64_t d, void* out, int32_t* error_flag, int dtype, cudaStream_t stream);
 
 // For every latent i < n: out[i] = sum over p in [seg[i], seg[i + 1]) of c[s] (R(s)[b] - offset),
-// s = order[p] = b * K + j a flat slot id, c = coef * [gate > 0], R(s) = R1 if j < K1 else R2;
+// s = order[p] = b * k + j a flat slot id, c = coef * [gate > 0], R(s) = R1 if j < main_slots else R2;
 // coef_sum[i] = sum of those c (if coef_sum). order / seg: int64, from a stable sort by latent.
 // Every row of out is written. offset, gate, R2 and coef_sum may be null.
-cudaError_t segment_rows(const int64_t* order, const int64_t* seg, int64_t n, int64_t K, int64_t K1,
+cudaError_t scatter_rows(const int64_t* order, const int64_t* seg, int64_t n, int64_t k, int64_t main_slots,
                          const void* coef, const void* gate, const void* R1, const void* R2, bool r_fp32,
                          const void* offset, int64_t d, void* out, void* coef_sum, int dtype, cudaStream_t stream);
 

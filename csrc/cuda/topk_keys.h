@@ -1,8 +1,8 @@
-// The top-k select of flashsae._C_cuda (topk_select.cu), as plain functions shared by the device
-// kernel and a sequential host mirror (topk_select_host.cpp, compiled into flashsae._C), so that the
+// The top-k select of flashsae._C_cuda (topk_encode.cu), as plain functions shared by the device
+// kernel and a sequential host mirror (topk_encode_host.cpp, compiled into flashsae._C), so that the
 // algorithm itself is tested on every CI run, GPU or not. The kernel parallelizes the same steps;
 // where it differs (histograms by shared-memory atomics, the digit search split over a warp), the
-// comments in topk_select.cu say why the parallel form computes the same thing.
+// comments in topk_encode.cu say why the parallel form computes the same thing.
 //
 // Keys. A candidate (score v, latent i) is one 64-bit key
 //     key = ordered_bits(v) << 32 | ~i        (i in [0, 2^31), so ~i in [2^31, 2^32))
@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define FLASHSAE_HD __host__ __device__ __forceinline__
@@ -38,35 +39,32 @@ constexpr int kKeyBits = 64;
 // Largest k (and aux_k) the CUDA select takes: its final sort holds 8 keys per thread of 256.
 constexpr int kMaxK = 2048;
 
-FLASHSAE_HD uint32_t float_as_bits(float f) {
+// The bits of a float as uint32 and back: the device intrinsics on the GPU, memcpy on the host
+// (the type punning C++17 defines).
+template <typename To, typename From> FLASHSAE_HD To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From) && (std::is_same_v<To, float> || std::is_same_v<To, uint32_t>),
+                "bit_cast is for float <-> uint32");
 #if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
+  if constexpr (std::is_same_v<To, uint32_t>)
+    return __float_as_uint(v);
+  else
+    return __uint_as_float(v);
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
-FLASHSAE_HD float bits_as_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+  To out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
 #endif
 }
 
 // Monotone float -> uint32: non-negative floats get the sign bit set (above every negative one,
 // ordered by their bits); negative floats are inverted (a larger magnitude becomes a smaller key).
 FLASHSAE_HD uint32_t ordered_bits(float f) {
-  const uint32_t u = float_as_bits(f);
+  const uint32_t u = bit_cast<uint32_t>(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 FLASHSAE_HD float from_ordered_bits(uint32_t o) {
-  return bits_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+  return bit_cast<float>((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 
 // relu that maps -0, negative values and NaN to +0 (fmaxf may keep -0 or propagate NaN), so all

@@ -2,7 +2,7 @@
 
 ``flashsae._C`` (CPU kernels) is always built and imported eagerly. ``flashsae._C_cuda`` is imported
 only when a CUDA tensor first needs it, so ``import flashsae`` works on machines without a GPU
-driver or without the CUDA module (DESIGN.md §2).
+driver or without the CUDA module.
 
 Outputs of every backend are allocated through :func:`new_output`, which can poison them (NaN for
 floats, ``INDEX_POISON`` for indices) so tests catch any element a kernel forgot to write.

@@ -3,8 +3,9 @@
 The op modules validate every tensor first (flashsae._checks: device, dtype float32/bfloat16/float16,
 contiguity, shapes) and allocate outputs with :func:`flashsae._native.new_output`; these wrappers hand
 raw addresses, sizes, dtype codes, the device index and torch's current stream on that device to
-_C_cuda (DESIGN.md §2), so every kernel is ordered with the surrounding torch work. _C_cuda checks
-sizes again at its boundary (ValueError) and turns any CUDA error into a RuntimeError.
+_C_cuda, by keyword (its bindings take no positional arguments), so every kernel is ordered with the
+surrounding torch work. _C_cuda includes no torch header, so one build serves every torch version;
+it checks sizes again at its boundary (ValueError) and turns any CUDA error into a RuntimeError.
 
 Index values are checked where the kernels read them: an index outside [-1, n) is skipped and sets
 a device flag, which the caller reads back (:func:`new_flag`).
@@ -22,9 +23,9 @@ def _module():
     return _native.cuda_module()
 
 
-def _where(t: torch.Tensor) -> tuple[int, int]:
-    """(device index, raw handle of torch's current stream on t's device)."""
-    return t.device.index, _native.cuda_stream(t.device)
+def _where(t: torch.Tensor) -> dict[str, int]:
+    """The ``device`` index and raw ``stream`` handle (torch's current stream on t's device) keywords."""
+    return {"device": t.device.index, "stream": _native.cuda_stream(t.device)}
 
 
 def new_flag(device: torch.device, count: int = 1) -> torch.Tensor:
@@ -49,8 +50,9 @@ def gather_rows(
     rows, k = indices.shape
     n, d = M.shape
     _module().gather_rows(
-        addr(coef), addr(gate), addr(indices), rows, k, addr(M), n, d, addr(bias), addr(out),
-        out.dtype == torch.float32, addr(flag), dtype_code(M), *_where(M),
+        coef=addr(coef), gate=addr(gate), indices=addr(indices), rows=rows, k=k, W=addr(M), n_latents=n, d=d,
+        bias=addr(bias), out=addr(out), out_fp32=out.dtype == torch.float32, error_flag=addr(flag),
+        dtype=dtype_code(M), **_where(M),
     )  # fmt: skip
 
 
@@ -59,8 +61,8 @@ def dot_rows(R: torch.Tensor, indices: torch.Tensor, M: torch.Tensor, out: torch
     rows, k = indices.shape
     n, d = M.shape
     _module().dot_rows(
-        addr(R), R.dtype == torch.float32, addr(indices), rows, k, addr(M), n, d, addr(out), addr(flag),
-        dtype_code(M), *_where(M),
+        R=addr(R), r_fp32=R.dtype == torch.float32, indices=addr(indices), rows=rows, k=k, W=addr(M), n_latents=n,
+        d=d, out=addr(out), error_flag=addr(flag), dtype=dtype_code(M), **_where(M),
     )  # fmt: skip
 
 
@@ -75,7 +77,7 @@ def latent_segments(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return order, seg
 
 
-def segment_rows(
+def scatter_rows(
     coef: torch.Tensor,
     indices: torch.Tensor,
     R1: torch.Tensor,
@@ -90,13 +92,14 @@ def segment_rows(
     """out[i] = sum over slots (b, j) with indices[b, j] = i of c[b, j] * (R[b] - offset), with
     c = coef * [gate > 0] and R = R1 for j < main_slots, else R2; coef_sum[i] = sum of those c.
     Every row of out [n, d] is written; no atomics (latent-sorted segments, deterministic)."""
-    rows, K = indices.shape
+    rows, k = indices.shape
     n, d = out.shape
     order, seg = latent_segments(indices, n)
-    _module().segment_rows(
-        addr(order), addr(seg), n, rows, K, K if main_slots is None else main_slots, addr(coef), addr(gate),
-        addr(R1), addr(R2), R1.dtype == torch.float32, addr(offset), d, addr(out), addr(coef_sum),
-        dtype_code(out), *_where(out),
+    _module().scatter_rows(
+        order=addr(order), seg=addr(seg), n_latents=n, rows=rows, k=k,
+        main_slots=k if main_slots is None else main_slots, coef=addr(coef), gate=addr(gate), R1=addr(R1),
+        R2=addr(R2), r_fp32=R1.dtype == torch.float32, offset=addr(offset), d=d, out=addr(out),
+        coef_sum=addr(coef_sum), dtype=dtype_code(out), **_where(out),
     )  # fmt: skip
 
 
@@ -110,9 +113,10 @@ def loss_forward(x, values, indices, aux_values, aux_indices, W_dec, b_dec, x_ha
     n, d = W_dec.shape
     aux_k = 0 if aux_values is None else aux_values.shape[1]
     _module().sae_loss_forward(
-        addr(x), addr(values), addr(indices), k, addr(aux_values), addr(aux_indices), aux_k, addr(W_dec),
-        addr(b_dec), rows, n, d, addr(x_hat), addr(sse), addr(aux_sse) if aux_k else 0, addr(flags),
-        dtype_code(x), *_where(x),
+        x=addr(x), values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values),
+        aux_indices=addr(aux_indices), aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n,
+        d=d, x_hat=addr(x_hat), sse=addr(sse), aux_sse=addr(aux_sse) if aux_k else 0, error_flag=addr(flags),
+        dtype=dtype_code(x), **_where(x),
     )  # fmt: skip
 
 
@@ -125,9 +129,11 @@ def loss_backward_rows(
     n, d = W_dec.shape
     aux_k = 0 if aux_values is None else aux_values.shape[1]
     _module().sae_loss_backward_rows(
-        addr(grad_x_hat), addr(grad_sse), addr(grad_aux_sse) if aux_k else 0, addr(x), addr(values), addr(indices),
-        k, addr(aux_values), addr(aux_indices), aux_k, addr(W_dec), addr(b_dec), rows, n, d, addr(G),
-        addr(H) if aux_k else 0, addr(dx), addr(flags), dtype_code(x), *_where(x),
+        grad_x_hat=addr(grad_x_hat), grad_sse=addr(grad_sse), grad_aux_sse=addr(grad_aux_sse) if aux_k else 0,
+        x=addr(x), values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values),
+        aux_indices=addr(aux_indices), aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n,
+        d=d, G=addr(G), H=addr(H) if aux_k else 0, dx=addr(dx), error_flag=addr(flags), dtype=dtype_code(x),
+        **_where(x),
     )  # fmt: skip
 
 
@@ -161,15 +167,19 @@ def topk_select(
     rows, cols = scores.shape
     aux_k = 0 if aux_state is None else aux_state.shape[1]
     _module().topk_select(
-        addr(scores), dtype_code(scores), scores.stride(0), rows, cols, col0, addr(bias), relu, addr(state),
-        state.shape[1], addr(dead_mask), addr(aux_state), aux_k, *_where(scores),
+        scores=addr(scores), score_dtype=dtype_code(scores), ld=scores.stride(0), rows=rows, cols=cols, col0=col0,
+        bias=addr(bias), relu=relu, state=addr(state), k=state.shape[1], dead_mask=addr(dead_mask),
+        aux_state=addr(aux_state), aux_k=aux_k, **_where(scores),
     )  # fmt: skip
 
 
 def topk_finish(state: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
     """values / indices [rows, k]: the state sorted best first; empty slots get value 0, index -1."""
     rows, k = state.shape
-    _module().topk_finish(addr(state), rows, k, addr(values), addr(indices), dtype_code(values), *_where(state))
+    _module().topk_finish(
+        state=addr(state), rows=rows, k=k, values=addr(values), indices=addr(indices), value_dtype=dtype_code(values),
+        **_where(state),
+    )  # fmt: skip
 
 
 def topk_rows(scores: torch.Tensor, k: int, *, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for auto
 The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/sae_loss.cu) has the same structure: a forward row
 kernel (x_hat, per-row SSE and AuxK SSE), a backward row kernel (recomputes x_hat and e_hat, writes
 the fp32 residual gradients G, H and dx), then the sparse decoder's row-dot and latent segment-reduce
-kernels (csrc/cuda/sparse_decode.cu).
+kernels (csrc/cuda/sparse_rows.cu).
 
 The ``triton`` backend (flashsae.kernels.sae_loss) runs the forward as one kernel over row blocks
 and the backward as one row kernel (G, H, dx) followed by the sparse decoder's row-dot and latent
@@ -120,9 +120,9 @@ def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
             raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
         return x_hat, sse, aux_sse
     _C.sae_loss_forward(
-        addr(x), addr(values), addr(indices), k, addr(aux_values), addr(aux_indices), aux_k,
-        addr(W_dec), addr(b_dec), rows, n, d, addr(x_hat), addr(sse), addr(aux_sse) if aux_k else 0,
-        dtype_code(x),
+        x=addr(x), values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values),
+        aux_indices=addr(aux_indices), aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n,
+        d=d, x_hat=addr(x_hat), sse=addr(sse), aux_sse=addr(aux_sse) if aux_k else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return x_hat, sse, aux_sse
 
@@ -175,12 +175,12 @@ def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_d
         if aux_k:
             _cuda.dot_rows(R[1], aux_indices, W_dec, d_aux_values, flags)
             # one segment reduce over main and aux slots: slot columns j >= k read R[1]
-            _cuda.segment_rows(
+            _cuda.scatter_rows(
                 torch.cat([values, aux_values], dim=1), torch.cat([indices, aux_indices], dim=1), R[0], dW_dec,
                 R2=R[1], main_slots=k,
             )  # fmt: skip
         else:
-            _cuda.segment_rows(values, indices, R[0], dW_dec)
+            _cuda.scatter_rows(values, indices, R[0], dW_dec)
         return d_values, d_aux_values, dW_dec, R[0].sum(0).to(W_dec.dtype), dx
     if impl == "triton":
         from ..kernels import sae_loss as kernels
@@ -191,10 +191,11 @@ def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_d
         )  # fmt: skip
         return d_values, d_aux_values, dW_dec, db_dec32.to(W_dec.dtype), dx
     _C.sae_loss_backward(
-        addr(grad_x_hat), addr(grad_sse), addr(grad_aux_sse), addr(x), addr(values), addr(indices), k,
-        addr(aux_values), addr(aux_indices), aux_k, addr(W_dec), addr(b_dec), rows, n, d,
-        addr(d_values), addr(d_aux_values) if aux_k else 0, addr(dW_dec), addr(db_dec),
-        addr(dx) if need_dx else 0, dtype_code(x),
+        grad_x_hat=addr(grad_x_hat), grad_sse=addr(grad_sse), grad_aux_sse=addr(grad_aux_sse), x=addr(x),
+        values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values), aux_indices=addr(aux_indices),
+        aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n, d=d, d_values=addr(d_values),
+        d_aux_values=addr(d_aux_values) if aux_k else 0, dW_dec=addr(dW_dec), db_dec=addr(db_dec),
+        dx=addr(dx) if need_dx else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return d_values, d_aux_values, dW_dec, db_dec, dx
 

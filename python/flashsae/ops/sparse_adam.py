@@ -209,9 +209,10 @@ def _adam_cpu(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule
               master):  # fmt: skip
     n, d = param.shape
     _C.sparse_adam(
-        addr(param), addr(master), addr(exp_avg), addr(exp_avg_sq), addr(last_step), addr(rows), rows.numel(),
-        addr(grads), n, d, step, addr(schedule), schedule.shape[0], beta1, beta2, eps, horizon,
-        dtype_code(param), dtype_code(exp_avg),
+        param=addr(param), master=addr(master), exp_avg=addr(exp_avg), exp_avg_sq=addr(exp_avg_sq),
+        last_step=addr(last_step), rows=addr(rows), row_count=rows.numel(), grads=addr(grads), param_rows=n, d=d,
+        step=step, schedule=addr(schedule), schedule_rows=schedule.shape[0], beta1=beta1, beta2=beta2, eps=eps,
+        horizon=horizon, param_dtype=dtype_code(param), state_dtype=dtype_code(exp_avg),
     )  # fmt: skip
 
 

@@ -212,9 +212,11 @@ def _rowwise_cpu(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, gra
     n, d = param.shape
     kind = _first_moment_kind(exp_avg)
     _C.sparse_adam_rowwise(
-        addr(param), addr(master), addr(exp_avg), addr(exp_avg_scale), addr(exp_avg_sq), addr(last_step),
-        addr(rows), rows.numel(), addr(grads), n, d, step, addr(schedule), schedule.shape[0], beta1, beta2, eps,
-        horizon, dtype_code(param), kind, dtype_code(exp_avg) if kind == FIRST_MOMENT_FLOAT else -1,
+        param=addr(param), master=addr(master), exp_avg=addr(exp_avg), exp_avg_scale=addr(exp_avg_scale),
+        exp_avg_sq=addr(exp_avg_sq), last_step=addr(last_step), rows=addr(rows), row_count=rows.numel(),
+        grads=addr(grads), param_rows=n, d=d, step=step, schedule=addr(schedule), schedule_rows=schedule.shape[0],
+        beta1=beta1, beta2=beta2, eps=eps, horizon=horizon, param_dtype=dtype_code(param), first_moment=kind,
+        first_moment_dtype=dtype_code(exp_avg) if kind == FIRST_MOMENT_FLOAT else -1,
     )  # fmt: skip
 
 

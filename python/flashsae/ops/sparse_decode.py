@@ -5,7 +5,7 @@ Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
 dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
 
 Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (flashsae._C_cuda,
-csrc/cuda/sparse_decode.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
+csrc/cuda/sparse_rows.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
 over slots sorted by latent, no atomics), ``triton`` (flashsae.kernels.sparse_decode: gather-combine,
 row dots, dW_dec by a segment reduce over slots sorted by latent, no atomics), ``torch``
 (embedding_bag + index_add, row-blocked). See flashsae._backend.
@@ -58,8 +58,9 @@ def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
         return out
     if impl == "cpu":
         _C.sparse_decode_forward(
-            addr(values), addr(indices), rows, k, addr(W_dec), n, d, addr(b_dec), addr(out), dtype_code(values)
-        )
+            values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n, d=d,
+            b_dec=addr(b_dec), x_hat=addr(out), dtype=dtype_code(values),
+        )  # fmt: skip
         return out
     # cuda: out-of-range indices are skipped and raise a flag on the device
     from . import _cuda
@@ -91,7 +92,7 @@ def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
         dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
         # the forward read these indices and raised on any out of range: the flag is not read back
         _cuda.dot_rows(grad, indices, W_dec, d_values, _cuda.new_flag(values.device))
-        _cuda.segment_rows(values, indices, grad, dW_dec)
+        _cuda.scatter_rows(values, indices, grad, dW_dec)
         db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
         return d_values, dW_dec, db_dec
     if impl == "torch":
@@ -103,8 +104,9 @@ def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
     dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
     db_dec = new_output((d,) if need_db_dec else (0,), W_dec.dtype, W_dec.device)
     _C.sparse_decode_backward(
-        addr(grad), addr(values), addr(indices), rows, k, addr(W_dec), n, d,
-        addr(d_values), addr(dW_dec), addr(db_dec) if need_db_dec else 0, dtype_code(values),
+        grad=addr(grad), values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n,
+        d=d, d_values=addr(d_values), dW_dec=addr(dW_dec), db_dec=addr(db_dec) if need_db_dec else 0,
+        dtype=dtype_code(values),
     )  # fmt: skip
     return d_values, dW_dec, db_dec
 

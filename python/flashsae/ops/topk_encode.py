@@ -11,7 +11,7 @@ Backward is sparse: with d_pre = d_values * [values > 0] on the k selected slots
 dW_enc[i] += d_pre * (x - b_dec) and db_enc[i] += d_pre touch only selected latents;
 dx = sum_j d_pre W_enc[idx] and db_dec = -sum_b dx are computed only when asked for.
 
-The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/topk_select.cu) runs the encoder GEMM with torch
+The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/topk_encode.cu) runs the encoder GEMM with torch
 (cuBLAS) one chunk of ``cuda_chunk_columns`` latents at a time, into fp32 scores, and merges each chunk
 into a per-row select state with one radix-select kernel that reads the scores once and adds the
 bias c = b_enc - W_enc b_dec (fp32) and the relu itself; the AuxK state is fed in the same pass.
@@ -122,7 +122,9 @@ def _heap_state(rows: int, slots: int, acc: torch.dtype) -> tuple[torch.Tensor |
         return None, None
     scores = torch.empty(rows, slots, dtype=acc)
     ids = torch.empty(rows, slots, dtype=torch.int32)
-    _C.topk_state_init(addr(scores), addr(ids), rows, slots, DTYPE_CODES[acc])
+    _C.topk_state_init(
+        heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=DTYPE_CODES[acc]
+    )
     return scores, ids
 
 
@@ -134,15 +136,19 @@ def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
     (heap, heap_ids), (aux, aux_ids) = _heap_state(rows, k, acc), _heap_state(rows, aux_k, acc)
     for c0, tile in _tiles(x, W_enc, b_enc, b_dec):
         _C.topk_state_merge(
-            addr(tile), tile.stride(0), rows, tile.shape[1], c0, n, addr(heap), addr(heap_ids), k,
-            addr(dead_mask), addr(aux), addr(aux_ids), aux_k, code,
+            scores=addr(tile), ld=tile.stride(0), rows=rows, cols=tile.shape[1], col0=c0, n_latents=n,
+            heap_scores=addr(heap), heap_indices=addr(heap_ids), k=k, dead_mask=addr(dead_mask),
+            aux_scores=addr(aux), aux_indices=addr(aux_ids), aux_k=aux_k, score_dtype=code,
         )  # fmt: skip
     outputs = []
     for scores, ids, slots in ((heap, heap_ids, k), (aux, aux_ids, aux_k)):
         values = new_output((rows, slots), x.dtype, x.device)
         indices = new_output((rows, slots), torch.int32, x.device)
         if slots:
-            _C.topk_state_finish(addr(scores), addr(ids), rows, slots, code, addr(values), addr(indices), dtype_code(x))
+            _C.topk_state_finish(
+                heap_scores=addr(scores), heap_indices=addr(ids), rows=rows, k=slots, score_dtype=code,
+                values=addr(values), indices=addr(indices), value_dtype=dtype_code(x),
+            )  # fmt: skip
         outputs += [values, indices]
     return tuple(outputs)
 
@@ -302,7 +308,7 @@ def _backward_cuda(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_
     dW_enc = new_output((n, d), W_enc.dtype, x.device)
     db_enc = new_output((n,), W_enc.dtype, x.device)
     # d_pre = d_values * [values > 0], applied inside the kernels (gate)
-    _cuda.segment_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
+    _cuda.scatter_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
     dx, db_dec = x.new_empty(0), x.new_empty(0)
     if need_dx or need_db_dec:
         # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype; the indices
@@ -336,9 +342,9 @@ def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, 
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
     db_dec = new_output((d,) if need_db_dec else (0,), x.dtype, x.device)
     _C.topk_encode_backward(
-        addr(d_values), addr(values), addr(indices), rows, k, addr(x), addr(b_dec), addr(W_enc), n, d,
-        addr(dW_enc), addr(db_enc), addr(dx) if need_dx else 0, addr(db_dec) if need_db_dec else 0,
-        dtype_code(x),
+        d_values=addr(d_values), values=addr(values), indices=addr(indices), rows=rows, k=k, x=addr(x),
+        b_dec=addr(b_dec), W_enc=addr(W_enc), n_latents=n, d=d, dW_enc=addr(dW_enc), db_enc=addr(db_enc),
+        dx=addr(dx) if need_dx else 0, db_dec=addr(db_dec) if need_db_dec else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return dW_enc, db_enc, dx, db_dec
 

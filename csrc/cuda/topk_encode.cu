@@ -5,7 +5,7 @@
 // slices of 2048 (8 consecutive scores per thread, one or two 16-byte loads, the next slice's loads
 // issued before the current one is processed), and keeps the row's select state in shared memory:
 // the k best keys so far plus a buffer of candidates (topk_keys.h has the key format and the
-// algorithm; topk_select_host.cpp is the sequential mirror CI tests). Per slice:
+// algorithm; topk_encode_host.cpp is the sequential mirror CI tests). Per slice:
 //   1. keys of the 8 scores (optionally + bias[latent], relu'd); count those above the threshold
 //      (the state's minimum key), for the main and the aux (dead latents only) selections;
 //   2. if the buffer cannot take them, merge: radix select over state + buffer, 8 bits per pass
@@ -388,33 +388,17 @@ int topk_select_capacity() { return kCapacity; }
 cudaError_t topk_select(const void* scores, int score_dtype, int64_t ld, int64_t rows, int64_t cols, int64_t col0,
                         const float* bias, bool relu, uint64_t* state, int k, const uint8_t* dead_mask,
                         uint64_t* aux_state, int aux_k, cudaStream_t stream) {
-  switch (static_cast<DType>(score_dtype)) {
-    case DType::Float32:
-      return dispatch_select<float>(scores, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state, aux_k,
-                                    stream);
-    case DType::BFloat16:
-      return dispatch_select<__nv_bfloat16>(scores, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state,
-                                            aux_k, stream);
-    case DType::Float16:
-      return dispatch_select<__half>(scores, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state, aux_k,
-                                     stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype(score_dtype, [&](auto tag) {
+    return dispatch_select<decltype(tag)>(scores, ld, rows, cols, col0, bias, relu, state, k, dead_mask, aux_state,
+                                          aux_k, stream);
+  });
 }
 
 cudaError_t topk_finish(const uint64_t* state, int64_t rows, int k, void* values, int32_t* indices, int value_dtype,
                         cudaStream_t stream) {
-  switch (static_cast<DType>(value_dtype)) {
-    case DType::Float32:
-      return launch_finish<float>(state, rows, k, values, indices, stream);
-    case DType::BFloat16:
-      return launch_finish<__nv_bfloat16>(state, rows, k, values, indices, stream);
-    case DType::Float16:
-      return launch_finish<__half>(state, rows, k, values, indices, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype(value_dtype, [&](auto tag) {
+    return launch_finish<decltype(tag)>(state, rows, k, values, indices, stream);
+  });
 }
 
 }  // namespace flashsae::cuda

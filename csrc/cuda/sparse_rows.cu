@@ -2,15 +2,15 @@
 //
 // gather_rows   out[b] = bias + sum_j coef[b, j] W[idx[b, j]]            decoder forward; encoder dx
 // dot_rows      out[b, j] = R[b] . W[idx[b, j]]                           d_values of decoder / loss
-// segment_rows  out[i] = sum over slots (b, j) with idx[b, j] = i of      dW_dec, dW_enc (+ db_enc)
+// scatter_rows  out[i] = sum over slots (b, j) with idx[b, j] = i of      dW_dec, dW_enc (+ db_enc)
 //               coef[b, j] (R[b] - offset), in latent-sorted order
 //
 // All three read the k selected W rows per token with 16-byte loads (8 bf16 / 4 fp32 per load)
 // when rows are 16-byte aligned, and accumulate in fp32. Their floor is that gather: k * d *
-// sizeof(T) bytes per token (plus one dense [n, d] write for segment_rows); nothing of size n is
+// sizeof(T) bytes per token (plus one dense [n, d] write for scatter_rows); nothing of size n is
 // read except seg (n + 1 offsets).
 //
-// segment_rows has no atomics: Python sorts the flat slot ids by latent (torch.sort, stable) and
+// scatter_rows has no atomics: Python sorts the flat slot ids by latent (torch.sort, stable) and
 // passes the sorted ids with each latent's segment [seg[i], seg[i + 1]). One block owns one latent
 // row (one column tile of it) and sums its segment in slot order, so results are deterministic and
 // every row of out is written, zeros where a latent has no slot.
@@ -39,12 +39,7 @@ __global__ void gather_rows_kernel(const T* __restrict__ coef, const T* __restri
     const int64_t c0 = c_base + static_cast<int64_t>(threadIdx.x) * VEC;
     const bool active = c0 < d;
     float acc[VEC];
-    if (active && bias != nullptr) {
-      load_n<T, VEC>(bias + c0, acc);
-    } else {
-#pragma unroll
-      for (int u = 0; u < VEC; ++u) acc[u] = 0.f;
-    }
+    load_n_or_zero<T, VEC>(bias, c0, active, acc);
     gather_row<T, VEC>(acc, active, coef, gate, idx, b, k, W, n, d, c0, s_row, s_coef, error_flag);
     if (active) store_n<O, VEC>(out + b * d + c0, acc);
   }
@@ -83,14 +78,14 @@ __global__ void dot_rows_kernel(const R* __restrict__ Rm, const int32_t* __restr
   }
 }
 
-// ----------------------------------------------------------------------------- segment_rows
+// ----------------------------------------------------------------------------- scatter_rows
 // Grid (n, column tiles): block (i, t) writes columns [t * blockDim * VEC, ...) of out[i]. The
 // segment's slots are staged kSlots at a time: the R row each one reads (R1 for slot columns
-// j < K1, else R2) and its coefficient (gated). coef_sum[i] (when asked) is written by thread 0 of
+// j < main_slots, else R2) and its coefficient (gated). coef_sum[i] (when asked) is written by thread 0 of
 // tile 0; every thread sums the same coefficients in the same order.
 template <typename T, typename R, int VEC>
-__global__ void segment_rows_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ seg, int64_t K,
-                                    int64_t K1, const T* __restrict__ coef, const T* __restrict__ gate,
+__global__ void scatter_rows_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ seg, int64_t k,
+                                    int64_t main_slots, const T* __restrict__ coef, const T* __restrict__ gate,
                                     const R* __restrict__ R1, const R* __restrict__ R2, const T* __restrict__ offset,
                                     int64_t d, T* __restrict__ out, T* __restrict__ coef_sum) {
   __shared__ const R* s_src[kSlots];
@@ -101,12 +96,7 @@ __global__ void segment_rows_kernel(const int64_t* __restrict__ order, const int
   const int64_t first = seg[i];
   const int64_t last = seg[i + 1];
   float off[VEC];
-  if (active && offset != nullptr) {
-    load_n<T, VEC>(offset + c0, off);
-  } else {
-#pragma unroll
-    for (int u = 0; u < VEC; ++u) off[u] = 0.f;
-  }
+  load_n_or_zero<T, VEC>(offset, c0, active, off);
   float acc[VEC];
 #pragma unroll
   for (int u = 0; u < VEC; ++u) acc[u] = 0.f;
@@ -115,12 +105,12 @@ __global__ void segment_rows_kernel(const int64_t* __restrict__ order, const int
     const int count = static_cast<int>(last - p0 < kSlots ? last - p0 : kSlots);
     __syncthreads();  // the previous chunk is no longer read
     for (int t = threadIdx.x; t < count; t += blockDim.x) {
-      const int64_t s = __ldg(order + p0 + t);  // flat slot id b * K + j
-      const int64_t b = s / K;
-      const int64_t j = s - b * K;
+      const int64_t s = __ldg(order + p0 + t);  // flat slot id b * k + j
+      const int64_t b = s / k;
+      const int64_t j = s - b * k;
       float c = Elem<T>::load(coef + s);
       if (gate != nullptr && !(Elem<T>::load(gate + s) > 0.f)) c = 0.f;
-      s_src[t] = (j < K1 ? R1 : R2) + b * d;
+      s_src[t] = (j < main_slots ? R1 : R2) + b * d;
       s_coef[t] = c;
     }
     __syncthreads();
@@ -161,75 +151,41 @@ template <typename T, typename O>
 cudaError_t launch_gather(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,
                           const void* W, int64_t n, int64_t d, const void* bias, void* out, int32_t* error_flag,
                           cudaStream_t stream) {
-  constexpr int kVec = kVec16<T>;
   // 16-byte accesses need every row start aligned: aligned bases and d a multiple of the vector
   // (then d * sizeof(O) is a multiple of 16 for O = float as well)
-  const bool vector = d % kVec == 0 && aligned16(W) && aligned16(bias) && aligned16(out);
-  const dim3 grid(static_cast<unsigned>(rows));
-  const T* c = static_cast<const T*>(coef);
-  const T* g = static_cast<const T*>(gate);
-  const T* w = static_cast<const T*>(W);
-  const T* bb = static_cast<const T*>(bias);
-  O* o = static_cast<O*>(out);
-  if (vector)
-    gather_rows_kernel<T, O, kVec><<<grid, row_threads(d, kVec), 0, stream>>>(c, g, idx, k, w, n, d, bb, o, error_flag);
-  else
-    gather_rows_kernel<T, O, 1><<<grid, row_threads(d, 1), 0, stream>>>(c, g, idx, k, w, n, d, bb, o, error_flag);
-  return cudaGetLastError();
+  const bool vector = d % kVec16<T> == 0 && aligned16(W) && aligned16(bias) && aligned16(out);
+  return launch_vectorized<T>(vector, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    gather_rows_kernel<T, O, kVec><<<static_cast<unsigned>(rows), row_threads(d, kVec), 0, stream>>>(
+        typed<T>(coef), typed<T>(gate), idx, k, typed<T>(W), n, d, typed<T>(bias), typed<O>(out), error_flag);
+  });
 }
 
 template <typename T, typename R>
 cudaError_t launch_dot(const void* Rm, const int32_t* idx, int64_t rows, int64_t k, const void* W, int64_t n,
                        int64_t d, void* out, int32_t* error_flag, cudaStream_t stream) {
-  constexpr int kVec = kVec16<T>;
-  const bool vector = d % kVec == 0 && aligned16(W) && aligned16(Rm);
-  const dim3 grid(static_cast<unsigned>(rows));
-  const R* r = static_cast<const R*>(Rm);
-  const T* w = static_cast<const T*>(W);
-  T* o = static_cast<T*>(out);
-  if (vector)
-    dot_rows_kernel<T, R, kVec><<<grid, 256, 0, stream>>>(r, idx, k, w, n, d, o, error_flag);
-  else
-    dot_rows_kernel<T, R, 1><<<grid, 256, 0, stream>>>(r, idx, k, w, n, d, o, error_flag);
-  return cudaGetLastError();
+  const bool vector = d % kVec16<T> == 0 && aligned16(W) && aligned16(Rm);
+  return launch_vectorized<T>(vector, [&](auto vec) {
+    dot_rows_kernel<T, R, decltype(vec)::value><<<static_cast<unsigned>(rows), 256, 0, stream>>>(
+        typed<R>(Rm), idx, k, typed<T>(W), n, d, typed<T>(out), error_flag);
+  });
 }
 
 template <typename T, typename R>
-cudaError_t launch_segment(const int64_t* order, const int64_t* seg, int64_t n, int64_t K, int64_t K1,
+cudaError_t launch_scatter(const int64_t* order, const int64_t* seg, int64_t n, int64_t k, int64_t main_slots,
                            const void* coef, const void* gate, const void* R1, const void* R2, const void* offset,
                            int64_t d, void* out, void* coef_sum, cudaStream_t stream) {
-  constexpr int kVec = kVec16<T>;
-  const bool vector = d % kVec == 0 && aligned16(R1) && aligned16(R2) && aligned16(offset) && aligned16(out);
-  const int vec = vector ? kVec : 1;
-  const int threads = row_threads(d, vec);
-  const int64_t tiles = (d + static_cast<int64_t>(threads) * vec - 1) / (static_cast<int64_t>(threads) * vec);
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));  // tiles <= 65535: checked by the host
-  const T* c = static_cast<const T*>(coef);
-  const T* g = static_cast<const T*>(gate);
-  const R* r1 = static_cast<const R*>(R1);
-  const R* r2 = static_cast<const R*>(R2);
-  const T* off = static_cast<const T*>(offset);
-  T* o = static_cast<T*>(out);
-  T* cs = static_cast<T*>(coef_sum);
-  if (vector)
-    segment_rows_kernel<T, R, kVec><<<grid, threads, 0, stream>>>(order, seg, K, K1, c, g, r1, r2, off, d, o, cs);
-  else
-    segment_rows_kernel<T, R, 1><<<grid, threads, 0, stream>>>(order, seg, K, K1, c, g, r1, r2, off, d, o, cs);
-  return cudaGetLastError();
-}
-
-// Calls f(T{}) for the storage dtype code.
-template <typename F> cudaError_t dispatch(int dtype, F&& f) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::Float32:
-      return f(float{});
-    case DType::BFloat16:
-      return f(__nv_bfloat16{});
-    case DType::Float16:
-      return f(__half{});
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const bool vector = d % kVec16<T> == 0 && aligned16(R1) && aligned16(R2) && aligned16(offset) && aligned16(out);
+  return launch_vectorized<T>(vector, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    const int threads = row_threads(d, kVec);
+    const int64_t tiles = (d + static_cast<int64_t>(threads) * kVec - 1) / (static_cast<int64_t>(threads) * kVec);
+    const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>(tiles));  // tiles <= 65535: checked by the host
+    scatter_rows_kernel<T, R, kVec><<<grid, threads, 0, stream>>>(order, seg, k, main_slots, typed<T>(coef),
+                                                                   typed<T>(gate), typed<R>(R1), typed<R>(R2),
+                                                                   typed<T>(offset), d, typed<T>(out),
+                                                                   typed<T>(coef_sum));
+  });
 }
 
 }  // namespace
@@ -237,7 +193,7 @@ template <typename F> cudaError_t dispatch(int dtype, F&& f) {
 cudaError_t gather_rows(const void* coef, const void* gate, const int32_t* idx, int64_t rows, int64_t k,
                         const void* W, int64_t n, int64_t d, const void* bias, void* out, bool out_fp32,
                         int32_t* error_flag, int dtype, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (out_fp32) return launch_gather<T, float>(coef, gate, idx, rows, k, W, n, d, bias, out, error_flag, stream);
     return launch_gather<T, T>(coef, gate, idx, rows, k, W, n, d, bias, out, error_flag, stream);
@@ -246,21 +202,22 @@ cudaError_t gather_rows(const void* coef, const void* gate, const int32_t* idx, 
 
 cudaError_t dot_rows(const void* R, bool r_fp32, const int32_t* idx, int64_t rows, int64_t k, const void* W, int64_t n,
                      int64_t d, void* out, int32_t* error_flag, int dtype, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (r_fp32) return launch_dot<T, float>(R, idx, rows, k, W, n, d, out, error_flag, stream);
     return launch_dot<T, T>(R, idx, rows, k, W, n, d, out, error_flag, stream);
   });
 }
 
-cudaError_t segment_rows(const int64_t* order, const int64_t* seg, int64_t n, int64_t K, int64_t K1,
+cudaError_t scatter_rows(const int64_t* order, const int64_t* seg, int64_t n, int64_t k, int64_t main_slots,
                          const void* coef, const void* gate, const void* R1, const void* R2, bool r_fp32,
                          const void* offset, int64_t d, void* out, void* coef_sum, int dtype, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (r_fp32)
-      return launch_segment<T, float>(order, seg, n, K, K1, coef, gate, R1, R2, offset, d, out, coef_sum, stream);
-    return launch_segment<T, T>(order, seg, n, K, K1, coef, gate, R1, R2, offset, d, out, coef_sum, stream);
+      return launch_scatter<T, float>(order, seg, n, k, main_slots, coef, gate, R1, R2, offset, d, out, coef_sum,
+                                      stream);
+    return launch_scatter<T, T>(order, seg, n, k, main_slots, coef, gate, R1, R2, offset, d, out, coef_sum, stream);
   });
 }
 

@@ -1,4 +1,4 @@
-// Sequential host mirror of the CUDA top-k select (topk_select.cu), compiled into flashsae._C.
+// Sequential host mirror of the CUDA top-k select (topk_encode.cu), compiled into flashsae._C.
 //
 // It runs the kernel's algorithm step for step with the same shared functions (topk_keys.h: keys,
 // choose_digit, RadixCut) on one CPU thread: per row, slices of scores, the threshold filter, the
@@ -8,16 +8,15 @@
 // differs only in how each step is parallelized (see the comments there).
 //
 // Not used by any op: it is a test of the algorithm, not a CPU backend (the cpu backend has its own
-// heap-based select, csrc/cpu/topk_select.cpp).
+// heap-based select, csrc/cpu/topk_encode.cpp).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <sstream>
 #include <stdexcept>
-#include <string>
 #include <vector>
 
+#include "boundary.h"
 #include "cuda/topk_keys.h"
 
 namespace py = pybind11;
@@ -101,13 +100,7 @@ void select_row(const float* row, int64_t cols, int64_t col0, const float* bias,
   if (aux != nullptr && aux->count > 0) merge(*aux, scratch);
 }
 
-using addr_t = std::uintptr_t;
-
-template <typename T = void> T* as_ptr(addr_t a) { return reinterpret_cast<T*>(a); }
-
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
+using namespace flashsae::boundary;
 
 Selection load_selection(const uint64_t* state, int64_t k, int64_t capacity) {
   Selection s;
@@ -173,12 +166,17 @@ void topk_make_keys_host(addr_t values, addr_t latents, int64_t count, addr_t ke
 namespace flashsae {
 
 // Called from flashsae._C's module init (csrc/cpu/flashsae_cpu_api.cpp).
-void register_topk_select_host(py::module_& m) {
+void register_topk_encode_host(py::module_& m) {
   using namespace flashsae::topk::host;
   m.attr("TOPK_HOST_MAX_K") = flashsae::topk::kMaxK;
-  m.def("topk_select_host", &topk_select_host, "Sequential mirror of _C_cuda.topk_select (tests only)");
-  m.def("topk_finish_host", &topk_finish_host, "Sequential mirror of _C_cuda.topk_finish (tests only)");
-  m.def("topk_make_keys_host", &topk_make_keys_host, "The select's 64-bit keys (tests only)");
+  m.def("topk_select_host", &topk_select_host, "Sequential mirror of _C_cuda.topk_select (tests only)",
+        py::kw_only(), py::arg("scores"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("col0"),
+        py::arg("bias"), py::arg("relu"), py::arg("state"), py::arg("k"), py::arg("dead_mask"), py::arg("aux_state"),
+        py::arg("aux_k"), py::arg("slice"), py::arg("capacity"));
+  m.def("topk_finish_host", &topk_finish_host, "Sequential mirror of _C_cuda.topk_finish (tests only)",
+        py::kw_only(), py::arg("state"), py::arg("rows"), py::arg("k"), py::arg("values"), py::arg("indices"));
+  m.def("topk_make_keys_host", &topk_make_keys_host, "The select's 64-bit keys (tests only)", py::kw_only(),
+        py::arg("values"), py::arg("latents"), py::arg("count"), py::arg("keys"));
 }
 
 }  // namespace flashsae
