@@ -92,3 +92,38 @@ class LargestTensorMode(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.largest_op = t.numel(), str(func)
         return out
+
+
+class OpOperands(TorchDispatchMode):
+    """Records every flashsae op that runs while active: (op name, {argument: dtype}) of its floating
+    tensor arguments, as the op's implementation receives them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, dict[str, torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "flashsae":
+            names = [a.name for a in func._schema.arguments]
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            floats = {k: v.dtype for k, v in bound.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+            self.calls.append((func._schema.name.removeprefix("flashsae::"), floats))
+        return func(*args, **kwargs)
+
+    def dtypes(self, op: str) -> list[dict[str, torch.dtype]]:
+        found = [floats for name, floats in self.calls if name == op]
+        assert found, f"{op} never ran (ran: {sorted({name for name, _ in self.calls})})"
+        return found
+
+
+def assert_received(mode: OpOperands, op: str, dtype: torch.dtype, names) -> None:
+    """Every recorded call of `op` received each of `names` it was given in `dtype` (and some call was
+    given each of them)."""
+    calls = mode.dtypes(op)
+    for name in names:
+        assert any(name in floats for floats in calls), f"{op} was never given {name}"
+    for floats in calls:
+        for name in names:
+            if name in floats:
+                assert floats[name] == dtype, f"{op} received {name} in {floats[name]}, expected {dtype}"

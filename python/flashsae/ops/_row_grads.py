@@ -186,3 +186,12 @@ def dense_vector(compact: torch.Tensor, rows: torch.Tensor, touched: int, n: int
     """The dense [n] vector holding ``compact[:touched]`` at ``rows`` and zeros elsewhere."""
     out = torch.zeros(n, dtype=compact.dtype, device=compact.device)
     return out.index_copy_(0, rows[:touched], compact[:touched])
+
+
+def share_row_grads(param: torch.Tensor, copy: torch.Tensor) -> None:
+    """Routes the row gradients of `copy` (a cast of `param`, as autocast makes) to `param`'s
+    collector, if it has one: the ops then hand the copy's touched rows to the collector, which rounds
+    them into the parameter's dtype, and autograd gets no dense gradient for either tensor."""
+    collector = row_grads_of(param)
+    if collector is not None:
+        setattr(copy, _ATTRIBUTE, collector)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_k, check_tensor
+from . import _autocast
 from .threshold_encode import count_active, dense_pre_activations, padded_rows
 from .topk_encode import topk_encode
 
@@ -115,7 +116,16 @@ def batch_topk(
     Returns:
         :class:`BatchTopKOutput`. Differentiable in x, W_enc, b_enc, b_dec (and through aux_values)
         via topk_encode's sparse backward.
+
+    Under ``torch.autocast`` x, W_enc, b_enc and b_dec are cast to the autocast dtype (topk_encode's
+    rule, see ops/_autocast.py) and the whole selection runs on those operands.
     """
+    x, W_enc, b_enc, b_dec = _autocast.cast_operands(x, W_enc, b_enc, b_dec)
+    with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
+        return _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend)
+
+
+def _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
     k = check_k("k", k, n)

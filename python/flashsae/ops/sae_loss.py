@@ -29,7 +29,7 @@ import torch
 from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _common, _row_grads
+from . import _autocast, _common, _row_grads
 from .sparse_decode import sparse_decode_reference
 
 
@@ -305,6 +305,11 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
 
 _sae_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
+# autocast (see ops/_autocast.py): the fused decoder + loss reads every float operand in the autocast
+# dtype; the per-row sums (and so the losses) stay float32, as torch's autocast keeps losses
+_autocast.register(torch.ops.flashsae.sae_loss.default, cast=("x", "values", "W_dec", "b_dec", "aux_values"))
+_autocast.register(torch.ops.flashsae.sae_loss_backward.default)
+
 
 # ------------------------------------------------------------------------------------------- public
 
@@ -332,7 +337,13 @@ def sae_loss(
     Returns:
         :class:`SaeLossOutput` (x_hat, mse, fvu, auxk_loss). Differentiable in x, values, W_dec,
         b_dec and aux_values; the backward is sparse (no [batch, n_latents] tensor).
+
+    Under ``torch.autocast(device_type, dtype)``: x, values, W_dec, b_dec and aux_values are cast to
+    ``dtype`` (float32/bfloat16/float16 tensors on that device type; float64 stays), so the fused
+    decoder reads them in ``dtype``; x_hat comes back in ``dtype``, the per-row sums and the scalar
+    losses in float32; gradients reach each input in its own dtype. See ops/_autocast.py.
     """
+    x, values, W_dec, b_dec, aux_values = _autocast.cast_operands(x, values, W_dec, b_dec, aux_values)
     check_tensor("W_dec", W_dec, shape={"n_latents": None, "d": None})
     d = W_dec.shape[1]
     check_tensor("x", x, shape={"batch": None, "d": d}, like=("W_dec", W_dec))

@@ -233,6 +233,8 @@ _BACKENDS = {"cpu": _adam_cpu, "triton": _adam_triton, "torch": _adam_torch}
 # ------------------------------------------------------------------------------------ torch.library
 
 
+# No autocast rule (ops/_autocast.py): the step updates parameters and moments in place, in their own
+# dtypes (a cast copy would take the update), and an optimizer step runs outside the autocast region.
 @torch.library.custom_op(
     "flashsae::sparse_adam", mutates_args=("param", "exp_avg", "exp_avg_sq", "last_step", "master")
 )

@@ -237,6 +237,8 @@ _BACKENDS = {"cpu": _rowwise_cpu, "triton": _rowwise_triton, "torch": _rowwise_t
 # ------------------------------------------------------------------------------------ torch.library
 
 
+# No autocast rule (ops/_autocast.py): the step updates parameters and moments in place, in their own
+# dtypes (a cast copy would take the update), and an optimizer step runs outside the autocast region.
 @torch.library.custom_op(
     "flashsae::sparse_adam_rowwise",
     mutates_args=("param", "exp_avg", "exp_avg_scale", "exp_avg_sq", "last_step", "master"),

@@ -16,7 +16,7 @@ import torch
 from .. import _backend, _checks
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _common, _row_grads
+from . import _autocast, _common, _row_grads
 
 # --------------------------------------------------------------------------------------- reference
 
@@ -184,6 +184,10 @@ def _autograd_backward(ctx, grad):
 
 _sparse_decode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
+# autocast (see ops/_autocast.py): the decoder reads values and the parameters in the autocast dtype
+_autocast.register(torch.ops.flashsae.sparse_decode.default, cast=("values", "W_dec", "b_dec"))
+_autocast.register(torch.ops.flashsae.sparse_decode_backward.default)
+
 
 # ------------------------------------------------------------------------------------------- public
 
@@ -208,7 +212,12 @@ def sparse_decode(
     Returns:
         x_hat [batch, d] in W_dec's dtype, accumulated in float32 (float64 for float64).
         Differentiable in values, W_dec and b_dec with a sparse backward (no [batch, n] tensor).
+
+    Under ``torch.autocast(device_type, dtype)``: values, W_dec and b_dec are cast to ``dtype``
+    (float32/bfloat16/float16 tensors on that device type; float64 stays); x_hat comes back in
+    ``dtype``, summed in float32; gradients reach each input in its own dtype. See ops/_autocast.py.
     """
+    values, W_dec, b_dec = _autocast.cast_operands(values, W_dec, b_dec)
     check_tensor("W_dec", W_dec, shape={"n_latents": None, "d": None})
     d = W_dec.shape[1]
     check_tensor("values", values, shape={"batch": None, "k": None}, like=("W_dec", W_dec))

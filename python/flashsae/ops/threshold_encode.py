@@ -37,7 +37,7 @@ import importlib
 import torch
 
 from .._checks import check_finite, check_tensor
-from . import _common
+from . import _autocast, _common
 from .topk_encode import topk_encode
 
 # the module itself (flashsae.ops re-exports the function under the same name)
@@ -171,7 +171,16 @@ def threshold_encode(
         ``(values, indices)``, each [batch, m] with m the largest active count of any row (>= 1):
         the active latents' pre-activations sorted descending (ties to the lower index), int32
         indices, empty slots (0, -1). Differentiable in x, W_enc, b_enc, b_dec.
+
+    Under ``torch.autocast`` x, W_enc, b_enc, threshold and b_dec are cast to the autocast dtype
+    (topk_encode's rule, see ops/_autocast.py) and the whole selection runs on those operands.
     """
+    x, W_enc, b_enc, threshold, b_dec = _autocast.cast_operands(x, W_enc, b_enc, threshold, b_dec)
+    with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
+        return _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend)
+
+
+def _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
     check_tensor("threshold", threshold, shape={"n_latents": n}, like=("W_enc", W_enc))

@@ -32,7 +32,7 @@ import torch
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _common, _row_grads
+from . import _autocast, _common, _row_grads
 
 #: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
 #: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
@@ -466,6 +466,10 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
 
 _topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
+# autocast (see ops/_autocast.py): the encoder GEMM reads x and the parameters in the autocast dtype
+_autocast.register(torch.ops.flashsae.topk_encode.default, cast=("x", "W_enc", "b_enc", "b_dec"))
+_autocast.register(torch.ops.flashsae.topk_encode_backward.default)
+
 
 # ------------------------------------------------------------------------------------------- public
 
@@ -498,7 +502,13 @@ def topk_encode(
         indices int32. With aux_k > 0, also ``(aux_values, aux_indices)`` [batch, aux_k]; slots
         beyond the number of dead latents hold value 0 and index -1.
         Differentiable in x, W_enc, b_enc and b_dec through the values (sparse backward).
+
+    Under ``torch.autocast(device_type, dtype)``: x, W_enc, b_enc and b_dec are cast to ``dtype``
+    (float32/bfloat16/float16 tensors on that device type; float64 stays), so the encoder GEMM reads
+    them in ``dtype`` and accumulates and selects in float32; values and aux_values come back in
+    ``dtype``; gradients reach each input in its own dtype. See ops/_autocast.py.
     """
+    x, W_enc, b_enc, b_dec = _autocast.cast_operands(x, W_enc, b_enc, b_dec)
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n, d = W_enc.shape
     check_tensor("x", x, shape={"batch": None, "d": d}, like=("W_enc", W_enc))
