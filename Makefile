@@ -1,15 +1,23 @@
-# The README's commands. Each one sets everything up on a fresh machine (a venv in .venv, the
-# PyTorch CPU wheel, flashsae built from source with its test and demo extras) and then runs:
+# The README's commands. Each one sets everything up on a fresh machine (a venv in .venv, torch,
+# flashsae built from source with its test and demo extras) and then runs:
 #
 #   make train   the main job: `flashsae train`, the offline demo (a TopK SAE on all-MiniLM-L6-v2)
 #   make bench   `flashsae bench`, flashsae vs dense PyTorch on one training step
 #   make test    the test suite (what .ci/run calls)
 #
-# Knobs: PYTHON (interpreter for the venv), TORCH_SPEC (torch==2.13.0 is the CPU wheel here; on a
-# GPU machine use a CUDA build), FLASHSAE_CUDA=AUTO|ON|OFF and FLASHSAE_WERROR=ON|OFF (build).
+# Knobs:
+#   PYTHON           interpreter that creates the venv (python3)
+#   TORCH_SPEC       the torch requirement (torch==2.13.0)
+#   TORCH_INDEX_URL  package index for the torch install only, which picks the build: empty means pip's
+#                    configured index (PyPI's Linux x86-64 torch is a CUDA build); the CPU-only wheel:
+#                    https://download.pytorch.org/whl/cpu, for a given CUDA https://download.pytorch.org/whl/cu128
+#   FLASHSAE_CUDA=AUTO|ON|OFF, FLASHSAE_WERROR=ON|OFF   build options of the extension (see pyproject.toml)
+# e.g. make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The torch step runs once per venv: after changing TORCH_SPEC or TORCH_INDEX_URL, `make clean` first.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python kernels -type f -not -name '*.pyc')
 
@@ -17,7 +25,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python kernels -type 
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"
 	touch $@
 
 # Rebuilt whenever a source changes; torch is already in the venv, so pip keeps it.

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from flashsae import TopKSAE
-from flashsae.benchmarking import DenseTopKSAE, environment
+from flashsae.bench import DenseTopKSAE, Spread, environment, time_ms
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,11 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default=None, help="flashsae backend (default: auto)")
     parser.add_argument("--json", default=None, help="also write the result to this file")
     return parser.parse_args(argv)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(sae, optimizer, x, dead_mask, device_type: str, dtype: torch.dtype):
@@ -97,19 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.warmup + args.steps):
         for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
+            step_ms = time_ms(step, device, repeats=1)
             if i >= args.warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name] += step_ms
 
-    medians = {name: statistics.median(t) for name, t in times.items()}
+    spreads = {name: Spread.of(t) for name, t in times.items()}
+    medians = {name: spread.median for name, spread in spreads.items()}
     ratio = medians["torch_dense"] / medians["flashsae"]
     shape = f"d={args.d} n={args.n} k={args.k} batch={args.batch}"
     print(f"autocast {args.dtype} training step on {device} ({shape}, fused Adam, AuxK {'on' if args.auxk else 'off'})")
-    for name, t in times.items():
-        print(f"  {name:12s} median {medians[name]:9.1f} ms   min-max {min(t):.1f}-{max(t):.1f} ms   ({len(t)} steps)")
+    for name, spread in spreads.items():
+        print(f"  {name:12s} median {spread.median:9.1f} ms   min-max {spread.low:.1f}-{spread.high:.1f} ms   "
+              f"({len(times[name])} steps)")  # fmt: skip
     print(f"  flashsae / torch_dense speed ratio: {ratio:.2f}x")
     result = {
         "config": vars(args),

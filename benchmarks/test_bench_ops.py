@@ -1,90 +1,97 @@
-"""Each op stage per provider, side by side (DESIGN.md §6): torch_dense, torch_sparse
-(sparsify-style eager) and every flashsae backend available on the device.
-
-Rows carry, in extra_info, the case, the op's own work (flop, bytes: flashsae.bench_ops.work), the
-peak memory one call adds, and the machine's peaks measured in the same session, from which
-`benchmarks/report.py` derives speedups vs torch_dense and roofline fractions.
+"""The per-op benchmark suite: one case per op (test_topk_encode, test_sparse_decode, test_sae_loss),
+each parametrized over stage, size and provider: torch_dense, torch_sparse (sparsify-style eager),
+torch_gemm (the encoder's GEMM alone) and every flashsae backend available on the device (providers
+and the work each op must do: flashsae.bench.op_cases). Before a provider is timed, its forward is
+checked against torch_dense's on the same inputs.
 
     pytest benchmarks/test_bench_ops.py --benchmark-only --benchmark-json=ops.json
+    python benchmarks/report.py ops.json --out DIR         # = flashsae bench --report ops.json --report-dir DIR
+
+A new row is one line: a size in full_cases / tiny_cases, or an entry of op_cases.VARIANTS (the
+flashsae op with extra keyword arguments, on every backend).
 """
 
 import pytest
-import torch
 
-from flashsae.bench_ops import OpCase, calibrate, make_call, make_inputs, providers, work
-from flashsae.benchmarking import PeakMemory
+from flashsae.bench.op_cases import OpCase, check, make_call, make_inputs, providers, work
+from suite_params import DEVICES, device_marks, full_run
 
-ALL_STAGES = [
-    ("topk_encode", "fwd"),
-    ("topk_encode", "fwd+bwd"),
-    ("sparse_decode", "fwd"),
-    ("sparse_decode", "fwd+bwd"),
-    ("sae_loss", "fwd"),
-    ("sae_loss", "fwd+bwd"),
-]
+STAGES = {"topk_encode": ("fwd", "fwd+bwd"), "sparse_decode": ("fwd", "fwd+bwd"), "sae_loss": ("fwd", "fwd+bwd")}
 
 
-def full_cases(device: str) -> list[OpCase]:
-    """Sizes for `--benchmark-only`: on this project's 2-core CPU the whole file runs in ~5 minutes."""
+def full_cases(op: str, device: str) -> list[OpCase]:
+    """Sizes for `--benchmark-only`: the CPU half takes minutes on this project's 2-core machine; the
+    CUDA half (d = 4096, n up to 2^20) fits run_device.sh's time limits on an H200."""
     if device == "cpu":
-        d, k, batch, n_sweep, dtype = 768, 32, 1024, (4096, 8192, 16384, 32768), "float32"
-        extra_dtype, mid = "bfloat16", 16384
+        base = {"d": 768, "k": 32, "batch": 1024, "dtype": "float32"}
+        n_sweep, mid, other_dtype = (4096, 8192, 16384, 32768), 16384, "bfloat16"
     else:
-        d, k, batch, n_sweep, dtype = 4096, 64, 4096, (1 << 15, 1 << 17, 1 << 20), "bfloat16"
-        extra_dtype, mid = "float32", 1 << 17
-    cases = [OpCase(op, stage, d, n, k, batch, dtype, device) for n in n_sweep for op, stage in ALL_STAGES]
-    cases += [OpCase(op, stage, d, mid, k, batch, extra_dtype, device) for op, stage in ALL_STAGES]
-    cases += [OpCase("sparse_decode", "fwd+bwd", d, mid, kk, batch, dtype, device) for kk in (k // 4, 4 * k)]
-    cases += [OpCase("topk_encode", "fwd+bwd", d, mid, k, b, dtype, device) for b in (batch // 4, 4 * batch)]
+        base = {"d": 4096, "k": 64, "batch": 4096, "dtype": "bfloat16"}
+        n_sweep, mid, other_dtype = (1 << 15, 1 << 17, 1 << 20), 1 << 17, "float32"
+    k, batch = base["k"], base["batch"]
+
+    def case(stage: str, n: int = mid, **change) -> OpCase:
+        return OpCase(**({"op": op, "stage": stage, "n": n, "device": device} | base | change))
+
+    cases = [case(stage, n) for n in n_sweep for stage in STAGES[op]]
+    cases += [case(stage, dtype=other_dtype) for stage in STAGES[op]]
+    if op == "topk_encode":
+        cases += [case("fwd+bwd", batch=b) for b in (batch // 4, 4 * batch)]
+        cases += [case("fwd", k=kk) for kk in (k // 2, 2 * k)]
+        cases += [case(stage, aux_k=64) for stage in STAGES[op]]
+    if op == "sparse_decode":
+        cases += [case("fwd+bwd", k=kk) for kk in (k // 4, 4 * k)]
+    if op == "sae_loss":
+        cases += [case(stage, aux_k=64) for stage in STAGES[op]]
+    if device == "cuda":
+        if op == "topk_encode":  # the top-k kernel alone vs torch.topk, and narrow / tall encoder shapes
+            cases += [case("select", n=1 << 17, d=1, batch=16384, k=kk) for kk in (32, 64, 256)]
+            cases += [case("fwd", n=n, d=768, k=32, batch=b) for n, b in ((1 << 15, 4096), (1 << 17, 16384))]
+            cases += [case("fwd", n=1 << 17, d=768, k=32, aux_k=384)]  # aux_k = d / 2: TopKSAE's default
+        if op == "sparse_decode":
+            cases += [case("fwd+bwd", batch=8192)]
     return cases
 
 
-def tiny_cases(device: str) -> list[OpCase]:
-    return [OpCase(op, stage, 16, 96, 4, 32, "float32", device) for op, stage in ALL_STAGES]
+def tiny_cases(op: str, device: str) -> list[OpCase]:
+    """One small call per case in CI."""
+    cases = [OpCase(op, stage, 16, 96, 4, 32, "float32", device) for stage in STAGES[op]]
+    if op != "sparse_decode":
+        cases.append(OpCase(op, "fwd+bwd", 16, 96, 4, 32, "float32", device, aux_k=4))
+    if op == "topk_encode" and device == "cuda":
+        cases.append(OpCase(op, "select", 1, 96, 4, 32, "float32", device))
+    return cases
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    full = bool(metafunc.config.getoption("benchmark_only"))
-    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    op = metafunc.function.__name__.removeprefix("test_")
+    full = full_run(metafunc.config)
     params = []
-    for device in devices:
-        cases = full_cases(device) if full else tiny_cases(device)
-        mid_n = sorted({c.n for c in cases})[len({c.n for c in cases}) // 2]
+    for device in DEVICES:
+        cases = full_cases(op, device) if full else tiny_cases(op, device)
+        sizes = sorted({c.n for c in cases})
         for case in cases:
             for provider in providers(case):
-                if full and provider == "flashsae-torch" and case.n != mid_n:
+                if full and provider == "flashsae-torch" and case.n != sizes[len(sizes) // 2]:
                     continue  # the pure-torch fallback is measured at one size: it is not the product
-                params.append(pytest.param(case, provider, id=f"{case.name}-{provider}"))
+                params.append(pytest.param(case, provider, id=f"{case.name}-{provider}", marks=device_marks(device)))
     metafunc.parametrize(("case", "provider"), params)
 
 
-_PEAKS: dict[tuple[str, str], dict[str, float]] = {}
-
-
-def machine_peaks(device: str, dtype: str) -> dict[str, float]:
-    if (device, dtype) not in _PEAKS:
-        _PEAKS[(device, dtype)] = calibrate(device, dtype)
-    return _PEAKS[(device, dtype)]
-
-
-def test_op(run_benchmark, benchmark, request, case, provider):
+def run_case(run_benchmark, case: OpCase, provider: str) -> None:
     inputs = make_inputs(case)
-    call = make_call(case, provider, inputs)
-    device = torch.device(case.device)
-
-    def timed() -> None:
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    timed()  # warm-up (allocator, first-touch pages, kernel compilation)
-    memory = PeakMemory(device)
-    before = memory.current()
-    memory.reset()
-    timed()
-    peak_bytes = max(0, memory.peak() - before)
-    run_benchmark(timed)
+    check(case, provider, inputs)
     flop, moved = work(case)
-    benchmark.extra_info.update(case.as_dict(), provider=provider, flop=flop, bytes=moved, peak_bytes=peak_bytes)
-    if request.config.getoption("benchmark_only"):
-        benchmark.extra_info.update(machine_peaks(case.device, case.dtype))
+    run_benchmark(make_call(case, provider, inputs), **case.as_dict(), provider=provider, flop=flop, bytes=moved)
+
+
+def test_topk_encode(run_benchmark, case, provider):
+    run_case(run_benchmark, case, provider)
+
+
+def test_sparse_decode(run_benchmark, case, provider):
+    run_case(run_benchmark, case, provider)
+
+
+def test_sae_loss(run_benchmark, case, provider):
+    run_case(run_benchmark, case, provider)

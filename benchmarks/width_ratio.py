@@ -1,4 +1,4 @@
-"""The width bar of issue 10, measured: the widest flashsae TopK SAE that trains within a memory budget
+"""The width bar, measured: the widest flashsae TopK SAE that trains within a memory budget
 against the widest dense PyTorch TopK SAE (same d, k, batch, parameter dtype), each found by measuring
 peak memory of real training steps.
 
@@ -10,13 +10,13 @@ fresh process: peak RSS on CPU (glibc's mmap threshold fixed so freed tensors le
 torch.cuda.max_memory_allocated on a GPU. The search starts at the width flashsae.plan predicts, then
 brackets and bisects on measurements to a resolution of ``--resolution`` (2%). Providers:
 
-- ``dense``: flashsae.benchmarking.DenseTopKSAE + torch's fused Adam (what most codebases write);
+- ``dense``: flashsae.bench.DenseTopKSAE + torch's fused Adam (what most codebases write);
 - ``flashsae``: TopKSAE + SparseAdam (row-sparse gradients), moments in the parameter dtype;
 - ``flashsae-bf16-moments``: the same with bfloat16 moments (SparseAdam(state_dtype="bfloat16"));
 - ``flashsae-row-int8``: SparseAdam(moments="row-int8"): one second moment per latent row and an int8
   first moment (1 byte per weight of optimizer state; flashsae/ops/sparse_adam_rowwise.py).
 
-The CPU run keeps the issue's shape ratio (batch = 2 d, k = 64) at a size this machine can train; the
+The CPU run keeps the GPU setting's shape ratio (batch = 2 d, k = 64) at a size this machine can train; the
 plan's model (checked against these measurements in tests/test_plan.py) gives the GPU-scale ratios,
 printed alongside. Results go to --out as JSON and markdown.
 """
@@ -26,20 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from flashsae.benchmarking import environment
-from flashsae.plan import (
-    GiB,
-    MeasureConfig,
-    PlanConfig,
-    dense_memory,
-    flashsae_memory,
-    measure,
-    parse_bytes,
-    widest,
-)
+from flashsae import plan
+from flashsae.bench.environment import describe, environment
 
 PROVIDERS = {
     "dense": {"provider": "dense"},
@@ -49,7 +39,7 @@ PROVIDERS = {
 }
 
 
-def plan_config(args, options: dict, **overrides) -> PlanConfig:
+def plan_config(args, options: dict, **overrides) -> plan.PlanConfig:
     settings = {
         "d": args.d,
         "n": max(args.k, 1024),
@@ -63,24 +53,24 @@ def plan_config(args, options: dict, **overrides) -> PlanConfig:
         "memory": args.budget,
         "reserve": 0,
     }
-    return PlanConfig(**(settings | overrides))
+    return plan.PlanConfig(**(settings | overrides))
 
 
 def search(args, name: str, options: dict, log: list) -> dict:
     """Widest n (multiple of 1024) whose measured peak fits the budget."""
-    estimate = dense_memory if options["provider"] == "dense" else flashsae_memory
+    estimate = plan.dense_memory if options["provider"] == "dense" else plan.flashsae_memory
     cfg = plan_config(args, options)
-    predicted = widest(estimate, cfg, args.budget)
+    predicted = plan.widest(estimate, cfg, args.budget)
 
     def fits(n: int) -> bool:
         started = time.time()
-        config = MeasureConfig(
+        config = plan.MeasureConfig(
             d=args.d, n=n, k=args.k, batch=args.batch, dtype=args.dtype, device=args.device, **options
         )
-        peak = measure(config)["peak_bytes"]
+        peak = plan.measure(config)["peak_bytes"]
         ok = peak <= args.budget
         log.append({"provider": name, "n": n, "peak_bytes": peak, "fits": ok, "seconds": round(time.time() - started)})
-        print(f"  {name:<22} n={n:>9,}  peak {peak / GiB:6.3f} GiB  {'fits' if ok else 'too big'}", flush=True)
+        print(f"  {name:<22} n={n:>9,}  peak {peak / plan.GiB:6.3f} GiB  {'fits' if ok else 'too big'}", flush=True)
         return ok
 
     def rounded(n: float) -> int:
@@ -110,30 +100,24 @@ def search(args, name: str, options: dict, log: list) -> dict:
 
 
 def gpu_model_ratios() -> list[dict]:
-    """The plan's widest n at the issue's GPU setting (H200, d=4096, k=64, batch=8192, bfloat16)."""
-    rows = []
-    base = PlanConfig(d=4096, n=1 << 20, k=64, batch=8192, dtype="bfloat16")
-    dense_n = widest(dense_memory, base, base.usable)
-    for label, overrides in (
-        ("bf16 weights, bf16 moments (like-for-like)", {}),
-        ("bf16 weights, fp32 moments", {"state_dtype": "float32"}),
-        ("bf16 weights, fp32 master + fp32 moments", {"state_dtype": "float32", "master_weights": True}),
-        ("bf16 weights, int8 first moment + row-wise second moment", {"moments": "row-int8"}),
-    ):
-        cfg = PlanConfig(**(asdict(base) | overrides))
-        n = widest(flashsae_memory, cfg, cfg.usable)
-        rows.append({"flashsae": label, "widest_flashsae": n, "widest_dense": dense_n, "ratio": n / dense_n})
-    fp32 = PlanConfig(d=4096, n=1 << 20, k=64, batch=8192, dtype="float32")
-    dense32 = widest(dense_memory, fp32, fp32.usable)
+    """The plan's widest n at the GPU setting (H200, d=4096, k=64, batch=8192), per weight dtype and
+    flashsae optimizer-state layout; the dense SAE keeps torch Adam in the weights' dtype."""
+    shape = {"d": 4096, "n": 1 << 20, "k": 64, "batch": 8192}
     variants = (
-        ("fp32 weights, fp32 moments", {}),
-        ("fp32 weights, bf16 moments", {"state_dtype": "bfloat16"}),
-        ("fp32 weights, int8 first moment + row-wise second moment", {"moments": "row-int8"}),
-    )
-    for label, overrides in variants:
-        cfg = PlanConfig(**(asdict(fp32) | overrides))
-        n = widest(flashsae_memory, cfg, cfg.usable)
-        rows.append({"flashsae": label, "widest_flashsae": n, "widest_dense": dense32, "ratio": n / dense32})
+        ("bf16 weights, bf16 moments (like-for-like)", {"dtype": "bfloat16"}),
+        ("bf16 weights, fp32 moments", {"dtype": "bfloat16", "state_dtype": "float32"}),
+        ("bf16 weights, fp32 master + fp32 moments",
+         {"dtype": "bfloat16", "state_dtype": "float32", "master_weights": True}),
+        ("bf16 weights, int8 first moment + row-wise second moment", {"dtype": "bfloat16", "moments": "row-int8"}),
+        ("fp32 weights, fp32 moments", {"dtype": "float32"}),
+        ("fp32 weights, bf16 moments", {"dtype": "float32", "state_dtype": "bfloat16"}),
+        ("fp32 weights, int8 first moment + row-wise second moment", {"dtype": "float32", "moments": "row-int8"}),
+    )  # fmt: skip
+    rows = []
+    for label, settings in variants:
+        result = plan.plan(plan.PlanConfig(**shape, **settings))
+        rows.append({"flashsae": label, "widest_flashsae": result["widest_flashsae"],
+                     "widest_dense": result["widest_dense"], "ratio": result["width_ratio"]})  # fmt: skip
     return rows
 
 
@@ -142,9 +126,8 @@ def report(args, results: list[dict], model: list[dict], env: dict) -> str:
     lines = [
         "# Width bar: widest TopK SAE that trains in a memory budget",
         "",
-        f"{env['date']}, {env['processor']} ({env['cpu_threads']} threads, shared with other jobs), "
-        f"torch {env['torch']}",
-        f"device {args.device}, budget {args.budget / GiB:.2f} GiB, d={args.d}, k={args.k}, batch={args.batch}, "
+        f"{describe(env)}; the CPU is shared with other jobs",
+        f"device {args.device}, budget {args.budget / plan.GiB:.2f} GiB, d={args.d}, k={args.k}, batch={args.batch}, "
         f"{args.dtype} weights; two training steps per measurement (forward, backward, Adam)",
         "",
         "| provider | widest n (measured) | first n over budget | plan's prediction | vs dense |",
@@ -157,7 +140,7 @@ def report(args, results: list[dict], model: list[dict], env: dict) -> str:
         )
     lines += [
         "",
-        "Model (flashsae.plan) at the issue's GPU setting: H200 (140.4 GiB, 2 GiB reserved), d=4096, k=64, "
+        "Model (flashsae.plan) at the GPU setting: H200 (140.4 GiB, 2 GiB reserved), d=4096, k=64, "
         "batch=8192, AuxK off; dense = DenseTopKSAE + torch Adam in the weights' dtype. GPU measurement pending.",
         "",
         "| flashsae configuration | widest flashsae n | widest dense n | ratio |",
@@ -170,7 +153,7 @@ def report(args, results: list[dict], model: list[dict], env: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=parse_bytes, default=parse_bytes("1.5GiB"))
+    parser.add_argument("--budget", type=plan.parse_bytes, default=plan.parse_bytes("1.5GiB"))
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--batch", type=int, default=512)

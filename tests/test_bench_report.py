@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flashsae import bench_report
+from flashsae.bench import report as bench_report
 from flashsae.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`flashsae bench`: the README's main command until the trainer lands."""
+"""The `flashsae` entry point: bench (progress, repeats, the table, JSON), its errors, the console script, convert."""
 
 import json
 import subprocess
@@ -7,23 +7,39 @@ from pathlib import Path
 
 from flashsae.cli import main
 
-TINY = ["--d-in", "16", "--n-latents", "96", "--k", "4", "--batch", "32", "--steps", "2"]
+TINY = ["--d-in", "16", "--n-latents", "96", "--k", "4", "--batch", "32", "--steps", "2", "--repeats", "2"]
 
 
 def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert main(["bench", *TINY, "--json", str(tmp_path / "out.json")]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     for provider in ("torch_dense", "torch_sparse", "flashsae"):
         assert provider in printed
     assert "one encoder GEMM [32x16]x[16x96]" in printed
+    assert "vs dense" in printed and "vs sparse" in printed and "2 steps x 2 runs per provider" in printed
+    # progress: one line per run (3 providers x 2 repeats), interleaved
+    progress = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert [line.split(" ... ")[0] for line in progress] == [
+        f"[{i + 1}/6] {p} run {r}/2" for i, (r, p) in enumerate((r, p) for r in (1, 2)
+                                                                for p in ("torch_dense", "torch_sparse", "flashsae"))
+    ]  # fmt: skip
+    assert all(line.endswith("s elapsed)") for line in progress)
     outcome = json.loads((tmp_path / "out.json").read_text())
     assert outcome["config"]["n_latents"] == 96
     results = {r["provider"]: r for r in outcome["results"]}
     assert set(results) == {"torch_dense", "torch_sparse", "flashsae"}
     for r in results.values():
         assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["peak_bytes"] > 0
-        assert len(r["step_times_ms"]) == 2
+        assert len(r["step_times_ms"]) == 2 * 2 and len(r["run_step_ms"]) == 2
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        assert r["step_ms_min"] == min(r["run_step_ms"]) and r["step_ms_max"] == max(r["run_step_ms"])
         assert 0 < r["final_fvu"] < 10
+    assert [r["provider"] for r in outcome["runs"]].count("flashsae") == 2
+    env = outcome["environment"]
+    assert env["processor"] and env["torch"].startswith("2.")
+    assert isinstance(env["amx_bf16"], bool) and isinstance(env["avx512_bf16"], bool)
+    assert env["processor"] in printed
 
 
 def test_bench_rejects_bad_settings(capsys):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from flashsae import ForwardOutput, SparseLatents, TopKSAE
-from flashsae.benchmarking import DenseTopKSAE, SparsifyStyleTopKSAE, make_optimizer, train_step
+from flashsae.bench import DenseTopKSAE, SparsifyStyleTopKSAE
+from flashsae.bench.train_step import make_optimizer, train_step
 from flashsae.modules import geometric_median
 from helpers import DTYPES, RTOL, assert_close
 

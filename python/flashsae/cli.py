@@ -12,84 +12,26 @@
 by ``cache``); every field of :class:`flashsae.train.TrainConfig` is a flag.
 
 ``bench`` times one TopK SAE training step (forward, backward, Adam) of flashsae against the dense
-PyTorch baseline (and a sparsify-style eager one) at a size that fits a 2-core CPU by default, and
-prints speed and peak memory of each as ratios to the dense baseline.
+PyTorch baseline and a sparsify-style eager one at a size that fits a 2-core CPU by default, each
+provider over several fresh-process runs, and prints speed (median, min-max) and peak memory of each
+as ratios to both baselines.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from . import benchmarking
+from .bench.cli import add_bench_parser, run_bench
 from .cli_args import add_config_flags, add_subcommand, config_kwargs, fail
 from .eval.cli import add_eval_parser, add_report_parser, run_eval, run_report
 from .io.convert import add_convert_parser, run_convert
 from .plan import add_plan_parser, run_plan
 from .train import CacheConfig, TrainConfig, Trainer, resume_config, write_cache
 from .train import config as train_config
-
-
-def _add_bench_parser(subparsers) -> None:
-    bench = subparsers.add_parser(
-        "bench",
-        help="time a TopK SAE training step: flashsae vs dense PyTorch",
-        description=benchmarking.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    defaults = benchmarking.BenchConfig()
-    for f in fields(benchmarking.BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kind = int if f.name in {"d_in", "n_latents", "k", "batch", "steps", "threads", "seed"} else str
-        choices = {
-            "dtype": list(benchmarking.DTYPES),
-            "optimizer": list(benchmarking.OPTIMIZERS),
-            "device": ["cpu", "cuda"],
-        }.get(f.name)
-        bench.add_argument(flag, type=kind, default=default, choices=choices, help=f"(default: {default})")
-    bench.add_argument(
-        "--providers",
-        default=",".join(benchmarking.PROVIDERS),
-        help=f"comma-separated subset of {','.join(benchmarking.PROVIDERS)} (default: all)",
-    )
-    bench.add_argument("--json", type=Path, default=None, help="also write the raw results to this JSON file")
-    bench.add_argument(
-        "--report",
-        nargs="+",
-        type=Path,
-        default=None,
-        metavar="JSON",
-        help="instead of measuring: turn pytest-benchmark JSON files (pytest benchmarks/ --benchmark-only "
-        "--benchmark-json=FILE) into a markdown table and PNG plots in --report-dir",
-    )
-    bench.add_argument("--report-dir", type=Path, default=Path("benchmark-report"), help="(default: benchmark-report)")
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    if args.report:
-        from .bench_report import main as report_main
-
-        return report_main([*map(str, args.report), "--out", str(args.report_dir)])
-    names = {f.name for f in fields(benchmarking.BenchConfig)}
-    try:
-        config = benchmarking.BenchConfig(**{name: getattr(args, name) for name in names})
-        providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-        outcome = benchmarking.run_benchmark(config, providers)
-    except ValueError as exc:
-        print(f"flashsae bench: error: {exc}", file=sys.stderr)
-        return 2
-    print(outcome["report"])
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(outcome, indent=2) + "\n")
-        print(f"\nraw results: {args.json}")
-    return 0
 
 
 # ------------------------------------------------------------------------------ train and cache
@@ -177,7 +119,7 @@ def _run_cache(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[Any, Any]] = {
     "train": (_add_train_parser, _run_train),
     "cache": (_add_cache_parser, _run_cache),
-    "bench": (_add_bench_parser, _run_bench),
+    "bench": (add_bench_parser, run_bench),
     "convert": (add_convert_parser, run_convert),
     "eval": (add_eval_parser, run_eval),
     "report": (add_report_parser, run_report),

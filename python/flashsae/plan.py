@@ -279,7 +279,7 @@ def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
 
 
 def dense_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
-    """Memory of the dense PyTorch TopK SAE (flashsae.benchmarking.DenseTopKSAE + torch's fused Adam)."""
+    """Memory of the dense PyTorch TopK SAE (flashsae.bench.DenseTopKSAE + torch's fused Adam)."""
     n = cfg.n if n is None else n
     d, B, p = cfg.d, cfg.batch, DTYPE_BYTES[cfg.dtype]
     elements = 2 * n * d + n + d
@@ -462,7 +462,7 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
     """Peak memory of `steps` training steps, from before the model exists (run in a fresh process)."""
     import torch
 
-    from .benchmarking import DenseTopKSAE, PeakMemory
+    from .bench import DenseTopKSAE, PeakMemory
     from .modules import TopKSAE
     from .optim import SparseAdam
 
@@ -511,7 +511,7 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
 
 def measure(cfg: MeasureConfig, timeout: float = 900) -> dict[str, int]:
     """Measured peak memory of a training run in a fresh Python process: CPU peak RSS (VmHWM) or
-    torch.cuda.max_memory_allocated (flashsae.benchmarking.PeakMemory). On CPU glibc's mmap threshold
+    torch.cuda.max_memory_allocated (flashsae.bench.PeakMemory). On CPU glibc's mmap threshold
     is fixed at 64 KiB so that freed tensors leave the resident set (the default dynamic threshold
     keeps freed blocks of up to 32 MiB in the heap), as a GPU's allocated-bytes count would not hold them."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONUNBUFFERED": "1"}

@@ -1,15 +1,18 @@
 """Every flashsae._C_cuda kernel once, on small odd inputs, for compute-sanitizer (memcheck, racecheck).
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python benchmarks/cuda_sanitize.py
+        python tests/cuda_sanitize.py
 
 Each kernel path runs at least once: the select's vector and element-wise loads, its merges, aux
 state and the > 32 KiB shared-memory opt-in (k = aux_k = 2048); the finish sort at every width; row
 gathers, dots and segment reduces on the 16-byte and scalar paths; the loss forward and backward
 rows with and without aux. Results are compared with the torch backend (loose tolerances: this is
-a memory / race check; tests/test_cuda_*.py check the numbers). PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives
+a memory / race check; the CUDA tests check the numbers). PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives
 every tensor its own allocation, so an out-of-bounds access leaves it instead of landing in a
 neighbour inside torch's cache. Exit status 0 when every comparison held.
+
+A script, not a pytest module (its name does not match test_*.py): compute-sanitizer runs it as one
+process, in the sanitize step of benchmarks/run_device.sh.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
-"""Benchmark report: pytest-benchmark JSON -> a markdown table and PNG plots (DESIGN.md §6).
+"""Benchmark report: pytest-benchmark JSON -> a markdown table and PNG plots.
 
     python benchmarks/report.py ops.json train.json --out benchmarks/results/<date>-<machine>/
     flashsae bench --report ops.json train.json --report-dir <dir>
 
 Reads the rows written by benchmarks/test_bench_ops.py and test_bench_train_step.py (their
 extra_info: op, stage, sizes, provider, flop, bytes, peak memory, machine peaks). For every group of
-rows that share op, stage, sizes, dtype and device, each provider is compared with torch_dense of the
-same group, i.e. measured in the same run. Writes:
+rows that share op, stage, sizes, dtype and device, each provider is compared with torch_dense and
+torch_sparse of the same group, i.e. measured in the same run. Writes:
 
-- ``report.md``: machine, versions and date, then one table per op stage: median time, speedup vs
-  torch_dense, peak memory one call adds (and its ratio to torch_dense), achieved FLOP/s and GB/s of
-  the op's own work, and the fraction of the roofline floor (max(flop/peak_flops, bytes/peak_bw) / time,
-  1.0 = at the machine's measured limit);
+- ``report.md``: machine (CPU model, AMX / AVX-512 BF16), versions and date, then one table per op
+  stage: median time, speedup vs torch_dense, peak memory one call adds (and its ratio to
+  torch_dense), achieved FLOP/s and GB/s of the op's own work, the fraction of the roofline floor
+  (max(flop/peak_flops, bytes/peak_bw) / time, 1.0 = at the machine's measured limit), the speedup vs
+  torch_sparse and, for the encoder, the vendor GEMM's time as a fraction of this one (torch_gemm /
+  this; 1.0 = as fast as the GEMM alone);
 - ``speedup_vs_n.png``, ``memory_vs_n.png``: per op stage, over the dictionary size n;
 - ``roofline_fraction.png``: the fraction of the floor per provider at the largest n.
 
@@ -29,22 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GROUP_KEYS = ("op", "stage", "d", "n", "k", "batch", "dtype", "device")
+from .environment import describe
+from .op_cases import CaseKey
+
 BASELINE = "torch_dense"
+SPARSE_BASELINE = "torch_sparse"
+GEMM = "torch_gemm"
 
 
-@dataclass
-class Row:
+@dataclass(frozen=True, kw_only=True)
+class Row(CaseKey):
     """One benchmark: a provider on an op stage at one size."""
 
-    op: str
-    stage: str
-    d: int
-    n: int
-    k: int
-    batch: int
-    dtype: str
-    device: str
     provider: str
     median_s: float
     flop: float
@@ -55,7 +53,7 @@ class Row:
 
     @property
     def group(self) -> tuple:
-        return tuple(getattr(self, key) for key in GROUP_KEYS)
+        return self.key()
 
     @property
     def roofline_fraction(self) -> float | None:
@@ -78,7 +76,7 @@ def load_rows(paths: Iterable[str | Path]) -> tuple[list[Row], dict[str, Any]]:
         for bench in data["benchmarks"]:
             info = bench.get("extra_info", {})
             if "op" not in info or "provider" not in info:
-                continue  # a suite without our extra_info (e.g. the Triton do_bench suite)
+                continue  # a benchmark without flashsae's extra_info
             fields = {f: info[f] for f in Row.__dataclass_fields__ if f in info and f != "median_s"}
             rows.append(Row(median_s=bench["stats"]["median"], **fields))
     if not rows:
@@ -107,16 +105,12 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
     env = machine.get("flashsae_environment", {})
     lines = ["# flashsae benchmarks", ""]
     if env:
-        device = env.get("gpu") or env.get("processor", "unknown")
-        lines.append(
-            f"{env.get('date', '')}, {device}, {env.get('cpu_threads', '?')} CPU threads, python {env.get('python')}, "
-            f"torch {env.get('torch')}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
-        )
-        lines.append("")
+        lines += [describe(env), ""]
     lines += [
         "Speedup and memory are ratios to torch_dense in the same run (higher speedup is better, lower",
-        "memory is better). Memory: the peak one call adds. Floor: the op's own work at the machine's",
-        "measured peaks (GEMM FLOP/s, copy bandwidth); 1.00 = at the limit.",
+        "memory is better); vs sparse: the speedup vs torch_sparse (sparsify-style eager). Memory: the",
+        "peak one call adds. Floor: the op's own work at the machine's measured peaks (GEMM FLOP/s, copy",
+        "bandwidth); 1.00 = at the limit. GEMM: torch_gemm's time / this one's (the encoder's GEMM alone).",
         "",
     ]
     groups = by_group(rows)
@@ -126,33 +120,37 @@ def markdown(rows: list[Row], machine: dict[str, Any]) -> str:
             f"## {op} {stage}",
             "",
             "| d | n | k | batch | dtype | device | provider | median ms | speedup | peak MiB | memory "
-            "| GFLOP/s | GB/s | floor |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| GFLOP/s | GB/s | floor | vs sparse | GEMM |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for key in sorted(g for g in groups if g[:2] == (op, stage)):
             members = groups[key]
-            base = members.get(BASELINE)
-            for provider in sorted(members, key=lambda p: (p != BASELINE, p != "torch_sparse", p)):
+            base, sparse, gemm = members.get(BASELINE), members.get(SPARSE_BASELINE), members.get(GEMM)
+            order = (BASELINE, SPARSE_BASELINE, GEMM)
+            for provider in sorted(members, key=lambda p: (order.index(p) if p in order else len(order), p)):
                 r = members[provider]
                 fraction = r.roofline_fraction
+                k = f"{r.k}+aux{r.aux_k}" if r.aux_k else str(r.k)
                 lines.append(
-                    f"| {r.d} | {r.n} | {r.k} | {r.batch} | {r.dtype} | {r.device} | {provider} | "
+                    f"| {r.d} | {r.n} | {k} | {r.batch} | {r.dtype} | {r.device} | {provider} | "
                     f"{r.median_s * 1e3:.2f} | {_ratio(r.median_s, base.median_s if base else None)} | "
                     f"{_mib(r.peak_bytes)} | "
                     f"{f'{r.peak_bytes / base.peak_bytes:.2f}x' if base and base.peak_bytes else '-'} | "
                     f"{r.flop / r.median_s / 1e9:.1f} | {r.bytes / r.median_s / 1e9:.1f} | "
-                    f"{f'{fraction:.2f}' if fraction is not None else '-'} |"
+                    f"{f'{fraction:.2f}' if fraction is not None else '-'} | "
+                    f"{_ratio(r.median_s, sparse.median_s if sparse else None)} | "
+                    f"{f'{gemm.median_s / r.median_s:.2f}' if gemm else '-'} |"
                 )
         lines.append("")
     return "\n".join(lines)
 
 
 def _sweeps(rows: list[Row]) -> dict[tuple, dict[str, list[Row]]]:
-    """(op, stage, d, k, batch, dtype, device) -> provider -> rows sorted by n, for sizes seen at
-    two or more n."""
+    """(op, stage, d, k, aux_k, batch, dtype, device) -> provider -> rows sorted by n, for sizes seen
+    at two or more n."""
     series: dict[tuple, dict[str, list[Row]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        series[(r.op, r.stage, r.d, r.k, r.batch, r.dtype, r.device)][r.provider].append(r)
+        series[(r.op, r.stage, r.d, r.k, r.aux_k, r.batch, r.dtype, r.device)][r.provider].append(r)
     return {
         key: {p: sorted(v, key=lambda r: r.n) for p, v in providers.items()}
         for key, providers in series.items()
@@ -199,8 +197,9 @@ def plots(rows: list[Row], out_dir: Path) -> list[Path]:
                     xs.append(r.n)
                 if xs:
                     ax.plot(xs, ys, marker="o", label=provider, color=colors[provider])
-            op, stage, d, k, batch, dtype, device = key
-            ax.set_title(f"{op} {stage}\nd={d} k={k} B={batch} {dtype} {device}", fontsize=9)
+            op, stage, d, k, aux_k, batch, dtype, device = key
+            aux = f" aux_k={aux_k}" if aux_k else ""
+            ax.set_title(f"{op} {stage}\nd={d} k={k}{aux} B={batch} {dtype} {device}", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("n_latents")
