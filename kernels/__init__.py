@@ -6,7 +6,7 @@ allocate (``flashsae._native.new_output``) and dispatch. Importing this package 
 and decides, once, between compiled and interpreted kernels (``TRITON_INTERPRET``).
 """
 
-from . import sae_loss, sparse_adam, sparse_adam_rowwise, sparse_decode, topk_encode
+from . import sae_loss, sparse_adam, sparse_adam_rowwise, sparse_rows, topk_encode
 from ._launch import INTERPRETED
 
-__all__ = ["INTERPRETED", "sae_loss", "sparse_adam", "sparse_adam_rowwise", "sparse_decode", "topk_encode"]
+__all__ = ["INTERPRETED", "sae_loss", "sparse_adam", "sparse_adam_rowwise", "sparse_rows", "topk_encode"]

@@ -58,18 +58,25 @@ def _rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M: tl.constexpr):
+    """This program's block of touched rows: (slot q, its mask, row id r, the row's last step, the gap
+    of skipped steps to catch up on, and how many of them are replayed: at most ``horizon``)."""
+    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qmask = q < M
+    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
+    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
+    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
+    return q, qmask, r, last, gap, tl.minimum(gap, horizon)
+
+
+@triton.jit
 def _sparse_adam_kernel(
     param_ptr, master_ptr, m_ptr, v_ptr, last_ptr, rows_ptr, grad_ptr, sched_ptr,
     M, d, step, upto, horizon, w1, w1_rest, beta2, c2, eps, log2_beta1, log2_beta2,
     HAS_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr, LERP_FROM_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qmask = q < M
-    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
-    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
-    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
-    replay = tl.minimum(gap, horizon)
+    q, qmask, r, last, gap, replay = touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
     mask = qmask[:, None] & cmask[None, :]
@@ -121,32 +128,44 @@ def _log2(beta: float) -> float:
     return math.log2(beta) if beta > 0 else -1e30
 
 
-def sparse_adam(
-    param: torch.Tensor,
-    master: torch.Tensor | None,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    last_step: torch.Tensor,
-    rows: torch.Tensor,
-    grads: torch.Tensor | None,
-    step: int,
-    schedule: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    horizon: int,
-) -> None:
-    """The fused step over ``rows`` (validated by flashsae.ops.sparse_adam; last_step is not written)."""
-    M = rows.numel()
-    d = param.shape[1]
-    cfg = adam_config(M, d)
-    w1 = 1.0 - beta1
+class StepScalars(NamedTuple):
+    """The scalar launch arguments both sparse Adam kernels take, from a flashsae.ops.sparse_adam.AdamStep."""
+
+    rows: int
+    step: int
+    upto: int
+    horizon: int
+    w1: float
+    w1_rest: float
+    beta2: float
+    c2: float
+    eps: float
+    log2_beta1: float
+    log2_beta2: float
+    lerp_from_start: bool
+
+
+def step_scalars(s) -> StepScalars:
+    w1 = 1.0 - s.beta1
     w1_f32 = float(torch.tensor(w1, dtype=torch.float32))  # torch rounds lerp's weight to float32 first
-    _sparse_adam_kernel[(triton.cdiv(M, cfg.block_m), triton.cdiv(d, cfg.block_d))](
-        param, param if master is None else master, exp_avg, exp_avg_sq, last_step, rows,
-        param if grads is None else grads, schedule, M, d, step, step - 1 if grads is not None else step, horizon,
-        w1, 1.0 - w1_f32, beta2, 1.0 - beta2, eps,
-        _log2(beta1), _log2(beta2),
-        HAS_GRAD=grads is not None, HAS_MASTER=master is not None, LERP_FROM_START=abs(w1_f32) < 0.5,
+    return StepScalars(
+        s.rows.numel(), s.step, s.upto, s.horizon, w1, 1.0 - w1_f32, s.beta2, 1.0 - s.beta2, s.eps,
+        _log2(s.beta1), _log2(s.beta2), abs(w1_f32) < 0.5,
+    )  # fmt: skip
+
+
+def sparse_adam(
+    param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, last_step: torch.Tensor, s
+) -> None:
+    """The fused step `s` (a flashsae.ops.sparse_adam.AdamStep, validated) over its rows; last_step is
+    not written."""
+    k = step_scalars(s)
+    d = param.shape[1]
+    cfg = adam_config(k.rows, d)
+    _sparse_adam_kernel[(triton.cdiv(k.rows, cfg.block_m), triton.cdiv(d, cfg.block_d))](
+        param, param if s.master is None else s.master, exp_avg, exp_avg_sq, last_step, s.rows,
+        param if s.grads is None else s.grads, s.schedule, k.rows, d, k.step, k.upto, k.horizon,
+        k.w1, k.w1_rest, k.beta2, k.c2, k.eps, k.log2_beta1, k.log2_beta2,
+        HAS_GRAD=s.grads is not None, HAS_MASTER=s.master is not None, LERP_FROM_START=k.lerp_from_start,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip

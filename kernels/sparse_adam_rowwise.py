@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import INTERPRETED, next_pow2
-from .sparse_adam import _lerp, _log2, _rounded
+from .sparse_adam import _lerp, _rounded, step_scalars, touched_rows
 
 FIRST_NONE, FIRST_FLOAT, FIRST_INT8 = 0, 1, 2
 
@@ -59,12 +59,7 @@ def _sparse_adam_rowwise_kernel(
     FIRST: tl.constexpr, HAS_GRAD: tl.constexpr, HAS_MASTER: tl.constexpr, LERP_FROM_START: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    q = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qmask = q < M
-    r = tl.load(rows_ptr + q, mask=qmask, other=0).to(tl.int64)
-    last = tl.load(last_ptr + r, mask=qmask, other=0).to(tl.int64)
-    gap = tl.where((last > 0) & (upto > last) & qmask, upto - last, 0)
-    replay = tl.minimum(gap, horizon)
+    q, qmask, r, last, gap, replay = touched_rows(rows_ptr, last_ptr, M, upto, horizon, BLOCK_M)
     v = tl.load(v_ptr + r, mask=qmask, other=0.0)
     # drift of the skipped steps: sum_i ss_{last+i} b1^i / (sqrt(v b2^i) / bs_{last+i} + eps)
     coef = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -138,32 +133,23 @@ def _sparse_adam_rowwise_kernel(
 
 def sparse_adam_rowwise(
     param: torch.Tensor,
-    master: torch.Tensor | None,
     exp_avg: torch.Tensor | None,
     exp_avg_scale: torch.Tensor | None,
     exp_avg_sq: torch.Tensor,
     last_step: torch.Tensor,
-    rows: torch.Tensor,
-    grads: torch.Tensor | None,
-    step: int,
-    schedule: torch.Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    horizon: int,
+    s,
 ) -> None:
-    """The fused step over ``rows`` (validated by flashsae.ops.sparse_adam_rowwise; last_step is not written)."""
-    M = rows.numel()
+    """The fused step `s` (a flashsae.ops.sparse_adam.AdamStep, validated by
+    flashsae.ops.sparse_adam_rowwise) over its rows; last_step is not written."""
+    k = step_scalars(s)
     d = param.shape[1]
-    cfg = rowwise_config(M, d)
+    cfg = rowwise_config(k.rows, d)
     first = FIRST_NONE if exp_avg is None else FIRST_INT8 if exp_avg.dtype == torch.int8 else FIRST_FLOAT
-    w1 = 1.0 - beta1
-    w1_f32 = float(torch.tensor(w1, dtype=torch.float32))  # torch rounds lerp's weight to float32 first
-    _sparse_adam_rowwise_kernel[(triton.cdiv(M, cfg.block_m),)](
-        param, param if master is None else master, param if exp_avg is None else exp_avg,
-        exp_avg_sq if exp_avg_scale is None else exp_avg_scale, exp_avg_sq, last_step, rows,
-        param if grads is None else grads, schedule, M, d, step, step - 1 if grads is not None else step, horizon,
-        beta1, w1, 1.0 - w1_f32, beta2, 1.0 - beta2, eps, _log2(beta1), _log2(beta2),
-        FIRST=first, HAS_GRAD=grads is not None, HAS_MASTER=master is not None, LERP_FROM_START=abs(w1_f32) < 0.5,
+    _sparse_adam_rowwise_kernel[(triton.cdiv(k.rows, cfg.block_m),)](
+        param, param if s.master is None else s.master, param if exp_avg is None else exp_avg,
+        exp_avg_sq if exp_avg_scale is None else exp_avg_scale, exp_avg_sq, last_step, s.rows,
+        param if s.grads is None else s.grads, s.schedule, k.rows, d, k.step, k.upto, k.horizon,
+        s.beta1, k.w1, k.w1_rest, k.beta2, k.c2, k.eps, k.log2_beta1, k.log2_beta2,
+        FIRST=first, HAS_GRAD=s.grads is not None, HAS_MASTER=s.master is not None, LERP_FROM_START=k.lerp_from_start,
         BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip

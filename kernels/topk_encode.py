@@ -3,8 +3,8 @@
 Three launches:
 
 1. ``_encoder_bias_kernel``: c[i] = b_enc[i] - b_dec . W_enc[i] in fp32, so the GEMM runs on x
-   itself: (x - b_dec) W^T + b_enc = x W^T + c. One read of W_enc: by the H200 floors of
-   DESIGN.md §4 (4.3 TB/s, 790 TFLOP/s bf16) ~4.5% of the GEMM's time at B=4096, ~1% at B=16384.
+   itself: (x - b_dec) W^T + b_enc = x W^T + c. One read of W_enc: at an H200's 4.3 TB/s and
+   790 TFLOP/s bf16, ~4.5% of the GEMM's time at B=4096, ~1% at B=16384.
    Rounding x - b_dec to bf16 before a bf16 tensor-core dot would lose precision exactly where
    LLM activations have large means; this way the dot sees x as stored and c is fp32.
 2. ``_encode_topk_kernel``: program (row block, chunk of latents). For each [BLOCK_B, BLOCK_N]

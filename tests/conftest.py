@@ -1,7 +1,7 @@
 import os
 
 # Triton kernels are tested in interpreter mode on CPU; this must be set before any kernel module
-# is imported (DESIGN.md §5), hence before flashsae.
+# is imported (triton.jit decides between compiled and interpreted kernels then), hence before flashsae.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib

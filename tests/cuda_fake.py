@@ -7,8 +7,8 @@ the kernel's own algorithm through its host mirror (flashsae._C.topk_select_host
 slice and capacity. With ``install(monkeypatch)``, ``_cuda.addr`` passes tensors through instead of
 raw addresses and ``backend="cuda"`` accepts CPU tensors.
 
-What this cannot check is the kernels themselves: tests/test_cuda_ops.py runs the same test bodies on
-a GPU against the real module.
+What this cannot check is the kernels themselves: tests/ops/ runs the same test bodies on a GPU
+against the real module (backend ``cuda``; ``cuda_fake`` is this stand-in).
 """
 
 from __future__ import annotations

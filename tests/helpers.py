@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from flashsae import _backend, _native
 
 CPU_BACKENDS = ["cpu", "torch"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -127,3 +131,61 @@ def assert_received(mode: OpOperands, op: str, dtype: torch.dtype, names) -> Non
         for name in names:
             if name in floats:
                 assert floats[name] == dtype, f"{op} received {name} in {floats[name]}, expected {dtype}"
+
+
+# ------------------------------------------------------------------------------------- backends
+#
+# The backends every op test runs on, as one parametrization. A test takes the ``be`` fixture
+# (tests/ops/conftest.py: ``Backend(name, device)``) parametrized with :func:`backends` or
+# :func:`backends_and_dtypes` (which leaves out float64 where a backend has no float64 kernels):
+#
+# - ``cpu`` and ``torch``: CPU tensors;
+# - ``triton``: CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, tests/conftest.py),
+#   CUDA tensors when the interpreter is off and a GPU is visible; skipped otherwise;
+# - ``cuda``: CUDA tensors through flashsae._C_cuda's kernels (skipped without a GPU and the module);
+# - ``cuda_fake``: the cuda backend on CPU tensors through tests/cuda_fake.py, which stands in for
+#   the kernels with torch, so CI checks the ops' cuda glue (argument order, sizes, strides,
+#   chunking, select state, segment sorting, gradient plumbing) on every run.
+
+GPU_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRETING = _backend.triton_interpreting()
+TRITON_READY = _backend.triton_installed() and (INTERPRETING or torch.cuda.is_available())
+GPU_READY = torch.cuda.is_available() and _native.cuda_module_available()
+ALL_BACKENDS = ("cpu", "torch", "triton", "cuda", "cuda_fake")
+
+_MARKS = {
+    "cpu": [],
+    "torch": [],
+    "triton": [pytest.mark.skipif(not TRITON_READY, reason="triton needs a CUDA GPU or TRITON_INTERPRET=1")],
+    "cuda": [pytest.mark.cuda, pytest.mark.skipif(not GPU_READY, reason="needs a CUDA GPU + _C_cuda")],
+    "cuda_fake": [],
+}
+#: Backends whose kernels take float32 / bfloat16 / float16 only.
+_GPU_BACKENDS = ("triton", "cuda", "cuda_fake")
+
+
+class Backend(NamedTuple):
+    name: str
+    """What the op is called with (``backend=``)."""
+    device: torch.device
+    """Where its tensors live."""
+
+
+def backends(*names: str) -> list:
+    """pytest params for the ``be`` fixture (parametrize ``"be"`` with ``indirect=True``)."""
+    return [pytest.param(name, marks=_MARKS[name], id=name) for name in names]
+
+
+def backends_and_dtypes(names=ALL_BACKENDS, dtypes=DTYPES) -> list:
+    """pytest params ``(be, dtype)``: every backend with every dtype it takes (parametrize
+    ``"be, dtype"`` with ``indirect=["be"]``)."""
+    return [
+        pytest.param(name, dtype, marks=_MARKS[name], id=f"{name}-{str(dtype).removeprefix('torch.')}")
+        for name in names
+        for dtype in dtypes
+        if not (name in _GPU_BACKENDS and dtype == torch.float64)
+    ]
+
+
+def on(device: torch.device, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in t.items()}

@@ -57,19 +57,6 @@ def auxk_reference(
     return sse * min(int(dead_mask.sum()) / aux_k, 1.0)
 
 
-def dense_fraction_paths(module: Any) -> Any:
-    """A `path` fixture over a variable-count op's two paths: the sparse retry path at every size
-    (module.DENSE_FRACTION = 1: no dense fallback) or the dense fallback whenever the first attempt
-    is not enough (DENSE_FRACTION = 0)."""
-
-    @pytest.fixture(params=["sparse", "dense_fallback"])
-    def path(request: Any, monkeypatch: Any) -> str:
-        monkeypatch.setattr(module, "DENSE_FRACTION", 1.0 if request.param == "sparse" else 0.0)
-        return request.param
-
-    return path
-
-
 @pytest.fixture
 def one_thread() -> Any:
     """Tiny training loops run faster on one thread, and much faster on a loaded shared machine."""

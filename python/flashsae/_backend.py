@@ -1,4 +1,4 @@
-"""Backend choice for every op (DESIGN.md §3).
+"""Backend choice for every op.
 
 Order of precedence: the ``backend=`` argument, then the ``FLASHSAE_BACKEND`` environment variable,
 then ``auto``. ``auto`` picks, per op stage (forward or backward), the fastest backend with a kernel
@@ -19,9 +19,12 @@ is how CI tests the kernels. ``auto`` never picks the interpreter (it is a test 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,33 +33,66 @@ from .errors import BackendUnavailableError
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
-#: The SAE op stages (forward and backward of the three ops) every compiled backend implements.
-_SAE_STAGES = frozenset(
-    {
-        "topk_encode",
-        "topk_encode_backward",
-        "sparse_decode",
-        "sparse_decode_backward",
-        "sae_loss",
-        "sae_loss_backward",
-    }
-)
+#: Every op's dispatch table, ``{stage: {backend: fn}}``: what runs each stage (e.g. "topk_encode",
+#: "topk_encode_backward") on each backend. Each op module registers its own at import
+#: (:func:`register`); ``torch`` (pure PyTorch) implements every stage.
+_DISPATCH: dict[str, dict[str, Callable[..., Any]]] = {}
 
-#: Op stages each backend has a kernel for. ``torch`` (pure PyTorch) implements every stage.
-KERNELS: dict[str, frozenset[str]] = {
-    "cpu": _SAE_STAGES | {"sparse_adam", "sparse_adam_rowwise"},
-    "cuda": _SAE_STAGES,
-    "triton": _SAE_STAGES | {"sparse_adam", "sparse_adam_rowwise"},
-}
+#: The backends with compiled kernels, in the order of :data:`KERNELS`.
+_COMPILED = ("cpu", "cuda", "triton")
 
-#: CUDA stages that CI compiles but that have never run on a GPU (written in sessions without one).
+
+def register(table: dict[str, dict[str, Callable[..., Any]]]) -> dict[str, dict[str, Callable[..., Any]]]:
+    """Registers an op's dispatch table ``{stage: {backend: fn}}`` and returns it."""
+    for stage, impls in table.items():
+        unknown = set(impls) - set(BACKENDS[1:])
+        if "torch" not in impls or unknown:
+            raise ValueError(f"{stage}: a dispatch table needs a torch entry and known backends, got {sorted(impls)}")
+        _DISPATCH[stage] = impls
+    return table
+
+
+def _dispatch_tables() -> dict[str, dict[str, Callable[..., Any]]]:
+    """Every registered table; importing flashsae.ops registers them all."""
+    importlib.import_module(f"{__package__}.ops")
+    return _DISPATCH
+
+
+def _all_registered() -> bool:
+    """Whether flashsae.ops has finished importing (its __all__ comes after every op module)."""
+    return hasattr(sys.modules.get(f"{__package__}.ops"), "__all__")
+
+
+def __getattr__(name: str) -> Any:
+    # KERNELS and CUDA_AWAITING_VALIDATION are derived from the dispatch tables on first read (the op
+    # modules register after this module is imported) and then kept as plain module attributes.
+    if name == "KERNELS":
+        tables = _dispatch_tables()
+        value: Any = {b: frozenset(s for s, impls in tables.items() if b in impls) for b in _COMPILED}
+    elif name == "CUDA_AWAITING_VALIDATION":
+        value = _derived("KERNELS")["cuda"]  # all of them, until validated on a GPU
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _all_registered():  # read while flashsae.ops is still importing: derive again next time
+        globals()[name] = value
+    return value
+
+
+def _derived(name: str) -> Any:
+    return globals()[name] if name in globals() else __getattr__(name)
+
+
+#: Op stages each backend has a kernel for, ``{backend: frozenset(stages)}``, derived from the
+#: dispatch tables (read as ``_backend.KERNELS``).
+KERNELS: dict[str, frozenset[str]]
+
+#: CUDA stages that CI compiles but that have not yet run on a GPU: every stage with a cuda kernel.
 #: ``auto`` skips them on CUDA tensors (falling to triton, else torch); an explicit ``backend="cuda"``
 #: (or FLASHSAE_BACKEND=cuda) still runs them, and FLASHSAE_AUTO_UNVALIDATED=1 lets ``auto`` pick them
 #: too (benchmarks/run_device.sh sets it for its benchmark steps once the CUDA tests and
-#: compute-sanitizer have passed in the same run). The first GPU session empties this set after
-#: tests/test_cuda*.py and compute-sanitizer (memcheck + racecheck; run_device.sh steps ``cuda`` and
-#: ``sanitize``) pass on the GPU.
-CUDA_AWAITING_VALIDATION: frozenset[str] = KERNELS["cuda"]  # all of them, until then
+#: compute-sanitizer have passed in the same run). A stage leaves this set once tests/ops on a GPU
+#: and compute-sanitizer (memcheck + racecheck; run_device.sh steps ``cuda`` and ``sanitize``) pass.
+CUDA_AWAITING_VALIDATION: frozenset[str]
 
 _DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}
 
@@ -120,7 +156,7 @@ def _unavailable_reason(backend: str, stage: str, device: torch.device, dtype: t
         return (
             f"its kernels take float32, bfloat16 or float16 tensors and these are {str(dtype).removeprefix('torch.')}"
         )
-    if stage not in KERNELS[backend]:
+    if stage not in _derived("KERNELS")[backend]:
         return f"it has no kernel for {stage} yet"
     return None
 
@@ -128,7 +164,7 @@ def _unavailable_reason(backend: str, stage: str, device: torch.device, dtype: t
 def awaiting_validation(backend: str, stage: str) -> bool:
     """Whether ``auto`` skips `backend` for `stage` because its kernel has not run on a GPU yet
     (:data:`CUDA_AWAITING_VALIDATION`, unless FLASHSAE_AUTO_UNVALIDATED=1)."""
-    if backend != "cuda" or stage not in CUDA_AWAITING_VALIDATION:
+    if backend != "cuda" or stage not in _derived("CUDA_AWAITING_VALIDATION"):
         return False
     return os.environ.get("FLASHSAE_AUTO_UNVALIDATED", "0") != "1"
 
@@ -156,3 +192,9 @@ def resolve(stage: str, device: torch.device, requested: str, dtype: torch.dtype
             "(pass backend=... or set FLASHSAE_BACKEND; 'auto' picks the fastest)."
         )
     return requested
+
+
+def dispatch(stage: str, device: torch.device, requested: str, dtype: torch.dtype | None = None) -> Callable[..., Any]:
+    """The function of the registered dispatch table that runs `stage` for tensors on `device` (see
+    :func:`resolve`)."""
+    return _DISPATCH[stage][resolve(stage, device, requested, dtype)]

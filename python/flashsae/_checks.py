@@ -1,8 +1,8 @@
 """Argument validation: the one place that checks tensors before their addresses go to C++, and
 the scalar checks every config and keyword argument uses (at the end of this module).
 
-The compiled kernels trust what they are given (they do not re-check shapes, dtypes or strides),
-so every public op calls these checks first. Errors name the argument and say what was expected:
+The compiled kernels trust the sizes and addresses they are given, so every public op calls these
+checks first. Errors name the argument and say what was expected:
 
 - ``TypeError`` for a non-tensor or a wrong dtype,
 - ``ValueError`` for a wrong shape, device, layout, an empty batch, NaN/Inf, or an out-of-range k.

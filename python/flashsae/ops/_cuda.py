@@ -8,7 +8,7 @@ surrounding torch work. _C_cuda includes no torch header, so one build serves ev
 it checks sizes again at its boundary (ValueError) and turns any CUDA error into a RuntimeError.
 
 Index values are checked where the kernels read them: an index outside [-1, n) is skipped and sets
-a device flag, which the caller reads back (:func:`new_flag`).
+a device flag, which the caller reads back (:func:`~flashsae.ops._sparse_rows.new_flag`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from .. import _native
 from .._native import addr, dtype_code
+from ._sparse_rows import latent_segments
 
 
 def _module():
@@ -26,11 +27,6 @@ def _module():
 def _where(t: torch.Tensor) -> dict[str, int]:
     """The ``device`` index and raw ``stream`` handle (torch's current stream on t's device) keywords."""
     return {"device": t.device.index, "stream": _native.cuda_stream(t.device)}
-
-
-def new_flag(device: torch.device, count: int = 1) -> torch.Tensor:
-    """Zeroed int32 device flags the kernels set to 1 on an out-of-range index."""
-    return torch.zeros(count, dtype=torch.int32, device=device)
 
 
 # ----------------------------------------------------------------------------------- sparse rows
@@ -64,17 +60,6 @@ def dot_rows(R: torch.Tensor, indices: torch.Tensor, M: torch.Tensor, out: torch
         R=addr(R), r_fp32=R.dtype == torch.float32, indices=addr(indices), rows=rows, k=k, W=addr(M), n_latents=n,
         d=d, out=addr(out), error_flag=addr(flag), dtype=dtype_code(M), **_where(M),
     )  # fmt: skip
-
-
-def latent_segments(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, seg): flat slot ids b * K + j sorted by latent (stable, so ascending within a latent)
-    and each latent's segment [seg[i], seg[i + 1]) of them, int64. Empty slots (-1) and any index
-    outside [0, n) sort past the last segment and are never summed."""
-    flat = indices.reshape(-1)
-    keys = torch.where((flat >= 0) & (flat < n), flat.long(), n)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    seg = torch.searchsorted(sorted_keys, torch.arange(n + 1, device=indices.device))
-    return order, seg
 
 
 def scatter_rows(

@@ -182,10 +182,39 @@ def encoder_db_dec(d_pre: torch.Tensor, compact: torch.Tensor, rows: torch.Tenso
     return total
 
 
-def dense_vector(compact: torch.Tensor, rows: torch.Tensor, touched: int, n: int) -> torch.Tensor:
-    """The dense [n] vector holding ``compact[:touched]`` at ``rows`` and zeros elsewhere."""
-    out = torch.zeros(n, dtype=compact.dtype, device=compact.device)
-    return out.index_copy_(0, rows[:touched], compact[:touched])
+class CompactRows:
+    """One op's backward on the touched rows only (steps 1 and 3 of the module docstring).
+
+    ``rows`` int64 [m]: the sorted unique latents named by the slots; ``indices``: the slot index
+    arrays remapped to [0, m); ``touched``: how many latents are named (``rows`` is [0] when none,
+    a placeholder the kernels need). The op runs its usual backward kernels on ``indices`` and
+    :meth:`gather` (W[rows], [m, d]), then hands the [m, d] gradient over with :meth:`hand_over`."""
+
+    def __init__(self, sink: RowGrads, *indices: torch.Tensor) -> None:
+        self.sink = sink
+        self.rows, self.touched, self.indices = compact_indices(*indices)
+
+    def gather(self, W: torch.Tensor) -> torch.Tensor:
+        """W[rows]: the [m, d] rows of the parameter the compact problem reads."""
+        return W.index_select(0, self.rows)
+
+    def hand_over(self, grads: torch.Tensor, coefficients: list[torch.Tensor]) -> None:
+        """Adds the gradient [m, d] of the rows named by a slot with a non-zero coefficient
+        (:func:`contributing`) to the collector. Returns None: autograd gets no dense gradient."""
+        if self.touched:
+            keep = contributing(self.indices, coefficients, self.rows.numel())
+            add_contributing(self.sink, self.rows, grads, keep)
+
+    def dense_vector(self, compact: torch.Tensor, n: int) -> torch.Tensor:
+        """The dense [n] vector holding ``compact[:touched]`` at ``rows`` and zeros elsewhere."""
+        out = torch.zeros(n, dtype=compact.dtype, device=compact.device)
+        return out.index_copy_(0, self.rows[: self.touched], compact[: self.touched])
+
+
+def compact_rows(sink: RowGrads | None, *indices: torch.Tensor) -> CompactRows | None:
+    """The compact problem of a backward whose parameter has a collector (`sink`), else None (the
+    dense backward)."""
+    return None if sink is None else CompactRows(sink, *indices)
 
 
 def share_row_grads(param: torch.Tensor, copy: torch.Tensor) -> None:

@@ -8,28 +8,26 @@ Per row, in one pass over the k (+ aux_k) selected decoder rows:
 x_hat - x is never stored; the backward recomputes x_hat and e_hat from the inputs (the same
 k + aux_k row gathers) rather than keeping two [batch, d] tensors alive for autograd.
 
-The ``cuda`` backend (flashsae._C_cuda, csrc/cuda/sae_loss.cu) has the same structure: a forward row
-kernel (x_hat, per-row SSE and AuxK SSE), a backward row kernel (recomputes x_hat and e_hat, writes
-the fp32 residual gradients G, H and dx), then the sparse decoder's row-dot and latent segment-reduce
-kernels (csrc/cuda/sparse_rows.cu).
-
-The ``triton`` backend (flashsae.kernels.sae_loss) runs the forward as one kernel over row blocks
-and the backward as one row kernel (G, H, dx) followed by the sparse decoder's row-dot and latent
-segment-reduce kernels.
+The ``cuda`` (flashsae._C_cuda, csrc/cuda/sae_loss.cu) and ``triton`` (flashsae.kernels.sae_loss)
+backends share one structure, orchestrated here: a forward row kernel (x_hat, per-row SSE and AuxK
+SSE), a backward row kernel (recomputes x_hat and e_hat, writes the fp32 residual gradients G, H and
+dx), then the sparse_rows kernels: dot_rows for d_values and scatter_rows (a latent segment reduce)
+for dW_dec. :data:`DISPATCH` maps each stage to its backends.
 
 The scalar losses follow sparsify: mse = sum sse / (batch * d); fvu = sum sse / total variance
 with total variance = sum_b |x_b - mean_b(x)|^2; auxk_loss = sum aux_sse / total variance (the
 caller scales it, e.g. by min(n_dead / aux_k, 1)).
 """
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads
+from . import _autocast, _common, _row_grads, _sparse_rows
 from .sparse_decode import sparse_decode_reference
 
 
@@ -74,51 +72,33 @@ def sae_loss_reference(
 # ----------------------------------------------------------------------------------------- backends
 
 
-def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend):
-    impl = _backend.resolve("sae_loss", x.device, backend, x.dtype)
-    check_finite("x", x)
+def _aux_k(aux_values: torch.Tensor | None) -> int:
+    return 0 if aux_values is None else aux_values.shape[1]
+
+
+def _loss_torch(x, values, indices, W_dec, b_dec, aux_values, aux_indices):
+    x_hat = _sparse_rows.gather_rows(values, indices, W_dec, b_dec)
+    residual = x_hat - x.to(x_hat.dtype)
+    sse = residual.pow(2).sum(1)
+    if _aux_k(aux_values):
+        aux_sse = (_sparse_rows.gather_rows(aux_values, aux_indices, W_dec) + residual).pow(2).sum(1)
+    else:
+        aux_sse = sse.new_empty(0)
+    return x_hat.to(x.dtype), sse, aux_sse
+
+
+def _loss_outputs(x):
+    rows = x.shape[0]
+    acc = _common.acc_dtype(x.dtype)
+    return new_output(x.shape, x.dtype, x.device), new_output((rows,), acc, x.device)
+
+
+def _loss_cpu(x, values, indices, W_dec, b_dec, aux_values, aux_indices):
     n, d = W_dec.shape
     rows, k = values.shape
-    aux_k = 0 if aux_values is None else aux_values.shape[1]
-    indices = narrow_indices("indices", indices, n)
-    if aux_k:
-        aux_indices = narrow_indices("aux_indices", aux_indices, n)
-    acc = _common.acc_dtype(x.dtype)
-    if impl == "torch":
-        x_hat = _common.gather_rows(values, indices, W_dec, b_dec)
-        residual = x_hat - x.to(acc)
-        sse = residual.pow(2).sum(1)
-        if aux_k:
-            aux_sse = (_common.gather_rows(aux_values, aux_indices, W_dec) + residual).pow(2).sum(1)
-        else:
-            aux_sse = sse.new_empty(0)
-        return x_hat.to(x.dtype), sse, aux_sse
-    x_hat = new_output((rows, d), x.dtype, x.device)
-    sse = new_output((rows,), acc, x.device)
-    aux_sse = new_output((rows,) if aux_k else (0,), acc, x.device)
-    if impl == "cuda":
-        from . import _cuda
-
-        flags = _cuda.new_flag(x.device, 2)
-        _cuda.loss_forward(
-            x, values, indices, aux_values if aux_k else None, aux_indices if aux_k else None, W_dec, b_dec,
-            x_hat, sse, aux_sse, flags,
-        )  # fmt: skip
-        if _checks.VALUE_CHECKS and bool(flags.any()):
-            name = "indices" if bool(flags[0]) else "aux_indices"
-            raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
-        return x_hat, sse, aux_sse
-    if impl == "triton":
-        from ..kernels import sae_loss as kernels
-
-        flags = kernels.sae_loss_forward(
-            x, values, indices, aux_values if aux_k else None, aux_indices if aux_k else None, W_dec, b_dec,
-            x_hat, sse, aux_sse,
-        )  # fmt: skip
-        if _checks.VALUE_CHECKS and bool(flags.any()):
-            name = "indices" if bool(flags[0]) else "aux_indices"
-            raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
-        return x_hat, sse, aux_sse
+    aux_k = _aux_k(aux_values)
+    x_hat, sse = _loss_outputs(x)
+    aux_sse = new_output((rows,) if aux_k else (0,), sse.dtype, x.device)
     _C.sae_loss_forward(
         x=addr(x), values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values),
         aux_indices=addr(aux_indices), aux_k=aux_k, W_dec=addr(W_dec), b_dec=addr(b_dec), rows=rows, n_latents=n,
@@ -127,69 +107,58 @@ def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend)
     return x_hat, sse, aux_sse
 
 
-def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices,
-              need_dx, backend):  # fmt: skip
-    impl = _backend.resolve("sae_loss_backward", x.device, backend, x.dtype)
+def _loss_gpu(backend, x, values, indices, W_dec, b_dec, aux_values, aux_indices):
+    """triton / cuda: one row kernel; out-of-range indices raise flags on the device, read back here."""
+    aux_k = _aux_k(aux_values)
+    x_hat, sse = _loss_outputs(x)
+    aux_sse = new_output((x.shape[0],) if aux_k else (0,), sse.dtype, x.device)
+    flags = _sparse_rows.new_flag(x.device, 2)
+    _common.gpu_launchers(backend, "sae_loss").loss_forward(
+        x, values, indices, aux_values if aux_k else None, aux_indices if aux_k else None, W_dec, b_dec,
+        x_hat, sse, aux_sse, flags,
+    )  # fmt: skip
+    _sparse_rows.raise_on_index_flags(flags, W_dec.shape[0], "indices", "aux_indices")
+    return x_hat, sse, aux_sse
+
+
+def _loss_backward_torch(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values,
+                         aux_indices, need_dx):  # fmt: skip
+    n = W_dec.shape[0]
+    residual = _sparse_rows.gather_rows(values, indices, W_dec, b_dec)
+    residual -= x.to(residual.dtype)
+    G = 2 * grad_sse.unsqueeze(1) * residual
+    if grad_x_hat is not None:
+        G = G + grad_x_hat.to(G.dtype)
+    d_values = _sparse_rows.dot_rows(G, indices, W_dec)
+    dW_dec, _ = _sparse_rows.scatter_rows(values, indices, G, n)
+    d_aux_values = x.new_empty(0)
+    if _aux_k(aux_values):
+        e_hat = _sparse_rows.gather_rows(aux_values, aux_indices, W_dec)
+        H = 2 * grad_aux_sse.unsqueeze(1) * (e_hat + residual)
+        d_aux_values = _sparse_rows.dot_rows(H, aux_indices, W_dec).to(x.dtype)
+        dW_dec += _sparse_rows.scatter_rows(aux_values, aux_indices, H, n)[0]
+    dx = (-2 * grad_sse.unsqueeze(1) * residual).to(x.dtype) if need_dx else x.new_empty(0)
+    return d_values.to(x.dtype), d_aux_values, dW_dec.to(W_dec.dtype), G.sum(0).to(W_dec.dtype), dx
+
+
+def _loss_gradients(x, values, W_dec, aux_k, need_dx):
+    """Outputs of the compiled backward: d_values, d_aux_values, dW_dec, dx."""
+    rows, k = values.shape
+    return (
+        new_output((rows, k), x.dtype, x.device),
+        new_output((rows, aux_k) if aux_k else (0,), x.dtype, x.device),
+        new_output(W_dec.shape, W_dec.dtype, x.device),
+        new_output(x.shape if need_dx else (0,), x.dtype, x.device),
+    )
+
+
+def _loss_backward_cpu(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values,
+                       aux_indices, need_dx):  # fmt: skip
     n, d = W_dec.shape
     rows, k = values.shape
-    aux_k = 0 if aux_values is None else aux_values.shape[1]
-    indices = narrow_indices("indices", indices, n)
-    if aux_k:
-        aux_indices = narrow_indices("aux_indices", aux_indices, n)
-    acc = _common.acc_dtype(x.dtype)
-    grad_sse = grad_sse.to(acc).contiguous()
-    grad_aux_sse = grad_aux_sse.to(acc).contiguous() if aux_k else None
-    if impl == "torch":
-        residual = _common.gather_rows(values, indices, W_dec, b_dec) - x.to(acc)
-        G = 2 * grad_sse.unsqueeze(1) * residual
-        if grad_x_hat is not None:
-            G = G + grad_x_hat.to(acc)
-        d_values = _common.dot_rows(G, indices, W_dec)
-        dW_dec, _ = _common.scatter_rows(values, indices, G, n)
-        d_aux_values = x.new_empty(0)
-        if aux_k:
-            e_hat = _common.gather_rows(aux_values, aux_indices, W_dec)
-            H = 2 * grad_aux_sse.unsqueeze(1) * (e_hat + residual)
-            d_aux_values = _common.dot_rows(H, aux_indices, W_dec).to(x.dtype)
-            dW_dec += _common.scatter_rows(aux_values, aux_indices, H, n)[0]
-        dx = (-2 * grad_sse.unsqueeze(1) * residual).to(x.dtype) if need_dx else x.new_empty(0)
-        return d_values.to(x.dtype), d_aux_values, dW_dec.to(W_dec.dtype), G.sum(0).to(W_dec.dtype), dx
-    d_values = new_output((rows, k), x.dtype, x.device)
-    d_aux_values = new_output((rows, aux_k) if aux_k else (0,), x.dtype, x.device)
-    dW_dec = new_output((n, d), W_dec.dtype, x.device)
+    aux_k = _aux_k(aux_values)
+    d_values, d_aux_values, dW_dec, dx = _loss_gradients(x, values, W_dec, aux_k, need_dx)
     db_dec = new_output((d,), W_dec.dtype, x.device)
-    dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
-    if impl == "cuda":
-        from . import _cuda
-
-        # R[0] = G, R[1] = H: fp32 residual gradients (module docstring); indices were checked by the
-        # forward, so the flags are not read back
-        R = new_output((2 if aux_k else 1, rows, d), torch.float32, x.device)
-        flags = _cuda.new_flag(x.device, 2)
-        _cuda.loss_backward_rows(
-            grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, aux_values if aux_k else None,
-            aux_indices if aux_k else None, W_dec, b_dec, R[0], R[1] if aux_k else None, dx if need_dx else None,
-            flags,
-        )  # fmt: skip
-        _cuda.dot_rows(R[0], indices, W_dec, d_values, flags)
-        if aux_k:
-            _cuda.dot_rows(R[1], aux_indices, W_dec, d_aux_values, flags)
-            # one segment reduce over main and aux slots: slot columns j >= k read R[1]
-            _cuda.scatter_rows(
-                torch.cat([values, aux_values], dim=1), torch.cat([indices, aux_indices], dim=1), R[0], dW_dec,
-                R2=R[1], main_slots=k,
-            )  # fmt: skip
-        else:
-            _cuda.scatter_rows(values, indices, R[0], dW_dec)
-        return d_values, d_aux_values, dW_dec, R[0].sum(0).to(W_dec.dtype), dx
-    if impl == "triton":
-        from ..kernels import sae_loss as kernels
-
-        db_dec32 = kernels.sae_loss_backward(
-            grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values if aux_k else None,
-            aux_indices if aux_k else None, d_values, d_aux_values, dW_dec, dx if need_dx else None,
-        )  # fmt: skip
-        return d_values, d_aux_values, dW_dec, db_dec32.to(W_dec.dtype), dx
     _C.sae_loss_backward(
         grad_x_hat=addr(grad_x_hat), grad_sse=addr(grad_sse), grad_aux_sse=addr(grad_aux_sse), x=addr(x),
         values=addr(values), indices=addr(indices), k=k, aux_values=addr(aux_values), aux_indices=addr(aux_indices),
@@ -198,6 +167,77 @@ def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_d
         dx=addr(dx) if need_dx else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return d_values, d_aux_values, dW_dec, db_dec, dx
+
+
+def _loss_backward_gpu(backend, grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values,
+                       aux_indices, need_dx):  # fmt: skip
+    """triton / cuda (module docstring): the loss row kernel writes the fp32 residual gradients G and H,
+    then the sparse_rows kernels give d_values = G . W[idx], d_aux_values = H . W[aux_idx] and dW_dec
+    (one segment reduce over main and aux slots: slot columns j >= k read H); db_dec = sum_b G[b]."""
+    rows_kernels = _sparse_rows.row_kernels(backend)
+    rows, k = values.shape
+    aux_k = _aux_k(aux_values)
+    d_values, d_aux_values, dW_dec, dx = _loss_gradients(x, values, W_dec, aux_k, need_dx)
+    G = new_output((rows, W_dec.shape[1]), torch.float32, x.device)
+    H = new_output(G.shape, torch.float32, x.device) if aux_k else None
+    # the forward checked these indices: the flags are not read back
+    flags = _sparse_rows.new_flag(x.device, 2)
+    _common.gpu_launchers(backend, "sae_loss").loss_backward_rows(
+        grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, aux_values if aux_k else None,
+        aux_indices if aux_k else None, W_dec, b_dec, G, H, dx if need_dx else None, flags,
+    )  # fmt: skip
+    rows_kernels.dot_rows(G, indices, W_dec, d_values, flags)
+    if aux_k:
+        rows_kernels.dot_rows(H, aux_indices, W_dec, d_aux_values, flags)
+        rows_kernels.scatter_rows(
+            torch.cat([values, aux_values], dim=1), torch.cat([indices, aux_indices], dim=1), G, dW_dec,
+            R2=H, main_slots=k,
+        )  # fmt: skip
+    else:
+        rows_kernels.scatter_rows(values, indices, G, dW_dec)
+    return d_values, d_aux_values, dW_dec, G.sum(0).to(W_dec.dtype), dx
+
+
+DISPATCH = _backend.register(
+    {
+        "sae_loss": {
+            "cpu": _loss_cpu,
+            "cuda": partial(_loss_gpu, "cuda"),
+            "triton": partial(_loss_gpu, "triton"),
+            "torch": _loss_torch,
+        },
+        "sae_loss_backward": {
+            "cpu": _loss_backward_cpu,
+            "cuda": partial(_loss_backward_gpu, "cuda"),
+            "triton": partial(_loss_backward_gpu, "triton"),
+            "torch": _loss_backward_torch,
+        },
+    }
+)
+
+
+def _narrow_slots(indices, aux_values, aux_indices, n):
+    indices = narrow_indices("indices", indices, n)
+    if _aux_k(aux_values):
+        aux_indices = narrow_indices("aux_indices", aux_indices, n)
+    return indices, aux_indices
+
+
+def _forward(x, values, indices, W_dec, b_dec, aux_values, aux_indices, backend):
+    run = _backend.dispatch("sae_loss", x.device, backend, x.dtype)
+    check_finite("x", x)
+    indices, aux_indices = _narrow_slots(indices, aux_values, aux_indices, W_dec.shape[0])
+    return run(x, values, indices, W_dec, b_dec, aux_values, aux_indices)
+
+
+def _backward(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices,
+              need_dx, backend):  # fmt: skip
+    run = _backend.dispatch("sae_loss_backward", x.device, backend, x.dtype)
+    indices, aux_indices = _narrow_slots(indices, aux_values, aux_indices, W_dec.shape[0])
+    acc = _common.acc_dtype(x.dtype)
+    grad_sse = grad_sse.to(acc).contiguous()
+    grad_aux_sse = grad_aux_sse.to(acc).contiguous() if _aux_k(aux_values) else None
+    return run(grad_x_hat, grad_sse, grad_aux_sse, x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_dx)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -270,27 +310,22 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
         grad_sse = x.new_zeros(x.shape[0], dtype=_common.acc_dtype(x.dtype))
     if aux_values is not None and grad_aux_sse is None:
         grad_aux_sse = torch.zeros_like(grad_sse)
-    sink = ctx.row_grads if need_W_dec else None
-    if sink is not None:
-        # the same backward on the touched rows only: dW_dec [m, d] goes to the collector
-        slots = (indices,) if aux_values is None else (indices, aux_indices)
-        rows, touched, compact = _row_grads.compact_indices(*slots)
-        indices = compact[0]
-        aux_indices = compact[1] if aux_values is not None else None
-        W_dec = W_dec.index_select(0, rows)
+    # with a collector on W_dec: the same backward on the touched rows only, dW_dec [m, d] to it
+    slots = (indices,) if aux_values is None else (indices, aux_indices)
+    compact = _row_grads.compact_rows(ctx.row_grads if need_W_dec else None, *slots)
+    if compact is not None:
+        indices = compact.indices[0]
+        aux_indices = compact.indices[1] if aux_values is not None else None
+        W_dec = compact.gather(W_dec)
     d_values, d_aux_values, dW_dec, db_dec, dx = _sae_loss_backward_op(
         None if grad_x_hat is None else grad_x_hat.contiguous(),
         grad_sse.contiguous(),
         None if aux_values is None else grad_aux_sse.contiguous(),
         x, values, indices, W_dec, b_dec, aux_values, aux_indices, need_x, ctx.backend,
     )  # fmt: skip
-    if sink is not None:
+    if compact is not None:
         W_dec = None  # the gathered rows: freed before the gradient is handed over
-        if touched:
-            coefficients = [values] if aux_values is None else [values, aux_values]
-            keep = _row_grads.contributing(list(compact), coefficients, rows.numel())
-            _row_grads.add_contributing(sink, rows, dW_dec, keep)
-        dW_dec = None
+        dW_dec = compact.hand_over(dW_dec, [values] if aux_values is None else [values, aux_values])
     return (
         dx if need_x else None,
         d_values if need_values else None,

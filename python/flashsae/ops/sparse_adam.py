@@ -55,6 +55,7 @@ definition (a plain loop over rows and skipped steps).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -72,6 +73,26 @@ STATE_DTYPES = {
 }
 #: Parameter dtypes that may keep a float32 master copy.
 MASTER_PARAM_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class AdamStep(NamedTuple):
+    """One step of a sparse Adam op besides the parameter and its state tensors, as every backend of
+    sparse_adam_ and sparse_adam_rowwise_ takes it (validated; see :func:`sparse_adam_`)."""
+
+    rows: torch.Tensor
+    grads: torch.Tensor | None
+    step: int
+    schedule: torch.Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    horizon: int
+    master: torch.Tensor | None
+
+    @property
+    def upto(self) -> int:
+        """The step the rows are caught up to before the gradient step: step - 1 (step for a flush)."""
+        return self.step - 1 if self.grads is not None else self.step
 
 
 def catch_up_horizon(beta1: float, beta2: float, dtype: torch.dtype) -> int:
@@ -165,11 +186,11 @@ def sparse_adam_reference(
 # ----------------------------------------------------------------------------------------- backends
 
 
-def _adam_torch(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon,
-                master):  # fmt: skip
+def _adam_torch(param, exp_avg, exp_avg_sq, last_step, s: AdamStep):
     """Vectorized over the touched rows: [m, d] gathers, at most ``horizon`` masked replay steps."""
+    rows, grads, step, schedule, beta1, beta2, eps, horizon, master = s
     acc = _common.acc_dtype(param.dtype)
-    upto = step - 1 if grads is not None else step
+    upto = s.upto
     weights = master if master is not None else param
     p = weights.index_select(0, rows).to(acc)
     m = exp_avg.index_select(0, rows).to(acc)
@@ -205,8 +226,8 @@ def _adam_torch(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedu
     last_step.index_fill_(0, rows, step)
 
 
-def _adam_cpu(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon,
-              master):  # fmt: skip
+def _adam_cpu(param, exp_avg, exp_avg_sq, last_step, s: AdamStep):
+    rows, grads, step, schedule, beta1, beta2, eps, horizon, master = s
     n, d = param.shape
     _C.sparse_adam(
         param=addr(param), master=addr(master), exp_avg=addr(exp_avg), exp_avg_sq=addr(exp_avg_sq),
@@ -216,18 +237,15 @@ def _adam_cpu(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule
     )  # fmt: skip
 
 
-def _adam_triton(param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon,
-                 master):  # fmt: skip
-    from ..kernels import sparse_adam as kernels
-
-    kernels.sparse_adam(
-        param, master, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon
-    )
+def _adam_triton(param, exp_avg, exp_avg_sq, last_step, s: AdamStep):
+    _common.gpu_launchers("triton", "sparse_adam").sparse_adam(param, exp_avg, exp_avg_sq, last_step, s)
     # last_step is written after the kernel: programs of one row block (over d) all read it
-    last_step.index_fill_(0, rows, step)
+    last_step.index_fill_(0, s.rows, s.step)
 
 
-_BACKENDS = {"cpu": _adam_cpu, "triton": _adam_triton, "torch": _adam_torch}
+DISPATCH = _backend.register(
+    {"sparse_adam": {"cpu": _adam_cpu, "triton": _adam_triton, "torch": _adam_torch}}
+)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -254,10 +272,9 @@ def _sparse_adam_op(
     master: torch.Tensor | None,
     backend: str,
 ) -> None:
-    impl = _backend.resolve("sparse_adam", param.device, backend, param.dtype)
-    _BACKENDS[impl](
-        param, exp_avg, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps, horizon, master
-    )
+    step_args = AdamStep(rows, grads, step, schedule, beta1, beta2, eps, horizon, master)
+    run = _backend.dispatch("sparse_adam", param.device, backend, param.dtype)
+    run(param, exp_avg, exp_avg_sq, last_step, step_args)
 
 
 @_sparse_adam_op.register_fake

@@ -54,7 +54,7 @@ from .. import _backend
 from .._checks import check_tensor
 from .._native import _C, addr, dtype_code
 from . import _common
-from .sparse_adam import STATE_DTYPES, _lerp, check_step_arguments
+from .sparse_adam import STATE_DTYPES, AdamStep, _lerp, check_step_arguments
 
 #: Largest int8 code of the first moment (codes are symmetric: -127 .. 127).
 CODE_MAX = 127
@@ -167,11 +167,11 @@ def sparse_adam_rowwise_reference(
 # ----------------------------------------------------------------------------------------- backends
 
 
-def _rowwise_torch(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2,
-                   eps, horizon, master):  # fmt: skip
+def _rowwise_torch(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, s: AdamStep):
     """Vectorized over the touched rows: [m, d] gathers, the drift coefficients as [m] scalars."""
+    rows, grads, step, schedule, beta1, beta2, eps, horizon, master = s
     acc = _common.acc_dtype(param.dtype)
-    upto = step - 1 if grads is not None else step
+    upto = s.upto
     weights = master if master is not None else param
     p = weights.index_select(0, rows).to(acc)
     m = _gather_first_moment(exp_avg, exp_avg_scale, rows, p)
@@ -207,8 +207,8 @@ def _rowwise_torch(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, g
     last_step.index_fill_(0, rows, step)
 
 
-def _rowwise_cpu(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2,
-                 eps, horizon, master):  # fmt: skip
+def _rowwise_cpu(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, s: AdamStep):
+    rows, grads, step, schedule, beta1, beta2, eps, horizon, master = s
     n, d = param.shape
     kind = _first_moment_kind(exp_avg)
     _C.sparse_adam_rowwise(
@@ -220,18 +220,16 @@ def _rowwise_cpu(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, gra
     )  # fmt: skip
 
 
-def _rowwise_triton(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2,
-                    eps, horizon, master):  # fmt: skip
-    from ..kernels import sparse_adam_rowwise as kernels
-
-    kernels.sparse_adam_rowwise(
-        param, master, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps,
-        horizon,
-    )  # fmt: skip
-    last_step.index_fill_(0, rows, step)
+def _rowwise_triton(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, s: AdamStep):
+    launchers = _common.gpu_launchers("triton", "sparse_adam_rowwise")
+    launchers.sparse_adam_rowwise(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, s)
+    # last_step is written after the kernel: programs of one row block all read it
+    last_step.index_fill_(0, s.rows, s.step)
 
 
-_BACKENDS = {"cpu": _rowwise_cpu, "triton": _rowwise_triton, "torch": _rowwise_torch}
+DISPATCH = _backend.register(
+    {"sparse_adam_rowwise": {"cpu": _rowwise_cpu, "triton": _rowwise_triton, "torch": _rowwise_torch}}
+)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -260,11 +258,9 @@ def _sparse_adam_rowwise_op(
     master: torch.Tensor | None,
     backend: str,
 ) -> None:
-    impl = _backend.resolve("sparse_adam_rowwise", param.device, backend, param.dtype)
-    _BACKENDS[impl](
-        param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, rows, grads, step, schedule, beta1, beta2, eps,
-        horizon, master,
-    )  # fmt: skip
+    step_args = AdamStep(rows, grads, step, schedule, beta1, beta2, eps, horizon, master)
+    run = _backend.dispatch("sparse_adam_rowwise", param.device, backend, param.dtype)
+    run(param, exp_avg, exp_avg_scale, exp_avg_sq, last_step, step_args)
 
 
 @_sparse_adam_rowwise_op.register_fake

@@ -4,19 +4,22 @@ Forward and backward are O(batch * k * d): no [batch, n_latents] tensor exists a
 Backward: d_values[b, j] = g[b] . W_dec[indices[b, j]];
 dW_dec[i] = sum over slots with indices = i of values * g[b]; db_dec = sum_b g[b].
 
-Backends: ``cpu`` (flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (flashsae._C_cuda,
-csrc/cuda/sparse_rows.cu: row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce
-over slots sorted by latent, no atomics), ``triton`` (flashsae.kernels.sparse_decode: gather-combine,
-row dots, dW_dec by a segment reduce over slots sorted by latent, no atomics), ``torch``
-(embedding_bag + index_add, row-blocked). See flashsae._backend.
+The op is the sparse_rows primitives (flashsae.ops._sparse_rows) on the decoder: forward =
+``gather_rows``, backward = ``dot_rows`` (d_values) and ``scatter_rows`` (dW_dec). Backends: ``cpu``
+(flashsae._C, latent-bucketed race-free dW_dec), ``cuda`` (flashsae._C_cuda, csrc/cuda/sparse_rows.cu:
+row gather with 16-byte loads, warp row dots, dW_dec by a segment reduce over slots sorted by latent,
+no atomics), ``triton`` (flashsae.kernels.sparse_rows: the same three kernels), ``torch``
+(embedding_bag + index_add, row-blocked). :data:`DISPATCH` maps each stage to them; see flashsae._backend.
 """
+
+from functools import partial
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads
+from . import _autocast, _row_grads, _sparse_rows
 
 # --------------------------------------------------------------------------------------- reference
 
@@ -35,71 +38,40 @@ def sparse_decode_reference(
 # ----------------------------------------------------------------------------------------- backends
 
 
-def _raise_on_index_flag(name: str, flag: torch.Tensor, n: int) -> None:
-    """The cuda / triton kernels skip out-of-range indices and raise a flag on the device, read back
-    here (one sync; skipped with FLASHSAE_VALUE_CHECKS=0 together with the other value checks)."""
-    if _checks.VALUE_CHECKS and bool(flag.item()):
-        raise ValueError(f"{name}: some index is out of range; expected a latent in [0, {n}) or -1")
+def _decode_torch(values, indices, W_dec, b_dec):
+    return _sparse_rows.gather_rows(values, indices, W_dec, b_dec).to(values.dtype)
 
 
-def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
-    impl = _backend.resolve("sparse_decode", values.device, backend, values.dtype)
-    n, d = W_dec.shape
-    check_finite("values", values)
-    indices = narrow_indices("indices", indices, n)
+def _decode_cpu(values, indices, W_dec, b_dec):
     rows, k = values.shape
-    if impl == "torch":
-        return _common.gather_rows(values, indices, W_dec, b_dec).to(values.dtype)
+    n, d = W_dec.shape
     out = new_output((rows, d), values.dtype, values.device)
-    if impl == "triton":
-        from ..kernels import sparse_decode as kernels
-
-        _raise_on_index_flag("indices", kernels.gather_rows(values, indices, W_dec, b_dec, out), n)
-        return out
-    if impl == "cpu":
-        _C.sparse_decode_forward(
-            values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n, d=d,
-            b_dec=addr(b_dec), x_hat=addr(out), dtype=dtype_code(values),
-        )  # fmt: skip
-        return out
-    # cuda: out-of-range indices are skipped and raise a flag on the device
-    from . import _cuda
-
-    flag = _cuda.new_flag(values.device)
-    _cuda.gather_rows(values, indices, W_dec, out, flag, bias=b_dec)
-    _raise_on_index_flag("indices", flag, n)
+    _C.sparse_decode_forward(
+        values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n, d=d,
+        b_dec=addr(b_dec), x_hat=addr(out), dtype=dtype_code(values),
+    )  # fmt: skip
     return out
 
 
-def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
-    impl = _backend.resolve("sparse_decode_backward", values.device, backend, values.dtype)
+def _decode_gpu(backend, values, indices, W_dec, b_dec):
+    """triton / cuda: out-of-range indices are skipped and raise a flag on the device, read back here."""
+    out = new_output((values.shape[0], W_dec.shape[1]), values.dtype, values.device)
+    flag = _sparse_rows.new_flag(values.device)
+    _sparse_rows.row_kernels(backend).gather_rows(values, indices, W_dec, out, flag, bias=b_dec)
+    _sparse_rows.raise_on_index_flags(flag, W_dec.shape[0], "indices")
+    return out
+
+
+def _decode_backward_torch(grad, values, indices, W_dec, need_db_dec):
+    d_values = _sparse_rows.dot_rows(grad, indices, W_dec)
+    dW_dec, _ = _sparse_rows.scatter_rows(values, indices, grad, W_dec.shape[0])
+    db_dec = grad.to(d_values.dtype).sum(0) if need_db_dec else grad.new_empty(0)
+    return d_values.to(values.dtype), dW_dec.to(W_dec.dtype), db_dec.to(W_dec.dtype)
+
+
+def _decode_backward_cpu(grad, values, indices, W_dec, need_db_dec):
     n, d = W_dec.shape
     rows, k = values.shape
-    indices = narrow_indices("indices", indices, n)
-    if impl == "triton":
-        from ..kernels import sparse_decode as kernels
-
-        d_values = new_output((rows, k), values.dtype, values.device)
-        dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
-        kernels.dot_rows(grad, indices, W_dec, d_values)
-        kernels.segment_rows(values, indices, grad, dW_dec)
-        db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
-        return d_values, dW_dec, db_dec
-    if impl == "cuda":
-        from . import _cuda
-
-        d_values = new_output((rows, k), values.dtype, values.device)
-        dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
-        # the forward read these indices and raised on any out of range: the flag is not read back
-        _cuda.dot_rows(grad, indices, W_dec, d_values, _cuda.new_flag(values.device))
-        _cuda.scatter_rows(values, indices, grad, dW_dec)
-        db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
-        return d_values, dW_dec, db_dec
-    if impl == "torch":
-        d_values = _common.dot_rows(grad, indices, W_dec)
-        dW_dec, _ = _common.scatter_rows(values, indices, grad, n)
-        db_dec = grad.to(d_values.dtype).sum(0) if need_db_dec else grad.new_empty(0)
-        return d_values.to(values.dtype), dW_dec.to(W_dec.dtype), db_dec.to(W_dec.dtype)
     d_values = new_output((rows, k), values.dtype, values.device)
     dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
     db_dec = new_output((d,) if need_db_dec else (0,), W_dec.dtype, W_dec.device)
@@ -109,6 +81,46 @@ def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
         dtype=dtype_code(values),
     )  # fmt: skip
     return d_values, dW_dec, db_dec
+
+
+def _decode_backward_gpu(backend, grad, values, indices, W_dec, need_db_dec):
+    launchers = _sparse_rows.row_kernels(backend)
+    d_values = new_output(values.shape, values.dtype, values.device)
+    dW_dec = new_output(W_dec.shape, W_dec.dtype, W_dec.device)
+    # the forward read these indices and raised on any out of range: the flag is not read back
+    launchers.dot_rows(grad, indices, W_dec, d_values, _sparse_rows.new_flag(values.device))
+    launchers.scatter_rows(values, indices, grad, dW_dec)
+    db_dec = grad.sum(0, dtype=torch.float32).to(W_dec.dtype) if need_db_dec else grad.new_empty(0)
+    return d_values, dW_dec, db_dec
+
+
+DISPATCH = _backend.register(
+    {
+        "sparse_decode": {
+            "cpu": _decode_cpu,
+            "cuda": partial(_decode_gpu, "cuda"),
+            "triton": partial(_decode_gpu, "triton"),
+            "torch": _decode_torch,
+        },
+        "sparse_decode_backward": {
+            "cpu": _decode_backward_cpu,
+            "cuda": partial(_decode_backward_gpu, "cuda"),
+            "triton": partial(_decode_backward_gpu, "triton"),
+            "torch": _decode_backward_torch,
+        },
+    }
+)
+
+
+def _forward(values, indices, W_dec, b_dec, backend: str) -> torch.Tensor:
+    run = _backend.dispatch("sparse_decode", values.device, backend, values.dtype)
+    check_finite("values", values)
+    return run(values, narrow_indices("indices", indices, W_dec.shape[0]), W_dec, b_dec)
+
+
+def _backward(grad, values, indices, W_dec, need_db_dec: bool, backend: str):
+    run = _backend.dispatch("sparse_decode_backward", values.device, backend, values.dtype)
+    return run(grad, values, narrow_indices("indices", indices, W_dec.shape[0]), W_dec, need_db_dec)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -159,20 +171,17 @@ def _autograd_backward(ctx, grad):
     values, indices, W_dec = ctx.saved_tensors
     need_values, _, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
     need_b_dec = ctx.has_b_dec and need_b_dec
-    sink = ctx.row_grads if need_W_dec else None
-    if sink is not None:
-        # the same backward on the touched rows only: dW_dec [m, d] goes to the collector
-        rows, touched, (indices,) = _row_grads.compact_indices(indices)
-        W_dec = W_dec.index_select(0, rows)
+    # with a collector on W_dec: the same backward on the touched rows only, dW_dec [m, d] to it
+    compact = _row_grads.compact_rows(ctx.row_grads if need_W_dec else None, indices)
+    if compact is not None:
+        (indices,) = compact.indices
+        W_dec = compact.gather(W_dec)
     d_values, dW_dec, db_dec = _sparse_decode_backward_op(
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
     )
-    if sink is not None:
+    if compact is not None:
         W_dec = None  # the gathered rows: freed before the gradient is handed over
-        if touched:
-            keep = _row_grads.contributing([indices], [values], rows.numel())
-            _row_grads.add_contributing(sink, rows, dW_dec, keep)
-        dW_dec = None
+        dW_dec = compact.hand_over(dW_dec, [values])
     return (
         d_values if need_values else None,
         None,

@@ -27,12 +27,14 @@ would not fit in registers, so the aux top-k then runs over the dead latents onl
 backend's tiled GEMM + running merge: its extra GEMM is n_dead / n of the encoder's.
 """
 
+from functools import partial
+
 import torch
 
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads
+from . import _autocast, _common, _row_grads, _sparse_rows
 
 #: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
 #: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
@@ -267,76 +269,19 @@ def _encode_cuda(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k):
     return values, indices, aux_values, aux_indices
 
 
-def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
-    impl = _backend.resolve("topk_encode", x.device, backend, x.dtype)
-    check_finite("x", x)
-    if impl == "cpu":
-        return _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
-    if impl == "cuda":
-        return _encode_cuda(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
-    if impl == "triton":
-        return _encode_triton(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
-    return _encode_torch(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
-
-
-def _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
-    from ..kernels import sparse_decode as kernels
-
-    rows, d = x.shape
+def _backward_torch(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
     n = W_enc.shape[0]
-    dW_enc = new_output((n, d), W_enc.dtype, x.device)
-    db_enc = new_output((n,), W_enc.dtype, x.device)
-    # d_pre = d_values * [values > 0], applied inside the kernels (gate)
-    kernels.segment_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
-    dx, db_dec = x.new_empty(0), x.new_empty(0)
-    if need_dx or need_db_dec:
-        # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype
-        dx32 = new_output((rows, d), torch.float32, x.device)
-        kernels.gather_rows(d_values, indices, W_enc, None, dx32, gate=values)
-        if need_dx:
-            dx = dx32 if x.dtype == torch.float32 else dx32.to(x.dtype)
-        if need_db_dec:
-            db_dec = dx32.sum(0).neg_().to(x.dtype)
-    return dW_enc, db_enc, dx, db_dec
+    d_pre = d_values.to(_common.acc_dtype(x.dtype)) * (values > 0)
+    dW_enc, db_enc = _sparse_rows.scatter_rows(d_pre, indices, x, n, offset=b_dec)
+    dx = _sparse_rows.gather_rows(d_pre, indices, W_enc) if need_dx else x.new_empty(0)
+    db_dec = -(db_enc @ W_enc.to(db_enc.dtype)) if need_db_dec else x.new_empty(0)
+    return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), dx.to(x.dtype), db_dec.to(x.dtype)
 
 
-def _backward_cuda(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
-    from . import _cuda
-
-    rows, d = x.shape
-    n = W_enc.shape[0]
-    dW_enc = new_output((n, d), W_enc.dtype, x.device)
-    db_enc = new_output((n,), W_enc.dtype, x.device)
-    # d_pre = d_values * [values > 0], applied inside the kernels (gate)
-    _cuda.scatter_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
-    dx, db_dec = x.new_empty(0), x.new_empty(0)
-    if need_dx or need_db_dec:
-        # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype; the indices
-        # came from the forward (in range), so the flag is not read back
-        dx32 = new_output((rows, d), torch.float32, x.device)
-        _cuda.gather_rows(d_values, indices, W_enc, dx32, _cuda.new_flag(x.device), gate=values)
-        if need_dx:
-            dx = dx32 if x.dtype == torch.float32 else dx32.to(x.dtype)
-        if need_db_dec:
-            db_dec = dx32.sum(0).neg_().to(x.dtype)
-    return dW_enc, db_enc, dx, db_dec
-
-
-def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
-    impl = _backend.resolve("topk_encode_backward", x.device, backend, x.dtype)
+def _backward_cpu(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
     rows, d = x.shape
     n = W_enc.shape[0]
     k = values.shape[1]
-    if impl == "triton":
-        return _backward_triton(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
-    if impl == "cuda":
-        return _backward_cuda(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
-    if impl == "torch":
-        d_pre = d_values.to(_common.acc_dtype(x.dtype)) * (values > 0)
-        dW_enc, db_enc = _common.scatter_rows(d_pre, indices, x, n, offset=b_dec)
-        dx = _common.gather_rows(d_pre, indices, W_enc) if need_dx else x.new_empty(0)
-        db_dec = -(db_enc @ W_enc.to(db_enc.dtype)) if need_db_dec else x.new_empty(0)
-        return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), dx.to(x.dtype), db_dec.to(x.dtype)
     dW_enc = new_output((n, d), W_enc.dtype, x.device)
     db_enc = new_output((n,), W_enc.dtype, x.device)
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
@@ -347,6 +292,55 @@ def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, 
         dx=addr(dx) if need_dx else 0, db_dec=addr(db_dec) if need_db_dec else 0, dtype=dtype_code(x),
     )  # fmt: skip
     return dW_enc, db_enc, dx, db_dec
+
+
+def _backward_gpu(backend, d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
+    """triton / cuda: dW_enc and db_enc by scatter_rows over the slots, dx by gather_rows; the gate
+    applies d_pre = d_values * [values > 0] inside the kernels."""
+    rows_kernels = _sparse_rows.row_kernels(backend)
+    dW_enc = new_output(W_enc.shape, W_enc.dtype, x.device)
+    db_enc = new_output((W_enc.shape[0],), W_enc.dtype, x.device)
+    rows_kernels.scatter_rows(d_values, indices, x, dW_enc, gate=values, offset=b_dec, coef_sum=db_enc)
+    dx, db_dec = x.new_empty(0), x.new_empty(0)
+    if need_dx or need_db_dec:
+        # fp32 dx, so that db_dec = -sum_b dx[b] is summed before rounding to x's dtype; the indices
+        # came from the forward (in range), so the flag is not read back
+        dx32 = new_output(x.shape, torch.float32, x.device)
+        rows_kernels.gather_rows(d_values, indices, W_enc, dx32, _sparse_rows.new_flag(x.device), gate=values)
+        if need_dx:
+            dx = dx32 if x.dtype == torch.float32 else dx32.to(x.dtype)
+        if need_db_dec:
+            db_dec = dx32.sum(0).neg_().to(x.dtype)
+    return dW_enc, db_enc, dx, db_dec
+
+
+DISPATCH = _backend.register(
+    {
+        "topk_encode": {
+            "cpu": _encode_cpu,
+            "cuda": _encode_cuda,
+            "triton": _encode_triton,
+            "torch": _encode_torch,
+        },
+        "topk_encode_backward": {
+            "cpu": _backward_cpu,
+            "cuda": partial(_backward_gpu, "cuda"),
+            "triton": partial(_backward_gpu, "triton"),
+            "torch": _backward_torch,
+        },
+    }
+)
+
+
+def _forward(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, backend):
+    run = _backend.dispatch("topk_encode", x.device, backend, x.dtype)
+    check_finite("x", x)
+    return run(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k)
+
+
+def _backward(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, backend):
+    run = _backend.dispatch("topk_encode_backward", x.device, backend, x.dtype)
+    return run(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec)
 
 
 # ------------------------------------------------------------------------------------ torch.library
@@ -424,34 +418,30 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         d_values = torch.cat([d_values, d_aux_values], dim=1)
         values = torch.cat([values, aux_values], dim=1)
         indices = torch.cat([indices, aux_indices], dim=1)
-    sink = ctx.row_grads if need_W_enc else None
+    # with a collector on W_enc: the same backward on the touched rows only, dW_enc [m, d] to it
+    compact = _row_grads.compact_rows(ctx.row_grads if need_W_enc else None, indices)
     chunked_db_dec = False
-    if sink is not None:
-        # the same backward on the touched rows only: dW_enc [m, d] goes to the collector
-        n = W_enc.shape[0]
+    if compact is not None:
         full_W_enc = W_enc
-        rows, touched, (indices,) = _row_grads.compact_indices(indices)
+        (indices,) = compact.indices
         if need_x:  # dx reads every touched row of W_enc: gather them
-            W_enc = W_enc.index_select(0, rows)
+            W_enc = compact.gather(W_enc)
         else:
             # dW_enc needs no W_enc, and db_dec is summed below a chunk of rows at a time: no [m, d]
             # gather (an [m, d]-shaped view of one row stands in; the kernels do not read it)
-            W_enc = W_enc[:1].expand(rows.numel(), W_enc.shape[1])
+            W_enc = W_enc[:1].expand(compact.rows.numel(), W_enc.shape[1])
             chunked_db_dec = need_b_dec
     dW_enc, db_enc, dx, db_dec = _topk_encode_backward_op(
         d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec and not chunked_db_dec, ctx.backend
     )
-    if sink is not None:
+    if compact is not None:
         W_enc = None
         gated = d_values * (values > 0)
         if chunked_db_dec:
-            db_dec = _row_grads.encoder_db_dec(gated, indices, rows, full_W_enc).to(x.dtype)
-        if touched:
-            keep = _row_grads.contributing([indices], [gated], rows.numel())
-            _row_grads.add_contributing(sink, rows, dW_enc, keep)
-        dW_enc = None
+            db_dec = _row_grads.encoder_db_dec(gated, indices, compact.rows, full_W_enc).to(x.dtype)
+        dW_enc = compact.hand_over(dW_enc, [gated])
         if need_b_enc:
-            db_enc = _row_grads.dense_vector(db_enc, rows, touched, n)
+            db_enc = compact.dense_vector(db_enc, full_W_enc.shape[0])
     return (
         dx if need_x else None,
         dW_enc if need_W_enc else None,

@@ -1,16 +1,16 @@
-"""Sparse decoder: x_hat[b] = b_dec + sum_j values[b, j] W_dec[idx[b, j]], and its backward.
+"""sparse_rows in Triton: the three row kernels behind sparse_decode and the backward passes of
+topk_encode and sae_loss (the same primitives as flashsae.ops._sparse_rows, under the same names).
 
-Three row kernels, each O(rows * k * d) memory traffic, fp32 accumulation for every input dtype;
-topk_encode's and sae_loss's backward passes reuse them:
+Each is O(rows * k * d) memory traffic, with fp32 accumulation for every input dtype:
 
-- ``_gather_rows_kernel`` (forward; dx of the encoder): program = BLOCK_R rows x BLOCK_D features,
-  a [BLOCK_R, BLOCK_K, BLOCK_D] gather of decoder rows per step over the k slots. Each selected
+- ``_gather_rows_kernel`` (decoder forward; dx of the encoder): program = BLOCK_R rows x BLOCK_D
+  features, a [BLOCK_R, BLOCK_K, BLOCK_D] gather of M rows per step over the k slots. Each selected
   row segment is contiguous (one latent's row), so loads coalesce along d.
-- ``_dot_rows_kernel`` (d_values[b, j] = G[b] . W[idx[b, j]]): program = BLOCK_R rows x BLOCK_K
+- ``_dot_rows_kernel`` (d_values[b, j] = G[b] . M[idx[b, j]]): program = BLOCK_R rows x BLOCK_K
   slots, stepping over d.
-- ``_segment_rows_kernel`` (dW[i] = sum over slots (b, j) with idx[b, j] = i of coef[b, j] R[b]):
+- ``_scatter_rows_kernel`` (dW[i] = sum over slots (b, j) with idx[b, j] = i of coef[b, j] R[b]):
   no atomics. The launcher sorts the flat slot ids by latent (``latent_segments``: one stable
-  torch.sort of rows * k int32 keys plus a searchsorted for the n + 1 segment bounds), and each
+  torch.sort of rows * k keys plus a searchsorted for the n + 1 segment bounds), and each
   program owns LATENTS latents x BLOCK_D features: it walks their segments BLOCK_P slots at a time
   and writes every row of its block exactly once, zeros for unselected latents. The result is
   deterministic (fixed summation order). A latent selected by many rows makes its program walk a
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._sparse_rows import latent_segments
 from ._launch import INTERPRETED, check_int32_addressable, next_pow2
 
 
@@ -48,20 +49,20 @@ def rows_config(rows: int, k: int, d: int) -> RowsConfig:
     return RowsConfig(1, 16, 128, 4)
 
 
-class SegmentConfig(NamedTuple):
+class ScatterConfig(NamedTuple):
     latents: int
     block_p: int
     block_d: int
     num_warps: int
 
 
-def segment_config(pairs: int, n: int, d: int) -> SegmentConfig:
+def scatter_config(pairs: int, n: int, d: int) -> ScatterConfig:
     """GPU: 2 latents x 16 slots x 128 features per step with 8 warps (16 gathered elements per
     thread; sm_90a, ptxas: 80-127 registers). Interpreter: 64 latents per program and slot steps
     sized to the mean segment length."""
     if INTERPRETED:
-        return SegmentConfig(64, min(16, next_pow2(max(1, pairs // max(n, 1)) * 2)), min(128, next_pow2(d)), 1)
-    return SegmentConfig(2, 16, 128, 8)
+        return ScatterConfig(64, min(16, next_pow2(max(1, pairs // max(n, 1)) * 2)), min(128, next_pow2(d)), 1)
+    return ScatterConfig(2, 16, 128, 8)
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -119,10 +120,10 @@ def _gather_rows_kernel(
 
 @triton.jit
 def _dot_rows_kernel(
-    G_ptr, idx_ptr, M_ptr, out_ptr, rows, K, n, d,
+    G_ptr, idx_ptr, M_ptr, out_ptr, err_ptr, rows, K, n, d,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """out[b, j] = G[b] . M[idx[b, j]] (0 for empty slots)."""
+    """out[b, j] = G[b] . M[idx[b, j]] (0 for empty slots); err_ptr[0] = 1 for an index outside [-1, n)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -130,6 +131,7 @@ def _dot_rows_kernel(
     smask = rmask[:, None] & (j < K)[None, :]
     idx = tl.load(idx_ptr + slot, mask=smask, other=-1)
     valid = (idx >= 0) & (idx < n)
+    tl.store(err_ptr + tl.zeros_like(idx), 1, mask=smask & ((idx >= n) | (idx < -1)))
     w_rows = M_ptr + idx.to(tl.int64)[:, :, None] * d
     g_rows = G_ptr + r.to(tl.int64)[:, None] * d
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
@@ -143,16 +145,16 @@ def _dot_rows_kernel(
 
 
 @triton.jit
-def _segment_rows_kernel(
-    order_ptr, bounds_ptr, coef_ptr, gate_ptr, R_ptr, offset_ptr, out_ptr, coef_sum_ptr,
-    rows, n, d, K, K_MAIN,
-    HAS_GATE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_COEF_SUM: tl.constexpr,
+def _scatter_rows_kernel(
+    order_ptr, bounds_ptr, coef_ptr, gate_ptr, R_ptr, R2_ptr, offset_ptr, out_ptr, coef_sum_ptr,
+    n, d, K, K_MAIN,
+    HAS_R2: tl.constexpr, HAS_GATE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_COEF_SUM: tl.constexpr,
     LATENTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """out[i] = sum over slots s of latent i of c[s] (R[row(s)] - offset), coef_sum[i] = sum c[s].
 
-    Slot s = b * K + j reads R row b for j < K_MAIN and row rows + b past it (sae_loss passes its
-    main and AuxK residual gradients as one [2 * rows, d] matrix)."""
+    Slot s = b * K + j reads row b of R for j < K_MAIN and row b of R2 past it (sae_loss sums its
+    main and AuxK slots in one pass, with their own residual gradients)."""
     latents = tl.program_id(0) * LATENTS + tl.arange(0, LATENTS)
     lmask = latents < n
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -168,13 +170,13 @@ def _segment_rows_kernel(
         c = tl.load(coef_ptr + s, mask=pmask, other=0.0).to(tl.float32)
         if HAS_GATE:
             c = tl.where(tl.load(gate_ptr + s, mask=pmask, other=0.0) > 0, c, 0.0)
-        row = s // K + tl.where(s % K >= K_MAIN, rows, 0)
-        v = tl.load(
-            R_ptr + row.to(tl.int64)[:, :, None] * d + cols[None, None, :],
-            mask=pmask[:, :, None] & cmask[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(c[:, :, None] * v.to(tl.float32), axis=1)
+        tile = (s // K).to(tl.int64)[:, :, None] * d + cols[None, None, :]
+        tmask = pmask[:, :, None] & cmask[None, None, :]
+        main = (s % K < K_MAIN)[:, :, None]
+        v = tl.load(R_ptr + tile, mask=tmask & main, other=0.0).to(tl.float32)
+        if HAS_R2:
+            v += tl.load(R2_ptr + tile, mask=tmask & ~main, other=0.0).to(tl.float32)
+        acc += tl.sum(c[:, :, None] * v, axis=1)
         coef_sum += c
     total = tl.sum(coef_sum, axis=1)
     if HAS_OFFSET:
@@ -193,69 +195,61 @@ def gather_rows(
     coef: torch.Tensor,
     indices: torch.Tensor,
     M: torch.Tensor,
-    bias: torch.Tensor | None,
     out: torch.Tensor,
+    flag: torch.Tensor,
+    *,
     gate: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """out [rows, d] = bias + sum_j coef[:, j] (gated by gate > 0) M[indices[:, j]]. Returns the int32
-    error flag [1] (nonzero: some index was outside [-1, n))."""
+    bias: torch.Tensor | None = None,
+) -> None:
+    """out [rows, d] = bias + sum_j coef[:, j] (gated by gate > 0) M[indices[:, j]]; flag [0] is set to
+    1 by an index outside [-1, n)."""
     rows, K = indices.shape
     n, d = M.shape
     check_int32_addressable("indices", indices.numel())
-    err = torch.zeros(1, dtype=torch.int32, device=M.device)
     cfg = rows_config(rows, K, d)
     _gather_rows_kernel[(triton.cdiv(rows, cfg.block_r), triton.cdiv(d, cfg.block_d))](
-        coef, coef if gate is None else gate, indices, M, M if bias is None else bias, out, err, rows, K, n, d,
+        coef, coef if gate is None else gate, indices, M, M if bias is None else bias, out, flag, rows, K, n, d,
         HAS_GATE=gate is not None, HAS_BIAS=bias is not None,
         BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip
-    return err
 
 
-def dot_rows(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor, out: torch.Tensor) -> None:
-    """out [rows, K] = G[b] . M[indices[b, j]], 0 for empty slots."""
+def dot_rows(G: torch.Tensor, indices: torch.Tensor, M: torch.Tensor, out: torch.Tensor, flag: torch.Tensor) -> None:
+    """out [rows, K] = G[b] . M[indices[b, j]], 0 for empty slots; flag [0] is set to 1 by an index
+    outside [-1, n)."""
     rows, K = indices.shape
     n, d = M.shape
     cfg = rows_config(rows, K, d)
     _dot_rows_kernel[(triton.cdiv(rows, cfg.block_r), triton.cdiv(K, cfg.block_k))](
-        G, indices, M, out, rows, K, n, d,
+        G, indices, M, out, flag, rows, K, n, d,
         BLOCK_R=cfg.block_r, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip
 
 
-def latent_segments(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, bounds): flat slot ids sorted by latent (stable, so each segment keeps row order) and
-    int32 [n + 1] offsets, the slots of latent i being order[bounds[i]:bounds[i + 1]]. Empty (-1)
-    slots sort first and fall outside every segment."""
-    flat = indices.reshape(-1)
-    check_int32_addressable("indices", flat.numel())
-    sorted_latents, order = torch.sort(flat, stable=True)
-    latents = torch.arange(n + 1, dtype=sorted_latents.dtype, device=flat.device)
-    bounds = torch.searchsorted(sorted_latents, latents, out_int32=True)
-    return order.to(torch.int32), bounds
-
-
-def segment_rows(
+def scatter_rows(
     coef: torch.Tensor,
     indices: torch.Tensor,
-    R: torch.Tensor,
+    R1: torch.Tensor,
     out: torch.Tensor,
     *,
+    R2: torch.Tensor | None = None,
+    main_slots: int | None = None,
     gate: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     coef_sum: torch.Tensor | None = None,
-    main_slots: int | None = None,
 ) -> None:
-    """out [n, d] = for each latent, sum over its slots of coef (gated) * (R[row] - offset);
-    coef_sum [n] gets the coefficient sums. With main_slots < K, slots j >= main_slots read row
-    rows + b of R (R is then [2 * rows, d])."""
+    """out[i] = sum over slots (b, j) with indices[b, j] = i of c[b, j] * (R[b] - offset), with
+    c = coef * [gate > 0] and R = R1 for j < main_slots, else R2; coef_sum[i] = sum of those c.
+    Every row of out [n, d] is written; no atomics (latent-sorted segments, deterministic)."""
     rows, K = indices.shape
     n, d = out.shape
     order, bounds = latent_segments(indices, n)
-    cfg = segment_config(indices.numel(), n, d)
-    _segment_rows_kernel[(triton.cdiv(n, cfg.latents), triton.cdiv(d, cfg.block_d))](
-        order, bounds, coef, coef if gate is None else gate, R, R if offset is None else offset, out,
-        out if coef_sum is None else coef_sum, rows, n, d, K, K if main_slots is None else main_slots,
-        HAS_GATE=gate is not None, HAS_OFFSET=offset is not None, HAS_COEF_SUM=coef_sum is not None,
+    cfg = scatter_config(indices.numel(), n, d)
+    _scatter_rows_kernel[(triton.cdiv(n, cfg.latents), triton.cdiv(d, cfg.block_d))](
+        order, bounds, coef, coef if gate is None else gate, R1, R1 if R2 is None else R2,
+        R1 if offset is None else offset, out, out if coef_sum is None else coef_sum, n, d, K,
+        K if main_slots is None else main_slots,
+        HAS_R2=R2 is not None, HAS_GATE=gate is not None, HAS_OFFSET=offset is not None,
+        HAS_COEF_SUM=coef_sum is not None,
         LATENTS=cfg.latents, BLOCK_P=cfg.block_p, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Bad input raises TypeError/ValueError naming the argument and what was expected (DESIGN.md §5)."""
+"""Bad input raises TypeError/ValueError naming the argument (first, so a user knows which one to
+fix) and what was expected."""
 
 import pytest
 import torch
