@@ -10,6 +10,8 @@ import torch
 import flashsae
 from flashsae import BatchTopKConfig, BatchTopKSAE, JumpReLUSAE
 from helpers import RTOL, LargestTensorMode, assert_close
+from sae_helpers import auxk_reference, batch_topk_activations
+from sae_helpers import one_thread  # noqa: F401 - a fixture the tests request by name
 
 topk_encode_module = importlib.import_module("flashsae.ops.topk_encode")
 
@@ -51,24 +53,15 @@ def make_sae(dtype=torch.float64, **options):
 
 def reference_objective(params, x, k, aux_k, auxk_alpha, dead_mask=None):
     """BatchTopK's objective written plainly over dense float64 activations."""
-    W_enc, b_enc, W_dec, b_dec = (params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    act = ((x - b_dec) @ W_enc.T + b_enc).relu()
-    order = torch.sort(act.flatten(), descending=True, stable=True).indices[: x.shape[0] * k]
-    keep = torch.zeros(act.numel(), dtype=torch.bool)
-    keep[order] = True
-    f = act * keep.view_as(act)
+    W_dec, b_dec = params["W_dec"], params["b_dec"]
+    act, f = batch_topk_activations(params, x, k)
     x_hat = f @ W_dec + b_dec
     variance = (x - x.mean(0)).pow(2).sum()
     sse = (x_hat - x).pow(2).sum()
     fvu = sse / variance
     auxk = torch.zeros((), dtype=x.dtype)
     if dead_mask is not None:
-        masked = act.masked_fill(~dead_mask, float("-inf"))
-        top = torch.sort(masked, dim=1, descending=True, stable=True)
-        aux_f = torch.zeros_like(act).scatter(1, top.indices[:, :aux_k], top.values[:, :aux_k].clamp_min(0))
-        e_hat = aux_f @ W_dec
-        auxk = (e_hat - (x - x_hat).detach()).pow(2).sum() / variance
-        auxk = auxk * min(int(dead_mask.sum()) / aux_k, 1.0)
+        auxk = auxk_reference(act, dead_mask, aux_k, W_dec, x - x_hat) / variance
     return {"x_hat": x_hat, "fvu": fvu, "mse": sse / x.numel(), "auxk_loss": auxk, "loss": fvu + auxk_alpha * auxk}, f
 
 
@@ -145,15 +138,6 @@ def test_decode_of_encode_is_forward_reconstruction():
     out = sae(x)
     assert out.latents.values.shape[:2] == (2, 10)
     assert_close(sae.decode(out.latents), out.x_hat.double(), torch.float32, "decode(latents)")
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny training loops run faster on one thread, and much faster on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_to_jumprelu_gives_the_same_outputs_on_held_out_data(one_thread):

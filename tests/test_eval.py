@@ -334,7 +334,7 @@ def test_token_texts_join_into_the_decoded_window():
     from transformers import AutoTokenizer
 
     from flashsae.eval.examples import token_texts
-    from flashsae.train.activations import model_location
+    from flashsae.model_loading import model_location
     from train_helpers import tiny_gpt2 as tiny_gpt2_dir
 
     text = "The quick brown foxes, jumping; def __init__(self): déjà vu 😀"

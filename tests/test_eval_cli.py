@@ -13,7 +13,7 @@ import torch
 import flashsae
 from flashsae.eval import evaluate, load_eval_model
 from flashsae.eval.cli import add_eval_parser, add_report_parser, run_eval, run_report
-from train_helpers import tiny_gpt2, write_text_files
+from train_helpers import text, tiny_gpt2  # noqa: F401 - text: a fixture the tests request by name
 
 
 def main(argv: list[str]) -> int:
@@ -24,11 +24,6 @@ def main(argv: list[str]) -> int:
     add_report_parser(subparsers)
     args = parser.parse_args(argv)
     return run_eval(args) if args.command == "eval" else run_report(args)
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
 
 
 def saved_sae(directory, text, hookpoint="h.1", **metadata):

@@ -7,6 +7,7 @@ import torch
 import flashsae
 from flashsae import GatedConfig, GatedSAE
 from helpers import assert_close
+from sae_helpers import check_against_reference
 
 
 def make_sae(dtype=torch.float64, **options):
@@ -42,18 +43,7 @@ def reference_objective(params, x, cfg: GatedConfig, num_steps=0):
 
 def test_forward_and_gradients_match_reference_float64():
     sae = make_sae(l1_coefficient=0.4)
-    x = torch.randn(3, 13, 15, dtype=torch.float64)
-    out = sae(x)
-    out.loss.backward()
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
-    expected, f = reference_objective(params, x.reshape(-1, 15), sae.config)
-    expected["loss"].backward()
-    assert_close(out.x_hat, expected["x_hat"].reshape(3, 13, 15), torch.float64, "x_hat")
-    for field in ("fvu", "mse", "loss"):
-        assert_close(getattr(out, field), expected[field], torch.float64, field)
-    assert_close(out.latents.to_dense(80).reshape(-1, 80), f, torch.float64, "latents")
-    for name, p in sae.named_parameters():
-        assert_close(p.grad, params[name].grad, torch.float64, f"grad {name}")
+    check_against_reference(sae, torch.randn(3, 13, 15, dtype=torch.float64), reference_objective)
 
 
 def test_auxiliary_loss_does_not_train_the_decoder():

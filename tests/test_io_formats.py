@@ -284,12 +284,12 @@ def test_saves_are_atomic(tmp_path, monkeypatch):
     sae = flashsae.load(tmp_path / "sae")
     sae.save(tmp_path / "out", format="saelens")
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    from flashsae.io import saelens
+    from flashsae.io import _common
 
     def failing(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(saelens, "write_json", failing)
+    monkeypatch.setattr(_common, "write_json", failing)  # the SAELens writer's cfg.json
     with pytest.raises(OSError, match="disk full"):
         TopKSAE(D, N, K).save(tmp_path / "out", format="saelens")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

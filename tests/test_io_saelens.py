@@ -9,6 +9,7 @@ import torch
 import flashsae
 from flashsae import BatchTopKSAE, FormatError, GatedSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE, Transcoder
 from flashsae.io import saelens
+from flashsae.io._common import read_safetensors
 from io_helpers import (
     assert_matches,
     saelens_reference,
@@ -65,7 +66,7 @@ def test_jumprelu_thresholds_load_exactly_in_bfloat16(tmp_path):
     # negative ones gate like 0 after SAELens' relu
     assert torch.equal(sae.threshold, weights["threshold"].clamp_min(0))
     sae.save(tmp_path / "back", format="saelens")
-    written = saelens.read_safetensors(tmp_path / "back" / "sae_weights.safetensors")
+    written = read_safetensors(tmp_path / "back" / "sae_weights.safetensors")
     assert torch.equal(written["threshold"], sae.threshold)
 
 
@@ -117,7 +118,7 @@ def test_sparsity_file_round_trips(tmp_path):
     assert torch.equal(torch.tensor(sae.metadata["log_sparsity"], dtype=torch.float32), sparsity)
     sae.save(tmp_path / "native")  # JSON metadata, carried by the native checkpoint too
     flashsae.load(tmp_path / "native").save(tmp_path / "back", format="saelens")
-    written = saelens.read_safetensors(tmp_path / "back" / "sparsity.safetensors")
+    written = read_safetensors(tmp_path / "back" / "sparsity.safetensors")
     assert torch.equal(written["sparsity"], sparsity)
     assert "log_sparsity" not in json.dumps(json.loads((tmp_path / "back" / "cfg.json").read_text()))
 
@@ -155,7 +156,7 @@ def test_round_trip_through_saelens(tmp_path, case):
     sae.save(tmp_path / "sl", format="saelens")
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
     assert cfg["metadata"]["model_name"] == "EleutherAI/pythia-70m" and cfg["metadata"]["hook_name"] == "layers.3"
-    weights = saelens.read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
+    weights = read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
     back = flashsae.load(tmp_path / "sl")
     # SAELens' own forward on the written files equals flashsae's forward of the original SAE
     x = separated_rows(lambda x: saelens_reference(cfg, weights, x), make_x, 30)
@@ -183,7 +184,7 @@ def test_edited_files_follow_the_file(tmp_path):
     assert back.config.threshold_parametrization == "direct" and torch.equal(back.threshold, sae.threshold)
     assert int(back.num_steps) == 0
     sae.save(tmp_path / "sl", format="saelens")
-    weights = saelens.read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
+    weights = read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
     weights["threshold"][7] += 0.25
     write_saelens(tmp_path / "sl", json.loads((tmp_path / "sl" / "cfg.json").read_text()), weights)
     back = flashsae.load(tmp_path / "sl")
@@ -193,7 +194,7 @@ def test_edited_files_follow_the_file(tmp_path):
 def test_edited_batchtopk_file_loads_as_jumprelu(tmp_path):
     """A BatchTopK saved as SAELens jumprelu whose thresholds were edited per latent is a JumpReLU."""
     trained(BatchTopKSAE(D, N, K)).save(tmp_path / "sl", format="saelens")
-    weights = saelens.read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
+    weights = read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
     weights["threshold"][0] = 0.9
     write_saelens(tmp_path / "sl", json.loads((tmp_path / "sl" / "cfg.json").read_text()), weights)
     assert isinstance(flashsae.load(tmp_path / "sl"), JumpReLUSAE)

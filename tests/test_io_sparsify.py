@@ -10,6 +10,7 @@ import torch
 import flashsae
 from flashsae import BatchTopKSAE, FormatError, JumpReLUSAE, TopKSAE, Transcoder
 from flashsae.io import sparsify
+from flashsae.io._common import read_safetensors
 from io_helpers import assert_matches, separated_rows, sparsify_reference, write_sparsify
 
 D = 37
@@ -120,7 +121,7 @@ def test_round_trip_through_sparsify(tmp_path, make):
     cfg = json.loads((tmp_path / "layers.1" / "cfg.json").read_text())
     assert cfg["num_latents"] == sae.n_latents and cfg["k"] == sae.k and cfg["d_in"] == D
     assert set(cfg) <= set(sparsify.DEFAULTS) | {"d_in"}  # nothing sparsify would warn about
-    weights = sparsify.read_safetensors(tmp_path / "layers.1" / "sae.safetensors")
+    weights = read_safetensors(tmp_path / "layers.1" / "sae.safetensors")
     x = separated_rows(lambda x: sparsify_reference(cfg, weights, x), make_x, 30)
     assert_matches(sae, sparsify_reference(cfg, weights, x), x, what="written")
     back = flashsae.load(tmp_path / "layers.1")

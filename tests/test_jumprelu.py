@@ -8,6 +8,7 @@ import torch
 import flashsae
 from flashsae import JumpReLUConfig, JumpReLUSAE
 from helpers import assert_close
+from sae_helpers import check_against_reference
 
 # -------------------------------------------------------------------------------------- the module
 
@@ -73,19 +74,8 @@ def test_forward_and_gradients_match_reference_float64(case, with_dead):
     sae = make_sae(**CASES[case])
     x = torch.randn(2, 24, 16, dtype=torch.float64)
     dead = torch.rand(90) < 0.4 if with_dead else None
-    out = sae(x, dead_mask=dead)
-    out.loss.backward()
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
-    expected, f = reference_objective(params, x.reshape(-1, 16), sae.config, 0, dead)
-    expected["loss"].backward()
-    assert_close(out.x_hat, expected["x_hat"].reshape(2, 24, 16), torch.float64, "x_hat")
-    for field in ("fvu", "mse", "loss"):
-        assert_close(getattr(out, field), expected[field], torch.float64, field)
-    assert out.auxk_loss == 0
-    assert_close(out.latents.to_dense(90).reshape(-1, 90), f, torch.float64, "latents")
+    params = check_against_reference(sae, x, reference_objective, 0, dead, dead_mask=dead)
     assert params["log_threshold"].grad.abs().max() > 0, "no latent near its threshold: a vacuous check"
-    for name, p in sae.named_parameters():
-        assert_close(p.grad, params[name].grad, torch.float64, f"grad {name}")
 
 
 def test_l0_warmup_follows_the_step_counter():

@@ -7,6 +7,7 @@ import torch
 import flashsae
 from flashsae import BatchTopKSAE, MatryoshkaConfig, MatryoshkaSAE
 from helpers import assert_close
+from sae_helpers import auxk_reference, batch_topk_activations
 
 
 def make_sae(dtype=torch.float64, **options):
@@ -22,12 +23,8 @@ def make_sae(dtype=torch.float64, **options):
 def reference_objective(params, x, k, widths, aux_k, auxk_alpha, dead_mask=None):
     """One BatchTopK selection over all latents; the sum over prefixes of the FVU of the
     reconstruction from the selected latents below each width; AuxK on the full reconstruction."""
-    W_enc, b_enc, W_dec, b_dec = (params[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    act = ((x - b_dec) @ W_enc.T + b_enc).relu()
-    order = torch.sort(act.flatten(), descending=True, stable=True).indices[: x.shape[0] * k]
-    keep = torch.zeros(act.numel(), dtype=torch.bool)
-    keep[order] = True
-    f = act * keep.view_as(act)
+    W_dec, b_dec = params["W_dec"], params["b_dec"]
+    act, f = batch_topk_activations(params, x, k)
     variance = (x - x.mean(0)).pow(2).sum()
     total = 0
     for width in widths:
@@ -36,10 +33,7 @@ def reference_objective(params, x, k, widths, aux_k, auxk_alpha, dead_mask=None)
     fvu = (x_hat - x).pow(2).sum() / variance  # the last width is n_latents: the full reconstruction
     auxk = torch.zeros((), dtype=x.dtype)
     if dead_mask is not None:
-        top = torch.sort(act.masked_fill(~dead_mask, float("-inf")), dim=1, descending=True, stable=True)
-        aux_f = torch.zeros_like(act).scatter(1, top.indices[:, :aux_k], top.values[:, :aux_k].clamp_min(0))
-        auxk = (aux_f @ W_dec - (x - x_hat).detach()).pow(2).sum() / variance
-        auxk = auxk * min(int(dead_mask.sum()) / aux_k, 1.0)
+        auxk = auxk_reference(act, dead_mask, aux_k, W_dec, x - x_hat) / variance
     return {"x_hat": x_hat, "fvu": fvu, "auxk_loss": auxk, "loss": total + auxk_alpha * auxk}
 
 

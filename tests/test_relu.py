@@ -7,6 +7,7 @@ import torch
 import flashsae
 from flashsae import ReLUConfig, ReLUSAE
 from helpers import assert_close
+from sae_helpers import check_against_reference
 
 
 def make_sae(dtype=torch.float64, **options):
@@ -36,19 +37,7 @@ def reference_objective(params, x, cfg: ReLUConfig, num_steps=0):
 @pytest.mark.parametrize("apply_b_dec", [False, True])
 def test_forward_and_gradients_match_reference_float64(apply_b_dec):
     sae = make_sae(l1_coefficient=0.7, apply_b_dec_to_input=apply_b_dec)
-    x = torch.randn(4, 11, 14, dtype=torch.float64)
-    out = sae(x)
-    out.loss.backward()
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in sae.named_parameters()}
-    expected, f = reference_objective(params, x.reshape(-1, 14), sae.config)
-    expected["loss"].backward()
-    assert_close(out.x_hat, expected["x_hat"].reshape(4, 11, 14), torch.float64, "x_hat")
-    for field in ("fvu", "mse", "loss"):
-        assert_close(getattr(out, field), expected[field], torch.float64, field)
-    assert out.auxk_loss == 0
-    assert_close(out.latents.to_dense(70).reshape(-1, 70), f, torch.float64, "latents")
-    for name, p in sae.named_parameters():
-        assert_close(p.grad, params[name].grad, torch.float64, f"grad {name}")
+    check_against_reference(sae, torch.randn(4, 11, 14, dtype=torch.float64), reference_objective)
 
 
 def test_l1_warmup():

@@ -10,39 +10,16 @@ import torch
 from flashsae.optim import SparseAdam
 from flashsae.train import TrainConfig, Trainer, resume_config
 from flashsae.train.trainer import SUMMARY_FILE
-from train_helpers import tiny_bert, write_text_files
+from train_helpers import text, tiny_train_config  # noqa: F401 - text: a fixture the tests request by name
 
 HOOK = "encoder.layer.1"
 BATCH, STEPS = 64, 10
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
-
-
 def config(tmp_path, name, text, **overrides):
-    settings = {
-        "model": str(tiny_bert()),
-        "hookpoints": [HOOK],
-        "dataset": str(text),
-        "ctx_len": 16,
-        "model_batch_size": 4,
-        "device": "cpu",
-        "k": 4,
-        "optimizer": "sparse_adam",
-        "batch_size": BATCH,
-        "buffer_tokens": 256,
-        "train_tokens": BATCH * STEPS,
-        "dead_tokens": 128,
-        "checkpoint_every": 0,
-        "log_every": 5,
-        "eval_tokens": 64,
-        "progress": False,
-        "tensorboard": False,
-        "out": str(tmp_path / name),
-    }
-    return TrainConfig(**(settings | overrides))
+    settings = {"hookpoints": [HOOK], "k": 4, "optimizer": "sparse_adam", "batch_size": BATCH}
+    settings |= {"train_tokens": BATCH * STEPS, "log_every": 5, "eval_tokens": 64}
+    return tiny_train_config(tmp_path, name, text, **(settings | overrides))
 
 
 def same_state(a: Trainer, b: Trainer):

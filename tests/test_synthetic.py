@@ -13,6 +13,7 @@ import torch
 
 import flashsae
 from flashsae.synthetic import RecoveryReport, SyntheticDictionary, max_cosine_similarity
+from sae_helpers import one_thread  # noqa: F401 - a fixture the tests request by name
 
 # ------------------------------------------------------------------------------------ the generator
 
@@ -118,15 +119,6 @@ ARCHITECTURES = {
     "gated": ("gated", {"l1_coefficient": 1.0}, False),
     "transcoder": ("transcoder", {"k": 3, "d_out": D + 8}, True),
 }
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny training loops run faster on one thread, and much faster on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(sae, inputs, targets=None, *, use_dead_mask: bool):

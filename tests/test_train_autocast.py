@@ -15,16 +15,11 @@ from flashsae.train import Trainer
 from helpers import OpOperands, assert_received
 from test_train_cli import tiny_flags
 from test_train_trainer import BATCH, small
-from train_helpers import write_text_files
+from train_helpers import text  # noqa: F401 - a fixture the tests request by name
 
 HOOK = "encoder.layer.1"
 ENCODER = ["x", "W_enc", "b_enc", "b_dec"]
 LOSS = ["x", "values", "W_dec", "b_dec"]
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
 
 
 def config(tmp_path, text, **overrides):

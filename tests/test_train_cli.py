@@ -18,12 +18,7 @@ import flashsae
 from flashsae.cli import main
 from flashsae.train import CacheConfig, TrainConfig, field_docs
 from flashsae.train.checkpoint import load_training_checkpoint
-from train_helpers import tiny_bert, write_text_files
-
-
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
+from train_helpers import text, tiny_bert  # noqa: F401 - text: a fixture the tests request by name
 
 
 def tiny_flags(text, out, *extra):

@@ -25,39 +25,17 @@ from flashsae.train import (
 )
 from flashsae.train import checkpoint as checkpoint_module
 from flashsae.train.checkpoint import load_training_checkpoint
-from train_helpers import tiny_bert, write_text_files
+from train_helpers import text, tiny_bert, tiny_train_config  # noqa: F401 - text: a fixture the tests request by name
 
 HOOKS = ["encoder.layer.1", "encoder.layer.2"]
 BATCH = 64
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def text(tmp_path_factory):
-    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
-
-
 def small(tmp_path, name, text, **overrides):
-    settings = {
-        "model": str(tiny_bert()),
-        "hookpoints": HOOKS,
-        "dataset": str(text),
-        "ctx_len": 16,
-        "model_batch_size": 4,
-        "device": "cpu",
-        "k": 8,
-        "batch_size": BATCH,
-        "buffer_tokens": 256,
-        "train_tokens": BATCH * STEPS,
-        "dead_tokens": 128,  # small enough that AuxK is active during these runs
-        "checkpoint_every": 0,
-        "log_every": 2,
-        "eval_tokens": 128,
-        "progress": False,
-        "tensorboard": False,
-        "out": str(tmp_path / name),
-    }
-    return TrainConfig(**(settings | overrides))
+    settings = {"hookpoints": HOOKS, "k": 8, "batch_size": BATCH, "train_tokens": BATCH * STEPS}
+    settings |= {"log_every": 2, "eval_tokens": 128}
+    return tiny_train_config(tmp_path, name, text, **(settings | overrides))
 
 
 def interrupt_at(step):

@@ -19,7 +19,9 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 
 TEXTS = [
@@ -74,42 +76,61 @@ def _bpe_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+def _save_tiny_model(directory: Path, tokenizer: Any, model_class: Any, config: Any) -> Path:
+    """A randomly initialized `model_class` (seed 0) and its tokenizer, saved to `directory`."""
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def make_tiny_bert(directory: Path) -> Path:
     from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     tokenizer = _wordpiece_tokenizer()
     config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return _save_tiny_model(directory, tokenizer, BertModel, config)
 
 
 def make_tiny_gpt2(directory: Path) -> Path:
     from transformers import GPT2Config, GPT2Model
 
-    torch.manual_seed(0)
     tokenizer = _bpe_tokenizer()
     config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=24,
-        n_layer=3,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    GPT2Model(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+        vocab_size=len(tokenizer), n_embd=24, n_layer=3, n_head=2, n_positions=64,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return _save_tiny_model(directory, tokenizer, GPT2Model, config)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: Any) -> Path:
+    """A JSONL corpus (write_text_files), written once per test module."""
+    return write_text_files(tmp_path_factory.mktemp("text"))["jsonl"]
+
+
+def tiny_train_config(tmp_path: Path, name: str, text: Path, **overrides: Any) -> Any:
+    """A TrainConfig for a seconds-long CPU run on the tiny BERT: out = tmp_path / name; `overrides`
+    replace any setting (hookpoints, k, optimizer, token counts, ...)."""
+    from flashsae.train import TrainConfig
+
+    settings = {
+        "model": str(tiny_bert()),
+        "dataset": str(text),
+        "ctx_len": 16,
+        "model_batch_size": 4,
+        "device": "cpu",
+        "buffer_tokens": 256,
+        "dead_tokens": 128,  # small enough that AuxK is active during these runs
+        "checkpoint_every": 0,
+        "progress": False,
+        "tensorboard": False,
+        "out": str(tmp_path / name),
+    }
+    return TrainConfig(**(settings | overrides))
 
 
 def write_text_files(directory: Path) -> dict[str, Path]:

@@ -19,63 +19,45 @@ model); flashsae.eval (evaluate: reconstruction, sparsity and downstream metrics
 Training: flashsae.train (the streaming trainer behind ``flashsae train``).
 """
 
-from . import eval, hooks, io, ops, synthetic
+import importlib
+from typing import Any
+
+from . import hooks, io, modules, ops, synthetic
 from ._backend import BACKENDS, available_backends
 from ._version import __version__
 from .errors import BackendUnavailableError
 from .io import FormatError, load_many
-from .modules import (
-    REGISTRY,
-    SAE,
-    BatchTopKConfig,
-    BatchTopKSAE,
-    GatedConfig,
-    GatedSAE,
-    JumpReLUConfig,
-    JumpReLUSAE,
-    MatryoshkaConfig,
-    MatryoshkaSAE,
-    ReLUConfig,
-    ReLUSAE,
-    TopKConfig,
-    TopKSAE,
-    Transcoder,
-    TranscoderConfig,
-    create,
-    load,
-)
+from .modules import *  # noqa: F403 - every architecture, its config, create / load / register (modules.__all__)
 from .outputs import ForwardOutput, SparseLatents
 
 __all__ = [
     "BACKENDS",
-    "REGISTRY",
-    "SAE",
     "BackendUnavailableError",
-    "BatchTopKConfig",
-    "BatchTopKSAE",
     "FormatError",
     "ForwardOutput",
-    "GatedConfig",
-    "GatedSAE",
-    "JumpReLUConfig",
-    "JumpReLUSAE",
-    "MatryoshkaConfig",
-    "MatryoshkaSAE",
-    "ReLUConfig",
-    "ReLUSAE",
     "SparseLatents",
-    "TopKConfig",
-    "TopKSAE",
-    "Transcoder",
-    "TranscoderConfig",
     "__version__",
     "available_backends",
-    "create",
     "eval",
     "hooks",
     "io",
-    "load",
     "load_many",
     "ops",
     "synthetic",
+    "train",
+    *modules.__all__,
 ]
+
+#: Subpackages imported on first attribute access: the trainer and the evaluation pull in the
+#: training loop, metrics writers and transformers helpers, which using or loading an SAE never needs.
+LAZY_SUBPACKAGES = ("distributed", "eval", "optim", "train")
+
+
+def __getattr__(name: str) -> Any:
+    if name in LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY_SUBPACKAGES))

@@ -1,4 +1,5 @@
-"""Tensor validation: the one place that checks tensors before their addresses go to C++.
+"""Argument validation: the one place that checks tensors before their addresses go to C++, and
+the scalar checks every config and keyword argument uses (at the end of this module).
 
 The compiled kernels trust the sizes and addresses they are given, so every public op calls these
 checks first. Errors name the argument and say what was expected:
@@ -15,6 +16,7 @@ CPU kernels always range-check indices, and the CUDA kernels skip out-of-range o
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 
@@ -108,3 +110,80 @@ def narrow_indices(name: str, indices: torch.Tensor, n_latents: int) -> torch.Te
             f"{name}: index {bad} is out of range; expected a latent in [0, {n_latents}) or -1 for an empty slot"
         )
     return indices.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------ scalar arguments
+# Config fields and keyword arguments. bool is an int subclass in Python, so every int or number
+# check refuses True/False explicitly: `k=True` is a bug, not k=1. Each returns the checked value.
+
+
+def is_number(value: object) -> bool:
+    """Whether `value` is an int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: object) -> int:
+    """value as an int >= 1, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(name: str, value: object) -> int:
+    """value as an int >= 0, else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return value
+
+
+def integer(name: str, value: object) -> int:
+    """value as an int (any sign), else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    return value
+
+
+def non_negative(name: str, value: object, *, finite: bool = False) -> float:
+    """value as a float >= 0 (NaN refused; inf too when `finite`), else ValueError naming it."""
+    if not is_number(value) or not value >= 0 or (finite and value == math.inf):
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def positive_number(name: str, value: object, *, expected: str = "a finite number > 0") -> float:
+    """value as a finite float > 0, else ValueError naming it (and saying `expected`)."""
+    if not is_number(value) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return float(value)
+
+
+def fraction(name: str, value: object, *, low_open: bool = False, high_closed: bool = False) -> float:
+    """value as a float in [0, 1) (the bounds' openness adjustable), else ValueError naming it."""
+    low_ok = is_number(value) and (value > 0 if low_open else value >= 0)
+    if not low_ok or not (value < 1 or (high_closed and value == 1)):
+        bounds = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
+        raise ValueError(f"{name}: expected a number in {bounds}, got {value!r}")
+    return float(value)
+
+
+def boolean(name: str, value: object, *, error: type[Exception] = ValueError) -> bool:
+    """value as a bool, else `error` naming it (1 and "yes" are refused: JSON keeps bools as bools)."""
+    if not isinstance(value, bool):
+        raise error(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def choice(name: str, value: object, choices: tuple[object, ...]) -> object:
+    """value if it is one of `choices`, else ValueError naming it and listing them."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def text(name: str, value: object, *, optional: bool = False) -> str | None:
+    """value as a non-empty string (None too when `optional`), else ValueError naming it."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
+    return value

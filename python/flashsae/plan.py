@@ -50,6 +50,9 @@ import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ._checks import positive_int
+from .cli_args import field_docs
+
 # the CPU encoder's pre-activation tile and the row-sparse encoder backward's W_enc chunk (elements)
 from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS
 from .ops.topk_encode import TILE_ELEMENTS as CPU_TILE_ELEMENTS
@@ -171,9 +174,7 @@ class PlanConfig:
 
     def __post_init__(self) -> None:
         for name in ("d", "n", "k", "batch", "tensor_parallel", "sms"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.k > self.n:
             raise ValueError(f"k: expected k <= n ({self.n}), got {self.k}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -408,8 +409,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _field_docs() -> dict[str, str]:
-    from .train.config import field_docs
-
     return field_docs(PlanConfig)
 
 

@@ -30,6 +30,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import FLOAT_DTYPES, integer, is_number, non_negative, positive_int
+
 
 class RecoveryReport(NamedTuple):
     """How well learned rows recover the true directions."""
@@ -88,13 +90,11 @@ class SyntheticDictionary:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        for name, value in (("d", d), ("n_features", n_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        positive_int("d", d)
+        positive_int("n_features", n_features)
         if not _is_number(mean_active) or not 0 < mean_active <= n_features:
             raise ValueError(f"mean_active: expected a number in (0, n_features={n_features}], got {mean_active!r}")
-        if not _is_number(frequency_decay) or not frequency_decay >= 0:
-            raise ValueError(f"frequency_decay: expected a number >= 0, got {frequency_decay!r}")
+        non_negative("frequency_decay", frequency_decay)
         if (
             not isinstance(magnitude_range, (tuple, list))
             or len(magnitude_range) != 2
@@ -102,11 +102,9 @@ class SyntheticDictionary:
             or not 0 <= magnitude_range[0] <= magnitude_range[1]
         ):
             raise ValueError(f"magnitude_range: expected (low, high) with 0 <= low <= high, got {magnitude_range!r}")
-        if not _is_number(noise_std) or not noise_std >= 0:
-            raise ValueError(f"noise_std: expected a number >= 0, got {noise_std!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed: expected an int, got {seed!r}")
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        non_negative("noise_std", noise_std)
+        integer("seed", seed)
+        if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
         weights = torch.arange(1, n_features + 1, dtype=torch.float64) ** -float(frequency_decay)
         probabilities = weights * (mean_active / weights.sum())
@@ -128,8 +126,7 @@ class SyntheticDictionary:
     def sample(self, n_samples: int, *, return_codes: bool = False):
         """`n_samples` activations [n_samples, d] (and, with return_codes, the coefficients
         [n_samples, n_features] that made them), drawn from the object's generator."""
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples: expected a positive int, got {n_samples!r}")
+        positive_int("n_samples", n_samples)
         shape = (n_samples, self.n_features)
         active = torch.rand(shape, dtype=torch.float64, generator=self._generator) < self._probabilities64
         low, high = self.magnitude_range
@@ -157,7 +154,7 @@ class SyntheticDictionary:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+    return is_number(value) and value == value  # not NaN
 
 
 def _describe(value: object) -> str:

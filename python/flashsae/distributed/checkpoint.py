@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 
 from ..modules.topk import TopKConfig, TopKSAE
 from ..optim import SparseAdam
+from ..optim.sparse_adam import _matrix_view
+from ..storage import check_header, fsync_file, replace_directory
 from .layout import Layout, shard_range, single_process
 from .tensor_parallel import ShardedTopKSAE
 
@@ -117,8 +119,7 @@ def save_sharded(
             tensors |= {"b_dec": sae.b_dec.detach()} | replicated
         name = staging / _file(layout.tp_rank, layout.tensor_parallel)
         save_file({key: t.contiguous().cpu() for key, t in tensors.items()}, str(name))
-        with open(name, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(name)
     _barrier(layout)
     if layout.rank == 0:
         n, parts = sae.config.n_latents, layout.tensor_parallel
@@ -138,12 +139,8 @@ def save_sharded(
             "extra": extra or {},
         }
         (staging / INDEX).write_text(json.dumps(index, indent=1, default=_json_default) + "\n")
-        old = target.parent / f".{target.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
+        fsync_file(staging / INDEX)
+        replace_directory(staging, target)
     _barrier(layout)
     return target
 
@@ -161,11 +158,8 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"path: {path} holds no sharded SAE checkpoint ({INDEX})")
     index = json.loads(file.read_text())
-    if index.get("format") != FORMAT:
-        raise ValueError(f"path: {file} is not a flashsae sharded SAE checkpoint")
-    if index.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"path: {file} has format_version {index['format_version']}; upgrade flashsae")
-    return index
+    what = "flashsae sharded SAE checkpoint"
+    return check_header(index, path=file, argument="path", format=FORMAT, version=FORMAT_VERSION, what=what)
 
 
 def _read_rows(path: Path, index: dict, key: str, start: int, end: int) -> torch.Tensor:
@@ -246,8 +240,6 @@ def load_optimizer_sharded(path: str | os.PathLike, sae: ShardedTopKSAE, optimiz
         state[ids[PARAMETERS.index(name)]][field] = value
     if isinstance(optimizer, SparseAdam) and "step" in state[ids[1]]:
         # b_enc's dense update touched every element at every step: its per-row last step is the step
-        from ..optim.sparse_adam import _matrix_view
-
         rows = _matrix_view(sae.b_enc).shape[0]
         step = int(torch.as_tensor(state[ids[1]]["step"]))
         state[ids[1]]["last_step"] = torch.full((rows,), step, dtype=torch.int64)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .._checks import positive_int
+
 
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
     """[start, end) of part `index` when n rows are cut into `parts` contiguous blocks, the first
@@ -63,8 +65,7 @@ def single_process() -> Layout:
 def init_layout(tensor_parallel: int = 1) -> Layout:
     """The layout of this rank (torch.distributed must be initialized when the world has more than one
     rank; creates the process groups, a collective call every rank makes in the same order)."""
-    if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
-        raise ValueError(f"tensor_parallel: expected a positive int, got {tensor_parallel!r}")
+    positive_int("tensor_parallel", tensor_parallel)
     if not dist.is_available() or not dist.is_initialized():
         if tensor_parallel != 1:
             raise ValueError(

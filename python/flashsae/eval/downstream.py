@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hookpoints import output_tensor
+from .data import TokenBatch
 
 DOWNSTREAM_KINDS = ("auto", "causal_lm", "embedding", "none")
 
@@ -108,16 +109,11 @@ class CausalLMStats:
         self.kl_positions = 0
 
     @torch.no_grad()
-    def update(
-        self,
-        outputs: dict[str, Any],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> None:
-        """outputs: {'clean'|'spliced'|'ablation': model output}; keep [B, T]: evaluated tokens."""
+    def update(self, outputs: dict[str, Any], batch: TokenBatch) -> None:
+        """outputs: {'clean'|'spliced'|'ablation': model output} of `batch` (keep [B, T]: evaluated tokens)."""
+        input_ids, attention_mask = batch.input_ids, batch.attention_mask
         logits = {name: logits_of(out) for name, out in outputs.items()}
-        keep = keep.to(input_ids.device)
+        keep = batch.keep.to(input_ids.device)
         # position t predicts token t+1: counted when t is evaluated and t+1 is a real token
         predicts = keep[:, :-1] & attention_mask[:, 1:].bool()
         targets = input_ids[:, 1:][predicts]
@@ -161,15 +157,11 @@ class EmbeddingStats:
         self.sequences = 0
 
     @torch.no_grad()
-    def update(
-        self,
-        outputs: dict[str, Any],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        keep: torch.Tensor,
-    ) -> None:
-        rows = keep.any(-1).to(input_ids.device)
-        pooled = {name: mean_pool(hidden_of(out), attention_mask)[rows] for name, out in outputs.items()}
+    def update(self, outputs: dict[str, Any], batch: TokenBatch) -> None:
+        """outputs: {'clean'|'spliced'|'ablation': model output} of `batch`; a sequence counts when
+        it has an evaluated token."""
+        rows = batch.keep.any(-1).to(batch.input_ids.device)
+        pooled = {name: mean_pool(hidden_of(out), batch.attention_mask)[rows] for name, out in outputs.items()}
         for name in ("spliced", "ablation"):
             self.cos[name] += float(F.cosine_similarity(pooled["clean"], pooled[name], dim=-1, eps=1e-12).sum())
         self.sequences += int(rows.sum())

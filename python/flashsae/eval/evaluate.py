@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import boolean, fraction, non_negative_int, positive_int
 from ..hookpoints import resolve_hookpoint
 from ..hooks import ablate, capture, splice
 from ..hooks._base import check_model, check_sae, decode
@@ -22,16 +23,6 @@ from .data import TokenBatch, token_batches
 from .downstream import DOWNSTREAM_KINDS, CausalLMStats, EmbeddingStats, model_kind
 from .examples import LatentExamples, TopExamples
 from .metrics import DensityHistogram, ReconstructionStats, density_histogram
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _non_negative_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
 
 
 @dataclass
@@ -74,25 +65,22 @@ class EvalConfig:
     """Show a progress bar (tokens)."""
 
     def __post_init__(self) -> None:
-        _positive_int("n_tokens", self.n_tokens)
+        positive_int("n_tokens", self.n_tokens)
         target = self.target_hookpoint
         if target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target_hookpoint: expected a module path or None, got {self.target_hookpoint!r}")
-        _positive_int("ctx_len", self.ctx_len)
+        positive_int("ctx_len", self.ctx_len)
         if self.ctx_len < 2:
             raise ValueError(f"ctx_len: expected at least 2 tokens, got {self.ctx_len}")
-        _positive_int("batch_size", self.batch_size)
+        positive_int("batch_size", self.batch_size)
         if self.downstream not in DOWNSTREAM_KINDS:
             raise ValueError(f"downstream: expected one of {', '.join(DOWNSTREAM_KINDS)}, got {self.downstream!r}")
         for name in ("exclude_special_tokens", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
-        threshold = self.dense_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise ValueError(f"dense_threshold: expected a number in (0, 1), got {threshold!r}")
-        _positive_int("histogram_bins", self.histogram_bins)
-        _non_negative_int("top_latents", self.top_latents)
-        _positive_int("examples_per_latent", self.examples_per_latent)
+            boolean(name, getattr(self, name))
+        fraction("dense_threshold", self.dense_threshold, low_open=True)
+        positive_int("histogram_bins", self.histogram_bins)
+        non_negative_int("top_latents", self.top_latents)
+        positive_int("examples_per_latent", self.examples_per_latent)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,4 +294,4 @@ def _evaluate_batch(
     with ablate(model, read[-1], mask=keep):
         ablated = model(**batch.inputs)
     outputs = {"clean": clean, "spliced": spliced, "ablation": ablated}
-    downstream.update(outputs, batch.input_ids, batch.attention_mask, keep)
+    downstream.update(outputs, batch)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..model_loading import resolve_device
 from ..modules import SAE, load
-from ..train.activations import resolve_device
 from .data import load_eval_model
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .runs import RunRecords, read_run, sae_directories, source_settings

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import boolean
 from ..modules import SAE
 from ..outputs import SparseLatents
 from ._base import HookContext, StopForward, activation, check_sae, check_width, hookpoint_keys
@@ -72,11 +73,8 @@ class capture(HookContext):
         for key, sae in saes.items():
             check_sae(f"saes[{key!r}]", sae)
         self.saes = saes
-        for name, flag in (("detach", detach), ("stop", stop)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected True or False, got {flag!r}")
-        self.detach = detach
-        self.stop = stop
+        self.detach = boolean("detach", detach, error=TypeError)
+        self.stop = boolean("stop", stop, error=TypeError)
         self.captured = Captured()
         self._seen: set[str] = set()
 

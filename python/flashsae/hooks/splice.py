@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import boolean, is_number
 from ..hookpoints import replace_output, resolve_hookpoint
 from ..modules import SAE
 from ..outputs import SparseLatents
@@ -87,8 +88,7 @@ class splice(HookContext):
         super().__init__(model)
         if not isinstance(saes, Mapping) or not saes:
             raise ValueError(f"saes: expected a non-empty mapping {{hookpoint: SAE}}, got {saes!r}")
-        if not isinstance(error_term, bool):
-            raise TypeError(f"error_term: expected True or False, got {error_term!r}")
+        boolean("error_term", error_term, error=TypeError)
         if edit is not None and not callable(edit):
             raise TypeError(f"edit: expected a callable (key, latents) -> latents, got {type(edit).__name__}")
         self.error_term = error_term
@@ -192,7 +192,7 @@ class _Steering:
         for latent, value in latents.items():
             if isinstance(latent, bool) or not isinstance(latent, int) or not 0 <= latent < n_latents:
                 raise ValueError(f"latents: latent ids are ints in [0, {n_latents}), got {latent!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise ValueError(f"latents: the value of latent {latent} must be a finite number, got {value!r}")
         self.mode = mode
         self.ids = torch.tensor(list(latents), dtype=torch.int32)

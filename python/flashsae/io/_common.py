@@ -1,4 +1,4 @@
-"""What every format module shares: the error type, atomic directory writes, safe readers (JSON,
+"""What every format module shares: the error type, JSON / safetensors writers, safe readers (JSON,
 safetensors, ``torch.load(weights_only=True)``) with errors that name the file and the problem,
 tensor checks against a layout, and building a flashsae SAE from foreign tensors.
 
@@ -10,20 +10,19 @@ a later save to that format keeps its bookkeeping fields: dataset, context size,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..registry import REGISTRY
 
 MODEL_KEY = "model"
 HOOKPOINT_KEY = "hookpoint"
@@ -47,40 +46,6 @@ class FormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- writing
-
-
-def fsync_tree(directory: Path) -> None:
-    """fsync every file under `directory` (so a rename publishes complete files)."""
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a fresh staging directory next to `path`; when the block exits normally the staging
-    directory replaces `path` (renames only, so a reader sees the old directory or the new one, never
-    a mix; a crash leaves at most a stale ``.<name>.tmp-*`` sibling). On an exception the staging
-    directory is removed and `path` is untouched."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        fsync_tree(staging)
-        if target.exists():
-            if not target.is_dir():
-                raise FileExistsError(f"path: {target} exists and is not a directory")
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / "checkpoint")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
@@ -227,28 +192,40 @@ def decoder_norms(W_dec: torch.Tensor, field: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------- building SAEs
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded SAE goes: its device, its dtype (None: the file's) and its backend."""
+
+    device: torch.device | str | None = None
+    dtype: torch.dtype | None = None
+    backend: str | None = None
+
+    def dtype_or(self, file_dtype: torch.dtype) -> torch.dtype:
+        """The requested dtype, else the file's."""
+        return self.dtype or file_dtype
+
+
+
 def build_sae(
     architecture: str,
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
+    placement: Placement,
     *,
-    dtype: torch.dtype,
-    device: torch.device | str | None,
-    backend: str | None,
+    file_dtype: torch.dtype,
     where: str,
 ):
     """A flashsae SAE of `architecture` configured by `config`, with every parameter set from
-    `tensors` (flashsae names and layouts, any float dtype; cast to `dtype`). Buffers not given keep
-    their initial values (num_steps = 0, ...). A parameter missing from `tensors` is an error: no
-    randomly initialized weight ever survives a load."""
-    from ..modules.base import REGISTRY  # imported here: the modules import this package
-
+    `tensors` (flashsae names and layouts, any float dtype; cast to placement.dtype, else
+    `file_dtype`). Buffers not given keep their initial values (num_steps = 0, ...). A parameter
+    missing from `tensors` is an error: no randomly initialized weight ever survives a load."""
     cls = REGISTRY[architecture]
     try:
         sae_config = cls.config_class(**config)
     except (TypeError, ValueError) as exc:
         raise FormatError(f"{where}: the config does not make a valid {cls.__name__} ({exc})") from exc
-    sae = cls.from_config(sae_config, dtype=dtype, device=device, backend=backend)
+    dtype = placement.dtype_or(file_dtype)
+    sae = cls.from_config(sae_config, dtype=dtype, device=placement.device, backend=placement.backend)
     state = sae.state_dict()
     unknown = sorted(set(tensors) - set(state))
     missing = sorted(name for name, _ in sae.named_parameters() if name not in tensors)
@@ -264,6 +241,30 @@ def build_sae(
                 raise FormatError(f"{where}: {name} holds NaN or Inf values")
             state[name].copy_(value.to(state[name].dtype))
     return sae
+
+
+def int_field(name: str, value: object, where: str, *, at_most: tuple[str, int] | None = None) -> int:
+    """A count read from a foreign file: an int >= 1 (a whole float such as 16384.0 counts, since
+    JSON writers differ), and <= at_most = (its name, bound) when given; FormatError naming the file
+    and the field otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if at_most is None:
+        if not valid:
+            raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
+        return value
+    bound_name, bound = at_most
+    if not valid or value > bound:
+        raise FormatError(f"{where}: {name} must be an int in [1, {bound_name}={bound}], got {value!r}")
+    return value
+
+
+def bool_field(name: str, value: object, where: str) -> bool:
+    """A flag read from a foreign file; FormatError naming the file and the field unless a bool."""
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}: {name} must be true or false, got {value!r}")
+    return value
 
 
 def is_finite_number(value: object) -> bool:

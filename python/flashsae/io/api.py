@@ -29,33 +29,37 @@ from typing import Any
 
 import torch
 
-from ._common import FormatError, read_json, read_torch_weights
+from . import dictionary_learning, lm_saes, native, openai, saelens, sparsify
+from ._common import FormatError, Placement, read_json, read_torch_weights
 
 #: Every format flashsae reads, and the module that reads it.
-FORMATS = ("native", "saelens", "sparsify", "dictionary_learning", "openai", "lm_saes")
+FORMAT_MODULES = {
+    "native": native,
+    "saelens": saelens,
+    "sparsify": sparsify,
+    "dictionary_learning": dictionary_learning,
+    "openai": openai,
+    "lm_saes": lm_saes,
+}
+FORMATS = tuple(FORMAT_MODULES)
 #: The formats flashsae writes.
 SAVE_FORMATS = ("native", "saelens", "sparsify")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
-
-
-def _module(name: str):
-    return importlib.import_module(f"{__package__}.{name}")
 
 
 # ------------------------------------------------------------------------------------ detection
 
 
 def _detect_directory(path: Path) -> str | None:
-    native, saelens, sparsify = _module("native"), _module("saelens"), _module("sparsify")
     if native.is_native(path):
         return "native"
     if saelens.is_saelens(path):
         return "saelens"
     if sparsify.is_sparsify(path):
         return "sparsify"
-    if _module("dictionary_learning").is_dictionary_learning(path):
+    if dictionary_learning.is_dictionary_learning(path):
         return "dictionary_learning"
-    if _module("lm_saes").is_lm_saes(path):
+    if lm_saes.is_lm_saes(path):
         return "lm_saes"
     return None
 
@@ -63,16 +67,15 @@ def _detect_directory(path: Path) -> str | None:
 def _detect_file(path: Path) -> tuple[str, Path, Any]:
     """(format, what to hand the loader, an already-read state dict or None) for a file."""
     if path.suffix == ".pt":
-        dictionary_learning = _module("dictionary_learning")
         config = path.parent / dictionary_learning.CONFIG_NAME
         if path.name == dictionary_learning.WEIGHTS_NAME or (config.is_file() and "trainer" in _safe_json(config)):
             return "dictionary_learning", path, None
         state = read_torch_weights(path)
-        if _module("openai").looks_like_openai(state):
+        if openai.looks_like_openai(state):
             return "openai", path, state
         if isinstance(state, dict) and dictionary_learning.guess_dict_class(state) is not None:
             return "dictionary_learning", path, None
-        if isinstance(state, dict) and "sae" in state and _module("lm_saes").is_lm_saes(path.parent):
+        if isinstance(state, dict) and "sae" in state and lm_saes.is_lm_saes(path.parent):
             return "lm_saes", path.parent, None
         found = sorted(state)[:12] if isinstance(state, dict) else type(state).__name__
         raise FormatError(f"path: cannot tell which SAE format {path} is in (entries: {found})")
@@ -188,9 +191,14 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
+    sae_class: Any = None,
 ):
-    """One SAE from `path` in any format flashsae reads (see the module docstring); `format` forces
-    one of FORMATS instead of detecting it. dtype: the file's unless given (SAELens: its cfg dtype)."""
+    """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
+    library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see the module
+    docstring; a Hub id org/repo works when huggingface_hub is installed). `format` forces one of
+    FORMATS instead of detecting it; `subfolder` picks one SAE of a multi-hookpoint directory or Hub
+    repo. dtype: the file's unless given (SAELens: its cfg dtype). `sae_class`: the SAE must be an
+    instance of it (a native checkpoint: of exactly its architecture)."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"format: expected one of {', '.join(FORMATS)}, got {format!r}")
     local = resolve(path, subfolder)
@@ -203,16 +211,18 @@ def load(
             format = detect_format(local)
     elif local.is_file() and format not in ("openai", "dictionary_learning"):
         target = local.parent
-    kwargs: dict[str, Any] = {"device": device, "dtype": dtype, "backend": backend}
+    placement = Placement(device=device, dtype=dtype, backend=backend)
     if format == "native":
-        from ..modules.base import SAE  # the modules import this package
-
-        return SAE._load_native(target, **kwargs)
+        return native.load(target, placement, sae_class=sae_class)
     if format == "openai":
-        return _module("openai").load(target, state=state, **kwargs)
-    if format == "dictionary_learning" and target.is_dir() and not (target / "ae.pt").is_file():
-        raise FileNotFoundError(f"path: {target} has no ae.pt")
-    return _module(format).load(target, **kwargs)
+        sae = openai.load(target, placement, state=state)
+    else:
+        if format == "dictionary_learning" and target.is_dir() and not (target / "ae.pt").is_file():
+            raise FileNotFoundError(f"path: {target} has no ae.pt")
+        sae = FORMAT_MODULES[format].load(target, placement)
+    if sae_class is not None and not isinstance(sae, sae_class):
+        raise ValueError(f"path: {path} holds a {sae.architecture!r} SAE, not {sae_class.architecture!r}")
+    return sae
 
 
 def load_many(
@@ -240,10 +250,7 @@ def save(sae, path: str | os.PathLike, format: str = "native") -> Path:
     format cannot express is a FormatError naming the field."""
     if format not in SAVE_FORMATS:
         raise ValueError(f"format: flashsae writes {', '.join(SAVE_FORMATS)}, got {format!r}")
-    if format == "native":
-        sae.save(path)
-        return Path(path)
-    return _module(format).save(sae, Path(path))
+    return FORMAT_MODULES[format].save(sae, Path(path))
 
 
 __all__ = ["FORMATS", "SAVE_FORMATS", "detect_format", "load", "load_many", "resolve", "sae_subdirectories", "save"]

@@ -18,17 +18,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli_args import add_subcommand
 from . import api
 from ._common import DTYPES, FormatError
 
 
 def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``convert`` subcommand to an argparse subparsers object (``parser.add_subparsers()``)."""
-    parser = subparsers.add_parser(
+    parser = add_subcommand(
+        subparsers,
         "convert",
         help="convert an SAE between native, SAELens, sparsify, dictionary_learning, OpenAI and lm-saes formats",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", help="SAE directory or file, multi-hookpoint directory, or Hub id org/repo")
     parser.add_argument("dst", type=Path, help="output directory (replaced atomically)")

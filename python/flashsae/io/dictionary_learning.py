@@ -40,18 +40,8 @@ from typing import Any
 
 import torch
 
-from ._common import (
-    HOOKPOINT_KEY,
-    MODEL_KEY,
-    SOURCE_KEY,
-    FormatError,
-    Tensors,
-    build_sae,
-    json_safe,
-    read_json,
-    read_torch_weights,
-    shape_of,
-)
+from . import _common
+from ._common import FormatError
 
 WEIGHTS_NAME = "ae.pt"
 CONFIG_NAME = "config.json"
@@ -95,24 +85,18 @@ def guess_dict_class(state: dict[str, Any]) -> str | None:
     return None
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: _common.Placement):
     """A flashsae SAE from a dictionary_learning directory (or its ae.pt); see the module docstring."""
     weights_file = path / WEIGHTS_NAME if path.is_dir() else path
     directory = weights_file.parent
     where = str(weights_file)
-    state = read_torch_weights(weights_file)
+    state = _common.read_torch_weights(weights_file)
     if not isinstance(state, dict):
         raise FormatError(f"{where}: expected a state dict, got a {type(state).__name__}")
     # a state dict saved from a torch.compile'd module prefixes every key
     state = {key.removeprefix("_orig_mod."): value for key, value in state.items()}
     config_file = directory / CONFIG_NAME
-    config = read_json(config_file) if config_file.is_file() else {}
+    config = _common.read_json(config_file) if config_file.is_file() else {}
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     dict_class = trainer.get("dict_class") or guess_dict_class(state)
     if dict_class is None:
@@ -122,53 +106,47 @@ def load(
         )
     if dict_class not in DICT_CLASSES:
         raise FormatError(f"{config_file}: unknown dict_class {dict_class!r}; flashsae reads {', '.join(DICT_CLASSES)}")
-    tensors = Tensors(state, where)
+    tensors = _common.Tensors(state, where)
     architecture, sae_config, weights, extra = _read(dict_class, tensors, where)
     tensors.finish()
     for name in TRAINER_FIELDS.get(architecture, ()):
         if name in trainer:
             sae_config[name] = trainer[name]
-    target_dtype = dtype or weights["W_dec"].dtype
     buffers = {key: value for key, value in weights.items() if key == "threshold"}
     params = {key: value for key, value in weights.items() if key != "threshold"}
-    sae = build_sae(architecture, sae_config, params, dtype=target_dtype, device=device, backend=backend, where=where)
+    sae = _common.build_sae(architecture, sae_config, params, placement, file_dtype=weights["W_dec"].dtype, where=where)
     if buffers:
         with torch.no_grad():
             sae.threshold.fill_(float(buffers["threshold"]))
-    metadata: dict[str, Any] = {SOURCE_KEY: "dictionary_learning", **extra}
+    metadata: dict[str, Any] = {_common.SOURCE_KEY: "dictionary_learning", **extra}
     if config:
         metadata[CONFIG_KEY] = config
     if isinstance(trainer.get("lm_name"), str):
-        metadata[MODEL_KEY] = trainer["lm_name"]
+        metadata[_common.MODEL_KEY] = trainer["lm_name"]
     if isinstance(trainer.get("submodule_name"), str):
-        metadata[HOOKPOINT_KEY] = trainer["submodule_name"]
+        metadata[_common.HOOKPOINT_KEY] = trainer["submodule_name"]
     elif isinstance(trainer.get("layer"), int):
         metadata["layer"] = trainer["layer"]
-    sae.metadata = json_safe(metadata)
+    sae.metadata = _common.json_safe(metadata)
     return sae
 
 
-def _k(tensors: Tensors, n: int) -> int:
-    k = tensors.take_value("k")
-    if isinstance(k, float) and k.is_integer():
-        k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise FormatError(f"{tensors.where}: k must be an int in [1, dict_size={n}], got {k!r}")
-    return k
+def _k(tensors: _common.Tensors, n: int) -> int:
+    return _common.int_field("k", tensors.take_value("k"), tensors.where, at_most=("dict_size", n))
 
 
-def _scalar_threshold(tensors: Tensors) -> float:
+def _scalar_threshold(tensors: _common.Tensors) -> float:
     value = tensors.take_value("threshold")
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise FormatError(f"{tensors.where}: threshold must be a scalar, got {value!r}")
     return float(value)
 
 
-def _read(dict_class: str, tensors: Tensors, where: str):
+def _read(dict_class: str, tensors: _common.Tensors, where: str):
     """(flashsae architecture, config, flashsae-named weights, extra metadata) of one dict class."""
     state = tensors.tensors
     if dict_class in ("JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"):
-        d, n = shape_of(state, "W_enc", 2, where)
+        d, n = _common.shape_of(state, "W_enc", 2, where)
         weights = {
             "W_enc": tensors.take("W_enc", (d, n)).T,
             "b_enc": tensors.take("b_enc", (n,)),
@@ -187,7 +165,7 @@ def _read(dict_class: str, tensors: Tensors, where: str):
         weights["threshold"] = torch.tensor(_scalar_threshold(tensors))
         return "matryoshka", config, weights, {}
     if dict_class == "GatedAutoEncoder":
-        n, d = shape_of(state, "encoder.weight", 2, where)
+        n, d = _common.shape_of(state, "encoder.weight", 2, where)
         weights = {
             "W_enc": tensors.take("encoder.weight", (n, d)),
             "b_enc": tensors.take("gate_bias", (n,)),
@@ -197,7 +175,7 @@ def _read(dict_class: str, tensors: Tensors, where: str):
             "b_dec": tensors.take("decoder_bias", (d,)),
         }
         return "gated", {"d_in": d, "n_latents": n, "apply_b_dec_to_input": True}, weights, {}
-    n, d = shape_of(state, "encoder.weight", 2, where)
+    n, d = _common.shape_of(state, "encoder.weight", 2, where)
     weights = {
         "W_enc": tensors.take("encoder.weight", (n, d)),
         "b_enc": tensors.take("encoder.bias", (n,)),

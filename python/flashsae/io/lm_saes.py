@@ -42,19 +42,8 @@ from typing import Any
 
 import torch
 
-from ._common import (
-    HOOKPOINT_KEY,
-    MODEL_KEY,
-    SOURCE_KEY,
-    FormatError,
-    Tensors,
-    build_sae,
-    decoder_norms,
-    json_safe,
-    read_json,
-    read_safetensors,
-    read_torch_weights,
-)
+from . import _common
+from ._common import FormatError
 
 CONFIG_NAME = "config.json"
 HYPERPARAMS_NAME = "hyperparams.json"
@@ -82,34 +71,28 @@ def is_lm_saes(path: Path) -> bool:
     if not config.is_file() or weights_file(path) is None:
         return False
     try:
-        cfg = read_json(config)
+        cfg = _common.read_json(config)
     except (FormatError, OSError):
         return False
     return "d_model" in cfg or "sae_type" in cfg
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: _common.Placement):
     """A flashsae SAE from an lm-saes / Llama Scope directory (module docstring)."""
     config_file = path / HYPERPARAMS_NAME if (path / HYPERPARAMS_NAME).is_file() else path / CONFIG_NAME
-    cfg = read_json(config_file)
+    cfg = _common.read_json(config_file)
     where = str(config_file)
     file = weights_file(path)
     if file is None:
         raise FileNotFoundError(f"path: {path} has none of {', '.join(WEIGHT_CANDIDATES)}")
     if file.suffix == ".pt":
-        loaded = read_torch_weights(file)
+        loaded = _common.read_torch_weights(file)
         if not (isinstance(loaded, dict) and isinstance(loaded.get("sae"), dict)):
             raise FormatError(f"{file}: expected {{'sae': state_dict, ...}} as lm-saes saves .pt checkpoints")
         raw = loaded["sae"]
     else:
-        raw = read_safetensors(file)
-    tensors = Tensors(raw, str(file))
+        raw = _common.read_safetensors(file)
+    tensors = _common.Tensors(raw, str(file))
 
     sae_type = cfg.get("sae_type", "sae")
     if sae_type != "sae":
@@ -119,11 +102,11 @@ def load(
     act_fn = str(cfg.get("act_fn", "relu")).lower()
     if act_fn not in ACT_FNS:
         raise FormatError(f"{where}: act_fn {act_fn!r} has no flashsae equivalent (expected one of {ACT_FNS})")
-    d = _positive_int(cfg, "d_model", where)
+    d = _common.int_field("d_model", cfg.get("d_model"), where)
     n = cfg.get("d_sae")
     if n is None and isinstance(cfg.get("expansion_factor"), (int, float)):
         n = int(d * cfg["expansion_factor"])
-    n = _positive_int({"d_sae": n}, "d_sae", where)
+    n = _common.int_field("d_sae", n, where)
     hook_in = cfg.get("hook_point_in", cfg.get("hook_point"))
     hook_out = cfg.get("hook_point_out", hook_in)
 
@@ -159,7 +142,9 @@ def load(
         s_in = _scale(dataset_norms, hook_in, d, where)
         s_out = _scale(dataset_norms, hook_out, d, where)
     # |W_D_i| of the file's decoder (lm-saes measures it before any scaling)
-    norms = decoder_norms(W_dec, f"{where}: sparsity_include_decoder_norm") if _folds_norm(cfg, act_fn) else None
+    norms = None
+    if _folds_norm(cfg, act_fn):
+        norms = _common.decoder_norms(W_dec, f"{where}: sparsity_include_decoder_norm")
     W_enc, W_dec, b_dec = W_enc * s_in, W_dec / s_out, b_dec / s_out
 
     threshold = None
@@ -208,20 +193,20 @@ def load(
         kind, value = threshold
         config["threshold_parametrization"] = kind
         weights["log_threshold" if kind == "log" else "direct_threshold"] = value
-    target_dtype = dtype or file_dtype
+    target_dtype = placement.dtype_or(file_dtype)
     weights = {key: value.to(target_dtype) for key, value in weights.items()}
-    sae = build_sae(architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=str(file))
-    metadata: dict[str, Any] = {SOURCE_KEY: "lm_saes", CONFIG_KEY: cfg}
+    sae = _common.build_sae(architecture, config, weights, placement, file_dtype=target_dtype, where=str(file))
+    metadata: dict[str, Any] = {_common.SOURCE_KEY: "lm_saes", CONFIG_KEY: cfg}
     if isinstance(hook_in, str):
-        metadata[HOOKPOINT_KEY] = hook_in
+        metadata[_common.HOOKPOINT_KEY] = hook_in
     if isinstance(hook_out, str) and hook_out != hook_in:
         metadata["hookpoint_out"] = hook_out
     model = cfg.get("model_name")
     if isinstance(model, str):
-        metadata[MODEL_KEY] = model
+        metadata[_common.MODEL_KEY] = model
     if dataset_norms:
         metadata["dataset_average_activation_norm"] = dataset_norms
-    sae.metadata = json_safe(metadata)
+    sae.metadata = _common.json_safe(metadata)
     return sae
 
 
@@ -230,15 +215,8 @@ def _folds_norm(cfg: dict[str, Any], act_fn: str) -> bool:
     return bool(cfg.get("sparsity_include_decoder_norm", True)) and act_fn != "relu"
 
 
-def _positive_int(cfg: dict[str, Any], name: str, where: str) -> int:
-    value = cfg.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
-    return value
-
-
 def _top_k(cfg: dict[str, Any], n: int, where: str) -> int:
-    k = _positive_int(cfg, "top_k", where)
+    k = _common.int_field("top_k", cfg.get("top_k"), where)
     if k > n:
         raise FormatError(f"{where}: top_k={k} exceeds d_sae={n}")
     return k

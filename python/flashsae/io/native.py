@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ._common import FormatError, atomic_directory, read_json, read_safetensors
+from ..registry import REGISTRY
+from ..storage import atomic_directory, check_header
+from ._common import FormatError, Placement, read_json, read_safetensors
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -53,11 +55,41 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         if not file.is_file():
             raise FileNotFoundError(f"path: {source} has no {file.name}; not a flashsae checkpoint")
     config = read_json(config_file)
-    if config.get("format") != "flashsae":
-        raise ValueError(f"path: {config_file} is not a flashsae config (format={config.get('format')!r})")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"path: {config_file} has format_version {config['format_version']}; this flashsae reads up to "
-            f"{FORMAT_VERSION}. Upgrade flashsae."
-        )
+    check_header(
+        config, path=config_file, argument="path", format="flashsae", version=FORMAT_VERSION, what="flashsae config"
+    )
     return config, read_safetensors(weights_file)
+
+
+def save(sae: Any, path: str | os.PathLike) -> Path:
+    """Writes `sae` as a native checkpoint: its architecture, dtype, config and metadata in cfg.json,
+    its state dict (parameters and schedule buffers) in sae.safetensors; every field round-trips."""
+    header = {
+        "architecture": sae.architecture,
+        "dtype": str(sae.dtype).removeprefix("torch."),
+        "config": sae.config.to_dict(),
+        "metadata": sae.metadata,
+    }
+    return save_checkpoint(path, header, dict(sae.state_dict()))
+
+
+def load(path: str | os.PathLike, placement: Placement, *, sae_class: Any = None) -> Any:
+    """The SAE in the native checkpoint `path`: of the registered class its cfg.json names, which
+    must be `sae_class` when one is given. dtype: as saved unless given."""
+    header, tensors = load_checkpoint(path)
+    architecture = header.get("architecture")
+    target = REGISTRY.get(architecture) if sae_class is None else sae_class
+    if target is None:
+        known = ", ".join(REGISTRY)
+        raise ValueError(f"path: {path} holds an unknown architecture {architecture!r}; known: {known}")
+    if architecture != target.architecture:
+        raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
+    config = target.config_class(**header["config"])
+    dtype = placement.dtype_or(getattr(torch, header["dtype"]))
+    sae = target.from_config(config, dtype=dtype, device=placement.device, backend=placement.backend)
+    differing = set(sae.state_dict()) ^ set(tensors)
+    if differing:
+        raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")
+    sae.load_state_dict(tensors)
+    sae.metadata = dict(header.get("metadata") or {})
+    return sae

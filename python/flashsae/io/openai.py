@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ._common import SOURCE_KEY, FormatError, Tensors, build_sae, json_safe, read_torch_weights, shape_of
+from . import _common
+from ._common import FormatError
 
 STAT_BUFFERS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 
@@ -33,23 +34,16 @@ def looks_like_openai(state: Any) -> bool:
     return isinstance(state, dict) and {"pre_bias", "latent_bias", "encoder.weight"} <= set(state)
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-    state: dict[str, Any] | None = None,
-):
+def load(path: Path, placement: _common.Placement, state: dict[str, Any] | None = None):
     """A flashsae SAE from an OpenAI sparse_autoencoder state dict file (module docstring)."""
     where = str(path)
     if state is None:
-        state = read_torch_weights(path)
+        state = _common.read_torch_weights(path)
     if not looks_like_openai(state):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise FormatError(f"{where}: not an OpenAI sparse_autoencoder state dict (found {found})")
-    tensors = Tensors(state, where)
-    n, d = shape_of(state, "encoder.weight", 2, where)
+    tensors = _common.Tensors(state, where)
+    n, d = _common.shape_of(state, "encoder.weight", 2, where)
     activation = tensors.take_value("activation") if "activation" in tensors else "ReLU"
     activation_state = tensors.take_value("activation_state_dict") if "activation_state_dict" in tensors else {}
     W_enc = tensors.take("encoder.weight", (n, d))
@@ -71,8 +65,7 @@ def load(
             raise FormatError(f"{where}: activation_state_dict must be a dict, got {type(activation_state).__name__}")
         k = activation_state.get("k")
         postact = activation_state.get("postact_fn", "ReLU")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise FormatError(f"{where}: activation_state_dict.k must be an int in [1, n_latents={n}], got {k!r}")
+        k = _common.int_field("activation_state_dict.k", k, where, at_most=("n_latents", n))
         if postact != "ReLU":
             raise FormatError(
                 f"{where}: activation_state_dict.postact_fn {postact!r} has no flashsae equivalent (expected 'ReLU')"
@@ -84,12 +77,11 @@ def load(
         config = {"d_in": d, "n_latents": n, "apply_b_dec_to_input": True}
     else:
         raise FormatError(f"{where}: activation {activation!r} has no flashsae equivalent (expected 'TopK' or 'ReLU')")
-    target_dtype = dtype or W_dec.dtype
-    sae = build_sae(architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=where)
-    metadata: dict[str, Any] = {SOURCE_KEY: "openai", "openai_file": path.name}
+    sae = _common.build_sae(architecture, config, weights, placement, file_dtype=W_dec.dtype, where=where)
+    metadata: dict[str, Any] = {_common.SOURCE_KEY: "openai", "openai_file": path.name}
     if stats:
         metadata["openai_stats"] = {name: value.tolist() for name, value in stats.items()}
-    sae.metadata = json_safe(metadata)
+    sae.metadata = _common.json_safe(metadata)
     return sae
 
 

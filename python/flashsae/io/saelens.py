@@ -45,23 +45,10 @@ from typing import Any
 
 import torch
 
-from ._common import (
-    FLASHSAE_BLOCK,
-    HOOKPOINT_KEY,
-    MODEL_KEY,
-    SOURCE_KEY,
-    FormatError,
-    Tensors,
-    atomic_directory,
-    build_sae,
-    decoder_norms,
-    json_safe,
-    parse_dtype,
-    read_json,
-    read_safetensors,
-    write_json,
-    write_safetensors,
-)
+from ..registry import config_fields
+from ..storage import atomic_directory
+from . import _common
+from ._common import FormatError
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae_weights.safetensors"
@@ -143,45 +130,23 @@ def canonical_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return cfg
 
 
-def _int_field(cfg: dict[str, Any], name: str, where: str) -> int:
-    value = cfg.get(name)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FormatError(f"{where}: {name} must be a positive int, got {value!r}")
-    return value
-
-
-def _bool_field(cfg: dict[str, Any], name: str, where: str) -> bool:
-    value = cfg.get(name)
-    if not isinstance(value, bool):
-        raise FormatError(f"{where}: {name} must be true or false, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------- load
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: _common.Placement):
     """A flashsae SAE from a SAELens directory (v6 or pre-6 cfg.json); see the module docstring."""
-    raw = read_json(path / CONFIG_NAME)
+    raw = _common.read_json(path / CONFIG_NAME)
     where = str(path / CONFIG_NAME)
     cfg = canonical_config(raw, where)
     weights_where = str(path / WEIGHTS_NAME)
-    tensors = Tensors(read_safetensors(path / WEIGHTS_NAME), weights_where)
+    tensors = _common.Tensors(_common.read_safetensors(path / WEIGHTS_NAME), weights_where)
     architecture = cfg["architecture"]
     if architecture not in ARCHITECTURES:
         raise FormatError(
             f"{where}: unknown architecture {architecture!r}; flashsae reads SAELens {', '.join(ARCHITECTURES)}"
         )
-    d_in, d_sae = _int_field(cfg, "d_in", where), _int_field(cfg, "d_sae", where)
-    apply_b_dec = _bool_field(cfg, "apply_b_dec_to_input", where)
+    d_in, d_sae = _common.int_field("d_in", cfg.get("d_in"), where), _common.int_field("d_sae", cfg.get("d_sae"), where)
+    apply_b_dec = _common.bool_field("apply_b_dec_to_input", cfg.get("apply_b_dec_to_input"), where)
     normalize = cfg["normalize_activations"]
     if normalize not in PASSIVE_NORMALIZATIONS + ACTIVE_NORMALIZATIONS:
         raise FormatError(f"{where}: unknown normalize_activations {normalize!r}")
@@ -193,7 +158,8 @@ def load(
     if cfg["reshape_activations"] not in ("none", "hook_z"):
         raise FormatError(f"{where}: unknown reshape_activations {cfg['reshape_activations']!r}")
     file_dtype = tensors.tensors.get("W_dec", torch.empty(0)).dtype
-    target_dtype = dtype or (parse_dtype(cfg["dtype"], f"{where}: dtype") if "dtype" in cfg else file_dtype)
+    saved_dtype = _common.parse_dtype(cfg["dtype"], f"{where}: dtype") if "dtype" in cfg else file_dtype
+    target_dtype = placement.dtype_or(saved_dtype)
 
     W_enc = tensors.take("W_enc", (d_in, d_sae)).T.double()
     W_dec = tensors.take("W_dec", (d_sae, d_in)).double()
@@ -220,7 +186,7 @@ def load(
         config["apply_b_dec_to_input"] = apply_b_dec
     elif architecture == "topk":
         name = "topk"
-        k = _int_field(cfg, "k", where)
+        k = _common.int_field("k", cfg.get("k"), where)
         if k > d_sae:
             raise FormatError(f"{where}: k={k} exceeds d_sae={d_sae}")
         config.update(
@@ -229,7 +195,7 @@ def load(
             input_norm=normalize if normalize in ACTIVE_NORMALIZATIONS else "none",
         )
         if cfg.get("rescale_acts_by_decoder_norm", False):
-            norms = decoder_norms(W_dec, f"{where}: rescale_acts_by_decoder_norm")
+            norms = _common.decoder_norms(W_dec, f"{where}: rescale_acts_by_decoder_norm")
             W_enc, b_enc, W_dec = W_enc * norms.unsqueeze(1), b_enc * norms, W_dec / norms.unsqueeze(1)
     else:  # jumprelu
         name = "jumprelu"
@@ -241,31 +207,34 @@ def load(
     # rounding to the target dtype happens once, from float64 (folds above are exact in float64)
     weights = {key: value.to(target_dtype) for key, value in weights.items()}
 
-    block = cfg["metadata"].get(FLASHSAE_BLOCK) if isinstance(cfg["metadata"].get(FLASHSAE_BLOCK), dict) else None
-    state = read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
+    block = cfg["metadata"].get(_common.FLASHSAE_BLOCK)
+    block = block if isinstance(block, dict) else None
+    state = _common.read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
     if name == "jumprelu" and block is not None and block.get("architecture") == name:
         _restore_log_threshold(block, state, config, weights)
-    sae = _restore_from_block(block, name, config, weights, target_dtype, device, backend, where)
+    sae = _restore_from_block(block, name, config, weights, placement, target_dtype, where)
     if sae is None:
         if block is not None and block.get("architecture") == name:
             config = {**_training_fields(block, name), **config}
-        sae = build_sae(name, config, weights, dtype=target_dtype, device=device, backend=backend, where=weights_where)
+        sae = _common.build_sae(name, config, weights, placement, file_dtype=target_dtype, where=weights_where)
     if "num_steps" in state and hasattr(sae, "num_steps") and block.get("architecture") == sae.architecture:
         with torch.no_grad():
             sae.num_steps.fill_(int(state["num_steps"]))
     metadata = dict(block.get("metadata", {})) if block is not None else {}
     saelens_config = dict(raw)
     if isinstance(saelens_config.get("metadata"), dict):
-        saelens_config["metadata"] = {k: v for k, v in saelens_config["metadata"].items() if k != FLASHSAE_BLOCK}
-    metadata[SOURCE_KEY] = "saelens"
-    metadata[CONFIG_KEY] = json_safe(saelens_config)
+        saelens_config["metadata"] = {
+            k: v for k, v in saelens_config["metadata"].items() if k != _common.FLASHSAE_BLOCK
+        }
+    metadata[_common.SOURCE_KEY] = "saelens"
+    metadata[CONFIG_KEY] = _common.json_safe(saelens_config)
     if cfg["metadata"].get("model_name") is not None:
-        metadata[MODEL_KEY] = cfg["metadata"]["model_name"]
+        metadata[_common.MODEL_KEY] = cfg["metadata"]["model_name"]
     if cfg["metadata"].get("hook_name") is not None:
-        metadata[HOOKPOINT_KEY] = cfg["metadata"]["hook_name"]
+        metadata[_common.HOOKPOINT_KEY] = cfg["metadata"]["hook_name"]
     sparsity_file = path / SPARSITY_NAME
     if sparsity_file.is_file():
-        sparsity = Tensors(read_safetensors(sparsity_file), str(sparsity_file))
+        sparsity = _common.Tensors(_common.read_safetensors(sparsity_file), str(sparsity_file))
         metadata[SPARSITY_KEY] = sparsity.take("sparsity", (d_sae,)).double().tolist()
         sparsity.finish()
     sae.metadata = metadata
@@ -274,9 +243,7 @@ def load(
 
 def _training_fields(block: dict[str, Any], architecture: str) -> dict[str, Any]:
     """The saved flashsae config of `architecture`, minus the fields the SAELens file determines."""
-    from ..modules.base import REGISTRY
-
-    known = {f for f in REGISTRY[architecture].config_class.__dataclass_fields__}
+    known = config_fields(architecture)
     saved = block.get("config") if isinstance(block.get("config"), dict) else {}
     return {key: value for key, value in saved.items() if key in known}
 
@@ -296,7 +263,7 @@ def _restore_log_threshold(block, state, config, weights) -> None:
         config["threshold_parametrization"] = "log"
 
 
-def _restore_from_block(block, name, config, weights, dtype, device, backend, where):
+def _restore_from_block(block, name, config, weights, placement, dtype, where):
     """A BatchTopK / Matryoshka SAE saved as a SAELens jumprelu, rebuilt from its flashsae block when
     the file still says what the block says (one shared threshold, b_dec subtracted); else None."""
     if block is None or name != "jumprelu" or block.get("architecture") not in ("batchtopk", "matryoshka"):
@@ -311,7 +278,7 @@ def _restore_from_block(block, name, config, weights, dtype, device, backend, wh
     fields = _training_fields(block, architecture)
     fields.update(d_in=config["d_in"], n_latents=config["n_latents"])
     core = {key: weights[key] for key in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    sae = build_sae(architecture, fields, core, dtype=dtype, device=device, backend=backend, where=where)
+    sae = _common.build_sae(architecture, fields, core, placement, file_dtype=dtype, where=where)
     with torch.no_grad():
         sae.threshold.fill_(estimate)
     return sae
@@ -326,24 +293,24 @@ def save(sae, path: Path) -> Path:
     architecture, fields, tensors = _saelens_layout(sae)
     carried = sae.metadata.get(CONFIG_KEY) if isinstance(sae.metadata.get(CONFIG_KEY), dict) else {}
     carried_meta = carried.get("metadata") if isinstance(carried.get("metadata"), dict) else {}
-    metadata = {key: value for key, value in carried_meta.items() if key != FLASHSAE_BLOCK}
+    metadata = {key: value for key, value in carried_meta.items() if key != _common.FLASHSAE_BLOCK}
     metadata.setdefault("sae_lens_version", WRITTEN_VERSION)
     if _major_version(metadata["sae_lens_version"]) is None or _major_version(metadata["sae_lens_version"]) < 6:
         metadata["sae_lens_version"] = WRITTEN_VERSION
-    if sae.metadata.get(MODEL_KEY) is not None:
-        metadata["model_name"] = sae.metadata[MODEL_KEY]
-    if sae.metadata.get(HOOKPOINT_KEY) is not None:
-        metadata["hook_name"] = sae.metadata[HOOKPOINT_KEY]
+    if sae.metadata.get(_common.MODEL_KEY) is not None:
+        metadata["model_name"] = sae.metadata[_common.MODEL_KEY]
+    if sae.metadata.get(_common.HOOKPOINT_KEY) is not None:
+        metadata["hook_name"] = sae.metadata[_common.HOOKPOINT_KEY]
     sparsity = sae.metadata.get(SPARSITY_KEY)
     if sparsity is not None and len(sparsity) != sae.n_latents:
         raise FormatError(f"metadata: {SPARSITY_KEY} has {len(sparsity)} entries, expected n_latents={sae.n_latents}")
     own_metadata = {
-        key: value for key, value in sae.metadata.items() if key not in (CONFIG_KEY, SPARSITY_KEY, SOURCE_KEY)
+        key: value for key, value in sae.metadata.items() if key not in (CONFIG_KEY, SPARSITY_KEY, _common.SOURCE_KEY)
     }
     block: dict[str, Any] = {"architecture": sae.architecture, "config": sae.config.to_dict(), "metadata": own_metadata}
     if sae.architecture in ("batchtopk", "matryoshka"):
         block["threshold"] = float(sae.threshold)
-    metadata[FLASHSAE_BLOCK] = json_safe(block)
+    metadata[_common.FLASHSAE_BLOCK] = _common.json_safe(block)
     normalization = fields.pop("normalize_activations")
     if normalization == "none" and carried.get("normalize_activations") in PASSIVE_NORMALIZATIONS:
         normalization = carried["normalize_activations"]
@@ -363,12 +330,13 @@ def save(sae, path: Path) -> Path:
     if sae.architecture == "jumprelu" and sae.config.threshold_parametrization == "log":
         state["log_threshold"] = sae.log_threshold
     with atomic_directory(path) as staging:
-        write_safetensors(staging / WEIGHTS_NAME, tensors)
-        write_json(staging / CONFIG_NAME, config)
+        _common.write_safetensors(staging / WEIGHTS_NAME, tensors)
+        _common.write_json(staging / CONFIG_NAME, config)
         if state:
-            write_safetensors(staging / STATE_NAME, state)
+            _common.write_safetensors(staging / STATE_NAME, state)
         if sparsity is not None:
-            write_safetensors(staging / SPARSITY_NAME, {"sparsity": torch.tensor(sparsity, dtype=torch.float32)})
+            sparsity_tensor = torch.tensor(sparsity, dtype=torch.float32)
+            _common.write_safetensors(staging / SPARSITY_NAME, {"sparsity": sparsity_tensor})
     return Path(path)
 
 

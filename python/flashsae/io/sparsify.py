@@ -29,21 +29,10 @@ from typing import Any
 
 import torch
 
-from ._common import (
-    HOOKPOINT_KEY,
-    MODEL_KEY,
-    SOURCE_KEY,
-    FormatError,
-    Tensors,
-    atomic_directory,
-    build_sae,
-    json_safe,
-    read_json,
-    read_safetensors,
-    shape_of,
-    write_json,
-    write_safetensors,
-)
+from ..registry import config_fields
+from ..storage import atomic_directory
+from . import _common
+from ._common import FormatError
 
 CONFIG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -70,7 +59,7 @@ def is_sparsify(path: Path) -> bool:
     if not ((path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()):
         return False
     try:
-        return read_json(path / CONFIG_NAME).get("format") != "flashsae"
+        return _common.read_json(path / CONFIG_NAME).get("format") != "flashsae"
     except (FormatError, OSError):
         return False
 
@@ -82,18 +71,12 @@ def _field(cfg: dict[str, Any], name: str, kind: type, where: str) -> Any:
     return value
 
 
-def load(
-    path: Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-):
+def load(path: Path, placement: _common.Placement):
     """A flashsae TopKSAE or Transcoder from a sparsify hookpoint directory (module docstring)."""
-    cfg = read_json(path / CONFIG_NAME)
+    cfg = _common.read_json(path / CONFIG_NAME)
     where = str(path / CONFIG_NAME)
     weights_where = str(path / WEIGHTS_NAME)
-    raw = read_safetensors(path / WEIGHTS_NAME)
+    raw = _common.read_safetensors(path / WEIGHTS_NAME)
     activation = _field(cfg, "activation", str, where)
     if activation != "topk":
         raise FormatError(f"{where}: activation {activation!r} has no flashsae equivalent (expected 'topk')")
@@ -101,9 +84,8 @@ def load(
         raise FormatError(f"{where}: signed=true (top-k by absolute value) has no flashsae equivalent")
     d_in = cfg.get("d_in")
     if d_in is None:
-        d_in = shape_of(raw, "encoder.weight", 2, weights_where)[1]
-    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
-        raise FormatError(f"{where}: d_in must be a positive int, got {d_in!r}")
+        d_in = _common.shape_of(raw, "encoder.weight", 2, weights_where)[1]
+    d_in = _common.int_field("d_in", d_in, where)
     num_latents = _field(cfg, "num_latents", int, where)
     n = num_latents or d_in * _field(cfg, "expansion_factor", int, where)
     if n < 1:
@@ -116,7 +98,7 @@ def load(
     multi_topk = _field(cfg, "multi_topk", bool, where)
     _field(cfg, "normalize_decoder", bool, where)
 
-    tensors = Tensors(raw, weights_where)
+    tensors = _common.Tensors(raw, weights_where)
     weights = {
         "W_enc": tensors.take("encoder.weight", (n, d_in)),
         "b_enc": tensors.take("encoder.bias", (n,)),
@@ -137,29 +119,26 @@ def load(
     else:
         architecture = "topk"
         config = {"d_in": d_in, "n_latents": n, "k": k, "multi_topk": multi_topk}
-    block = read_json(path / BLOCK_NAME) if (path / BLOCK_NAME).is_file() else None
+    block = _common.read_json(path / BLOCK_NAME) if (path / BLOCK_NAME).is_file() else None
     if block is not None and block.get("architecture") == architecture and isinstance(block.get("config"), dict):
-        from ..modules.base import REGISTRY
-
-        known = set(REGISTRY[architecture].config_class.__dataclass_fields__)
+        known = config_fields(architecture)
         config = {**{key: v for key, v in block["config"].items() if key in known}, **config}
-    target_dtype = dtype or weights["W_dec"].dtype
-    sae = build_sae(
-        architecture, config, weights, dtype=target_dtype, device=device, backend=backend, where=weights_where
+    sae = _common.build_sae(
+        architecture, config, weights, placement, file_dtype=weights["W_dec"].dtype, where=weights_where
     )
     metadata = dict(block.get("metadata", {})) if block is not None else {}
-    metadata[SOURCE_KEY] = "sparsify"
+    metadata[_common.SOURCE_KEY] = "sparsify"
     metadata[CONFIG_KEY] = cfg
-    metadata[HOOKPOINT_KEY] = path.name
+    metadata[_common.HOOKPOINT_KEY] = path.name
     run_config = path.parent / RUN_CONFIG_NAME
     if run_config.is_file():
         try:
-            model = read_json(run_config).get("model")
+            model = _common.read_json(run_config).get("model")
         except FormatError:
             model = None
         if isinstance(model, str):
-            metadata[MODEL_KEY] = model
-    sae.metadata = json_safe(metadata)
+            metadata[_common.MODEL_KEY] = model
+    sae.metadata = _common.json_safe(metadata)
     return sae
 
 
@@ -167,13 +146,13 @@ def save(sae, path: Path) -> Path:
     """Writes `sae` (a TopKSAE or Transcoder) as a sparsify hookpoint directory, atomically."""
     cfg, tensors = _sparsify_layout(sae)
     carried = sae.metadata.get(CONFIG_KEY) if isinstance(sae.metadata.get(CONFIG_KEY), dict) else {}
-    own_metadata = {key: value for key, value in sae.metadata.items() if key not in (CONFIG_KEY, SOURCE_KEY)}
+    own_metadata = {key: value for key, value in sae.metadata.items() if key not in (CONFIG_KEY, _common.SOURCE_KEY)}
     payload = {**{key: value for key, value in carried.items() if key not in DEFAULTS and key != "d_in"}, **cfg}
     block = {"architecture": sae.architecture, "config": sae.config.to_dict(), "metadata": own_metadata}
     with atomic_directory(path) as staging:
-        write_safetensors(staging / WEIGHTS_NAME, tensors)
-        write_json(staging / CONFIG_NAME, payload)
-        write_json(staging / BLOCK_NAME, json_safe(block))
+        _common.write_safetensors(staging / WEIGHTS_NAME, tensors)
+        _common.write_json(staging / CONFIG_NAME, payload)
+        _common.write_json(staging / BLOCK_NAME, _common.json_safe(block))
     return Path(path)
 
 

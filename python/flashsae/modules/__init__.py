@@ -17,12 +17,13 @@ out.loss.backward(); ...`` needs nothing more; with gradient accumulation or a r
 count directly: ``sae.num_steps.fill_(step)``. Transcoders take the target too: ``tc(x, y, dead_mask=...)``.
 
 Options that express other libraries' SAEs exactly (flashsae.io loads SAELens, sparsify, dictionary_learning,
-OpenAI and lm-saes files with them; all default to the previous behavior, so older checkpoints load unchanged):
+OpenAI and lm-saes files with them; each defaults to flashsae's own forward, which a config without the field gets):
 TopK ``apply_b_dec_to_input`` and ``input_norm`` ("layer_norm" as OpenAI's TopK SAEs, "constant_norm_rescale"),
 Gated ``apply_b_dec_to_input``, JumpReLU ``threshold_parametrization="direct"`` (thresholds stored as given).
 """
 
-from .base import REGISTRY, SAE, SAEConfig, create, geometric_median, load, register
+from ..registry import REGISTRY, register
+from .base import SAE, SAEConfig, create, geometric_median, load
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE

@@ -13,33 +13,31 @@ Training schedule (every architecture with a warm-up or a running estimate):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from .._checks import non_negative, positive_int
 from ..ops import sparse_decode
 from ..ops._common import acc_dtype
-from ..outputs import SparseLatents
+from ..ops.threshold_encode import padded_rows, threshold_encode
+from ..outputs import ForwardOutput, SparseLatents
+from .base import KeywordConfigSAE
 
 
-def positive_number(name: str, value: object) -> float:
-    """value as a float > 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def non_negative_int(name: str, value: object) -> int:
-    """value as an int >= 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return value
-
-
-def boolean(name: str, value: object) -> bool:
-    """value as a bool, else ValueError naming it (JSON round trips keep bools as bools)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}: expected True or False, got {value!r}")
-    return value
+def check_topk_fields(config: Any, reconstruction_width: int) -> None:
+    """Checks k and aux_k (1 <= each <= n_latents) and auxk_alpha (>= 0) of a TopK-family config;
+    aux_k None becomes min(reconstruction_width // 2, n_latents), sparsify's AuxK size."""
+    n = config.n_latents
+    positive_int("k", config.k)
+    if config.k > n:
+        raise ValueError(f"k: expected 1 <= k <= n_latents ({n}), got {config.k}")
+    if config.aux_k is None:
+        config.aux_k = max(1, min(reconstruction_width // 2, n))
+    positive_int("aux_k", config.aux_k)
+    if config.aux_k > n:
+        raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({n}), got {config.aux_k}")
+    config.auxk_alpha = non_negative("auxk_alpha", config.auxk_alpha)
 
 
 def check_dead_mask(dead_mask: object, n_latents: int, device: torch.device) -> torch.Tensor:
@@ -112,6 +110,59 @@ def decode_latents(
         backend=backend,
     )
     return x_hat.reshape(*lead, W_dec.shape[1])
+
+
+class DenseActivationSAE(KeywordConfigSAE):
+    """What ReLU, JumpReLU and Gated share: b_dec optionally subtracted before encoding
+    (config.apply_b_dec_to_input), the latents above a per-latent threshold found sparsely by
+    threshold_encode, and padded latents decoded by sparse_decode."""
+
+    def _input_bias(self) -> torch.Tensor | None:
+        return self.b_dec if self.config.apply_b_dec_to_input else None
+
+    def _zero_threshold(self) -> torch.Tensor:
+        return torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
+
+    def _latents_above(self, x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (values, indices) [rows, m] of the pre-activations of x above `threshold` [n]; the
+        next call's candidate count follows the largest row count seen."""
+        latents = threshold_encode(
+            self._rows(x), self.W_enc, self.b_enc, threshold, self._input_bias(),
+            candidates=self._candidates, backend=self.backend,
+        )  # fmt: skip
+        self._candidates = next_candidates(self._candidates, latents[0], self.n_latents)
+        return latents
+
+    def decode(self, latents: SparseLatents) -> torch.Tensor:
+        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
+        return decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+
+
+def dense_output(
+    module: Any,
+    x: torch.Tensor,
+    f: torch.Tensor,
+    x_hat: torch.Tensor,
+    *,
+    fvu: torch.Tensor,
+    mse: torch.Tensor,
+    loss: torch.Tensor,
+) -> ForwardOutput:
+    """The ForwardOutput of a dense-activation architecture (ReLU, JumpReLU, Gated) from its
+    activations f [rows, n] and reconstruction x_hat [rows, d_in]: advances the step counter on a
+    training step, keeps the active latents padded per row and updates the candidate count."""
+    if is_training_step(module):
+        advance(module)
+    latents = padded_rows(f, f > 0)
+    module._candidates = next_candidates(module._candidates, latents[0], module.n_latents)
+    return ForwardOutput(
+        x_hat=x_hat.reshape(*x.shape[:-1], module.d_in),
+        latents=shaped(latents, x.shape[:-1]),
+        fvu=fvu,
+        mse=mse,
+        auxk_loss=fvu.new_zeros(()),
+        loss=loss,
+    )
 
 
 def shaped(latents: tuple[torch.Tensor, torch.Tensor], lead: torch.Size) -> SparseLatents:

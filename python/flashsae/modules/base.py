@@ -26,25 +26,11 @@ import torch
 from torch import nn
 
 from .. import _backend
-from ..io.native import is_native, load_checkpoint, save_checkpoint
+from .._checks import FLOAT_DTYPES, positive_int
+from ..io import api as io_api
 from ..ops._common import row_blocks
 from ..outputs import ForwardOutput, SparseLatents
-
-DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def positive_int(name: str, value: object) -> int:
-    """value as a positive int, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def non_negative(name: str, value: object) -> float:
-    """value as a float >= 0, else ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
-    return float(value)
+from ..registry import architecture_class
 
 
 #: Rows of a weight matrix initialized at a time (16M elements: a 64 MiB float32 block). Whole at once,
@@ -55,6 +41,20 @@ INIT_CHUNK_ELEMENTS = 1 << 24
 def unit_rows(block: torch.Tensor) -> torch.Tensor:
     """The rows of a float32 block scaled to unit L2 norm (in place)."""
     return block.div_(block.norm(dim=1, keepdim=True))
+
+
+class ConfigField:
+    """A read-only SAE attribute that is the config field of the same name (``sae.k`` is
+    ``sae.config.k``), declared as ``k = ConfigField()`` in the class body."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance.config, self.name)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        raise AttributeError(f"{self.name} is a config field; build a new SAE to change it")
 
 
 @dataclass
@@ -89,6 +89,16 @@ def geometric_median(points: torch.Tensor, *, max_iter: int = 100, rtol: float =
     return guess
 
 
+def sample_center(rows: torch.Tensor, method: str) -> torch.Tensor:
+    """The center of a data sample [m, d] that b_dec starts at: its geometric median or its mean
+    (float64)."""
+    if method == "geometric_median":
+        return geometric_median(rows)
+    if method == "mean":
+        return rows.to(torch.float64).mean(0)
+    raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
+
+
 class SAE(nn.Module):
     """Base class of flashsae's sparse autoencoders (plain ``nn.Module``s).
 
@@ -119,8 +129,9 @@ class SAE(nn.Module):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config: expected a {self.config_class.__name__}, got {type(config).__name__}")
         dtype = dtype or torch.float32
-        if dtype not in DTYPE_NAMES:
-            raise TypeError(f"dtype: expected one of {', '.join(DTYPE_NAMES.values())}, got {dtype}")
+        if dtype not in FLOAT_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            raise TypeError(f"dtype: expected one of {names}, got {dtype}")
         self.config = config
         self.backend = None if backend is None else _backend.requested_backend(backend)
         self.metadata: dict[str, Any] = {}
@@ -144,13 +155,8 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
 
-    @property
-    def d_in(self) -> int:
-        return self.config.d_in
-
-    @property
-    def n_latents(self) -> int:
-        return self.config.n_latents
+    d_in = ConfigField()
+    n_latents = ConfigField()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -192,13 +198,7 @@ class SAE(nn.Module):
     def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median") -> None:
         """Sets b_dec from a data sample x [..., d_in]: its geometric median (default) or mean."""
         rows = self._rows(x)
-        if method == "geometric_median":
-            center = geometric_median(rows)
-        elif method == "mean":
-            center = rows.to(torch.float64).mean(0)
-        else:
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        self.b_dec.copy_(center.to(self.dtype))
+        self.b_dec.copy_(sample_center(rows, method).to(self.dtype))
 
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 1e-12) -> None:
@@ -223,32 +223,15 @@ class SAE(nn.Module):
         """Writes the SAE to the directory `path`, atomically: the native checkpoint (cfg.json +
         sae.safetensors; every field round-trips) or, with format="saelens" / "sparsify", that
         library's layout (see flashsae.io; what it cannot express raises a FormatError naming the field)."""
-        if format != "native":
-            from ..io import api  # imported here: flashsae.io's format modules import the modules
-
-            api.save(self, path, format=format)
-            return
-        header = {
-            "architecture": self.architecture,
-            "dtype": DTYPE_NAMES[self.dtype],
-            "config": self.config.to_dict(),
-            "metadata": self.metadata,
-        }
-        save_checkpoint(path, header, dict(self.state_dict()))
+        io_api.save(self, path, format=format)
 
     @classmethod
-    def from_config(
-        cls,
-        config: SAEConfig,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """A fresh SAE of this class from its config (subclass constructors may take plain
-        arguments; this is the uniform entry point the registry and load use)."""
+    def from_config(cls, config: SAEConfig, **placement: Any) -> SAE:
+        """A fresh SAE of this class from its config; placement: dtype, device, backend as for
+        :class:`SAE` (subclass constructors may take plain arguments; this is the uniform entry
+        point the registry and load use)."""
         sae = cls.__new__(cls)
-        SAE.__init__(sae, config, dtype=dtype, device=device, backend=backend)
+        SAE.__init__(sae, config, **placement)
         sae._build()
         return sae
 
@@ -257,88 +240,44 @@ class SAE(nn.Module):
         self.init_weights_()
 
     @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        *,
-        format: str | None = None,
-        subfolder: str | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """Loads an SAE saved by :meth:`save` or by another library (format detected unless given:
-        see flashsae.io; a Hub id org/repo works when huggingface_hub is installed). dtype: as saved
-        unless given. Called on SAE itself (or via flashsae.load) it picks the class; on a subclass
-        the SAE must be of that architecture."""
-        from ..io import api  # imported here: flashsae.io's format modules import the modules
-
-        if format == "native" or (format is None and subfolder is None and is_native(path)):
-            return cls._load_native(api.resolve(path, subfolder), device=device, dtype=dtype, backend=backend)
-        sae = api.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
-        if cls is not SAE and not isinstance(sae, cls):
-            raise ValueError(f"path: {path} holds a {sae.architecture!r} SAE, not {cls.architecture!r}")
-        return sae
-
-    @classmethod
-    def _load_native(
-        cls,
-        path: str | os.PathLike,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        backend: str | None = None,
-    ) -> SAE:
-        """Loads a native checkpoint (cfg.json + sae.safetensors)."""
-        header, tensors = load_checkpoint(path)
-        architecture = header.get("architecture")
-        target = REGISTRY.get(architecture) if cls is SAE else cls
-        if target is None:
-            known = ", ".join(REGISTRY)
-            raise ValueError(f"path: {path} holds an unknown architecture {architecture!r}; known: {known}")
-        if architecture != target.architecture:
-            raise ValueError(f"path: {path} holds a {architecture!r} SAE, not {target.architecture!r}")
-        config = target.config_class(**header["config"])
-        sae = target.from_config(config, dtype=dtype or getattr(torch, header["dtype"]), device=device, backend=backend)
-        differing = set(sae.state_dict()) ^ set(tensors)
-        if differing:
-            raise ValueError(f"path: {path} weights do not match a {target.__name__} (differing: {sorted(differing)})")
-        sae.load_state_dict(tensors)
-        sae.metadata = dict(header.get("metadata") or {})
-        return sae
-
-
-REGISTRY: dict[str, type[SAE]] = {}
+    def load(cls, path: str | os.PathLike, **options: Any) -> SAE:
+        """Loads an SAE saved by :meth:`save` or by another library; options (format, subfolder,
+        device, dtype, backend) as for :func:`flashsae.load`. Called on SAE itself it picks the class;
+        on a subclass the SAE must be of that architecture."""
+        return io_api.load(path, sae_class=None if cls is SAE else cls, **options)
 
 
 class KeywordConfigSAE(SAE):
-    """An SAE whose constructor takes its config's fields as keywords, ``Cls(d_in, n_latents,
-    **options)`` (JumpReLU, ReLU, Gated): one constructor for them instead of a copy per class."""
+    """An SAE whose constructor takes its config's fields, ``Cls(d_in, n_latents, *required, **options)``:
+    one constructor for every architecture instead of a copy per class. ``required_fields`` names the
+    config fields the constructor needs after n_latents (by position or keyword), e.g. TopK's k."""
+
+    required_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         d_in: int,
         n_latents: int,
-        *,
+        *required: Any,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str | None = None,
         **options: Any,
     ) -> None:
+        name = type(self).__name__
+        if len(required) > len(self.required_fields):
+            expected = 2 + len(self.required_fields)
+            raise TypeError(f"{name}: takes {expected} positional arguments, got {2 + len(required)}")
+        for field, value in zip(self.required_fields, required, strict=False):
+            if field in options:
+                raise TypeError(f"{name}: got {field} both by position and by keyword")
+            options[field] = value
+        missing = [field for field in self.required_fields if field not in options]
+        if missing:
+            raise TypeError(f"{name}: missing required argument(s) {', '.join(missing)}")
         config = self.config_class(d_in=d_in, n_latents=n_latents, **options)
         super().__init__(config, dtype=dtype, device=device, backend=backend)
         self._build()
-
-
-def register(cls: type[SAE]) -> type[SAE]:
-    """Class decorator: makes `cls` available to create() and load() under cls.architecture."""
-    if not cls.architecture:
-        raise ValueError(f"{cls.__name__}: set the class attribute `architecture` before registering")
-    if cls.architecture in REGISTRY and REGISTRY[cls.architecture] is not cls:
-        owner = REGISTRY[cls.architecture].__name__
-        raise ValueError(f"architecture {cls.architecture!r} is already registered by {owner}")
-    REGISTRY[cls.architecture] = cls
-    return cls
 
 
 def create(
@@ -351,9 +290,7 @@ def create(
 ) -> SAE:
     """A new SAE of the architecture `name` (see ``REGISTRY``), configured by keyword arguments,
     e.g. ``create("topk", d_in=768, n_latents=24576, k=32)``."""
-    if name not in REGISTRY:
-        raise ValueError(f"name: unknown architecture {name!r}; expected one of {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
+    cls = architecture_class(name)
     known = {f.name for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -362,16 +299,5 @@ def create(
     return cls.from_config(cls.config_class(**config), dtype=dtype, device=device, backend=backend)
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    format: str | None = None,
-    subfolder: str | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    backend: str | None = None,
-) -> SAE:
-    """Loads any SAE flashsae reads: a native checkpoint (the class from its cfg.json) or another
-    library's files (SAELens, sparsify, dictionary_learning, OpenAI, lm-saes; see flashsae.io).
-    `format` forces one; `subfolder` picks one SAE of a multi-hookpoint directory or Hub repo."""
-    return SAE.load(path, format=format, subfolder=subfolder, device=device, dtype=dtype, backend=backend)
+#: flashsae.load: any SAE flashsae reads (see flashsae.io.api.load).
+load = io_api.load

@@ -33,13 +33,16 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import fraction, non_negative_int
 from ..ops import sae_loss
 from ..ops._common import acc_dtype
 from ..ops.batch_topk import batch_topk
 from ..ops.threshold_encode import threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int, register
+from .base import ConfigField, KeywordConfigSAE, SAEConfig
+from .jumprelu import JumpReLUSAE
 
 
 @dataclass
@@ -61,24 +64,13 @@ class BatchTopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        beta = self.threshold_beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-            raise ValueError(f"threshold_beta: expected a number in [0, 1), got {beta!r}")
-        self.threshold_beta = float(beta)
-        _shared.non_negative_int("threshold_start_step", self.threshold_start_step)
+        _shared.check_topk_fields(self, reconstruction_width=self.d_in)
+        self.threshold_beta = fraction("threshold_beta", self.threshold_beta)
+        non_negative_int("threshold_start_step", self.threshold_start_step)
 
 
 @register
-class BatchTopKSAE(SAE):
+class BatchTopKSAE(KeywordConfigSAE):
     """A BatchTopK sparse autoencoder (Bussmann et al. 2024, arXiv:2412.06410).
 
     Args:
@@ -98,28 +90,7 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     config_class = BatchTopKConfig
     config: BatchTopKConfig
-    unit_norm_decoder = True
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = BatchTopKConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, threshold_beta=threshold_beta,
-            threshold_start_step=threshold_start_step,
-        )  # fmt: skip
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
+    required_fields = ("k",)
 
     def _build(self) -> None:
         self.init_weights_()
@@ -129,13 +100,8 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", estimate)
         self._candidates = 4 * self.config.k
 
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    k = ConfigField()
+    aux_k = ConfigField()
 
     def inference_threshold(self) -> torch.Tensor:
         """[n_latents] threshold of the inference rule in the SAE's dtype (0 before any estimate)."""
@@ -228,8 +194,6 @@ class BatchTopKSAE(SAE):
         latent's threshold = the estimated threshold, b_dec subtracted before encoding
         (apply_b_dec_to_input=True). Its encode / forward latents equal this SAE's eval-mode ones.
         Raises ValueError while no threshold has been estimated (train in training mode first)."""
-        from .jumprelu import JumpReLUSAE  # a sibling module; imported here to keep modules independent
-
         estimate = float(self.threshold)
         if estimate <= 0:
             raise ValueError(

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows, padded_rows, threshold_encode
+from .._checks import boolean, non_negative, non_negative_int
+from ..ops.threshold_encode import DEFAULT_CANDIDATES, compact_rows
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative, register
+from .base import SAEConfig
 
 
 @dataclass
@@ -54,12 +56,12 @@ class GatedConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
-        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
 
 
 @register
-class GatedSAE(KeywordConfigSAE):
+class GatedSAE(_shared.DenseActivationSAE):
     """A Gated sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2404.16014).
 
     Args:
@@ -76,7 +78,6 @@ class GatedSAE(KeywordConfigSAE):
     architecture = "gated"
     config_class = GatedConfig
     config: GatedConfig
-    unit_norm_decoder = True
 
     def _build(self) -> None:
         self.init_weights_()
@@ -86,31 +87,19 @@ class GatedSAE(KeywordConfigSAE):
         _shared.register_step_counter(self, device)
         self._candidates = DEFAULT_CANDIDATES
 
-    def _input_bias(self) -> torch.Tensor | None:
-        return self.b_dec if self.config.apply_b_dec_to_input else None
-
     # ----------------------------------------------------------------------------- forward pieces
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The nonzero latents f of x [..., d_in], padded to [..., m] (m = the largest count of any
         row; empty slots: value 0, index -1). Sparse: open gates by threshold_encode (threshold 0),
         magnitudes from their pre-activations (in bfloat16 / float16 with one extra rounding)."""
-        zeros = torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
-        gate, indices = threshold_encode(
-            self._rows(x), self.W_enc, self.b_enc, zeros, self._input_bias(), candidates=self._candidates,
-            backend=self.backend,
-        )  # fmt: skip
-        self._candidates = _shared.next_candidates(self._candidates, gate, self.n_latents)
+        gate, indices = self._latents_above(x, self._zero_threshold())
         open_gate = indices >= 0
         slot = indices.clamp_min(0).long()
         projection = gate - self.b_enc[slot]  # x_c . W_enc_i
         magnitude = (self.r_mag.exp()[slot] * projection + self.b_mag[slot]).relu()
         latents = compact_rows(magnitude, indices, open_gate & (magnitude > 0))
         return _shared.shaped(latents, x.shape[:-1])
-
-    def decode(self, latents: SparseLatents) -> torch.Tensor:
-        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
-        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module
@@ -133,15 +122,4 @@ class GatedSAE(KeywordConfigSAE):
         aux, _, _ = _shared.dense_losses(rows, via_gate)
         coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
         loss = recon + coefficient.to(acc) * l1 + aux
-        if _shared.is_training_step(self):
-            _shared.advance(self)
-        latents = padded_rows(f, f > 0)
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return ForwardOutput(
-            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
-            latents=_shared.shaped(latents, x.shape[:-1]),
-            fvu=fvu,
-            mse=mse,
-            auxk_loss=fvu.new_zeros(()),
-            loss=loss,
-        )
+        return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)

@@ -44,10 +44,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
+from .._checks import boolean, non_negative, non_negative_int, positive_number
+from ..ops.threshold_encode import DEFAULT_CANDIDATES
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative, register
+from .base import SAEConfig
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")
@@ -86,14 +88,14 @@ class JumpReLUConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l0_coefficient = non_negative("l0_coefficient", self.l0_coefficient)
-        self.bandwidth = _shared.positive_number("bandwidth", self.bandwidth)
-        self.threshold_init = _shared.positive_number("threshold_init", self.threshold_init)
+        self.bandwidth = positive_number("bandwidth", self.bandwidth)
+        self.threshold_init = positive_number("threshold_init", self.threshold_init)
         if self.sparsity_loss not in SPARSITY_LOSSES:
             raise ValueError(f"sparsity_loss: expected one of {SPARSITY_LOSSES}, got {self.sparsity_loss!r}")
-        self.tanh_scale = _shared.positive_number("tanh_scale", self.tanh_scale)
+        self.tanh_scale = positive_number("tanh_scale", self.tanh_scale)
         self.pre_act_coefficient = non_negative("pre_act_coefficient", self.pre_act_coefficient)
-        _shared.non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l0_warmup_steps", self.l0_warmup_steps)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
         if self.threshold_parametrization not in THRESHOLD_PARAMETRIZATIONS:
             raise ValueError(
                 f"threshold_parametrization: expected one of {THRESHOLD_PARAMETRIZATIONS}, "
@@ -142,7 +144,7 @@ class _Step(torch.autograd.Function):
 
 
 @register
-class JumpReLUSAE(KeywordConfigSAE):
+class JumpReLUSAE(_shared.DenseActivationSAE):
     """A JumpReLU sparse autoencoder (Rajamanoharan et al. 2024, arXiv:2407.14435).
 
     Args:
@@ -191,24 +193,12 @@ class JumpReLUSAE(KeywordConfigSAE):
             return self.direct_threshold
         return self.log_threshold.exp()
 
-    def _input_bias(self) -> torch.Tensor | None:
-        return self.b_dec if self.config.apply_b_dec_to_input else None
-
     # ----------------------------------------------------------------------------- forward pieces
 
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The active latents of x [..., d_in] (pre > threshold), padded to [..., m] with m the
         largest count of any row; empty slots hold value 0 and index -1. Sparse (threshold_encode)."""
-        latents = threshold_encode(
-            self._rows(x), self.W_enc, self.b_enc, self.threshold.detach(), self._input_bias(),
-            candidates=self._candidates, backend=self.backend,
-        )  # fmt: skip
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return _shared.shaped(latents, x.shape[:-1])
-
-    def decode(self, latents: SparseLatents) -> torch.Tensor:
-        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
-        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+        return _shared.shaped(self._latents_above(x, self.threshold.detach()), x.shape[:-1])
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module docstring).
@@ -241,15 +231,4 @@ class JumpReLUSAE(KeywordConfigSAE):
             if dead_mask is not None:
                 shortfall = shortfall * dead_mask
             loss = loss + cfg.pre_act_coefficient * shortfall.sum(1).mean()
-        if _shared.is_training_step(self):
-            _shared.advance(self)
-        latents = padded_rows(f, f > 0)
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return ForwardOutput(
-            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
-            latents=_shared.shaped(latents, x.shape[:-1]),
-            fvu=fvu,
-            mse=mse,
-            auxk_loss=fvu.new_zeros(()),
-            loss=loss,
-        )
+        return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)

@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import pairwise
 
-import torch
-
 from ..ops import sae_loss
-from .base import register
+from ..registry import register
+from .base import ConfigField
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
 
@@ -72,31 +71,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
     config: MatryoshkaConfig
 
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        matryoshka_widths: list[int] | None = None,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        threshold_beta: float = 0.999,
-        threshold_start_step: int = 1000,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = MatryoshkaConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, threshold_beta=threshold_beta,
-            threshold_start_step=threshold_start_step, matryoshka_widths=matryoshka_widths,
-        )  # fmt: skip
-        super(BatchTopKSAE, self).__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
-
-    @property
-    def matryoshka_widths(self) -> list[int]:
-        return self.config.matryoshka_widths
+    matryoshka_widths = ConfigField()
 
     def _objective(self, rows, values, indices, aux_values, aux_indices, dead_mask):
         """Sum of the prefixes' FVUs plus the AuxK term of the full reconstruction."""

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.threshold_encode import DEFAULT_CANDIDATES, padded_rows, threshold_encode
+from .._checks import boolean, non_negative, non_negative_int, positive_number
+from ..ops.threshold_encode import DEFAULT_CANDIDATES
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import KeywordConfigSAE, SAEConfig, non_negative, register
+from .base import SAEConfig
 
 
 @dataclass
@@ -53,13 +55,13 @@ class ReLUConfig(SAEConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
-        _shared.non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
-        self.decoder_init_norm = _shared.positive_number("decoder_init_norm", self.decoder_init_norm)
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
+        self.decoder_init_norm = positive_number("decoder_init_norm", self.decoder_init_norm)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
 
 
 @register
-class ReLUSAE(KeywordConfigSAE):
+class ReLUSAE(_shared.DenseActivationSAE):
     """A ReLU sparse autoencoder with the decoder-norm-weighted L1 penalty (Anthropic, April 2024).
 
     Args:
@@ -85,9 +87,6 @@ class ReLUSAE(KeywordConfigSAE):
         _shared.register_step_counter(self, self._init_device)
         self._candidates = DEFAULT_CANDIDATES
 
-    def _input_bias(self) -> torch.Tensor | None:
-        return self.b_dec if self.config.apply_b_dec_to_input else None
-
     def l1_coefficient_now(self) -> torch.Tensor:
         """lambda at the current step (after warm-up: l1_coefficient), a float64 scalar tensor."""
         return _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
@@ -97,17 +96,7 @@ class ReLUSAE(KeywordConfigSAE):
     def encode(self, x: torch.Tensor) -> SparseLatents:
         """The positive latents of x [..., d_in], padded to [..., m] (m = the largest count of any
         row; empty slots: value 0, index -1). Sparse (threshold_encode with threshold 0)."""
-        zeros = torch.zeros(self.n_latents, dtype=self.dtype, device=self.device)
-        latents = threshold_encode(
-            self._rows(x), self.W_enc, self.b_enc, zeros, self._input_bias(),
-            candidates=self._candidates, backend=self.backend,
-        )  # fmt: skip
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return _shared.shaped(latents, x.shape[:-1])
-
-    def decode(self, latents: SparseLatents) -> torch.Tensor:
-        """x_hat [..., d_in] from padded latents (sparse_decode; index -1 = empty slot)."""
-        return _shared.decode_latents(latents, self.W_dec, self.b_dec, self.backend)
+        return _shared.shaped(self._latents_above(x, self._zero_threshold()), x.shape[:-1])
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> ForwardOutput:
         """Encodes, decodes and scores x [..., d_in]; ``loss`` is the whole objective (module
@@ -123,15 +112,4 @@ class ReLUSAE(KeywordConfigSAE):
         acc = fvu.dtype
         l1 = (f.to(acc) * self.W_dec.to(acc).norm(dim=1)).sum(1).mean()
         loss = recon + self.l1_coefficient_now().to(acc) * l1
-        if _shared.is_training_step(self):
-            _shared.advance(self)
-        latents = padded_rows(f, f > 0)
-        self._candidates = _shared.next_candidates(self._candidates, latents[0], self.n_latents)
-        return ForwardOutput(
-            x_hat=x_hat.reshape(*x.shape[:-1], self.d_in),
-            latents=_shared.shaped(latents, x.shape[:-1]),
-            fvu=fvu,
-            mse=mse,
-            auxk_loss=fvu.new_zeros(()),
-            loss=loss,
-        )
+        return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import boolean, choice
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..ops.topk_encode import PRECISIONS
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared
-from .base import SAE, SAEConfig, non_negative, positive_int, register
+from .base import ConfigField, KeywordConfigSAE, SAEConfig
 
 
 #: Values of TopKConfig.precision: topk_encode's precisions and "auto".
@@ -68,22 +70,11 @@ class TopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_in // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        if not isinstance(self.multi_topk, bool):
-            raise ValueError(f"multi_topk: expected True or False, got {self.multi_topk!r}")
-        _shared.boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
-        if self.input_norm not in _shared.INPUT_NORMS:
-            raise ValueError(f"input_norm: expected one of {_shared.INPUT_NORMS}, got {self.input_norm!r}")
-        if self.precision not in TOPK_PRECISIONS:
-            raise ValueError(f"precision: expected one of {', '.join(TOPK_PRECISIONS)}, got {self.precision!r}")
+        _shared.check_topk_fields(self, reconstruction_width=self.d_in)
+        boolean("multi_topk", self.multi_topk)
+        boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
+        choice("input_norm", self.input_norm, _shared.INPUT_NORMS)
+        choice("precision", self.precision, TOPK_PRECISIONS)
 
     @property
     def encoder_precision(self) -> str:
@@ -98,7 +89,7 @@ MULTI_TOPK_WEIGHT = 1 / 8
 
 
 @register
-class TopKSAE(SAE):
+class TopKSAE(KeywordConfigSAE):
     """A TopK sparse autoencoder as a plain ``nn.Module`` (Gao et al. 2024).
 
     Args:
@@ -124,37 +115,10 @@ class TopKSAE(SAE):
     architecture = "topk"
     config_class = TopKConfig
     config: TopKConfig
+    required_fields = ("k",)
 
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        multi_topk: bool = False,
-        apply_b_dec_to_input: bool = True,
-        input_norm: str = "none",
-        precision: str = "exact",
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = TopKConfig(
-            d_in=d_in, n_latents=n_latents, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, multi_topk=multi_topk,
-            apply_b_dec_to_input=apply_b_dec_to_input, input_norm=input_norm, precision=precision,
-        )  # fmt: skip
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
-
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    k = ConfigField()
+    aux_k = ConfigField()
 
     # ----------------------------------------------------------------------------- forward pieces
 

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._checks import boolean, positive_int
 from ..ops import sae_loss, topk_encode
 from ..ops._common import acc_dtype, row_blocks
 from ..outputs import ForwardOutput, SparseLatents
+from ..registry import register
 from . import _shared, base
-from .base import SAE, SAEConfig, geometric_median, non_negative, positive_int, register, unit_rows
+from .base import ConfigField, KeywordConfigSAE, SAEConfig, sample_center, unit_rows
 
 
 @dataclass
@@ -53,20 +55,12 @@ class TranscoderConfig(SAEConfig):
         if self.d_out is None:
             self.d_out = self.d_in
         positive_int("d_out", self.d_out)
-        positive_int("k", self.k)
-        if self.k > self.n_latents:
-            raise ValueError(f"k: expected 1 <= k <= n_latents ({self.n_latents}), got {self.k}")
-        if self.aux_k is None:
-            self.aux_k = max(1, min(self.d_out // 2, self.n_latents))
-        positive_int("aux_k", self.aux_k)
-        if self.aux_k > self.n_latents:
-            raise ValueError(f"aux_k: expected 1 <= aux_k <= n_latents ({self.n_latents}), got {self.aux_k}")
-        self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
-        _shared.boolean("skip", self.skip)
+        _shared.check_topk_fields(self, reconstruction_width=self.d_out)
+        boolean("skip", self.skip)
 
 
 @register
-class Transcoder(SAE):
+class Transcoder(KeywordConfigSAE):
     """A TopK transcoder, optionally with a skip connection (module docstring).
 
     Args:
@@ -84,27 +78,7 @@ class Transcoder(SAE):
     architecture = "transcoder"
     config_class = TranscoderConfig
     config: TranscoderConfig
-    unit_norm_decoder = True
-
-    def __init__(
-        self,
-        d_in: int,
-        n_latents: int,
-        k: int,
-        *,
-        d_out: int | None = None,
-        aux_k: int | None = None,
-        auxk_alpha: float = 1 / 32,
-        skip: bool = False,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        backend: str | None = None,
-    ) -> None:
-        config = TranscoderConfig(
-            d_in=d_in, n_latents=n_latents, d_out=d_out, k=k, aux_k=aux_k, auxk_alpha=auxk_alpha, skip=skip
-        )
-        super().__init__(config, dtype=dtype, device=device, backend=backend)
-        self._build()
+    required_fields = ("k",)
 
     def init_weights_(self) -> None:
         """sparsify's transcoder init: unit-norm random encoder rows, zero decoder, biases and skip."""
@@ -120,30 +94,16 @@ class Transcoder(SAE):
         if self.config.skip:
             self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype, device=device))
 
-    @property
-    def d_out(self) -> int:
-        return self.config.d_out
-
-    @property
-    def k(self) -> int:
-        return self.config.k
-
-    @property
-    def aux_k(self) -> int:
-        return self.config.aux_k
+    d_out = ConfigField()
+    k = ConfigField()
+    aux_k = ConfigField()
 
     @torch.no_grad()
     def init_b_dec_(self, y: torch.Tensor, method: str = "geometric_median") -> None:
         """Sets b_dec from a sample of the TARGET activations y [..., d_out]: their geometric median
         (default) or mean (b_dec lives in the output space)."""
         rows = self._rows(y, "y", self.d_out, "d_out")
-        if method == "geometric_median":
-            center = geometric_median(rows)
-        elif method == "mean":
-            center = rows.to(torch.float64).mean(0)
-        else:
-            raise ValueError(f"method: expected 'geometric_median' or 'mean', got {method!r}")
-        self.b_dec.copy_(center.to(self.dtype))
+        self.b_dec.copy_(sample_center(rows, method).to(self.dtype))
 
     # ----------------------------------------------------------------------------- forward pieces
 

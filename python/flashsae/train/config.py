@@ -10,16 +10,14 @@ April 2024 update; sparsify).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import itertools
 import math
-import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+from .._checks import boolean, choice, fraction, non_negative_int, positive_int, positive_number, text
+from ..model_loading import DEFAULT_MODEL
+
 DEFAULT_HOOKPOINT = "encoder.layer.3"
 BUILTIN_CORPUS = "pydoc"
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,34 +31,6 @@ OPTIMIZER_MOMENTS = ("elementwise", "row", "row-int8")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 #: sparsify's and Gao et al.'s "dead": no activation in the last 10M tokens.
 LITERATURE_DEAD_TOKENS = 10_000_000
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-
-
-def _non_negative_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-
-
-def _fraction(name: str, value: object, *, closed_high: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (0 <= value < 1 or (closed_high and value == 1)):
-        raise ValueError(f"{name}: expected a number in [0, 1{']' if closed_high else ')'}, got {value!r}")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-
-
-def _text(name: str, value: object, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name}: expected a non-empty string, got {value!r}")
 
 
 @dataclass
@@ -103,30 +73,28 @@ class ActivationSourceConfig:
     """Allow models that need their own code from the hub (transformers' trust_remote_code)."""
 
     def __post_init__(self) -> None:
-        _text("model", self.model)
+        text("model", self.model)
         if self.hookpoints is not None:
             if isinstance(self.hookpoints, str):
                 self.hookpoints = [self.hookpoints]
             if not isinstance(self.hookpoints, list) or not self.hookpoints:
                 raise ValueError(f"hookpoints: expected a non-empty list of module paths, got {self.hookpoints!r}")
             for hookpoint in self.hookpoints:
-                _text("hookpoints", hookpoint)
+                text("hookpoints", hookpoint)
             if len(set(self.hookpoints)) != len(self.hookpoints):
                 raise ValueError(f"hookpoints: expected distinct module paths, got {self.hookpoints}")
-        _text("dataset", self.dataset)
-        _text("dataset_config", self.dataset_config, optional=True)
-        _text("dataset_split", self.dataset_split)
-        _text("text_field", self.text_field)
-        _positive_int("ctx_len", self.ctx_len)
+        text("dataset", self.dataset)
+        text("dataset_config", self.dataset_config, optional=True)
+        text("dataset_split", self.dataset_split)
+        text("text_field", self.text_field)
+        positive_int("ctx_len", self.ctx_len)
         if self.ctx_len < 4:
             raise ValueError(f"ctx_len: expected at least 4 tokens (room for special tokens), got {self.ctx_len}")
-        _positive_int("model_batch_size", self.model_batch_size)
-        if not isinstance(self.exclude_special_tokens, bool):
-            raise ValueError(f"exclude_special_tokens: expected a bool, got {self.exclude_special_tokens!r}")
-        _choice("device", self.device, DEVICES)
-        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
-        if not isinstance(self.trust_remote_code, bool):
-            raise ValueError(f"trust_remote_code: expected a bool, got {self.trust_remote_code!r}")
+        positive_int("model_batch_size", self.model_batch_size)
+        boolean("exclude_special_tokens", self.exclude_special_tokens)
+        choice("device", self.device, DEVICES)
+        choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        boolean("trust_remote_code", self.trust_remote_code)
 
     def model_hookpoints(self) -> list[str]:
         """The hookpoint patterns to resolve on the model (the default model's layer 3 if unset)."""
@@ -152,11 +120,11 @@ class CacheConfig(ActivationSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _text("out", self.out)
+        text("out", self.out)
         if self.cache_tokens is not None:
-            _positive_int("cache_tokens", self.cache_tokens)
-        _positive_int("shard_tokens", self.shard_tokens)
-        _choice("cache_dtype", self.cache_dtype, MODEL_DTYPES)
+            positive_int("cache_tokens", self.cache_tokens)
+        positive_int("shard_tokens", self.shard_tokens)
+        choice("cache_dtype", self.cache_dtype, MODEL_DTYPES)
 
 
 @dataclass
@@ -258,48 +226,43 @@ class TrainConfig(ActivationSourceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _text("activations", self.activations, optional=True)
-        _text("architecture", self.architecture)
+        text("activations", self.activations, optional=True)
+        text("architecture", self.architecture)
         if self.n_latents is not None:
-            _positive_int("n_latents", self.n_latents)
-        _positive_int("expansion_factor", self.expansion_factor)
+            positive_int("n_latents", self.n_latents)
+        positive_int("expansion_factor", self.expansion_factor)
         if self.k is not None:
-            _positive_int("k", self.k)
+            positive_int("k", self.k)
         if not isinstance(self.sae_options, dict) or not all(isinstance(key, str) for key in self.sae_options):
             raise ValueError(f"sae_options: expected a dict of config field names, got {self.sae_options!r}")
         clashes = sorted({"d_in", "n_latents", "k"} & set(self.sae_options))
         if clashes:
             raise ValueError(f"sae_options: set {', '.join(clashes)} with its own option, not in sae_options")
-        _positive_int("train_tokens", self.train_tokens)
-        _positive_int("batch_size", self.batch_size)
-        _positive_int("buffer_tokens", self.buffer_tokens)
+        positive_int("train_tokens", self.train_tokens)
+        positive_int("batch_size", self.batch_size)
+        positive_int("buffer_tokens", self.buffer_tokens)
         if self.buffer_tokens < 2 * self.batch_size:
             raise ValueError(
                 f"buffer_tokens: expected at least 2 x batch_size = {2 * self.batch_size} (the buffer refills when "
                 f"half empty), got {self.buffer_tokens}"
             )
-        if isinstance(self.lr_at_16k, bool) or not isinstance(self.lr_at_16k, (int, float)) or not self.lr_at_16k > 0:
-            raise ValueError(f"lr_at_16k: expected a positive number, got {self.lr_at_16k!r}")
-        if self.lr is not None and (
-            isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf
-        ):
-            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
-        _fraction("lr_warmup_fraction", self.lr_warmup_fraction)
-        _fraction("lr_decay_fraction", self.lr_decay_fraction, closed_high=True)
+        for name in ("lr_at_16k", "lr", "adam_eps"):
+            if getattr(self, name) is not None or name != "lr":
+                positive_number(name, getattr(self, name), expected="a positive number")
+        fraction("lr_warmup_fraction", self.lr_warmup_fraction)
+        fraction("lr_decay_fraction", self.lr_decay_fraction, high_closed=True)
         if self.lr_warmup_fraction + self.lr_decay_fraction > 1:
             raise ValueError(
                 f"lr_decay_fraction: warm-up ({self.lr_warmup_fraction}) and decay ({self.lr_decay_fraction}) "
                 "fractions add up to more than 1"
             )
-        _fraction("adam_beta1", self.adam_beta1)
-        _fraction("adam_beta2", self.adam_beta2)
-        if isinstance(self.adam_eps, bool) or not isinstance(self.adam_eps, (int, float)) or not self.adam_eps > 0:
-            raise ValueError(f"adam_eps: expected a positive number, got {self.adam_eps!r}")
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
+        fraction("adam_beta1", self.adam_beta1)
+        fraction("adam_beta2", self.adam_beta2)
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("optimizer_state_dtype", self.optimizer_state_dtype, OPTIMIZER_STATE_DTYPES)
         if self.optimizer == "adam" and self.optimizer_state_dtype != "float32":
             raise ValueError("optimizer_state_dtype: bfloat16 moments need --optimizer sparse_adam")
-        _choice("optimizer_moments", self.optimizer_moments, OPTIMIZER_MOMENTS)
+        choice("optimizer_moments", self.optimizer_moments, OPTIMIZER_MOMENTS)
         if self.optimizer == "adam" and self.optimizer_moments != "elementwise":
             raise ValueError(f"optimizer_moments: {self.optimizer_moments} moments need --optimizer sparse_adam")
         if self.optimizer == "sparse_adam" and self.adam_beta1**2 >= self.adam_beta2:
@@ -308,26 +271,23 @@ class TrainConfig(ActivationSourceConfig):
                 f"{self.adam_beta1} and {self.adam_beta2}"
             )
         if self.dead_tokens is not None:
-            _positive_int("dead_tokens", self.dead_tokens)
-        if not isinstance(self.normalize_activations, bool):
-            raise ValueError(f"normalize_activations: expected a bool, got {self.normalize_activations!r}")
-        _choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
-        _text("init_from", self.init_from, optional=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an int >= 0, got {self.seed!r}")
-        _choice("autocast", self.autocast, AUTOCAST_MODES)
-        _choice("precision", self.precision, PRECISION_MODES)
-        _text("out", self.out, optional=True)
+            positive_int("dead_tokens", self.dead_tokens)
+        boolean("normalize_activations", self.normalize_activations)
+        choice("b_dec_init", self.b_dec_init, B_DEC_INITS)
+        text("init_from", self.init_from, optional=True)
+        non_negative_int("seed", self.seed)
+        choice("autocast", self.autocast, AUTOCAST_MODES)
+        choice("precision", self.precision, PRECISION_MODES)
+        text("out", self.out, optional=True)
         for name in ("resume", "progress", "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+            boolean(name, getattr(self, name))
         if self.resume and self.out is None:
             raise ValueError("resume: needs --out, the directory of the run to continue")
-        _non_negative_int("checkpoint_every", self.checkpoint_every)
-        _positive_int("log_every", self.log_every)
-        _non_negative_int("eval_tokens", self.eval_tokens)
-        _non_negative_int("max_nonfinite_batches", self.max_nonfinite_batches)
-        _text("wandb_project", self.wandb_project, optional=True)
+        non_negative_int("checkpoint_every", self.checkpoint_every)
+        positive_int("log_every", self.log_every)
+        non_negative_int("eval_tokens", self.eval_tokens)
+        non_negative_int("max_nonfinite_batches", self.max_nonfinite_batches)
+        text("wandb_project", self.wandb_project, optional=True)
 
     # ------------------------------------------------------------------------- derived settings
 
@@ -364,19 +324,3 @@ RESUMABLE_OVERRIDES = frozenset(
     {"resume", "train_tokens", "checkpoint_every", "log_every", "eval_tokens", "progress", "tensorboard"}
     | {"wandb_project", "max_nonfinite_batches"}
 )
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """{field name: its docstring} of a dataclass and its bases (the string literal written under
-    each field), one line each, for the CLI's help."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        body = tree.body[0].body  # type: ignore[attr-defined]
-        for statement, following in itertools.pairwise(body):
-            documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-            if isinstance(statement, ast.AnnAssign) and documented and isinstance(following.value.value, str):
-                docs[statement.target.id] = " ".join(following.value.value.split())  # type: ignore[union-attr]
-    return docs

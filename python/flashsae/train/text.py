@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..model_loading import hub_offline
 from .config import BUILTIN_CORPUS
 
 #: .txt files are cut into documents of about this many characters, at blank lines where possible
@@ -149,13 +150,6 @@ def document_source(dataset: str, *, text_field: str = "text", split: str = "tra
         ) from exc
     _hf_column(stream, dataset, text_field)
     return DocumentSource(f"{dataset} ({split})", lambda start: (row[text_field] for row in stream.skip(start)))
-
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
-    return any(
-        os.environ.get(v, "0").lower() not in ("0", "", "false") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def _looks_like_path(name: str) -> bool:

@@ -31,15 +31,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._version import __version__
+from ..model_loading import resolve_device
 from ..modules import REGISTRY, SAE, create, load
 from ..ops import topk_encode_stats
-from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
-from .activations import ModelActivations, resolve_device
+from .activations import ModelActivations
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .metrics import MetricsLogger, StepMetrics, l0_of
+from .step import flush_optimizer, make_optimizer, optimizer_step
 
 CHECKPOINT_DIR = "checkpoint"
 SUMMARY_FILE = "summary.json"
@@ -107,12 +108,6 @@ def fold_activation_scale_(sae: SAE, scale: float) -> None:
         sae.W_enc.mul_(scale)
         sae.W_dec.div_(scale)
         sae.b_dec.div_(scale)
-
-
-def unit_norm_decoder(sae: SAE) -> bool:
-    """Whether training keeps the decoder rows at unit norm: an architecture opts out with
-    ``unit_norm_decoder = False`` (a class attribute, or a property when it depends on the config)."""
-    return bool(getattr(sae, "unit_norm_decoder", True))
 
 
 def check_trainable(architecture: str) -> None:
@@ -316,24 +311,7 @@ class Trainer:
         config = self.config
         for name, sae in self.saes.items():
             self.base_lr[name] = config.resolved_lr(sae.n_latents)
-            if config.optimizer == "sparse_adam":
-                self.optimizers[name] = SparseAdam(
-                    sae.parameters(),
-                    lr=self.base_lr[name],
-                    betas=(config.adam_beta1, config.adam_beta2),
-                    eps=config.adam_eps,
-                    state_dtype=config.optimizer_state_dtype,
-                    moments=config.optimizer_moments,
-                )
-                continue
-            self.optimizers[name] = torch.optim.Adam(
-                sae.parameters(),
-                lr=self.base_lr[name],
-                betas=(config.adam_beta1, config.adam_beta2),
-                eps=config.adam_eps,
-                # fused: one kernel per tensor and no [n, d] temporaries (torch's default Adam adds two)
-                fused=True,
-            )
+            self.optimizers[name] = make_optimizer(sae.parameters(), config, self.base_lr[name])
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -457,16 +435,7 @@ class Trainer:
                     "lower --lr"
                 )
             out.loss.backward()
-            optimizer = self.optimizers[name]
-            for group in optimizer.param_groups:
-                group["lr"] = self.base_lr[name] * factor
-            if unit_norm_decoder(sae):
-                sae.remove_decoder_parallel_grads_()
-                remove_parallel_row_grads_(sae.W_dec)  # row-sparse gradients (sparse_adam); else a no-op
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if unit_norm_decoder(sae):
-                self._normalize_decoder(sae, optimizer)
+            optimizer_step(sae, self.optimizers[name], self.base_lr[name] * factor)
             with torch.no_grad():
                 values, indices = out.latents
                 fired = indices[(values > 0) & (indices >= 0)].long()
@@ -477,26 +446,12 @@ class Trainer:
         self.step += 1
         self.tokens += next(iter(batch.values())).shape[0]
 
-    @staticmethod
-    def _normalize_decoder(sae: SAE, optimizer: torch.optim.Optimizer) -> None:
-        """Unit-norm decoder rows after a step: with SparseAdam only the rows it changed (the others
-        kept their unit norm), else every row."""
-        rows = optimizer.updated_rows(sae.W_dec) if isinstance(optimizer, SparseAdam) else None
-        if rows is None:
-            sae.normalize_decoder_()
-        else:
-            normalize_rows_(sae.W_dec, rows, master=optimizer.state[sae.W_dec].get("master"))
-
     def flush_optimizers(self) -> None:
         """Brings SparseAdam's skipped rows up to date (dense Adam's weights), renormalizing the decoder;
         a no-op for dense Adam. Done once training ends, before evaluation and saving; the checkpoint is
         written before it, so a resumed run continues exactly as an uninterrupted one."""
         for name, optimizer in self.optimizers.items():
-            if isinstance(optimizer, SparseAdam):
-                optimizer.flush()
-                sae = self.saes[name]
-                if unit_norm_decoder(sae):
-                    self._normalize_decoder(sae, optimizer)
+            flush_optimizer(self.saes[name], optimizer)
 
     def dead_fraction(self, name: str) -> float:
         return float((self.since_fired[name] >= self.dead_tokens).float().mean())
