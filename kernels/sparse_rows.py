@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._sparse_rows import latent_segments
+from .._latent_segments import latent_segments
 from ._launch import INTERPRETED, check_int32_addressable, next_pow2
 
 

@@ -24,22 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from .._latent_segments import latent_segments  # noqa: F401 (the ops' one name for the slot sort)
 from ._common import acc_dtype, gpu_launchers, row_blocks
 
 #: Elements of one [rows, k, d] gather block (64 MiB in float32).
 BLOCK_ELEMENTS = 1 << 24
-
-
-def latent_segments(indices: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order, bounds): the flat slot ids b * k + j sorted by latent (stable, so ascending within a
-    latent), int64 [rows * k], and int64 [n + 1] offsets: the slots of latent i are
-    ``order[bounds[i]:bounds[i + 1]]``. Empty slots (-1) and any index outside [0, n) sort past the
-    last segment and are never summed."""
-    flat = indices.reshape(-1)
-    keys = torch.where((flat >= 0) & (flat < n), flat.long(), n)
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.searchsorted(sorted_keys, torch.arange(n + 1, device=indices.device))
-    return order, bounds
 
 
 def row_kernels(backend: str) -> ModuleType:
