@@ -20,6 +20,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/vector_load.h"
 
 namespace flashsae::cpu {
 namespace {
@@ -81,30 +82,9 @@ template <typename S> struct KeyTerms {
 // One row of a chunk into a float32 heap, sixteen entries at a time in GCC / Clang vector types (one
 // AVX-512 register; two or four narrower ones in the other clones): the keys are computed in
 // registers, and a group none of whose keys reaches the heap's root is skipped after one compare.
-typedef float v16f __attribute__((vector_size(64)));
+typedef VectorTypes<16>::f32 v16f;
 typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
-typedef _Float16 v16h __attribute__((vector_size(32)));
 
-inline __attribute__((always_inline)) v16f load16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline __attribute__((always_inline)) v16f load16(const bf16* p) {
-  v16u16 h;
-  std::memcpy(&h, p, sizeof h);
-  const v16u32 u = __builtin_convertvector(h, v16u32) << 16;
-  v16f v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline __attribute__((always_inline)) v16f load16(const f16* p) {
-  v16h h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, v16f);
-}
 
 struct RowTerms {
   const float* bias;  // chunk-local, or null
@@ -134,12 +114,12 @@ inline __attribute__((always_inline)) bool any_lane(v16i m) {
 
 template <typename C>
 inline __attribute__((always_inline)) v16f keys16(const C* row, int64_t c, const RowTerms& t) {
-  v16f a = load16(row + c);
-  if (t.bias != nullptr) a += load16(t.bias + c);
+  v16f a = load_lanes<16>(row + c);
+  if (t.bias != nullptr) a += load_lanes<16>(t.bias + c);
   if (t.q1 != nullptr) {
     const v16i magnitude_bits = (v16i)a & 0x7fffffff;
     const v16f magnitude = (v16f)magnitude_bits;
-    a = a + t.rel * magnitude + (t.p1 * load16(t.q1 + c) + (t.p2 * load16(t.q2 + c) + (t.z + load16(t.o + c))));
+    a = a + t.rel * magnitude + (t.p1 * load_lanes<16>(t.q1 + c) + (t.p2 * load_lanes<16>(t.q2 + c) + (t.z + load_lanes<16>(t.o + c))));
   }
   return a;
 }

@@ -13,6 +13,7 @@
 
 #include "cpu/dtype.h"
 #include "cpu/kernels.h"
+#include "cpu/vector_load.h"
 
 namespace flashsae::cpu {
 namespace {
@@ -20,29 +21,10 @@ namespace {
 constexpr int kLanes = 8;
 
 typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
-typedef _Float16 v8h __attribute__((vector_size(16)));
+typedef VectorTypes<kLanes>::f32 v8f;
+typedef VectorTypes<kLanes>::u16 v8u16;
+typedef VectorTypes<kLanes>::u32 v8u32;
 
-inline __attribute__((always_inline)) v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline __attribute__((always_inline)) v8f load8(const bf16* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof h);
-  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
-  v8f v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline __attribute__((always_inline)) v8f load8(const f16* p) {
-  v8h h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, v8f);
-}
 
 // Thirty-two lanes as four GCC / Clang vectors of eight (four AVX-512 registers: four independent
 // FMA chains, so a 768-long dot is not bound by one chain's latency); lane l sums t = l mod 32 in
@@ -55,7 +37,7 @@ inline __attribute__((always_inline)) double dot64_body(const double* xd, const 
     for (int a = 0; a < 4; ++a) {
       v8d xv;
       std::memcpy(&xv, xd + t + a * kLanes, sizeof xv);
-      acc[a] += xv * __builtin_convertvector(load8(w + t + a * kLanes), v8d);
+      acc[a] += xv * __builtin_convertvector(load_lanes<8>(w + t + a * kLanes), v8d);
     }
   }
   for (int l = 0; t + l < d; ++l) acc[l / kLanes][l % kLanes] += xd[t + l] * static_cast<double>(to_float(w[t + l]));
@@ -100,7 +82,7 @@ inline __attribute__((always_inline)) void square_sums_body(const T* w, int64_t 
   v8d a = {0, 0, 0, 0, 0, 0, 0, 0}, r = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t t = 0;
   for (; t + kLanes <= d; t += kLanes) {
-    const v8f v = load8(w + t);
+    const v8f v = load_lanes<8>(w + t);
     v8f lo = v;
     if (low != nullptr) {
       lo = round8(v, low);
