@@ -43,14 +43,16 @@ def saved_sae(directory, text, hookpoint="h.1", **metadata):
 def test_eval_reads_the_settings_from_the_metadata(tmp_path, text, capsys):
     sae = saved_sae(tmp_path / "sae", text)
     out = tmp_path / "results.json"
-    assert main(["eval", str(tmp_path / "sae"), "--n-tokens", "150", "--json", str(out), "--no-progress"]) == 0
+    # the whole corpus (its eval part alone holds fewer than 150 tokens)
+    argv = ["eval", str(tmp_path / "sae"), "--n-tokens", "150", "--part", "all", "--json", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "topk at transformer.h.1, 150 tokens" in printed and "ce_loss_recovered" in printed
+    assert "topk at transformer.h.1, 150 tokens of" in printed and "ce_loss_recovered" in printed
     (record,) = json.loads(out.read_text())["saes"]
     assert record["hookpoint"] == "transformer.h.1" and record["tokens"] == 150
     assert record["downstream"] == "causal_lm" and record["config"]["ctx_len"] == 16
     model, tokenizer = load_eval_model(str(tiny_gpt2()), device=torch.device("cpu"))
-    direct = evaluate(sae, model, "h.1", str(text), 150, tokenizer=tokenizer, ctx_len=16)
+    direct = evaluate(sae, model, "h.1", str(text), 150, tokenizer=tokenizer, ctx_len=16, part="all")
     for name, value in direct.metrics.items():
         assert record["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-12), name
 
@@ -70,7 +72,8 @@ def test_eval_of_a_run_directory_and_flag_overrides(tmp_path, text, capsys):
     transcoder = flashsae.Transcoder(24, 32, 4)
     transcoder.save(tmp_path / "tc")
     argv = ["eval", str(tmp_path / "tc"), "--model", str(tiny_gpt2()), "--dataset", str(text), "--ctx-len", "16"]
-    argv += ["--hookpoint", "h.0.ln_2", "--target-hookpoint", "h.0.mlp", "--n-tokens", "40", "--no-progress"]
+    argv += ["--hookpoint", "h.0.ln_2", "--target-hookpoint", "h.0.mlp", "--n-tokens", "40", "--part", "all"]
+    argv += ["--no-progress"]
     assert main(argv) == 0
     assert "transcoder at transformer.h.0.ln_2 -> transformer.h.0.mlp, 40 tokens" in capsys.readouterr().out
 

@@ -7,7 +7,8 @@ import torch
 from flashsae.model_loading import model_location
 from flashsae.train import TrainConfig
 from flashsae.train.activations import HookedModel, ModelActivations, load_model, resolve_hookpoints
-from train_helpers import tiny_bert, tiny_gpt2, write_text_files
+from flashsae.train.split import CorpusPart
+from train_helpers import TEXTS, tiny_bert, tiny_gpt2, write_text_files
 
 
 def bert():
@@ -111,9 +112,12 @@ def test_chunks_drop_padding_and_special_tokens(tmp_path, exclude):
         total += int(keep.sum())
     assert total > 0
     rest = sum(c["encoder.layer.0"].shape[0] for c in source.chunks())
-    stream = sum(len(tok.encode(t)) + 1 for t in __import__("train_helpers").TEXTS)  # + one [SEP] each
+    # the source reads the train part: the documents whose text does not hash into the eval part
+    texts = [text for text in TEXTS if CorpusPart("train", config.eval_fraction).keeps(text)]
+    assert 0 < len(texts) < len(TEXTS)
+    stream = sum(len(tok.encode(t)) + 1 for t in texts)  # + one [SEP] each
     n_contexts = -(-stream // (16 - 2))
-    expected = stream - len(__import__("train_helpers").TEXTS) if exclude else stream + 2 * n_contexts
+    expected = stream - len(texts) if exclude else stream + 2 * n_contexts
     assert total + rest == expected
 
 

@@ -142,7 +142,9 @@ def test_dead_latent_counters_drive_auxk(tmp_path, text):
 
     before.append(trainer.since_fired[HOOKS[0]].clone())
     trainer.train(on_step=on_step)
-    assert len(seen) == STEPS + 2  # 12 steps, then 2 evaluation batches (no dead mask)
+    # 12 steps, then the evaluation batches over the held-out tokens (no dead mask)
+    assert trainer.evaluation["tokens"] > 0
+    assert len(seen) == STEPS + -(-trainer.evaluation["tokens"] // BATCH)
     any_dead = False
     for step in range(STEPS):
         counter, (dead_mask, latents) = before[step], seen[step]
@@ -173,7 +175,9 @@ def test_decoder_norm_scale_folding_and_saved_sae(tmp_path, text):
     )
     result = trainer.train()
     sae = trainer.saes[name]
-    assert modes == [True] * STEPS + [False] * 2 and sae.training, "evaluation runs in eval mode, then back"
+    evaluation_batches = -(-result.evaluation["tokens"] // BATCH)
+    assert evaluation_batches >= 1 and result.evaluation["part"] == "eval"
+    assert modes == [True] * STEPS + [False] * evaluation_batches and sae.training, "evaluation in eval mode, then back"
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.n_latents), atol=1e-5)
     saved = flashsae.load(result.sae_paths[name])
     x = trainer.source.next_batch()[name]
@@ -190,6 +194,7 @@ def test_decoder_norm_scale_folding_and_saved_sae(tmp_path, text):
     assert 0 < figures["explained_variance"] <= 1 and figures["l0"] <= 8 and 0 <= figures["dead_pct"] <= 100
     summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["metrics"][name] == figures and summary["saes"][name] == str(result.sae_paths[name])
+    assert summary["evaluation"] == result.evaluation
     # folding is exact algebra: fold(s) then fold(1/s) gives the weights back
     copy = flashsae.load(result.sae_paths[name])
     fold_activation_scale_(copy, 2.5)

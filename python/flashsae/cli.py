@@ -87,11 +87,14 @@ def _run_train(args: argparse.Namespace) -> int:
         f"trained {result.tokens:,} tokens in {result.step:,} steps "
         f"({result.elapsed_s:.1f} s training, {wall:.1f} s in all)"
     )
+    held_out = result.evaluation
+    if held_out:
+        print(f"measured on {held_out['tokens']:,} held-out tokens: the {held_out['split']} of {held_out['dataset']}")
     for name, figures in result.metrics.items():
         if "explained_variance" in figures:
             print(
-                f"{name}: explained variance {figures['explained_variance']:.3f}, L0 {figures['l0']:.1f}, "
-                f"dead {figures['dead_pct']:.1f}% (on the next {config.eval_tokens:,} tokens of the stream)"
+                f"{name}: explained variance {figures['explained_variance']:.3f}, L0 {figures['l0']:.1f} (held out), "
+                f"dead {figures['dead_pct']:.1f}% (no firing in the last {trainer.dead_tokens:,} training tokens)"
             )
     for name, path in result.sae_paths.items():
         print(f"saved {name}: {path}  (flashsae.load({str(path)!r}))")

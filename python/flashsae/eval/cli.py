@@ -1,12 +1,13 @@
 """The ``flashsae eval`` and ``flashsae report`` subcommands (wired into flashsae.cli by
 ``add_eval_parser`` / ``run_eval`` and ``add_report_parser`` / ``run_report``).
 
-    flashsae eval PATH [--n-tokens 32768 --dataset ... --json results.json]
-    flashsae report RUN_DIR [--out report.html --top-latents 24 --examples 5]
+    flashsae eval PATH [--n-tokens 32768 --dataset ... --part eval --json results.json]
+    flashsae report RUN_DIR [--out report.html --top-latents 24 --latent-selection spread --examples 5]
 
 PATH is an SAE folder (cfg.json + sae.safetensors) or a run directory of ``flashsae train`` (every
 SAE in it is evaluated). Model, hookpoint, dataset, context length and special-token handling
-default to what the SAE's metadata records (the trainer writes them); flags override them.
+default to what the SAE's metadata records (the trainer writes them); flags override them. Both
+read the dataset's eval part by default: the documents the trainer held out (flashsae.train.split).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 from ..cli_args import add_subcommand, fail
 from ..model_loading import resolve_device
 from ..modules import load
+from ..train.split import DEFAULT_EVAL_FRACTION, PARTS
 from . import report
 from .data import load_eval_model
 from .downstream import DOWNSTREAM_KINDS
+from .examples import LATENT_SELECTIONS
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .report import REPORT_FILE, write_report
 from .runs import sae_directories, source_settings
@@ -32,6 +35,18 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="text to run the model on, as flashsae train takes it (default: the SAE's)")
+    parser.add_argument(
+        "--part",
+        default="eval",
+        choices=PARTS,
+        help="documents of the dataset to read: eval (held out from training; default), train or all",
+    )
+    parser.add_argument(
+        "--eval-fraction",
+        type=float,
+        help="share of documents in the eval part (default: the SAE's, as it was trained, else "
+        f"{DEFAULT_EVAL_FRACTION})",
+    )
     parser.add_argument("--device", default="auto", choices=DEVICES, help="(default: auto, cuda when available)")
     parser.add_argument(
         "--model-dtype", choices=MODEL_DTYPES, help="dtype of the model (default: the run's, else auto)"
@@ -59,8 +74,9 @@ flashsae.eval.downstream).
 
 PATH is an SAE folder (cfg.json + sae.safetensors) or a run directory of flashsae train (every SAE
 in it is evaluated). Model, hookpoint, dataset, context length and special-token handling default to
-what the SAE's metadata records; the flags override them. A transcoder takes --hookpoint (its input)
-and --target-hookpoint (what it predicts)."""
+what the SAE's metadata records; the flags override them. The dataset's eval part is read by default:
+the documents flashsae train held out (--part, --eval-fraction). A transcoder takes --hookpoint (its
+input) and --target-hookpoint (what it predicts)."""
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -105,7 +121,7 @@ def _pick(given: Any, recorded: dict[str, Any], key: str, default: Any = None) -
 
 def _print_result(path: Path, result: EvalResult) -> None:
     target = f" -> {result.target_hookpoint}" if result.target_hookpoint else ""
-    print(f"{path}: {result.architecture} at {result.hookpoint}{target}, {result.tokens:,} tokens")
+    print(f"{path}: {result.architecture} at {result.hookpoint}{target}, {result.tokens:,} tokens of {result.data}")
     width = max(len(name) for name in result.metrics)
     for name, value in result.metrics.items():
         shown = f"{100 * value:.2f}%" if name.endswith("_fraction") else f"{value:.6g}"
@@ -160,6 +176,8 @@ def run_eval(args: argparse.Namespace) -> int:
                 text_field=_pick(args.text_field, recorded, "text_field", "text"),
                 dataset_split=_pick(args.dataset_split, recorded, "dataset_split", "train"),
                 dataset_config=_pick(args.dataset_config, recorded, "dataset_config"),
+                part=args.part,
+                eval_fraction=float(_pick(args.eval_fraction, recorded, "eval_fraction", DEFAULT_EVAL_FRACTION)),
                 progress=args.progress,
             )
             _print_result(path, result)
@@ -185,6 +203,13 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help=f"the HTML file to write (default: RUN_DIR/{REPORT_FILE})")
     parser.add_argument("--n-tokens", type=int, default=16384, help="tokens evaluated for the report (default: 16384)")
     parser.add_argument("--top-latents", type=int, default=24, help="latent cards per SAE (default: 24)")
+    parser.add_argument(
+        "--latent-selection",
+        default="spread",
+        choices=LATENT_SELECTIONS,
+        help="which latents get cards: spread (a quarter the strongest, the rest spread over decade buckets of "
+        "density; default) or busiest (the most frequently firing)",
+    )
     parser.add_argument("--examples", type=int, default=5, help="top-activating contexts per latent (default: 5)")
     _add_source_flags(parser)
     return parser
@@ -198,8 +223,11 @@ def run_report(args: argparse.Namespace) -> int:
             args.out,
             n_tokens=args.n_tokens,
             top_latents=args.top_latents,
+            latent_selection=args.latent_selection,
             examples_per_latent=args.examples,
             dataset=args.dataset,
+            part=args.part,
+            eval_fraction=args.eval_fraction,
             device=args.device,
             model_dtype=args.model_dtype,
             batch_size=args.batch_size,

@@ -1,6 +1,10 @@
 """What evaluation runs the model on: batches of token ids with a mask of the tokens to evaluate,
 from text (packed into contexts exactly as ``flashsae train`` packs them) or from token ids; and
 loading a model for evaluation (with its LM head when it has one, for the downstream CE).
+
+A dataset named by a string is read from its eval part by default (flashsae.train.split: the
+documents ``flashsae train`` held out with the same eval_fraction), so an SAE is measured on text it
+was not trained on; texts, token ids and batches given directly are evaluated as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 from torch import nn
 
 from ..model_loading import load_model
+from ..train.split import DEFAULT_EVAL_FRACTION, CorpusPart
 from ..train.text import ContextPacker, DocumentSource, Tokenization, document_source
 
 
@@ -43,9 +48,9 @@ def _texts_source(texts: Sequence[str]) -> DocumentSource:
 
 
 def _contexts_from_text(
-    documents: DocumentSource, tokenizer: Any, ctx_len: int, batch_size: int
+    documents: DocumentSource, tokenizer: Any, ctx_len: int, batch_size: int, part: CorpusPart | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    packer = ContextPacker(documents, Tokenization(tokenizer), ctx_len, cycle=False)
+    packer = ContextPacker(documents, Tokenization(tokenizer), ctx_len, cycle=False, part=part)
     while (contexts := packer.next_contexts(batch_size)) is not None:
         input_ids, attention_mask = contexts
         yield {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -83,6 +88,8 @@ def token_batches(
     text_field: str = "text",
     dataset_split: str = "train",
     dataset_config: str | None = None,
+    part: str = "eval",
+    eval_fraction: float = DEFAULT_EVAL_FRACTION,
 ) -> Iterator[TokenBatch]:
     """Batches of `data` until n_tokens tokens are marked for evaluation (the last batch's mask is
     cut so that exactly n_tokens are, unless the data runs out first).
@@ -92,6 +99,7 @@ def token_batches(
     ctx_len tokens), an int tensor of token ids [contexts, tokens], or an iterable of model-input
     dicts holding input_ids [batch, tokens] (and optionally attention_mask, token_type_ids, ...).
     Special tokens are recognized through `tokenizer`; without one every real token is evaluated.
+    A dataset is read from its `part` (eval, train or all; split by eval_fraction).
     """
     if isinstance(data, str):
         if tokenizer is None:
@@ -101,6 +109,7 @@ def token_batches(
             tokenizer,
             ctx_len,
             batch_size,
+            CorpusPart(part, eval_fraction),
         )
     elif isinstance(data, torch.Tensor):
         contexts = _contexts_from_ids(data, batch_size)

@@ -19,9 +19,10 @@ from ..hookpoints import resolve_hookpoint
 from ..hooks import ablate, capture, splice
 from ..hooks._base import check_model, check_sae, decode
 from ..modules import SAE
+from ..train.split import DEFAULT_EVAL_FRACTION, CorpusPart
 from .data import TokenBatch, token_batches
 from .downstream import DOWNSTREAM_KINDS, CausalLMStats, EmbeddingStats, model_kind
-from .examples import LatentExamples, TopExamples
+from .examples import LATENT_SELECTIONS, LatentExamples, TopExamples, choose_latents
 from .metrics import DensityHistogram, ReconstructionStats, density_histogram
 
 
@@ -52,7 +53,11 @@ class EvalConfig:
     histogram_bins: int = 40
     """Bins of the log10 latent-density histogram."""
     top_latents: int = 0
-    """Collect top-activating examples of this many of the most frequently firing latents (0: none)."""
+    """Collect top-activating examples of this many latents, chosen by latent_selection (0: none)."""
+    latent_selection: str = "spread"
+    """Which latents get examples: spread (a quarter the strongest by maximum activation, the rest
+    spread over decade buckets of density; see flashsae.eval.examples) or busiest (the most
+    frequently firing)."""
     examples_per_latent: int = 5
     """Top-activating examples kept per latent when top_latents > 0."""
     text_field: str = "text"
@@ -61,6 +66,11 @@ class EvalConfig:
     """Split of a Hugging Face dataset."""
     dataset_config: str | None = None
     """Configuration name of a hub dataset."""
+    part: str = "eval"
+    """Which documents of a dataset given by name are evaluated: eval (the part flashsae train held
+    out), train or all (flashsae.train.split). Texts and token ids given directly are used as given."""
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    """The share of documents in the eval part: the eval_fraction the SAE was trained with."""
     progress: bool = False
     """Show a progress bar (tokens)."""
 
@@ -80,7 +90,12 @@ class EvalConfig:
         fraction("dense_threshold", self.dense_threshold, low_open=True)
         positive_int("histogram_bins", self.histogram_bins)
         non_negative_int("top_latents", self.top_latents)
+        if self.latent_selection not in LATENT_SELECTIONS:
+            raise ValueError(
+                f"latent_selection: expected one of {', '.join(LATENT_SELECTIONS)}, got {self.latent_selection!r}"
+            )
         positive_int("examples_per_latent", self.examples_per_latent)
+        CorpusPart(self.part, self.eval_fraction)  # checks both
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,9 +122,13 @@ class EvalResult:
     histogram: DensityHistogram
     """log10 latent-density histogram of the latents that fired; dead ones counted apart."""
     latents: list[LatentExamples] = field(default_factory=list)
-    """With top_latents > 0: the most frequently firing latents with their top-activating examples."""
+    """With top_latents > 0: the chosen latents (see latent_selection), each with its group and its
+    top-activating examples."""
     config: dict[str, Any] = field(default_factory=dict)
     """The EvalConfig it ran with."""
+    data: str = ""
+    """The tokens evaluated in words: for a dataset, its name and part (e.g. 'pydoc, eval part (10%
+    of documents, by text hash)'); else what was given."""
 
     def to_dict(self, *, density: bool = False) -> dict[str, Any]:
         """JSON-ready; the per-latent density list only when asked (n_latents floats)."""
@@ -123,6 +142,7 @@ class EvalResult:
             "histogram": self.histogram.to_dict(),
             "latents": [latent.to_dict() for latent in self.latents],
             "config": self.config,
+            "data": self.data,
         }
         if density:
             record["density"] = self.density.tolist()
@@ -216,6 +236,8 @@ def evaluate(
         text_field=config.text_field,
         dataset_split=config.dataset_split,
         dataset_config=config.dataset_config,
+        part=config.part,
+        eval_fraction=config.eval_fraction,
     )
     stats = ReconstructionStats(sae.n_latents, sae.device)
     downstream = {"causal_lm": CausalLMStats, "embedding": EmbeddingStats}.get(kind, lambda: None)()
@@ -238,9 +260,7 @@ def evaluate(
     density = stats.density().cpu()
     latents: list[LatentExamples] = []
     if collector is not None:
-        # the most frequently firing latents (ties: lower id), dead ones never
-        order = torch.argsort(density, descending=True, stable=True)[: config.top_latents]
-        chosen = [int(i) for i in order if density[i] > 0]
+        chosen = choose_latents(density, collector.max_activation(), config.top_latents, config.latent_selection)
         latents = collector.examples(chosen, density, tokenizer)
     return EvalResult(
         hookpoint=in_path,
@@ -253,7 +273,18 @@ def evaluate(
         histogram=density_histogram(density, stats.tokens, config.histogram_bins),
         latents=latents,
         config=config.to_dict(),
+        data=_describe_data(data, config),
     )
+
+
+def _describe_data(data: Any, config: EvalConfig) -> str:
+    if isinstance(data, str):
+        return f"{data}, {CorpusPart(config.part, config.eval_fraction).describe()}"
+    if isinstance(data, torch.Tensor):
+        return f"token ids {list(data.shape)}"
+    if isinstance(data, (list, tuple)):
+        return f"{len(data)} texts"
+    return "the given batches"
 
 
 def _evaluate_batch(

@@ -14,7 +14,9 @@ from typing import Any
 SAE_CONFIG = "cfg.json"
 #: Where an SAE's activations came from: metadata keys (the trainer's SOURCE_KEYS) and, for the
 #: text field, its saved train_config.
-SOURCE_KEYS = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
+SOURCE_KEYS = (
+    "model", "dataset", "dataset_config", "dataset_split", "eval_fraction", "ctx_len", "exclude_special_tokens",
+)  # fmt: skip
 
 
 def sae_directories(path: str | Path) -> list[Path]:

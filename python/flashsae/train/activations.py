@@ -5,6 +5,7 @@ last of them (the layers after it never run).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from .. import model_loading
 from ..hookpoints import resolve_hookpoints
 from ..model_loading import resolve_device
 from .config import ActivationSourceConfig
+from .split import CorpusPart
 from .text import ContextPacker, Tokenization, document_source
 
 
@@ -87,10 +89,18 @@ class ModelActivations:
     """Text -> model -> activations of every hookpoint, chunk by chunk.
 
     Each chunk holds the same tokens for every hookpoint ([tokens, d_h] each, in context order),
-    without padding and, by option, without special tokens. State: the packer's position.
+    without padding and, by option, without special tokens. `part` is the side of the corpus
+    split read (train, eval or all; split by config.eval_fraction). State: the packer's position.
     """
 
-    def __init__(self, config: ActivationSourceConfig, *, cycle: bool, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        config: ActivationSourceConfig,
+        *,
+        cycle: bool,
+        device: torch.device | None = None,
+        part: str = "train",
+    ) -> None:
         self.config = config
         self.device = device if device is not None else resolve_device(config.device)
         self.model, tokenizer = load_model(config, self.device)
@@ -101,7 +111,8 @@ class ModelActivations:
             config.dataset, text_field=config.text_field, split=config.dataset_split, config=config.dataset_config
         )
         self.dataset_description = documents.description
-        self.packer = ContextPacker(documents, self.tokenization, config.ctx_len, cycle=cycle)
+        self.part = CorpusPart(part, config.eval_fraction)
+        self.packer = ContextPacker(documents, self.tokenization, config.ctx_len, cycle=cycle, part=self.part)
         self.special_ids = self.tokenization.special_ids.to(self.device)
         self.widths = self._probe_widths()
         self._kept_this_pass = 0
@@ -112,6 +123,16 @@ class ModelActivations:
         ids = torch.tensor([self.tokenization.prefix + [self.tokenization.pad_id] * 2 + self.tokenization.suffix])
         outputs = self.hooked(ids.to(self.device), torch.ones_like(ids).to(self.device))
         return {name: out.shape[-1] for name, out in outputs.items()}
+
+    def other_part(self, part: str, *, cycle: bool = False) -> ModelActivations:
+        """The same model, hookpoints and corpus, reading `part` from its start (no second model load)."""
+        other = copy.copy(self)
+        other.part = CorpusPart(part, self.config.eval_fraction)
+        other.packer = ContextPacker(
+            self.packer.documents, self.tokenization, self.config.ctx_len, cycle=cycle, part=other.part
+        )
+        other._kept_this_pass = 0
+        return other
 
     def state_dict(self) -> dict[str, int]:
         return self.packer.state_dict()

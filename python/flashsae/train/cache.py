@@ -3,8 +3,14 @@
 Layout of a cache directory::
 
     manifest.json                       model, dataset, dtype, widths, token counts, checksums
-    <hookpoint>/shard-00000.safetensors one tensor "activations" [tokens, d] per shard
+    <hookpoint>/shard-00000.safetensors one tensor "activations" [tokens, d] per shard (train part)
     ...
+    <hookpoint>/eval-00000.safetensors  the same for the eval part (manifest: eval_shards)
+    ...
+
+The train shards hold the train part of the dataset, the eval shards the start of its eval part
+(flashsae.train.split, eval_fraction in the manifest): training reads the first, its end-of-training
+metrics the second, and no document is in both.
 
 Shard i of every hookpoint holds the same tokens (they come from the same forward passes), so one
 row index reads aligned activations of every hookpoint. Each shard is written to a temporary
@@ -27,6 +33,7 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +77,14 @@ def _folder(hookpoint: str) -> str:
 
 
 def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Runs the model over the dataset once (or for cache_tokens tokens) and writes the cache;
-    returns the manifest."""
+    """Runs the model over the train part of the dataset once (or for cache_tokens tokens), then
+    over the first eval_tokens tokens of its eval part, and writes the cache; returns the manifest."""
     out = Path(config.out)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"out: {out} already holds an activation cache; choose another directory")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
-    source = ModelActivations(config, cycle=False, device=device)
+    source = ModelActivations(config, cycle=False, device=device, part="train")
     dtype = resolve_model_dtype(config.model_dtype if config.cache_dtype == "auto" else config.cache_dtype, device)
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -87,6 +94,7 @@ def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]
         "dataset_config": config.dataset_config,
         "dataset_split": config.dataset_split,
         "text_field": config.text_field,
+        "eval_fraction": config.eval_fraction,
         "ctx_len": config.ctx_len,
         "exclude_special_tokens": config.exclude_special_tokens,
         "dtype": DTYPE_NAMES[dtype],
@@ -95,52 +103,76 @@ def write_cache(config: CacheConfig, *, progress: bool = True) -> dict[str, Any]
         "tokens": 0,
         "complete": False,
         "shards": [],
+        "eval_tokens": 0,
+        "eval_shards": [],
     }
     for info in manifest["hookpoints"].values():
         (out / info["folder"]).mkdir(exist_ok=True)
     write_json_atomic(out / MANIFEST, manifest)
-    limit = config.cache_tokens
-    pending: dict[str, list[torch.Tensor]] = {name: [] for name in source.hookpoints}
-    pending_rows = 0
-    started = time.perf_counter()
-
-    def flush(rows: int) -> None:
-        nonlocal pending_rows
-        index = len(manifest["shards"])
-        files = {}
-        for name, parts in pending.items():
-            block = torch.cat(parts)
-            shard, rest = block[:rows], block[rows:]
-            pending[name] = [rest] if rest.shape[0] else []
-            relative = f"{manifest['hookpoints'][name]['folder']}/shard-{index:05d}.safetensors"
-            final = out / relative
-            with atomic_file(final) as tmp:
-                save_file({TENSOR_NAME: shard.to("cpu", dtype).contiguous()}, str(tmp))
-            files[name] = {"path": relative, "sha256": _sha256(final), "bytes": final.stat().st_size}
-        pending_rows -= rows
-        manifest["shards"].append({"tokens": rows, "files": files})
-        manifest["tokens"] += rows
-        write_json_atomic(out / MANIFEST, manifest)
-        if progress:
-            rate = manifest["tokens"] / (time.perf_counter() - started)
-            print(f"shard {index}: {manifest['tokens']:,} tokens ({rate:,.0f} tokens/s)", file=sys.stderr, flush=True)
-
-    for chunk in source.chunks():
-        take = next(iter(chunk.values())).shape[0]
-        if limit is not None:
-            take = min(take, limit - manifest["tokens"] - pending_rows)
-        for name, rows in chunk.items():
-            pending[name].append(rows[:take].cpu())
-        pending_rows += take
-        while pending_rows >= config.shard_tokens:
-            flush(config.shard_tokens)
-        if limit is not None and manifest["tokens"] + pending_rows >= limit:
-            break
-    if pending_rows:
-        flush(pending_rows)
+    writer = _ShardWriter(out, manifest, dtype, config.shard_tokens, progress=progress)
+    writer.write(source.chunks(), config.cache_tokens, part="train")
+    if config.eval_tokens and config.eval_fraction > 0:
+        writer.write(source.other_part("eval").chunks(), config.eval_tokens, part="eval")
     manifest["complete"] = True
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
+
+
+class _ShardWriter:
+    """Cuts chunks of activations into shards of one part (train: manifest's shards and tokens;
+    eval: eval_shards and eval_tokens), each written, hashed and listed before the next."""
+
+    PREFIX = {"train": "shard", "eval": "eval"}
+
+    def __init__(self, out: Path, manifest: dict[str, Any], dtype: torch.dtype, shard_tokens: int, *, progress: bool):
+        self.out, self.manifest, self.dtype = out, manifest, dtype
+        self.shard_tokens, self.progress = shard_tokens, progress
+
+    def write(self, chunks: Iterator[dict[str, torch.Tensor]], limit: int | None, *, part: str) -> None:
+        shards_key, tokens_key = ("shards", "tokens") if part == "train" else ("eval_shards", "eval_tokens")
+        manifest = self.manifest
+        pending: dict[str, list[torch.Tensor]] = {name: [] for name in manifest["hookpoints"]}
+        pending_rows = 0
+        started = time.perf_counter()
+
+        def flush(rows: int) -> None:
+            nonlocal pending_rows
+            index = len(manifest[shards_key])
+            files = {}
+            for name, parts in pending.items():
+                block = torch.cat(parts)
+                shard, rest = block[:rows], block[rows:]
+                pending[name] = [rest] if rest.shape[0] else []
+                relative = f"{manifest['hookpoints'][name]['folder']}/{self.PREFIX[part]}-{index:05d}.safetensors"
+                final = self.out / relative
+                with atomic_file(final) as tmp:
+                    save_file({TENSOR_NAME: shard.to("cpu", self.dtype).contiguous()}, str(tmp))
+                files[name] = {"path": relative, "sha256": _sha256(final), "bytes": final.stat().st_size}
+            pending_rows -= rows
+            manifest[shards_key].append({"tokens": rows, "files": files})
+            manifest[tokens_key] += rows
+            write_json_atomic(self.out / MANIFEST, manifest)
+            if self.progress:
+                rate = manifest[tokens_key] / (time.perf_counter() - started)
+                print(
+                    f"{part} shard {index}: {manifest[tokens_key]:,} tokens ({rate:,.0f} tokens/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        for chunk in chunks:
+            take = next(iter(chunk.values())).shape[0]
+            if limit is not None:
+                take = min(take, limit - manifest[tokens_key] - pending_rows)
+            for name, rows in chunk.items():
+                pending[name].append(rows[:take].cpu())
+            pending_rows += take
+            while pending_rows >= self.shard_tokens:
+                flush(self.shard_tokens)
+            if limit is not None and manifest[tokens_key] + pending_rows >= limit:
+                break
+        if pending_rows:
+            flush(pending_rows)
 
 
 # ------------------------------------------------------------------------------------------ reader
@@ -207,9 +239,12 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     )  # fmt: skip
     if not manifest["shards"]:
         raise CacheError(f"activations: {directory} holds no complete shard")
-    counted = sum(shard["tokens"] for shard in manifest["shards"])
-    if counted != manifest["tokens"]:
-        raise CacheError(f"activations: {path} lists {counted} tokens in shards but {manifest['tokens']} in total")
+    for shards_key, tokens_key in (("shards", "tokens"), ("eval_shards", "eval_tokens")):
+        counted = sum(shard["tokens"] for shard in manifest.get(shards_key, []))
+        if counted != manifest.get(tokens_key, 0):
+            raise CacheError(
+                f"activations: {path} lists {counted} tokens in {shards_key} but {manifest[tokens_key]} in total"
+            )
     return manifest
 
 
@@ -249,18 +284,18 @@ class CachedActivations:
         self.shard_rows = np.array([shard["tokens"] for shard in self.manifest["shards"]], dtype=np.int64)
         self.total = int(self.shard_rows.sum())
         self.served = 0
-        self._shards: dict[tuple[int, str], CachedShard] = {}
+        self._shards: dict[tuple, CachedShard] = {}
         self._window_cache: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
 
-    def _shard(self, index: int, name: str) -> CachedShard:
-        key = (index, name)
+    def _shard(self, index: int, name: str, shards_key: str = "shards") -> CachedShard:
+        key = (index, name) if shards_key == "shards" else (shards_key, index, name)
         if key not in self._shards:
-            entry = self.manifest["shards"][index]["files"].get(name)
+            entry = self.manifest[shards_key][index]["files"].get(name)
             if entry is None:
-                raise CacheError(f"activations: shard {index} has no file for {name}")
+                raise CacheError(f"activations: {shards_key} {index} has no file for {name}")
             self._shards[key] = CachedShard(
                 self.directory / entry["path"],
-                rows=int(self.manifest["shards"][index]["tokens"]),
+                rows=int(self.manifest[shards_key][index]["tokens"]),
                 d=self.widths[name],
                 dtype=self.dtype,
                 sha256=entry["sha256"] if self.verify else None,
@@ -330,6 +365,20 @@ class CachedActivations:
         count = min(count, self.total)
         shard_ids, row_ids = self._rows(0, count)
         return self._read(shard_ids, row_ids)
+
+    @property
+    def eval_tokens(self) -> int:
+        """Tokens of the eval part in the cache (0 for a cache written without one)."""
+        return int(self.manifest.get("eval_tokens", 0))
+
+    def eval_chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The eval part in stored order, a shard at a time ({hookpoint: [rows, d]}); nothing for a
+        cache written without an eval part."""
+        for index, shard in enumerate(self.manifest.get("eval_shards", [])):
+            rows = np.arange(int(shard["tokens"]))
+            yield {
+                name: self._shard(index, name, "eval_shards").gather(rows).to(self.device) for name in self.hookpoints
+            }
 
     def state_dict(self) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
         return {"served": self.served}, {}

@@ -17,6 +17,7 @@ from typing import Any
 
 from .._checks import boolean, choice, fraction, non_negative_int, positive_int, positive_number, text
 from ..model_loading import DEFAULT_MODEL
+from .split import DEFAULT_EVAL_FRACTION, check_eval_fraction
 
 DEFAULT_HOOKPOINT = "encoder.layer.3"
 BUILTIN_CORPUS = "pydoc"
@@ -56,6 +57,11 @@ class ActivationSourceConfig:
     """Split of a Hugging Face dataset."""
     text_field: str = "text"
     """Field holding the text in JSONL records and Hugging Face datasets."""
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    """Share of the documents held out for evaluation: a document whose text hashes below this
+    (flashsae.train.split) is in the eval part, never trained on; the rest is the train part.
+    Training reads the train part; end-of-training metrics, flashsae eval and flashsae report read
+    the eval part. 0: no held-out part (everything is trained on, nothing is measured at the end)."""
     ctx_len: int = 128
     """Tokens per context, special tokens included: documents are tokenized, joined with the
     tokenizer's end-of-text (or separator) token and packed into contexts of this length."""
@@ -87,6 +93,7 @@ class ActivationSourceConfig:
         text("dataset_config", self.dataset_config, optional=True)
         text("dataset_split", self.dataset_split)
         text("text_field", self.text_field)
+        check_eval_fraction(self.eval_fraction)
         positive_int("ctx_len", self.ctx_len)
         if self.ctx_len < 4:
             raise ValueError(f"ctx_len: expected at least 4 tokens (room for special tokens), got {self.ctx_len}")
@@ -111,8 +118,12 @@ class CacheConfig(ActivationSourceConfig):
     out: str = "flashsae-cache"
     """Directory to write: manifest.json plus one folder of safetensors shards per hookpoint."""
     cache_tokens: int | None = None
-    """Tokens to store per hookpoint; None: one pass over the dataset (required for an endless
-    stream)."""
+    """Tokens of the dataset's train part to store per hookpoint; None: one pass over it (required
+    for an endless stream)."""
+    eval_tokens: int = 65536
+    """Tokens of the dataset's eval part (see eval_fraction) stored after the train part, on which
+    training from this cache measures its end-of-training metrics; fewer when the part is smaller;
+    0: none."""
     shard_tokens: int = 65536
     """Tokens per shard file (the last shard may hold fewer)."""
     cache_dtype: str = "auto"
@@ -123,6 +134,7 @@ class CacheConfig(ActivationSourceConfig):
         text("out", self.out)
         if self.cache_tokens is not None:
             positive_int("cache_tokens", self.cache_tokens)
+        non_negative_int("eval_tokens", self.eval_tokens)
         positive_int("shard_tokens", self.shard_tokens)
         choice("cache_dtype", self.cache_dtype, MODEL_DTYPES)
 

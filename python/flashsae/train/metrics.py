@@ -45,6 +45,36 @@ class StepMetrics:
         return figures
 
 
+class HeldOutSums:
+    """float64 sums behind the end-of-training metrics over a stream of batches: FVU is
+    Σ‖x − x̂‖² / Σ‖x − x̄‖² with x̄ the mean over all the tokens (flashsae eval's definition), and
+    L0 the total of active latents (divide by the tokens). The variance is taken about the first
+    batch's mean, so activations far from 0 lose no digits to cancellation."""
+
+    def __init__(self) -> None:
+        self.sse = self.centered_sq = self.l0 = 0.0
+        self.tokens = 0
+        self.shift: torch.Tensor | None = None
+        self.centered_sum: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, l0: torch.Tensor) -> None:
+        """One batch: x, x_hat [N, d]; l0 its mean active latents per row (l0_of)."""
+        x64 = x.double()
+        if self.shift is None:
+            self.shift = x64.mean(0)
+            self.centered_sum = torch.zeros_like(self.shift)
+        centered = x64 - self.shift
+        self.centered_sum += centered.sum(0)
+        self.centered_sq += float(centered.pow(2).sum())
+        self.sse += float((x64 - x_hat.double()).pow(2).sum())
+        self.l0 += float(l0) * x.shape[0]
+        self.tokens += x.shape[0]
+
+    def fvu(self) -> float:
+        variance = self.centered_sq - float(self.centered_sum.pow(2).sum()) / self.tokens
+        return self.sse / variance if variance > 0 else float("nan")
+
+
 def l0_of(latents: Any) -> torch.Tensor:
     """Mean number of active latents per row of SparseLatents(values, indices); empty slots
     (index -1, value 0) do not count."""

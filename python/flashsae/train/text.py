@@ -6,8 +6,12 @@ tokenizer's end-of-text token (else its separator) between them; the stream is c
 ctx_len minus the special tokens the tokenizer wraps a sequence in ([CLS] ... [SEP] for BERT, BOS
 for Llama, none for GPT-2), and each piece is wrapped. The last context of a pass is padded.
 
-The packer's position is three integers (pass, document, token within the document), so a run can
-be resumed exactly without storing any text.
+The packer reads one part of the corpus (flashsae.train.split: train, eval or all documents): the
+documents of the other part are skipped as they stream by, so the two parts never share a document.
+
+The packer's position is three integers (pass, document, token within the document; the document
+counts every document of the corpus, kept or skipped), so a run can be resumed exactly without
+storing any text.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from ..model_loading import hub_offline
 from .config import BUILTIN_CORPUS
+from .split import CorpusPart, EmptyPartError
 
 #: .txt files are cut into documents of about this many characters, at blank lines where possible
 #: (so a 10 GB file is never tokenized as one string).
@@ -197,14 +202,24 @@ class Tokenization:
 
 
 class ContextPacker:
-    """Packs a DocumentSource into contexts [ctx_len] (input_ids + attention_mask).
+    """Packs the documents of one part of a DocumentSource into contexts [ctx_len] (input_ids +
+    attention_mask).
 
     ``cycle=True`` restarts the documents when they run out (a pass is an epoch); otherwise the
     packer ends after one pass. State: (passes, next document, next token in it).
     """
 
-    def __init__(self, documents: DocumentSource, tokenization: Tokenization, ctx_len: int, *, cycle: bool) -> None:
+    def __init__(
+        self,
+        documents: DocumentSource,
+        tokenization: Tokenization,
+        ctx_len: int,
+        *,
+        cycle: bool,
+        part: CorpusPart | None = None,
+    ) -> None:
         self.documents = documents
+        self.part = part if part is not None else CorpusPart()
         self.tok = tokenization
         self.ctx_len = ctx_len
         self.content_len = ctx_len - len(tokenization.prefix) - len(tokenization.suffix)
@@ -217,6 +232,8 @@ class ContextPacker:
         self._iter: Iterator[str] | None = None
         self._tokens: list[int] = []  # the current document's tokens (+ separator), from _doc_start
         self.exhausted = False
+        self._kept_this_pass = 0  # documents of the part read in this pass since doc_index 0
+        self._pass_from_start = True
 
     def state_dict(self) -> dict[str, int]:
         return {"passes": self.passes, "doc_index": self.doc_index, "token_offset": self.token_offset}
@@ -224,14 +241,21 @@ class ContextPacker:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.passes, self.doc_index, self.token_offset = state["passes"], state["doc_index"], state["token_offset"]
         self._iter, self._tokens, self.exhausted = None, [], False
+        self._kept_this_pass, self._pass_from_start = 0, self.doc_index == 0 and self.token_offset == 0
 
     def _load_document(self) -> bool:
-        """Makes self._tokens the document at doc_index; False at the end of a pass."""
+        """Makes self._tokens the next document of the part from doc_index on (moving doc_index past
+        the other part's documents); False at the end of a pass."""
         if self._iter is None:
             self._iter = self.documents.open(self.doc_index)
-        text = next(self._iter, None)
-        if text is None:
-            return False
+        while True:
+            text = next(self._iter, None)
+            if text is None:
+                return False
+            if self.part.keeps(text):
+                break
+            self.doc_index += 1
+        self._kept_this_pass += 1
         self._tokens = self.tok.encode(text) + self.tok.separator
         return True
 
@@ -255,6 +279,12 @@ class ContextPacker:
         self._iter, self._tokens = None, []
         if self.doc_index == 0:
             raise ValueError(f"dataset: {self.documents.description} holds no documents")
+        if self._pass_from_start and self._kept_this_pass == 0:
+            raise EmptyPartError(
+                f"dataset: the {self.part.describe()} of {self.documents.description} holds none of its "
+                f"{self.doc_index} documents; choose another eval_fraction or a corpus with more documents"
+            )
+        self._kept_this_pass, self._pass_from_start = 0, True
         self.passes += 1
         self.doc_index = self.token_offset = 0
         self.exhausted = not self.cycle

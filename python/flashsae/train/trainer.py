@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +39,8 @@ from .buffer import ShuffleBuffer
 from .cache import CachedActivations
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .metrics import MetricsLogger, StepMetrics, l0_of
+from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of
+from .split import CorpusPart, EmptyPartError
 from .step import flush_optimizer, make_optimizer, optimizer_step
 
 CHECKPOINT_DIR = "checkpoint"
@@ -48,7 +49,9 @@ CONFIG_FILE = "config.json"
 #: Rows used to estimate the activation scale and initialize b_dec.
 INIT_SAMPLE_TOKENS = 16384
 #: What the saved SAEs' metadata records about where their activations came from.
-SOURCE_KEYS = ("model", "dataset", "dataset_config", "dataset_split", "ctx_len", "exclude_special_tokens")
+SOURCE_KEYS = (
+    "model", "dataset", "dataset_config", "dataset_split", "eval_fraction", "ctx_len", "exclude_special_tokens",
+)  # fmt: skip
 
 
 class NonFiniteActivationsError(ValueError):
@@ -92,6 +95,8 @@ def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         for f in dataclasses.fields(TrainConfig)
     }
+    # except the split: a run saved before it existed trained on every document
+    defaults["eval_fraction"] = 0.0
     state["config"] = {name: value for name, value in defaults.items() if name not in state["config"]} | state["config"]
     return state, tensors
 
@@ -141,12 +146,16 @@ class TrainResult:
     interrupted: bool
     """True when stopped early by Ctrl-C / SIGTERM (resume with resume=True)."""
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    """{hookpoint: final metrics} measured on eval_tokens fresh tokens: explained_variance, fvu,
-    l0, dead_pct."""
+    """{hookpoint: final metrics}: explained_variance, fvu and l0 measured on the first eval_tokens
+    tokens of the eval part (see ``evaluation``); dead_pct from the training counters (latents that
+    did not fire in the last dead_tokens training tokens)."""
     skipped_batches: int = 0
     """Batches skipped for NaN/Inf activations."""
     elapsed_s: float = 0.0
     """Seconds spent in the training loop, over all runs of a resumed run."""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    """Which tokens the final metrics were measured on: part ('eval'), tokens, dataset, split
+    (the part in words); empty when nothing was measured."""
 
 
 class _StopFlag:
@@ -210,6 +219,7 @@ class Trainer:
         self.tokens = 0
         self.skipped_batches = 0
         self.elapsed_before = 0.0
+        self.evaluation: dict[str, Any] = {}
         self._started: float | None = None
         self.dead_tokens = config.resolved_dead_tokens()
         if checkpoint is not None:
@@ -245,7 +255,8 @@ class Trainer:
             return {key: manifest.get(key) for key in SOURCE_KEYS} | {
                 "activations": str(Path(config.activations).resolve())
             }
-        model = ModelActivations(config, cycle=True, device=self.device)
+        model = ModelActivations(config, cycle=True, device=self.device, part="train")
+        self.activations = model
         self.source = ShuffleBuffer(
             model, capacity=config.buffer_tokens, batch_size=config.batch_size, seed=config.seed
         )
@@ -536,8 +547,9 @@ class Trainer:
         metrics = {} if interrupted else self.evaluate()
         paths = self.save_saes(metrics)
         result = TrainResult(
-            self.run_dir, paths, self.step, self.tokens, interrupted, metrics, self.skipped_batches, self._elapsed()
-        )
+            self.run_dir, paths, self.step, self.tokens, interrupted, metrics, self.skipped_batches, self._elapsed(),
+            self.evaluation if metrics else {},
+        )  # fmt: skip
         summary = {
             "step": self.step,
             "tokens": self.tokens,
@@ -545,6 +557,8 @@ class Trainer:
             "elapsed_s": self._elapsed(),
             "skipped_batches": self.skipped_batches,
             "metrics": metrics,
+            "evaluation": result.evaluation,
+            "dead_tokens": self.dead_tokens,
             "saes": {name: str(path) for name, path in paths.items()},
         }
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -561,35 +575,65 @@ class Trainer:
                 stacklevel=2,
             )
 
+    def eval_chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The eval part of the data in order ({hookpoint: [rows, d] raw activations}): read from
+        the model over the eval documents, or the eval shards of an activation cache."""
+        if isinstance(self.source, CachedActivations):
+            yield from self.source.eval_chunks()
+        elif self.config.eval_fraction > 0:
+            try:
+                yield from self.activations.other_part("eval").chunks()
+            except EmptyPartError as exc:  # a corpus of a few documents: evaluate() warns
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+
+    def _evaluation_record(self, tokens: int) -> dict[str, Any]:
+        dataset = self.source_info.get("dataset")
+        fraction = self.source_info.get("eval_fraction")
+        split = CorpusPart("eval", fraction).describe() if fraction else "eval part"
+        return {"part": "eval", "tokens": tokens, "dataset": dataset, "split": split}
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Explained variance, FVU and L0 of every SAE on eval_tokens tokens that follow the
-        training data in the stream, and the dead % of its training counters."""
-        batches = -(-self.config.eval_tokens // self.config.batch_size)
-        results: dict[str, dict[str, float]] = {}
-        sums = {name: [0.0, 0.0] for name in self.hookpoints}
+        """Explained variance, FVU (over all the tokens, about their mean) and L0 of every SAE on
+        the first eval_tokens tokens of the eval part (never trained on), and the dead % of its
+        training counters. self.evaluation records the tokens used; no eval part: dead % only, with
+        a warning."""
+        sums = {name: HeldOutSums() for name in self.hookpoints}
         counted = 0
         for sae in self.saes.values():
             sae.eval()  # the inference rule (e.g. BatchTopK's threshold), as the saved SAE will run
         try:
-            for _ in range(batches):
-                batch = self.source.next_batch()
-                if not self._batch_is_finite(batch):
+            for chunk in self.eval_chunks() if self.config.eval_tokens else ():
+                if counted >= self.config.eval_tokens:
+                    break
+                if not self._batch_is_finite(chunk):
                     continue
-                counted += 1
-                for name, sae in self.saes.items():
-                    with self._autocast():
-                        out = sae(batch[name].to(sae.dtype) * self.scales[name])
-                    sums[name][0] += float(out.fvu)
-                    sums[name][1] += float(l0_of(out.latents))
+                rows = min(next(iter(chunk.values())).shape[0], self.config.eval_tokens - counted)
+                for start in range(0, rows, self.config.batch_size):
+                    stop = min(start + self.config.batch_size, rows)
+                    for name, sae in self.saes.items():
+                        x = chunk[name][start:stop].to(sae.dtype) * self.scales[name]
+                        with self._autocast():
+                            out = sae(x)
+                        sums[name].add(x, out.x_hat, l0_of(out.latents))
+                counted += rows
         finally:
             for sae in self.saes.values():
                 sae.train()
+        if self.config.eval_tokens and not counted:
+            warnings.warn(
+                "no held-out tokens to measure the final metrics on (eval_fraction is 0, the eval part holds no "
+                "document, or the activation cache holds no eval part); only the dead % is reported",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.evaluation = self._evaluation_record(counted) if counted else {}
+        results: dict[str, dict[str, float]] = {}
         for name in self.hookpoints:
             figures: dict[str, float] = {"dead_pct": 100 * self.dead_fraction(name)}
             if counted:
-                fvu = sums[name][0] / counted
-                figures.update(explained_variance=1 - fvu, fvu=fvu, l0=sums[name][1] / counted)
+                fvu = sums[name].fvu()
+                figures.update(explained_variance=1 - fvu, fvu=fvu, l0=sums[name].l0 / sums[name].tokens)
             results[name] = figures
         return results
 
