@@ -268,8 +268,11 @@ def test_top_examples_match_a_brute_force(per_latent):
 
 
 def test_examples_are_token_windows_with_the_token_highlighted(gpt2, ids):
-    result = evaluate(random_sae(), gpt2, "h.1", ids, 60, downstream="none", top_latents=4, examples_per_latent=2)
-    assert len(result.latents) == 4
+    result = evaluate(
+        random_sae(), gpt2, "h.1", ids, 60, downstream="none", top_latents=4, examples_per_latent=2,
+        latent_selection="busiest",
+    )  # fmt: skip
+    assert len(result.latents) == 4 and {latent.group for latent in result.latents} == {"busiest"}
     densities = [latent.density for latent in result.latents]
     assert densities == sorted(densities, reverse=True)
     assert densities[0] == pytest.approx(float(result.density.max()))
@@ -291,6 +294,9 @@ def test_bad_settings_name_the_argument(gpt2, ids):
         (dict(downstream="lm"), ValueError, r"downstream: expected one of auto, causal_lm, embedding, none"),
         (dict(dense_threshold=1.5), ValueError, r"dense_threshold: expected a number in \(0, 1\)"),
         (dict(top_latents=-1), ValueError, r"top_latents: expected an int >= 0"),
+        (dict(latent_selection="top"), ValueError, r"latent_selection: expected one of spread, busiest"),
+        (dict(part="test"), ValueError, r"split: expected one of train, eval, all"),
+        (dict(eval_fraction=1.5), ValueError, r"eval_fraction: expected a number in \[0, 1\)"),
         (dict(target_hookpoint=""), ValueError, r"target_hookpoint: expected a module path"),
     ]
     for options, error, message in cases:

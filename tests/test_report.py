@@ -18,6 +18,7 @@ import torch
 
 import flashsae
 from flashsae.eval import EvalResult, Example, LatentExamples
+from flashsae.eval.examples import choose_latents, density_bucket
 from flashsae.eval.metrics import density_histogram
 from flashsae.eval.report import ReportSection, render_report
 from flashsae.eval.runs import RunRecords, read_run
@@ -161,9 +162,12 @@ def test_report_is_one_self_contained_file(report, run_dir):
     charts = tree.find_all("svg", "chart")
     titles = [chart.find_all("text", "chart-title")[0].text() for chart in charts]
     assert titles == [
-        "Explained variance", "L0 (active latents per token)", "Dead latents (%)", "Training loss",
+        "Explained variance", "L0 (active latents per token)", "Idle latents in training (%)", "Training loss",
         "Latent density", "Latent density",
     ]  # fmt: skip
+    # a percentage axis starts at 0, even when every value is 0 (it ran from -1 to 1)
+    idle_ticks = [float(tick.text()) for tick in charts[2].find_all("text", "tick")[:3]]
+    assert idle_ticks[0] == 0 and all(tick >= 0 for tick in idle_ticks)
     # every training curve has one line per hookpoint, with as many points as metrics.jsonl has records
     records = read_run(run_dir).records
     for chart in charts[:4]:
@@ -180,6 +184,34 @@ def test_report_is_one_self_contained_file(report, run_dir):
     assert any(row.attrs.get("data-metric") == "ce_loss_recovered" for row in metric_rows)
 
 
+def test_report_reads_the_held_out_part_and_says_so(report, run_dir):
+    tree = parse(report.read_text(encoding="utf-8"))
+    rows = tree.find_all("table", "facts")[0].find_all("tr")
+    facts = {row.find_all("th")[0].text(): row.find_all("td")[0].text() for row in rows}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    held_out = summary["evaluation"]
+    assert facts["Report evaluated on"] == "600 tokens: pydoc, eval part (10% of documents, by text hash)"
+    assert facts["End-of-training metrics on"] == f"{held_out['tokens']:,} tokens: {held_out['split']}"
+    assert summary["evaluation"]["split"] == "eval part (10% of documents, by text hash)"
+
+
+def test_one_dead_latent_figure(report):
+    """The metrics table, the histogram's note and the cards' note give the same dead figure, under
+    one definition; the end-of-training table (the trainer's idle counters) shows none."""
+    tree = parse(report.read_text(encoding="utf-8"))
+    for section in tree.find_all("section", "sae"):
+        dead_row = [row for row in section.find_all("tr") if row.attrs.get("data-metric") == "dead_fraction"]
+        figure = dead_row[0].find_all("td")[0].text()
+        assert figure.endswith("%")
+        (note,) = section.find_all("text", "note")
+        assert note.text().endswith(f"latents ({figure})")
+        dead, n = (int(word) for word in note.text().split()[1:4:2])
+        assert f"{100 * dead / n:.2f}%" == figure
+        assert f"fire on none of the 600 evaluated tokens ({figure} here)" in section.text()
+        trained = [table for table in section.find_all("table", "metrics") if "end of training" in table.text()]
+        assert trained and "Dead" not in trained[0].text() and "L0" in trained[0].text()
+
+
 def test_latent_cards_render_in_a_real_browser(report, tmp_path):
     data = page_data(report.read_text(encoding="utf-8"))
     dom = parse(dump_dom(report, tmp_path / "profile"))
@@ -191,10 +223,15 @@ def test_latent_cards_render_in_a_real_browser(report, tmp_path):
     assert len(grids) == len(data["sections"])
     for grid, section in zip(grids, data["sections"], strict=True):
         cards = grid.find_all("article", "latent-card")
-        latents = sorted(section["latents"], key=lambda latent: (-latent["density"], latent["latent"]))
+        latents = section["latents"]  # drawn in group order: the strongest, then density buckets
         assert [card.attrs["data-latent"] for card in cards] == [str(latent["latent"]) for latent in latents]
+        groups = [latent["group"] for latent in latents]
+        assert groups[: TOP // 4] == ["strongest"] * (TOP // 4)
+        assert all(latent["group"] == density_bucket(latent["density"]) for latent in latents[TOP // 4 :])
+        assert len(set(groups[TOP // 4 :])) >= 2, "the cards span more than one density decade"
         for card, latent in zip(cards, latents, strict=True):
             assert card.find_all("h4")[0].text() == f"Latent {latent['latent']}"
+            assert card.find_all("p", "group")[0].text() == latent["group"]
             assert "fires on" in card.find_all("p", "stats")[0].text()
             items = card.find_all("li", "example")
             assert len(items) == len(latent["examples"]) >= 1
@@ -229,7 +266,7 @@ def _section(tokens: list[str]) -> ReportSection:
 def test_hostile_token_text_stays_text(tmp_path):
     tokens = ["a</script><img src=x id=injected>", "<b id=bold>hit</b>", "\n& done"]
     page = tmp_path / "page.html"
-    page.write_text(render_report(RunRecords(tmp_path), [_section(tokens)], {"tokens": 4, "dataset": "x"}))
+    page.write_text(render_report(RunRecords(tmp_path), [_section(tokens)], {"tokens": 4, "data": "x"}))
     dom = parse(dump_dom(page, tmp_path / "profile"))
     assert not [node for node in dom.find_all() if node.attrs.get("id") in ("injected", "bold")]
     (card,) = dom.find_all("article", "latent-card")
@@ -240,7 +277,7 @@ def test_hostile_token_text_stays_text(tmp_path):
 
 
 def test_report_of_a_run_without_records(tmp_path):
-    html = render_report(RunRecords(tmp_path), [_section(["x", "y"])], {"tokens": 4, "dataset": "x"})
+    html = render_report(RunRecords(tmp_path), [_section(["x", "y"])], {"tokens": 4, "data": "x"})
     assert "No training records" in html and html.count("<svg") == 1
 
 
@@ -260,3 +297,35 @@ def test_svg_helpers():
         histogram_chart([0, 1], [1, 2], title="t", x_label="x", y_label="y")
     bars = histogram_chart([0, 1, 2, 3], [1, 0, 4], title="t", x_label="x", y_label="y", note="n")
     assert bars.count('class="bar"') == 2
+
+
+def test_line_chart_from_zero():
+    flat = line_chart({"a": [(0, 0.0), (1, 0.0)]}, title="t", x_label="x", y_label="y", y_from_zero=True)
+    ticks = [float(node.text()) for node in parse(flat).find_all("text", "tick")]
+    assert min(ticks) == 0 and max(ticks) == 1  # not -1 to 1
+    rising = line_chart({"a": [(0, 3.0), (1, 7.0)]}, title="t", x_label="x", y_label="y", y_from_zero=True)
+    assert parse(rising).find_all("text", "tick")[0].text() == "0"
+
+
+def test_choose_latents_spreads_over_density():
+    n = 400
+    density = torch.zeros(n, dtype=torch.float64)
+    density[:100] = torch.logspace(-5, -0.5, 100, dtype=torch.float64)  # 100 alive latents over 4.5 decades
+    strength = torch.full((n,), float("-inf"))
+    strength[:100] = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    chosen = choose_latents(density, strength, 12)
+    latents = [latent for latent, _ in chosen]
+    assert len(set(latents)) == 12 and all(density[latent] > 0 for latent in latents)
+    strongest = [latent for latent, group in chosen if group == "strongest"]
+    assert strongest == sorted(range(100), key=lambda i: -float(strength[i]))[:3]
+    spread = [(latent, group) for latent, group in chosen if group != "strongest"]
+    assert all(group == density_bucket(float(density[latent])) for latent, group in spread)
+    decades = {group for _, group in spread}
+    assert len(decades) == 5  # every decade from 0.001%-0.01% to 10%-100% gets cards
+    assert density_bucket(0.36) == "fires on 10%-100% of tokens"
+    assert density_bucket(0.0002) == "fires on 0.01%-0.1% of tokens"
+    busiest = choose_latents(density, strength, 5, "busiest")
+    assert [latent for latent, _ in busiest] == [99, 98, 97, 96, 95]
+    assert len(choose_latents(density, strength, 500)) == 100  # never a dead latent
+    with pytest.raises(ValueError, match="latent_selection: expected one of spread, busiest"):
+        choose_latents(density, strength, 3, "random")

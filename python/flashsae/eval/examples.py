@@ -4,11 +4,19 @@ activations stream by (memory: n_latents x per_latent entries, never [tokens, n_
 Each batch's active (latent, value, token) triples are merged with the running top lists by one
 sort on (latent, value descending); ties keep the earlier token. At the end the examples of the
 chosen latents become token windows for display.
+
+Which latents to show (:func:`choose_latents`): the busiest latents of an SAE fire on 10-40% of
+tokens and are the hardest to read, so by default ("spread") a quarter of the cards go to the
+strongest latents (highest activation seen) and the rest are spread over the density range: the
+alive latents are put in decade buckets of density (fires on 0.01-0.1% of tokens, 0.1-1%, ...),
+the cards are dealt to the buckets in turn from the rarest, and within a bucket the latents are
+taken at evenly spaced density ranks. "busiest" shows the most frequently firing latents.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +49,66 @@ class LatentExamples:
     """Fraction of the evaluated tokens on which it fired."""
     max_activation: float
     examples: list[Example]
+    group: str = ""
+    """Why it was chosen (choose_latents): 'strongest', a density bucket such as 'fires on
+    0.1%-1% of tokens', or 'busiest'."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "latent": self.latent,
             "density": self.density,
             "max_activation": self.max_activation,
+            "group": self.group,
             "examples": [example.to_dict() for example in self.examples],
         }
+
+
+#: Values of EvalConfig.latent_selection.
+LATENT_SELECTIONS = ("spread", "busiest")
+STRONGEST = "strongest"
+BUSIEST = "busiest"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.10g}%"
+
+
+def density_bucket(density: float) -> str:
+    """The decade of density a latent is in, as a card label: 'fires on 0.1%-1% of tokens'."""
+    decade = min(math.floor(math.log10(density)), -1)
+    return f"fires on {_percent(10.0**decade)}-{_percent(10.0 ** (decade + 1))} of tokens"
+
+
+def choose_latents(
+    density: torch.Tensor, max_activation: torch.Tensor, count: int, selection: str = "spread"
+) -> list[tuple[int, str]]:
+    """Up to `count` alive latents to show, as (latent, group) in display order (see the module
+    docstring). density and max_activation are [n_latents]; dead latents are never chosen."""
+    if selection not in LATENT_SELECTIONS:
+        raise ValueError(f"latent_selection: expected one of {', '.join(LATENT_SELECTIONS)}, got {selection!r}")
+    density = density.double().cpu()
+    alive = [int(i) for i in torch.argsort(density, descending=True, stable=True) if density[i] > 0]
+    if selection == BUSIEST:
+        return [(latent, BUSIEST) for latent in alive[:count]]
+    strength = max_activation.double().cpu()
+    strongest = sorted(alive, key=lambda latent: (-float(strength[latent]), latent))[: count // 4 if count > 1 else 0]
+    chosen = [(latent, STRONGEST) for latent in strongest]
+    buckets: dict[str, list[int]] = {}
+    for latent in reversed(alive):  # from the rarest, so buckets are in rising density
+        if latent not in strongest:
+            buckets.setdefault(density_bucket(float(density[latent])), []).append(latent)
+    slots = dict.fromkeys(buckets, 0)
+    remaining = min(count - len(chosen), sum(len(members) for members in buckets.values()))
+    while remaining > 0:
+        for label, members in buckets.items():
+            if remaining and slots[label] < len(members):
+                slots[label] += 1
+                remaining -= 1
+    for label, members in buckets.items():
+        taken = slots[label]
+        # evenly spaced ranks through the bucket (members run from rarest to densest)
+        chosen += [(members[(2 * j + 1) * len(members) // (2 * taken)], label) for j in range(taken)]
+    return chosen
 
 
 class TopExamples:
@@ -106,14 +166,26 @@ class TopExamples:
         row, position = divmod(token - self.offsets[batch], input_ids.shape[1])
         return batch, row, position
 
+    def max_activation(self) -> torch.Tensor:
+        """[n_latents]: the highest activation seen of each latent (-inf: never fired)."""
+        return self.values[:, 0]
+
     def examples(
-        self, latents: list[int], density: torch.Tensor, tokenizer: Any, *, before: int = 16, after: int = 4
+        self,
+        latents: list[int] | list[tuple[int, str]],
+        density: torch.Tensor,
+        tokenizer: Any,
+        *,
+        before: int = 16,
+        after: int = 4,
     ) -> list[LatentExamples]:
-        """The chosen latents' examples as token windows (`before` tokens of context, `after` after)."""
+        """The chosen latents' examples as token windows (`before` tokens of context, `after` after);
+        latents are ids or (id, group) pairs."""
         values = self.values.cpu()
         tokens = self.tokens.cpu()
         result = []
-        for latent in latents:
+        for entry in latents:
+            latent, group = entry if isinstance(entry, tuple) else (entry, "")
             examples = []
             for value, token in zip(values[latent].tolist(), tokens[latent].tolist(), strict=True):
                 if token < 0:
@@ -125,7 +197,7 @@ class TopExamples:
                 ids = input_ids[row, shown].tolist()
                 examples.append(Example(value, token_texts(tokenizer, ids), shown.index(position)))
             maximum = examples[0].activation if examples else 0.0
-            result.append(LatentExamples(latent, float(density[latent]), maximum, examples))
+            result.append(LatentExamples(latent, float(density[latent]), maximum, examples, group))
         return result
 
 

@@ -2,13 +2,17 @@
 
 The page holds: the run's facts; per SAE a table of metrics (those measured at the end of training
 from summary.json and those measured now by :func:`flashsae.eval.evaluate`); training curves from
-metrics.jsonl and the latent-density histogram as inline SVG; and cards of the most frequently
-firing latents with their top-activating contexts (the token highlighted, its activation shown),
-drawn by the page's own script from a JSON block in the page (sortable by density, by maximum
-activation or by id). No external resource: the file opens anywhere, offline.
+metrics.jsonl and the latent-density histogram as inline SVG; and latent cards with their
+top-activating contexts (the token highlighted, its activation shown), drawn by the page's own script
+from a JSON block in the page (grouped, or sorted by density, maximum activation or id). The cards
+show the strongest latents and latents spread over the density range, each labelled with its group
+(flashsae.eval.examples.choose_latents). No external resource: the file opens anywhere, offline.
 
-The tokens evaluated for the report are read from the start of the run's dataset (or --dataset),
-so by default they are training tokens; the held-out figures of the run are summary.json's.
+The tokens evaluated for the report are read from the start of the eval part of the run's dataset
+(the documents training held out; --part, --dataset), and the page says which. A latent is dead when
+it fires on none of those tokens: the one dead figure of the page, in the table and the histogram.
+The training curve of idle latents is another measure, named as such: latents that did not fire in
+the last dead_tokens training tokens (the set AuxK trains).
 """
 
 from __future__ import annotations
@@ -25,12 +29,16 @@ from typing import Any
 from .._version import __version__
 from ..model_loading import resolve_device
 from ..modules import SAE, load
+from ..train.split import DEFAULT_EVAL_FRACTION
 from .data import load_eval_model
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .runs import RunRecords, read_run, sae_directories, source_settings
 from .svg import histogram_chart, line_chart
 
 REPORT_FILE = "report.html"
+
+#: Training curves whose values are fractions or percentages: their axis starts at 0.
+ZERO_BASED_CURVES = frozenset({"dead_pct"})
 
 #: (key, label, explanation, kind) of the metrics table, in display order; kind: 'pct' shows a
 #: fraction as a percentage.
@@ -43,7 +51,7 @@ METRIC_ROWS = (
     ("relative_reconstruction_bias", "Relative reconstruction bias", "Σ‖x̂‖² / Σ x·x̂", "num"),
     ("l0", "L0", "mean active latents per token", "num"),
     ("l1", "L1", "mean sum of latent activations per token", "num"),
-    ("dead_fraction", "Dead latents", "never fired on the evaluated tokens", "pct"),
+    ("dead_fraction", "Dead latents", "fired on none of the evaluated tokens", "pct"),
     ("dense_fraction", "Dense latents", "fire on more than the dense threshold of tokens", "pct"),
     ("ce_clean", "CE clean", "next-token cross-entropy of the model (nats)", "num"),
     ("ce_spliced", "CE spliced", "with the SAE's reconstruction in place", "num"),
@@ -58,7 +66,7 @@ METRIC_ROWS = (
 TRAINING_CURVES = (
     ("explained_variance", "Explained variance"),
     ("l0", "L0 (active latents per token)"),
-    ("dead_pct", "Dead latents (%)"),
+    ("dead_pct", "Idle latents in training (%)"),
     ("loss", "Training loss"),
 )
 
@@ -104,7 +112,10 @@ def _facts(run: RunRecords, sections: list[ReportSection], settings: dict[str, A
     ]
     if summary.get("interrupted"):
         rows.append(("Status", "interrupted (resume with flashsae train --resume)"))
-    rows.append(("Report evaluated on", f"{settings['tokens']:,} tokens of {settings['dataset']}"))
+    rows.append(("Report evaluated on", f"{settings['tokens']:,} tokens: {settings['data']}"))
+    held_out = summary.get("evaluation") or {}
+    if held_out:
+        rows.append(("End-of-training metrics on", f"{held_out['tokens']:,} tokens: {held_out['split']}"))
     cells = "".join(f"<tr><th>{escape(name)}</th><td>{escape(str(value))}</td></tr>" for name, value in rows)
     return f'<table class="facts">{cells}</table>'
 
@@ -125,21 +136,31 @@ def _metrics_table(section: ReportSection, run: RunRecords) -> str:
     body = "".join(rows)
     table = f'<table class="metrics"><caption>Measured for this report ({section.evaluation.tokens:,} tokens)'
     table += f"</caption>{body}</table>"
-    if trained:
-        labels = {"explained_variance": "Explained variance", "fvu": "FVU", "l0": "L0", "dead_pct": "Dead latents"}
-        cells = "".join(
-            f"<tr><th>{escape(labels.get(key, key))}</th>"
-            f"<td>{_format(value)}{'%' if key == 'dead_pct' else ''}</td></tr>"
-            for key, value in trained.items()
-        )
-        table += f'<table class="metrics"><caption>At the end of training (held-out tokens)</caption>{cells}</table>'
+    # the dead figure of the page is the report's own (above); the trainer's counts idle latents
+    labels = {"explained_variance": "Explained variance", "fvu": "FVU", "l0": "L0"}
+    cells = "".join(
+        f"<tr><th>{escape(labels[key])}</th><td>{_format(value)}</td></tr>"
+        for key, value in trained.items()
+        if key in labels
+    )
+    if cells:
+        held_out = run.summary.get("evaluation") or {}
+        where = f"{held_out['tokens']:,} held-out tokens" if held_out else "held-out tokens"
+        table += f'<table class="metrics"><caption>At the end of training ({where})</caption>{cells}</table>'
     return table
+
+
+def _dead_definition(evaluation: EvalResult) -> str:
+    return (
+        f"Dead latents: fire on none of the {evaluation.tokens:,} evaluated tokens "
+        f"({_format(evaluation.metrics.get('dead_fraction', math.nan), 'pct')} here)."
+    )
 
 
 def _histogram(section: ReportSection) -> str:
     histogram = section.evaluation.histogram
     n = section.sae.n_latents
-    note = f"dead: {histogram.dead} of {n} latents ({100 * histogram.dead / n:.1f}%)"
+    note = f"dead: {histogram.dead} of {n} latents ({_format(histogram.dead / n, 'pct')})"
     return histogram_chart(
         histogram.edges,
         histogram.counts,
@@ -157,12 +178,23 @@ def _training_curves(run: RunRecords, hookpoints: list[str]) -> str:
     for metric, label in TRAINING_CURVES:
         series = {hookpoint: run.curve(hookpoint, metric) for hookpoint in hookpoints}
         if any(series.values()):
-            charts.append(f"<figure>{line_chart(series, title=label, x_label='tokens', y_label=label)}</figure>")
-    return f'<div class="charts">{"".join(charts)}</div>'
+            chart = line_chart(
+                series, title=label, x_label="tokens", y_label=label, y_from_zero=metric in ZERO_BASED_CURVES
+            )
+            charts.append(f"<figure>{chart}</figure>")
+    dead_tokens = run.summary.get("dead_tokens") or run.config.get("dead_tokens")
+    window = f"{dead_tokens:,}" if isinstance(dead_tokens, int) else "dead_tokens"
+    note = (
+        f'<p class="note">Idle latents in training: no firing in the last {window} training tokens (the latents '
+        "AuxK trains). Not the dead-latent figure of the tables below, which counts latents that fire on none of "
+        "the tokens evaluated for this report.</p>"
+    )
+    return f'<div class="charts">{"".join(charts)}</div>{note}'
 
 
 def render_report(run: RunRecords, sections: list[ReportSection], settings: dict[str, Any]) -> str:
-    """The report page (a str of HTML). settings: 'tokens' and 'dataset' of the evaluation."""
+    """The report page (a str of HTML). settings: 'tokens' and 'data' (the tokens in words) of the
+    evaluation."""
     hookpoints = [section.hookpoint for section in sections]
     blocks = []
     data: dict[str, Any] = {"sections": []}
@@ -181,10 +213,13 @@ def render_report(run: RunRecords, sections: list[ReportSection], settings: dict
             f'<p class="shape">{escape(shape)} &middot; <code>{escape(str(section.path))}</code></p>'
             f'<div class="columns"><div>{_metrics_table(section, run)}</div>'
             f"<figure>{_histogram(section)}</figure></div>"
-            f"<h3>Most frequently firing latents</h3>"
-            f'<div class="controls"><label>Sort by <select class="sort" data-section="{number}">'
-            '<option value="density">density</option><option value="max_activation">max activation</option>'
-            '<option value="latent">latent id</option></select></label></div>'
+            f"<h3>Latents: the strongest, and a spread over the density range</h3>"
+            f'<p class="note">{_dead_definition(evaluation)} Each card names its group: the strongest '
+            "latents (highest activation on these tokens), or the density bucket it was drawn from.</p>"
+            f'<div class="controls"><label>Order <select class="sort" data-section="{number}">'
+            '<option value="group">by group</option><option value="density">by density</option>'
+            '<option value="max_activation">by max activation</option>'
+            '<option value="latent">by latent id</option></select></label></div>'
             f'<div class="latent-grid" data-section="{number}" data-expected="{len(evaluation.latents)}"></div>'
             "</section>"
         )
@@ -227,17 +262,21 @@ def write_report(
     *,
     n_tokens: int = 16384,
     top_latents: int = 24,
+    latent_selection: str = "spread",
     examples_per_latent: int = 5,
     dataset: str | None = None,
+    part: str = "eval",
+    eval_fraction: float | None = None,
     device: str = "auto",
     model_dtype: str | None = None,
     batch_size: int = 8,
     downstream: str = "auto",
     progress: bool = False,
 ) -> Path:
-    """Evaluates every SAE of the run at `run_dir` on n_tokens tokens of its dataset (or `dataset`)
-    and writes the report to `out` (default RUN_DIR/report.html). Returns the path written.
-    The model and settings come from each SAE's metadata (see flashsae.eval.runs)."""
+    """Evaluates every SAE of the run at `run_dir` on n_tokens tokens of the `part` (default: the
+    eval part, held out from training) of its dataset (or `dataset`) and writes the report to `out`
+    (default RUN_DIR/report.html). Returns the path written. The model, eval_fraction and settings
+    come from each SAE's metadata (see flashsae.eval.runs)."""
     run_path = Path(run_dir)
     paths = sae_directories(run_path)
     if paths == [run_path]:  # a single SAE folder: its run is the folder around it, if any
@@ -273,16 +312,21 @@ def write_report(
             downstream=downstream,
             exclude_special_tokens=bool(settings.get("exclude_special_tokens", True)),
             top_latents=top_latents,
+            latent_selection=latent_selection,
             examples_per_latent=examples_per_latent,
             text_field=settings.get("text_field", "text"),
             dataset_split=settings.get("dataset_split", "train"),
             dataset_config=settings.get("dataset_config"),
+            part=part,
+            eval_fraction=settings.get("eval_fraction", DEFAULT_EVAL_FRACTION)
+            if eval_fraction is None
+            else eval_fraction,
             progress=progress,
         ).to_dict()
         result = evaluate(sae, model, settings["hookpoint"], used_dataset, tokenizer=tokenizer, **options)
         sections.append(ReportSection(settings["hookpoint"], path, sae, result))
     tokens = min(section.evaluation.tokens for section in sections)
-    html = render_report(run, sections, {"tokens": tokens, "dataset": used_dataset})
+    html = render_report(run, sections, {"tokens": tokens, "data": sections[0].evaluation.data})
     target = Path(out) if out is not None else (run_path / REPORT_FILE)
     _write_atomic(target, html)
     return target
@@ -295,7 +339,7 @@ body { margin: 0 auto; max-width: 1180px; padding: 24px; font: 15px/1.45 system-
   Roboto, sans-serif; color: var(--ink); background: var(--paper); }
 h1 { font-size: 1.6rem; margin: 0 0 4px; } h2 { font-size: 1.25rem; margin: 28px 0 8px; border-bottom: 1px solid
   var(--line); padding-bottom: 4px; } h3 { font-size: 1.05rem; margin: 20px 0 8px; }
-.generated, .shape, .empty { color: var(--muted); }
+.generated, .shape, .empty, .note { color: var(--muted); }
 table { border-collapse: collapse; margin: 0 0 12px; }
 th, td { text-align: left; padding: 3px 12px 3px 0; border-bottom: 1px solid var(--line); font-weight: normal; }
 th { color: var(--muted); } td { font-variant-numeric: tabular-nums; }
@@ -312,7 +356,8 @@ svg .legend, svg .note { font-size: 10px; fill: var(--ink); } svg .bar { fill: #
 .latent-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 12px; }
 .latent-card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; background: var(--paper);
   min-width: 0; }
-.latent-card h4 { margin: 0; font-size: 1rem; } .latent-card .stats { margin: 2px 0 8px; color: var(--muted);
+.latent-card h4 { margin: 0; font-size: 1rem; } .latent-card .group { margin: 2px 0 0; font-size: 0.8rem;
+  color: #0072B2; } .latent-card .stats { margin: 2px 0 8px; color: var(--muted);
   font-size: 0.85rem; }
 .examples { list-style: none; margin: 0; padding: 0; }
 .example { display: flex; gap: 8px; align-items: baseline; padding: 4px 0; border-top: 1px solid var(--tint); }
@@ -335,6 +380,9 @@ SCRIPT = """
     article.dataset.latent = String(latent.latent);
     var title = document.createElement("h4");
     title.textContent = "Latent " + latent.latent;
+    var group = document.createElement("p");
+    group.className = "group";
+    group.textContent = latent.group;
     var stats = document.createElement("p");
     stats.className = "stats";
     stats.textContent = "fires on " + percent(latent.density) + " of tokens \\u00b7 max activation " +
@@ -361,17 +409,21 @@ SCRIPT = """
       list.appendChild(item);
     });
     article.appendChild(title);
+    article.appendChild(group);
     article.appendChild(stats);
     article.appendChild(list);
     return article;
   }
   var orders = {
+    group: function (a, b) { return a.order - b.order; },
     density: function (a, b) { return b.density - a.density || a.latent - b.latent; },
     max_activation: function (a, b) { return b.max_activation - a.max_activation || a.latent - b.latent; },
     latent: function (a, b) { return a.latent - b.latent; }
   };
   function render(grid, order) {
-    var latents = data.sections[Number(grid.dataset.section)].latents.slice().sort(orders[order]);
+    var latents = data.sections[Number(grid.dataset.section)].latents.map(function (latent, index) {
+      return Object.assign({order: index}, latent);
+    }).sort(orders[order]);
     grid.replaceChildren.apply(grid, latents.map(card));
     if (!latents.length) {
       var empty = document.createElement("p");
@@ -381,7 +433,7 @@ SCRIPT = """
     }
   }
   document.querySelectorAll(".latent-grid").forEach(function (grid) {
-    render(grid, "density");
+    render(grid, "group");
     var select = document.querySelector('select.sort[data-section="' + grid.dataset.section + '"]');
     select.addEventListener("change", function () { render(grid, select.value); });
   });

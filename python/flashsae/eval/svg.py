@@ -99,9 +99,12 @@ class _Axes:
         return parts
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str) -> str:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str, y_from_zero: bool = False
+) -> str:
     """Lines of (x, y) points, one per named series (non-finite points are skipped), with a legend
-    when there is more than one series."""
+    when there is more than one series. y_from_zero: the y axis starts at 0 (for counts, fractions
+    and percentages, which cannot be negative; all-zero data gets the axis 0 to 1)."""
     points = {
         name: [(x, y) for x, y in values if math.isfinite(x) and math.isfinite(y)] for name, values in series.items()
     }
@@ -116,9 +119,11 @@ def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_la
         )
     xs = [x for values in points.values() for x, _ in values]
     ys = [y for values in points.values() for _, y in values]
-    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    y_low = 0.0 if y_from_zero else min(ys)
+    y_high = max(ys) if not y_from_zero or max(ys) > 0 else 1.0
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs)), nice_ticks(y_low, y_high)
     axes = _Axes(
-        (min([*x_ticks, min(xs)]), max([*x_ticks, max(xs)])), (min([*y_ticks, min(ys)]), max([*y_ticks, max(ys)]))
+        (min([*x_ticks, min(xs)]), max([*x_ticks, max(xs)])), (min([*y_ticks, y_low]), max([*y_ticks, y_high]))
     )
     body = axes.grid(x_ticks, y_ticks)
     for number, (name, values) in enumerate(points.items()):
