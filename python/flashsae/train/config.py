@@ -160,8 +160,8 @@ class TrainConfig(ActivationSourceConfig):
     """Further fields of the architecture's config (CLI: --sae-option NAME=VALUE, repeatable;
     VALUE is parsed as JSON when it can be, e.g. --sae-option auxk_alpha=0.03125)."""
     train_tokens: int = 262_144
-    """Tokens to train on (per SAE). A corpus that runs out is read again: the demo makes two passes
-    over its 128k tokens."""
+    """Tokens to train on (per SAE). A corpus whose train part runs out is read again: the demo makes
+    2.4 passes over the 108k tokens of its train part."""
     batch_size: int = 1024
     """Tokens per optimizer step (1024 suits a CPU; 4096, SAELens' default, suits a GPU)."""
     buffer_tokens: int = 32768
@@ -172,8 +172,8 @@ class TrainConfig(ActivationSourceConfig):
     et al. 2024."""
     lr_at_16k: float = 8e-4
     """The learning rate that rule gives an SAE of 2^14 latents. Gao et al. fit 2e-4 to long runs;
-    short ones want more (the demo's 256 steps, measured on held-out tokens: explained variance
-    0.862 with 8e-4, 0.781 with 2e-4)."""
+    short ones want more (the demo's 256 steps: explained variance 0.862 with 8e-4, 0.781 with 2e-4,
+    both measured before the train / eval split existed, on tokens the run had trained on)."""
     lr_warmup_fraction: float = 0.05
     """Fraction of the steps over which the learning rate rises linearly from 0."""
     lr_decay_fraction: float = 0.2
@@ -226,7 +226,8 @@ class TrainConfig(ActivationSourceConfig):
     log_every: int = 10
     """Steps between metric records (metrics.jsonl, tensorboard, wandb) and progress updates."""
     eval_tokens: int = 16384
-    """Tokens of fresh data on which the final metrics are measured (0: skip)."""
+    """Tokens of the eval part (never trained on, see eval_fraction) on which the final metrics are
+    measured, from its start; fewer when the part is smaller (0: skip)."""
     max_nonfinite_batches: int = 10
     """Batches with NaN/Inf activations are skipped with a warning; more than this many aborts."""
     progress: bool = True
