@@ -39,8 +39,8 @@ void topk_state_finish(const void* heap_scores, const int32_t* heap_indices, int
 // ---- canonical encoder scores (topk_rescore.cpp) --------------------------------------------------
 // The exact score every precision of topk_encode returns, for float32/bfloat16/float16 operands:
 //   score(b, j) = float32( dot64(x[b], W[j]) + bias64[j] ),  bias64[j] = b_enc[j] - dot64(b_dec, W[j])
-// where dot64 sums the (exact) float64 products in eight interleaved partial sums (lane = t mod 8)
-// combined in a fixed order: independent of threads, ISA and chunking.
+// where dot64 sums the (exact) float64 products in 32 interleaved partial sums (lane = t mod 32)
+// combined in a fixed tree: independent of threads, ISA and chunking.
 
 // Per latent j in [0, n): bias64[j] (b_dec may be null), and upper bounds of the norms the certified
 // key needs: with W_low (a copy of W rounded to low_dtype, written here), q1[j] >= |W_low[j]| +

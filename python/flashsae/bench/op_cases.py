@@ -45,9 +45,13 @@ BASELINES = ("torch_dense", "torch_sparse")
 #: Providers that time a part of the op (not its result): never checked against torch_dense.
 PARTIAL = ("torch_gemm",)
 #: op -> variant name -> extra keyword arguments of the flashsae op: each entry adds a provider
-#: ``flashsae-<backend>-<variant>`` for every backend (e.g. a precision setting). The key "autocast"
-#: (a DTYPES name) is not an argument: the op then runs under torch.autocast(device, that dtype).
+#: ``flashsae-<backend>-<variant>`` for every backend (e.g. a precision setting). Two keys are not
+#: arguments: "autocast" (a DTYPES name) runs the op under torch.autocast(device, that dtype), and
+#: "backends" limits the variant to those backends (elsewhere it would time the same code twice).
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {op: {} for op in OPS}
+#: The certified top-k: bf16 candidate scores rescored exactly, outputs identical to "exact"; only
+#: the cpu backend has a low-precision candidate pass (the others compute every precision exactly).
+VARIANTS["topk_encode"]["certified"] = {"precision": "certified", "backends": ("cpu",)}
 #: Fraction of latents marked dead in cases with aux_k > 0.
 DEAD_FRACTION = 0.1
 
@@ -113,7 +117,8 @@ def providers(case: OpCase) -> list[str]:
         backends = [b for b in backends if b in backward]
     names = [*BASELINES, *(["torch_gemm"] if (case.op, case.stage, case.aux_k) == ("topk_encode", "fwd", 0) else [])]
     for backend in backends:
-        names += [f"flashsae-{backend}", *(f"flashsae-{backend}-{v}" for v in VARIANTS[case.op])]
+        variants = [v for v, options in VARIANTS[case.op].items() if backend in options.get("backends", (backend,))]
+        names += [f"flashsae-{backend}", *(f"flashsae-{backend}-{v}" for v in variants)]
     return names
 
 
@@ -255,6 +260,7 @@ def forward(case: OpCase, provider: str, t: dict[str, torch.Tensor]) -> torch.Te
         backend, _, variant = provider.removeprefix("flashsae-").partition("-")
         options = {"backend": backend, **(VARIANTS[case.op][variant] if variant else {})}
     autocast = options.pop("autocast", None)
+    options.pop("backends", None)
     run = _encode if case.op == "topk_encode" else _decode
     if autocast is None:
         return run(case, provider, t, **options)
