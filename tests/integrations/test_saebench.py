@@ -1,0 +1,119 @@
+"""flashsae SAEs as SAEBench custom SAEs, with the real sae-bench (skipped without it): SAEBench's
+own interface checks pass, and its evaluation code that runs offline on given activations gives
+the same numbers for the adapter as for the equivalent SAELens SAE."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from flashsae import GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+
+sae_bench = pytest.importorskip("sae_bench")
+saelens_bridge = pytest.importorskip("flashsae.integrations.saelens")
+pytest.importorskip("sae_lens")
+
+from flashsae.integrations.saebench import SAEBenchSAE, to_saebench  # noqa: E402
+
+#: sae-bench imports HookedRootModule from where TransformerLens 3.x deprecates it (their code, not ours)
+PEER_DEPRECATION = "Importing HookedRootModule from transformer_lens.hook_points is deprecated"
+pytestmark = pytest.mark.filterwarnings(f"ignore:{PEER_DEPRECATION}:DeprecationWarning")
+with warnings.catch_warnings():
+    # importing sae-bench's evals trips its own deprecations (TransformerLens, pydantic 2.12 validators)
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from sae_bench.evals.core.main import get_featurewise_weight_based_metrics
+    from sae_bench.sae_bench_utils.activation_collection import get_sae_meaned_activations
+    from sae_bench.sae_bench_utils.general_utils import check_decoder_norms, load_and_format_sae
+
+D, N, K = 32, 128, 6
+
+CASES = {
+    "topk": lambda: TopKSAE(D, N, K),
+    "relu": lambda: ReLUSAE(D, N),
+    "jumprelu": lambda: JumpReLUSAE(D, N),
+    "gated": lambda: GatedSAE(D, N),
+}
+
+
+def perturbed(case: str):
+    torch.manual_seed(4)
+    sae = CASES[case]()
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05 if name != "W_dec" else 0)
+    sae.normalize_decoder_()  # SAEBench expects unit-norm decoder rows
+    return sae
+
+
+def activations(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, D, generator=torch.Generator().manual_seed(9)) + 0.2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saebench_interface_checks(case):
+    sae = perturbed(case)
+    custom = to_saebench(sae, model_name="pythia-70m-deduped", hook_layer=3)
+    assert isinstance(custom, SAEBenchSAE) and isinstance(custom, torch.nn.Module)
+    assert custom.W_enc.shape == (D, N) and custom.W_dec.shape == (N, D)
+    assert custom.b_enc.shape == (N,) and custom.b_dec.shape == (D,)
+    assert custom.W_enc.data_ptr() == sae.W_enc.data_ptr()  # a view: no copy
+    assert custom.device == sae.device and custom.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # SAEBench warns when decoder rows are not unit norm
+        assert check_decoder_norms(custom.W_dec.data)
+        sae_id, loaded, sparsity = load_and_format_sae("flashsae-sae", custom, "cpu")
+    assert loaded is custom and sae_id == "custom_sae" and sparsity is None
+    assert custom.cfg.hook_name == "blocks.3.hook_resid_post" and custom.cfg.hook_layer == 3
+    assert custom.cfg.model_name == "pythia-70m-deduped" and custom.cfg.dtype == "float32"
+    expected_architecture = {"relu": "standard"}.get(case, case)
+    assert custom.cfg.architecture_str == expected_architecture
+    # what SAEBench's BaseSAE.test_sae asserts, on activations instead of a downloaded model
+    acts = activations(2, 7)
+    with torch.no_grad():
+        encoded = custom.encode(acts)
+        assert encoded.shape == (2, 7, N)
+        decoded = custom.decode(encoded)
+        flat = custom(acts.reshape(-1, D)).reshape(acts.shape)
+        torch.testing.assert_close(flat, decoded, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(encoded, sae.encode(acts).to_dense(N))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_offline_evals_match_the_saelens_sae(case):
+    sae = perturbed(case)
+    custom = to_saebench(sae, model_name="pythia-70m-deduped", hook_layer=3)
+    reference = saelens_bridge.to_saelens(sae)
+    reference.cfg.metadata.model_name = "pythia-70m-deduped"
+    reference.cfg.metadata.hook_name = "blocks.3.hook_resid_post"
+    for candidate in (custom, reference):
+        load_and_format_sae("x", candidate, "cpu")
+    with torch.no_grad():
+        ours = get_featurewise_weight_based_metrics(custom)
+        theirs = get_featurewise_weight_based_metrics(reference)
+    assert ours.keys() == theirs.keys()
+    for name, values in theirs.items():
+        torch.testing.assert_close(torch.tensor(ours[name]), torch.tensor(values), rtol=1e-5, atol=1e-6, msg=name)
+    # sparse probing's input: SAE activations meaned over the non-padding tokens of each class
+    acts = {"a": activations(6, 5), "b": activations(4, 5) * 0.5}
+    acts["a"][:, -1] = 0  # a padding position (zeroed, as SAEBench does)
+    ours = get_sae_meaned_activations(acts, custom, 4)
+    theirs = get_sae_meaned_activations(acts, reference, 4)
+    for name in acts:
+        assert torch.count_nonzero(theirs[name]) > 0
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_checks_its_arguments():
+    sae = TopKSAE(D, N, K)
+    with pytest.raises(TypeError, match="sae"):
+        to_saebench(object(), model_name="gpt2", hook_layer=0)
+    with pytest.raises(ValueError, match="hook_layer"):
+        to_saebench(sae, model_name="gpt2", hook_layer=-1)
+    with pytest.raises(TypeError, match="model_name"):
+        to_saebench(sae, model_name="", hook_layer=0)
+    custom = to_saebench(sae, model_name="gpt2", hook_layer=0, hook_name="blocks.0.hook_resid_pre")
+    assert custom.cfg.hook_name == "blocks.0.hook_resid_pre"
+    with pytest.raises(ValueError, match="feature_acts"):
+        custom.decode(torch.zeros(3, N + 1))
