@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first, per repeat")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dead-window", type=int, default=3,
-                        help="SAELens' dead_feature_window in steps: small, so the AuxK loss runs in the timed steps")
+    parser.add_argument(
+        "--dead-window",
+        type=int,
+        default=3,
+        help="SAELens' dead_feature_window in steps: small, so the AuxK loss runs in the timed steps",
+    )
     parser.add_argument("--out", type=Path, help="folder for saelens_step.json and saelens_step.md")
     args = parser.parse_args(argv)
 

@@ -70,7 +70,9 @@ def fenced_blocks(page: Path) -> list[Block]:
         marker = NOT_RUN.search(previous)
         needs = NEEDS.search(previous)
         modules = tuple(name.strip() for name in needs["modules"].split(",")) if needs else ()
-        blocks.append(Block(page, start + 1, info, textwrap.dedent(body), marker["reason"] if marker else None, modules))
+        blocks.append(
+            Block(page, start + 1, info, textwrap.dedent(body), marker["reason"] if marker else None, modules)
+        )
         opening = None
     if opening is not None:
         raise AssertionError(f"{page.relative_to(ROOT)}:{opening[0] + 1}: code fence never closed")

@@ -15,7 +15,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # TransformerLens' own import-time deprecations
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from flashsae.integrations import transformer_lens as fs_tl  # noqa: E402
+from flashsae.integrations import transformer_lens as fs_tl
 
 #: TransformerLens 3.x deprecates HookedTransformer for its TransformerBridge; the hook names are the same
 pytestmark = pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")

@@ -6,7 +6,8 @@ used, and says which extra to install when it is missing:
     flashsae.integrations.saebench          SAEBench's custom-SAE interface (pip install 'flashsae[saebench]')
     flashsae.integrations.transformer_lens  capture / splice / steer by HookedTransformer hook names
                                             (pip install 'flashsae[transformer-lens]')
-    flashsae.integrations.nnsight           capture / splice / steer inside an nnsight trace (pip install 'flashsae[nnsight]')
+    flashsae.integrations.nnsight           capture / splice / steer inside an nnsight trace
+                                            (pip install 'flashsae[nnsight]')
 
 Importing this package imports none of them (``import flashsae`` never does either).
 """

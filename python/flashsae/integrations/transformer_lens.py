@@ -41,7 +41,9 @@ def _check_model(model: Any) -> None:
         purpose="flashsae.integrations.transformer_lens",
     )  # fmt: skip
     if not isinstance(model, transformer_lens.HookedRootModule):
-        raise TypeError(f"model: expected a TransformerLens HookedRootModule (HookedTransformer), got {type(model).__name__}")
+        raise TypeError(
+            f"model: expected a TransformerLens HookedRootModule (HookedTransformer), got {type(model).__name__}"
+        )
 
 
 def check_hook_names(model: Any, names: Sequence[str], argument: str) -> None:

@@ -434,6 +434,13 @@ def _saelens_layout(sae) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
 
 
 __all__ = [
-    "CONFIG_NAME", "SPARSITY_NAME", "WEIGHTS_NAME", "canonical_config", "from_parts", "is_saelens", "load", "save",
+    "CONFIG_NAME",
+    "SPARSITY_NAME",
+    "WEIGHTS_NAME",
+    "canonical_config",
+    "from_parts",
+    "is_saelens",
+    "load",
+    "save",
     "to_parts",
 ]
