@@ -17,6 +17,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import statistics
 import sys
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import flashsae.integrations.saelens as fs_saelens
 
     fs_saelens.register()
+    load_before = os.getloadavg()[0]
     generator = torch.Generator().manual_seed(1)
     data = [torch.randn(args.batch, args.d_in, generator=generator) for _ in range(args.warmup + args.steps)]
     steps: dict[str, list[float]] = {name: [] for name in ARCHITECTURES}
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
+        # a shared machine's other work shows here: both architectures share it (interleaved repeats)
+        "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
         "python": platform.python_version(),
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "sae-lens", "flashsae")},
         "shape": {"d_in": args.d_in, "n_latents": args.n_latents, "k": args.k, "batch": args.batch},
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         f"SAELens {result['versions']['sae-lens']} `SAETrainer.step`, d_in={args.d_in}, d_sae={args.n_latents}, "
         f"k={args.k}, batch={args.batch}, float32; {result['cpu']}, {result['threads']} threads, "
         f"torch {result['versions']['torch']}, {result['date']}. Median of {len(steps['topk'])} steps "
-        f"({args.repeats} interleaved repeats of {args.steps}).",
+        f"({args.repeats} interleaved repeats of {args.steps}); 1-minute load average "
+        f"{load_before:.1f} at the start, {result['load_average_1min']['end']:.1f} at the end.",
         "",
         "| architecture | step ms (median) | min–max | tokens/s | speedup |",
         "|---|---:|---:|---:|---:|",
