@@ -105,6 +105,17 @@ def test_offline_evals_match_the_saelens_sae(case):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
+def test_to_moves_the_sae_and_its_cfg():
+    """SAEBench's runner does sae.to(dtype=the model's dtype): the SAE moves and cfg follows."""
+    sae = perturbed("topk")
+    custom = to_saebench(sae, model_name="gpt2", hook_layer=0)
+    x = activations(5)
+    expected = custom.encode(x).double()
+    assert custom.to(dtype=torch.float64) is custom
+    assert custom.dtype == torch.float64 and custom.cfg.dtype == "float64" and custom.W_enc.dtype == torch.float64
+    torch.testing.assert_close(custom.encode(x.double()), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_adapter_checks_its_arguments():
     sae = TopKSAE(D, N, K)
     with pytest.raises(TypeError, match="sae"):

@@ -168,6 +168,16 @@ def test_same_losses_and_gradients_as_saelens_topk(dead, rescale, apply_b_dec, d
         torch.testing.assert_close(grads[name], grad, **tolerance, msg=name)
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_a_flashsae_topk_training_sae_converts(rescale):
+    _, ours = training_pair("float64", rescale_acts_by_decoder_norm=rescale)
+    converted = fs_saelens.from_saelens(ours)
+    assert converted.architecture == "topk" and converted.dtype == torch.float64
+    x = inputs().double()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x).x_hat, ours(x), rtol=1e-9, atol=1e-9)
+
+
 def test_encode_is_saelens_encode():
     theirs, ours = training_pair("float32")
     x = inputs()

@@ -79,6 +79,13 @@ class SAEBenchSAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.sae.dtype
 
+    def _apply(self, fn, *args, **kwargs):
+        # SAEBench moves SAEs with .to(dtype=the model's dtype, device=...) and reads cfg.dtype / cfg.device
+        result = super()._apply(fn, *args, **kwargs)
+        self.cfg.dtype = str(self.sae.dtype).removeprefix("torch.")
+        self.cfg.device = str(self.sae.device)
+        return result
+
     # ------------------------------------------------------------------------------- computing
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
