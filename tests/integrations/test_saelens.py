@@ -128,6 +128,24 @@ def test_registered_in_saelens_registry_with_saelens_init():
         config_cls(d_in=D, d_sae=N, k=K, normalize_activations="layer_norm")
 
 
+def test_a_saelens_runner_config_builds_it():
+    """What LanguageModelSAERunner does with its config's sae (through JSON, as a checkpoint holds
+    it) builds the flashsae-backed SAE."""
+    import json
+
+    from sae_lens import LanguageModelSAERunnerConfig
+    from sae_lens.saes.sae import TrainingSAEConfig
+
+    sae_config = fs_saelens.FlashTopKTrainingSAEConfig(d_in=D, d_sae=N, k=K)
+    runner_config = LanguageModelSAERunnerConfig(
+        sae=sae_config, model_name="tiny", hook_name="blocks.0.hook_resid_post", training_tokens=1000
+    )
+    saved = json.loads(json.dumps(runner_config.get_training_sae_cfg_dict()))
+    assert saved["architecture"] == "flashsae_topk"
+    sae = TrainingSAE.from_dict(TrainingSAEConfig.from_dict(saved).to_dict())
+    assert type(sae) is fs_saelens.FlashTopKTrainingSAE and sae.cfg.k == K
+
+
 def step(sae, x, dead):
     sae.zero_grad()
     output = sae.training_forward_pass(
