@@ -196,6 +196,21 @@ def test_a_flashsae_topk_training_sae_converts(rescale):
         torch.testing.assert_close(converted(x).x_hat, ours(x), rtol=1e-9, atol=1e-9)
 
 
+def test_under_saelens_autocast():
+    """SAETrainer(autocast=True) runs the step under bfloat16 autocast: the losses still agree to
+    bfloat16's precision and the gradients stay float32, as SAELens' own."""
+    theirs, ours = training_pair("float32")
+    x = inputs(64)
+    mask = DEAD["few-dead"]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = step(theirs, x, mask)
+        got, grads = step(ours, x, mask)
+    for name, loss in expected.losses.items():
+        torch.testing.assert_close(got.losses[name], loss, rtol=2e-2, atol=1e-3, msg=name)
+    for name, grad in expected_grads.items():
+        assert grads[name].dtype == grad.dtype == torch.float32, name
+
+
 def test_encode_is_saelens_encode():
     theirs, ours = training_pair("float32")
     x = inputs()
