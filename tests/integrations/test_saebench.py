@@ -105,6 +105,44 @@ def test_offline_evals_match_the_saelens_sae(case):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
 
 
+# sae-bench passes LogisticRegression(penalty=...), which scikit-learn 1.8 deprecates (theirs)
+@pytest.mark.filterwarnings("ignore:'penalty' was deprecated:FutureWarning")
+def test_sparse_probing_gives_the_same_accuracies():
+    """SAEBench's sparse probing (meaned SAE activations per class, the top-k mean-difference latents,
+    its sklearn probe) on activations, not a model: the same test accuracies for the adapter as
+    for the SAELens SAE. The per-class steps of its train_probe_on_activations, called one by one:
+    that wrapper's own jaxtyping annotations reject its inner call under jaxtyping 0.3.11 (the
+    per-class dataset size is bound to the dict's rows, then meets the doubled probe set)."""
+    from sae_bench.evals.sparse_probing import probe_training
+
+    sae = perturbed("topk")
+    custom = to_saebench(sae, model_name="pythia-70m-deduped", hook_layer=3)
+    reference = saelens_bridge.to_saelens(sae)
+    generator = torch.Generator().manual_seed(12)
+    directions = torch.randn(3, D, generator=generator)
+
+    def split(rows):  # three classes, each a shifted cloud of 5-token sequences
+        return {name: torch.randn(rows, 5, D, generator=generator) + 2 * directions[i] for i, name in enumerate("abc")}
+
+    train, test = split(24), split(12)
+    accuracies = []
+    for candidate in (custom, reference):
+        meaned_train = get_sae_meaned_activations(train, candidate, 8)
+        meaned_test = get_sae_meaned_activations(test, candidate, 8)
+        torch.manual_seed(0)  # the probes' negative sampling
+        accuracy = {}
+        for name in "abc":
+            train_acts, train_labels = probe_training.prepare_probe_data(meaned_train, name)
+            test_acts, test_labels = probe_training.prepare_probe_data(meaned_test, name)
+            mask = probe_training.get_top_k_mean_diff_mask(train_acts, train_labels, 4)
+            train_acts = probe_training.apply_topk_mask_reduce_dim(train_acts, mask)
+            test_acts = probe_training.apply_topk_mask_reduce_dim(test_acts, mask)
+            _, accuracy[name] = probe_training.train_sklearn_probe(train_acts, train_labels, test_acts, test_labels)
+        accuracies.append(accuracy)
+    assert accuracies[0] == accuracies[1]
+    assert max(accuracies[0].values()) > 0.6  # the probes learned something: the numbers mean something
+
+
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("case", ["topk", "jumprelu"])
 def test_saebench_own_test_sae_runs_on_the_adapter(case, monkeypatch, capsys):
