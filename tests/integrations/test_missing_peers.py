@@ -59,11 +59,12 @@ def test_nnsight_names_its_extra(hidden):
         fs_nnsight.capture(object())
 
 
-def test_importing_flashsae_imports_no_client():
+def test_importing_the_integrations_imports_no_client():
     import subprocess
 
     code = (
-        "import sys, flashsae, flashsae.integrations; "
+        "import sys, flashsae, flashsae.integrations.saelens, flashsae.integrations.saebench, "
+        "flashsae.integrations.transformer_lens, flashsae.integrations.nnsight; "
         "print(sorted(m for m in ('sae_lens', 'sae_bench', 'nnsight', 'transformer_lens') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
