@@ -4,6 +4,8 @@
 #   make train   the main job: `flashsae train`, the offline demo (a TopK SAE on all-MiniLM-L6-v2)
 #   make bench   `flashsae bench`, flashsae vs dense PyTorch on one training step
 #   make test    the test suite (what .ci/run calls)
+#   make test-integrations   tests/integrations with the real clients (SAELens, SAEBench, TransformerLens,
+#                nnsight) in a separate venv, .venv-peers: they are never flashsae dependencies
 #
 # Knobs:
 #   PYTHON           interpreter that creates the venv (python3)
@@ -21,7 +23,10 @@ TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc python kernels -type f -not -name '*.pyc')
 
-.PHONY: train bench test clean
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+
+.PHONY: train bench test test-integrations clean
 
 $(VENV)/.torch-installed:
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +50,20 @@ bench: $(VENV)/.flashsae-installed
 test: $(VENV)/.flashsae-installed
 	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest
 
+# The clients pull their own requirements (transformers, datasets, ...) and may move torch: TORCH_SPEC
+# is part of their install (else pip's resolver backtracks through other torch builds, CUDA ones
+# included) and pinned again after them, and a torchvision built for another torch is removed (it fails
+# at import, and transformers imports it when present). Own build folder: the main venv's stays as is.
+$(PEERS_VENV)/.installed: $(SOURCES)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install -Cbuild-dir=build/peers-{wheel_tag} ".[test,demo,integrations]" "$(TORCH_SPEC)"
+	$(PEERS_PY) -m pip install $(if $(TORCH_INDEX_URL),--index-url "$(TORCH_INDEX_URL)") "$(TORCH_SPEC)"
+	$(PEERS_PY) -c "import torchvision" 2>/dev/null || $(PEERS_PY) -m pip uninstall -y torchvision
+	touch $@
+
+test-integrations: $(PEERS_VENV)/.installed
+	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PEERS_PY) -m pytest tests/integrations tests/test_docs_snippets.py -k 'integrations or needs_marker'
+
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) $(PEERS_VENV) build

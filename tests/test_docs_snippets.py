@@ -5,12 +5,19 @@ text names (`tests/test_plan.py`, `benchmarks/width_ratio.py`, in prose or in co
 the README stays short.
 
 Blocks fenced as ```bash or ```text are shown, not run. A python block that must not run carries
-the line `<!-- snippet: not run (REASON) -->` right above its fence; the reason is required."""
+the line `<!-- snippet: not run (REASON) -->` right above its fence; the reason is required. A block
+that needs an optional package (a client of docs/integrations.md) carries
+`<!-- snippet: needs MODULE[, MODULE...] -->`: it runs where those modules are importable (the
+`make test-integrations` venv) and is skipped, naming them, elsewhere; the clients' own warnings
+(their deprecations) are shown there, not raised."""
 
 from __future__ import annotations
 
+import importlib.util
+import linecache
 import re
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +29,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 150
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<info>[^`]*)$")
 NOT_RUN = re.compile(r"<!--\s*snippet:\s*not run\s*\((?P<reason>[^)]+)\)\s*-->")
+NEEDS = re.compile(r"<!--\s*snippet:\s*needs\s+(?P<modules>[\w.]+(?:\s*,\s*[\w.]+)*)\s*-->")
 LANGUAGES = {"python", "bash", "text"}
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 #: A path under one of the repository's top-level folders, named in prose or in a command; a path
@@ -37,6 +45,8 @@ class Block:
     language: str
     code: str
     not_run_reason: str | None
+    needs: tuple[str, ...] = ()
+    """Modules the block imports that are optional (its `snippet: needs` marker)."""
 
     @property
     def name(self) -> str:
@@ -58,11 +68,28 @@ def fenced_blocks(page: Path) -> list[Block]:
         body = "\n".join(lines[start + 1 : index])
         previous = lines[start - 1] if start > 0 else ""
         marker = NOT_RUN.search(previous)
-        blocks.append(Block(page, start + 1, info, textwrap.dedent(body), marker["reason"] if marker else None))
+        needs = NEEDS.search(previous)
+        modules = tuple(name.strip() for name in needs["modules"].split(",")) if needs else ()
+        blocks.append(
+            Block(page, start + 1, info, textwrap.dedent(body), marker["reason"] if marker else None, modules)
+        )
         opening = None
     if opening is not None:
         raise AssertionError(f"{page.relative_to(ROOT)}:{opening[0] + 1}: code fence never closed")
     return blocks
+
+
+def missing_modules(block: Block) -> list[str]:
+    """The modules of the block's `needs` marker that cannot be imported here."""
+    missing = []
+    for name in block.needs:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def all_blocks() -> list[Block]:
@@ -75,7 +102,7 @@ PYTHON_BLOCKS = [block for block in all_blocks() if block.language == "python"]
 def test_the_pages_exist():
     names = {page.name for page in PAGES}
     for page in ("training", "architectures", "hooks-and-eval", "formats", "wide-and-distributed",
-                 "backends-and-kernels", "benchmarks"):  # fmt: skip
+                 "backends-and-kernels", "benchmarks", "integrations"):  # fmt: skip
         assert f"{page}.md" in names, f"docs/{page}.md is missing"
     assert len(PYTHON_BLOCKS) >= 10, "the snippet extraction found too few python blocks"
 
@@ -153,8 +180,29 @@ def one_thread():
 def test_python_block_runs(block, tmp_path, monkeypatch, one_thread):
     if block.not_run_reason is not None:
         pytest.skip(f"marked not run: {block.not_run_reason}")
+    missing = missing_modules(block)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (not installed here; make test-integrations runs it)")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     namespace = {"__name__": "__snippet__"}
-    exec(compile(block.code, block.name, "exec"), namespace)  # the snippet as a reader would paste it
+    # the source is readable as a file's would be (nnsight reads a trace's with-block back from it)
+    linecache.cache[block.name] = (len(block.code), None, block.code.splitlines(keepends=True), block.name)
+    with warnings.catch_warnings():
+        if block.needs:  # the clients warn about their own deprecations on import and use
+            warnings.simplefilter("default")
+        exec(compile(block.code, block.name, "exec"), namespace)  # the snippet as a reader would paste it
+
+
+def test_needs_marker(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- snippet: needs torch, flashsae_no_such_module.sub -->\n```python\nx = 1\n```\n\n"
+        "<!-- snippet: needs torch -->\n```python\ny = 2\n```\n\n```python\nz = 3\n```\n"
+    )
+    first, second, third = fenced_blocks(page)
+    assert first.needs == ("torch", "flashsae_no_such_module.sub") and second.needs == ("torch",)
+    assert third.needs == () and third.not_run_reason is None
+    assert missing_modules(first) == ["flashsae_no_such_module.sub"]
+    assert missing_modules(second) == [] and missing_modules(third) == []

@@ -175,6 +175,35 @@ def test_round_trip_through_saelens(tmp_path, case):
         assert torch.equal(weights["threshold"], torch.full((N,), float(sae.threshold)))
 
 
+@pytest.mark.parametrize("case", list(ROUND_TRIPS))
+def test_parts_are_the_files(tmp_path, case):
+    """to_parts is what save writes and from_parts is what load reads, without the files (the
+    in-memory conversion to and from a loaded SAELens SAE uses them)."""
+    sae = trained(ROUND_TRIPS[case]())
+    sae.save(tmp_path / "sl", format="saelens")
+    config, tensors, state = saelens.to_parts(sae)
+    assert json.loads((tmp_path / "sl" / "cfg.json").read_text()) == json.loads(json.dumps(config))
+    written = read_safetensors(tmp_path / "sl" / "sae_weights.safetensors")
+    assert written.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert not tensor.requires_grad and torch.equal(written[name], tensor), name
+    from_files, from_parts = flashsae.load(tmp_path / "sl"), saelens.from_parts(config, tensors, state=state)
+    assert type(from_parts) is type(from_files) and from_parts.config == from_files.config
+    assert from_parts.metadata == from_files.metadata
+    for name, tensor in from_files.state_dict().items():
+        assert torch.equal(from_parts.state_dict()[name], tensor), name
+
+
+def test_from_parts_checks_its_arguments():
+    config, tensors, _ = saelens.to_parts(TopKSAE(D, N, K))
+    with pytest.raises(TypeError, match="config"):
+        saelens.from_parts([config], tensors)
+    with pytest.raises(TypeError, match="tensors"):
+        saelens.from_parts(config, list(tensors.values()))
+    with pytest.raises(FormatError, match="W_dec"):
+        saelens.from_parts(config, {**tensors, "W_dec": tensors["W_dec"][:-1]})
+
+
 def test_edited_files_follow_the_file(tmp_path):
     """Without the sidecar, or with thresholds edited in SAELens, the file's thresholds win (direct)."""
     sae = trained(JumpReLUSAE(D, N))

@@ -136,10 +136,54 @@ def canonical_config(raw: dict[str, Any], where: str) -> dict[str, Any]:
 def load(path: Path, placement: _common.Placement):
     """A flashsae SAE from a SAELens directory (v6 or pre-6 cfg.json); see the module docstring."""
     raw = _common.read_json(path / CONFIG_NAME)
-    where = str(path / CONFIG_NAME)
+    block = _flashsae_block(raw)
+    state = _common.read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
+    sparsity_file = path / SPARSITY_NAME
+    sparsity = None
+    if sparsity_file.is_file():
+        sparsity = _common.Tensors(_common.read_safetensors(sparsity_file), str(sparsity_file))
+    sae = from_parts(
+        raw,
+        _common.read_safetensors(path / WEIGHTS_NAME),
+        placement=placement,
+        state=state,
+        where=str(path / CONFIG_NAME),
+        weights_where=str(path / WEIGHTS_NAME),
+    )
+    if sparsity is not None:
+        sae.metadata[SPARSITY_KEY] = sparsity.take("sparsity", (sae.n_latents,)).double().tolist()
+        sparsity.finish()
+    return sae
+
+
+def _flashsae_block(raw: dict[str, Any]) -> dict[str, Any] | None:
+    metadata = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
+    block = metadata.get(_common.FLASHSAE_BLOCK)
+    return block if isinstance(block, dict) else None
+
+
+def from_parts(
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    placement: _common.Placement | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+    where: str = "config",
+    weights_where: str = "tensors",
+):
+    """A flashsae SAE from a SAELens config dict (what cfg.json holds, or ``SAE.cfg.to_dict()`` of a
+    loaded SAELens SAE) and its weights (``sae_weights.safetensors``' names and layouts, or the SAELens
+    SAE's ``state_dict()``). `state`: flashsae's sidecar tensors, when there are any. What
+    :func:`load` does once the files are read; the module docstring says how each field maps."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict (a SAELens config), got {type(config).__name__}")
+    if not isinstance(tensors, dict):
+        raise TypeError(f"tensors: expected a dict of tensors (a SAELens state_dict), got {type(tensors).__name__}")
+    placement = placement or _common.Placement()
+    state = state or {}
+    raw = config
     cfg = canonical_config(raw, where)
-    weights_where = str(path / WEIGHTS_NAME)
-    tensors = _common.Tensors(_common.read_safetensors(path / WEIGHTS_NAME), weights_where)
+    tensors = _common.Tensors(tensors, weights_where)
     architecture = cfg["architecture"]
     if architecture not in ARCHITECTURES:
         raise FormatError(
@@ -209,7 +253,8 @@ def load(path: Path, placement: _common.Placement):
 
     block = cfg["metadata"].get(_common.FLASHSAE_BLOCK)
     block = block if isinstance(block, dict) else None
-    state = _common.read_safetensors(path / STATE_NAME) if block is not None and (path / STATE_NAME).is_file() else {}
+    if block is None:
+        state = {}
     if name == "jumprelu" and block is not None and block.get("architecture") == name:
         _restore_log_threshold(block, state, config, weights)
     sae = _restore_from_block(block, name, config, weights, placement, target_dtype, where)
@@ -232,11 +277,6 @@ def load(path: Path, placement: _common.Placement):
         metadata[_common.MODEL_KEY] = cfg["metadata"]["model_name"]
     if cfg["metadata"].get("hook_name") is not None:
         metadata[_common.HOOKPOINT_KEY] = cfg["metadata"]["hook_name"]
-    sparsity_file = path / SPARSITY_NAME
-    if sparsity_file.is_file():
-        sparsity = _common.Tensors(_common.read_safetensors(sparsity_file), str(sparsity_file))
-        metadata[SPARSITY_KEY] = sparsity.take("sparsity", (d_sae,)).double().tolist()
-        sparsity.finish()
     sae.metadata = metadata
     return sae
 
@@ -290,6 +330,25 @@ def _restore_from_block(block, name, config, weights, placement, dtype, where):
 def save(sae, path: Path) -> Path:
     """Writes `sae` as a SAELens v6 directory, atomically; FormatError naming the field for what
     SAELens cannot express."""
+    config, tensors, state = to_parts(sae)
+    sparsity = sae.metadata.get(SPARSITY_KEY)
+    with atomic_directory(path) as staging:
+        _common.write_safetensors(staging / WEIGHTS_NAME, tensors)
+        _common.write_json(staging / CONFIG_NAME, config)
+        if state:
+            _common.write_safetensors(staging / STATE_NAME, state)
+        if sparsity is not None:
+            sparsity_tensor = torch.tensor(sparsity, dtype=torch.float32)
+            _common.write_safetensors(staging / SPARSITY_NAME, {"sparsity": sparsity_tensor})
+    return Path(path)
+
+
+def to_parts(sae) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """`sae` in SAELens' terms: (v6 config dict, weights in SAELens' names and layouts, flashsae's
+    sidecar state). The config and weights are what ``cfg.json`` / ``sae_weights.safetensors`` hold
+    and what a SAELens ``SAE.from_dict(config)`` + ``load_state_dict(weights)`` takes. The weights
+    are detached tensors (views of the SAE's parameters where the layout allows: W_enc is the
+    transpose). FormatError naming the field for what SAELens cannot express."""
     architecture, fields, tensors = _saelens_layout(sae)
     carried = sae.metadata.get(CONFIG_KEY) if isinstance(sae.metadata.get(CONFIG_KEY), dict) else {}
     carried_meta = carried.get("metadata") if isinstance(carried.get("metadata"), dict) else {}
@@ -326,18 +385,10 @@ def save(sae, path: Path) -> Path:
         **fields,
         "metadata": metadata,
     }
-    state = {"num_steps": sae.num_steps} if hasattr(sae, "num_steps") else {}
+    state = {"num_steps": sae.num_steps.detach()} if hasattr(sae, "num_steps") else {}
     if sae.architecture == "jumprelu" and sae.config.threshold_parametrization == "log":
-        state["log_threshold"] = sae.log_threshold
-    with atomic_directory(path) as staging:
-        _common.write_safetensors(staging / WEIGHTS_NAME, tensors)
-        _common.write_json(staging / CONFIG_NAME, config)
-        if state:
-            _common.write_safetensors(staging / STATE_NAME, state)
-        if sparsity is not None:
-            sparsity_tensor = torch.tensor(sparsity, dtype=torch.float32)
-            _common.write_safetensors(staging / SPARSITY_NAME, {"sparsity": sparsity_tensor})
-    return Path(path)
+        state["log_threshold"] = sae.log_threshold.detach()
+    return config, {name: tensor.detach() for name, tensor in tensors.items()}, state
 
 
 def _saelens_layout(sae) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
@@ -382,4 +433,14 @@ def _saelens_layout(sae) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
     )
 
 
-__all__ = ["CONFIG_NAME", "SPARSITY_NAME", "WEIGHTS_NAME", "canonical_config", "is_saelens", "load", "save"]
+__all__ = [
+    "CONFIG_NAME",
+    "SPARSITY_NAME",
+    "WEIGHTS_NAME",
+    "canonical_config",
+    "from_parts",
+    "is_saelens",
+    "load",
+    "save",
+    "to_parts",
+]
