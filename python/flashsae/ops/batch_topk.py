@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_k, check_tensor
-from . import _autocast
+from . import _autocast, _functorch
 from .threshold_encode import count_active, dense_pre_activations, padded_rows
 from .topk_encode import topk_encode
 
@@ -120,6 +120,7 @@ def batch_topk(
     Under ``torch.autocast`` x, W_enc, b_enc and b_dec are cast to the autocast dtype (topk_encode's
     rule, see ops/_autocast.py) and the whole selection runs on those operands.
     """
+    _functorch.refuse_vmap("batch_topk")
     x, W_enc, b_enc, b_dec = _autocast.cast_operands(x, W_enc, b_enc, b_dec)
     with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
         return _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend)
@@ -128,6 +129,7 @@ def batch_topk(
 def _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
+    check_tensor("x", x, shape={"batch": None, "d": W_enc.shape[1]}, like=("W_enc", W_enc))
     k = check_k("k", k, n)
     if candidates is None:
         candidates = 4 * k

@@ -37,7 +37,7 @@ import importlib
 import torch
 
 from .._checks import check_finite, check_tensor
-from . import _autocast, _common
+from . import _autocast, _common, _functorch
 from .topk_encode import topk_encode
 
 # the module itself (flashsae.ops re-exports the function under the same name)
@@ -84,6 +84,7 @@ def padded_rows(dense: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor
     row (ties to the lower index), m = the largest active count of a row (>= 1), empty slots (0, -1).
     Differentiable in `dense`. A top-m (every active entry of every row is in its row's top m of the
     masked values) and the exact re-sort of compact_rows: no sort of [rows, n]."""
+    _functorch.refuse_vmap("padded_rows")
     m = max(1, int(active.sum(1).max()))
     top = dense.detach().masked_fill(~active, float("-inf")).topk(m, dim=1).indices
     return compact_rows(dense.gather(1, top), top.to(torch.int32), active.gather(1, top))
@@ -175,6 +176,7 @@ def threshold_encode(
     Under ``torch.autocast`` x, W_enc, b_enc, threshold and b_dec are cast to the autocast dtype
     (topk_encode's rule, see ops/_autocast.py) and the whole selection runs on those operands.
     """
+    _functorch.refuse_vmap("threshold_encode")
     x, W_enc, b_enc, threshold, b_dec = _autocast.cast_operands(x, W_enc, b_enc, threshold, b_dec)
     with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
         return _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend)
@@ -183,6 +185,8 @@ def threshold_encode(
 def _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
+    # x is checked here too, not only by topk_encode: the dense path never calls it
+    check_tensor("x", x, shape={"batch": None, "d": W_enc.shape[1]}, like=("W_enc", W_enc))
     check_tensor("threshold", threshold, shape={"n_latents": n}, like=("W_enc", W_enc))
     check_finite("threshold", threshold)
     if candidates is None:
