@@ -104,3 +104,24 @@ def test_command_line_refuses_a_corrupt_checkpoint_and_no_verify_opts_out(tmp_pa
     copied = load_file(str(tmp_path / "out" / "sae.safetensors"))
     assert not torch.equal(copied["W_dec"], original.W_dec) or not torch.equal(copied["W_enc"], original.W_enc)
     flashsae.load(tmp_path / "out")  # the copy records the digest of what it wrote
+
+
+def test_sharded_checkpoints_record_and_verify_each_file(tmp_path):
+    from flashsae.distributed import ShardedTopKSAE, consolidate, load_sharded, save_sharded, single_process
+
+    full = flashsae.create("topk", d_in=16, n_latents=64, k=4)
+    save_sharded(tmp_path / "sharded", ShardedTopKSAE.from_full(full, single_process()))
+    index_file = tmp_path / "sharded" / "index.json"
+    index = json.loads(index_file.read_text())
+    (entry,) = index["files"]
+    shard = tmp_path / "sharded" / entry["path"]
+    assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert sorted(p.name for p in shard.parent.iterdir()) == ["index.json", shard.name]  # no sidecars left
+    assert torch.equal(consolidate(tmp_path / "sharded").W_dec, full.W_dec)
+    overwrite_16_bytes(shard)
+    with pytest.raises(CheckpointCorruptError, match=f"{re.escape(shard.name)} is corrupt"):
+        load_sharded(tmp_path / "sharded")
+    load_sharded(tmp_path / "sharded", verify=False)
+    del entry["sha256"]  # an index written before checksums
+    index_file.write_text(json.dumps(index))
+    load_sharded(tmp_path / "sharded")

@@ -96,7 +96,9 @@ class DistributedTrainer:
         sae_config = TopKConfig(**(options | config.sae_options))
         self.step = 0
         if config.resume:
-            self.sae, since_fired = load_sharded(self.out / CHECKPOINT, layout, device=self.device, dtype=param_dtype)
+            self.sae, since_fired = load_sharded(
+                self.out / CHECKPOINT, layout, device=self.device, dtype=param_dtype, verify=config.verify
+            )
             extra = read_index(self.out / CHECKPOINT)["extra"]
             self.step, self.scale = int(extra["step"]), float(extra["scale"])
         else:
