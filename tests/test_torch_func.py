@@ -27,7 +27,7 @@ ARCHITECTURES = {
     "gated": {},
     "transcoder": {"k": K, "d_out": 12, "skip": True},
 }
-#: Fixed-k architectures: their outputs have data-independent shapes, so vmap applies to them.
+#: Fixed-k architectures (data-independent output shapes); the others pick their latents below the vmap.
 FIXED_K = ("topk", "topk_aux_multi", "transcoder")
 BACKENDS = backends("cpu", "torch", "triton")
 
@@ -80,19 +80,23 @@ def test_grad_of_functional_call_equals_autograd(case, be):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
-@pytest.mark.parametrize("case", FIXED_K)
-def test_vmap_of_encode_equals_per_slice(case, be):
-    sae = make(case, be)
+@pytest.mark.parametrize("case", list(ARCHITECTURES))
+@pytest.mark.parametrize("training", [True, False], ids=["train_mode", "eval_mode"])
+def test_vmap_of_encode_equals_per_slice(case, be, training):
+    sae = make(case, be).train(training)  # BatchTopK: the batch top-k in training mode, its threshold in eval
     xs = torch.randn(3, ROWS, D)
     values, indices = vmap(lambda x: tuple(sae.encode(x)))(xs)
     for i in range(3):
         expected = sae.encode(xs[i])
-        assert torch.equal(indices[i], expected.indices), i
-        assert_close(values[i], expected.values, torch.float32, f"values of slice {i}")
+        # a variable-width encode pads every slice to the widest: the rest of the slots are empty
+        m = expected.values.shape[-1]
+        assert torch.equal(indices[i, :, :m], expected.indices), i
+        assert (indices[i, :, m:] == -1).all() and (values[i, :, m:] == 0).all(), i
+        assert_close(values[i, :, :m], expected.values, torch.float32, f"values of slice {i}")
 
 
 @pytest.mark.parametrize("be", BACKENDS)
-@pytest.mark.parametrize("case", FIXED_K)
+@pytest.mark.parametrize("case", list(ARCHITECTURES))
 def test_vmap_of_training_loss_and_per_sample_grads(case, be):
     sae = make(case, be)
     slices = 3
@@ -159,7 +163,15 @@ def test_second_derivative_is_refused_clearly():
 
 
 @pytest.mark.parametrize("case", [case for case in ARCHITECTURES if case not in FIXED_K])
-def test_vmap_of_a_variable_width_encode_says_why_not(case):
+def test_a_variable_width_selection_runs_below_the_vmap(case, monkeypatch):
+    # the latents are chosen on plain tensors (once per slice for a batch-wide BatchTopK selection,
+    # once on the folded rows otherwise); their values come from vmappable torch ops
+    from flashsae.ops import _functorch
+
+    calls = []
+    real = _functorch._Select.forward
+    monkeypatch.setattr(_functorch._Select, "forward", lambda *a: calls.append(a[2].shape) or real(*a))
     sae = make(case, "torch")
-    with pytest.raises(RuntimeError, match="depends on the data.*fold the vmapped dimension"):
-        vmap(lambda x: sae.encode(x).values)(torch.randn(2, ROWS, D))
+    vmap(lambda x: sae.encode(x).values)(torch.randn(4, ROWS, D))
+    per_slice = _architecture(case) in ("batchtopk", "matryoshka")
+    assert calls and all(shape[0] == (ROWS if per_slice else 4 * ROWS) for shape in calls), calls

@@ -16,10 +16,16 @@ Two things stand between a ``torch.library`` custom op and torch.func:
   outputs, e.g. topk_encode's ``x``), the vmapped dimension is folded into the rows and the op runs
   once on [V * rows, ...]: vmap over a batch of activation batches costs one call, not V. Any other
   batching (vmapped weights: an ensemble of SAEs) runs the op once per slice and stacks the results.
+- Data-dependent widths. batch_topk, threshold_encode and the padded-row helpers return [rows, m]
+  with m the largest count of any row, which no batching rule can express. Under vmap they call
+  :func:`vmap_select`: the positions of the chosen latents are computed below the vmap (folded rows,
+  or slice by slice) and padded to the widest slice, then the values are gathered with plain torch
+  ops that vmap batches and autograd differentiates.
 """
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -169,9 +175,14 @@ def transforms_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+#: True while a selector of :func:`vmap_select` runs on plain tensors below the vmap: the
+#: variable-width functions it calls then take their ordinary path.
+_selecting = contextvars.ContextVar("flashsae_selecting", default=False)
+
+
 def vmap_active() -> bool:
-    """Whether a torch.func.vmap (at any level) is running."""
-    if torch.compiler.is_compiling():
+    """Whether a torch.func.vmap (at any level) is running, outside a vmap_select selector."""
+    if torch.compiler.is_compiling() or _selecting.get():
         return False
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
@@ -179,11 +190,61 @@ def vmap_active() -> bool:
     return any(interpreter.key() == vmap for interpreter in retrieve_all_functorch_interpreters())
 
 
-def refuse_vmap(op: str) -> None:
-    """A clear error for the variable-width encodes under vmap (instead of torch's "data-dependent
-    control flow"): their output width is the largest count of any row, known only from the data."""
-    if vmap_active():
-        raise RuntimeError(
-            f"{op}: the number of latents per row depends on the data, so torch.func.vmap cannot batch it; "
-            "fold the vmapped dimension into the rows instead (x [..., d] is encoded row by row)"
-        )
+def _pad_stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[rows, m_i] int tensors padded with -1 to the largest m and stacked: [V, rows, m]."""
+    width = max(part.shape[-1] for part in parts)
+    return torch.stack([torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1) for part in parts])
+
+
+class _Select(torch.autograd.Function):
+    """The positions a data-dependent selector picks ([rows, m] int64, -1 = empty), batched by hand:
+    vmap cannot batch a function whose output width depends on the data, but the positions alone
+    (no gradient) can be computed below the vmap, slice by slice or on the folded rows, and padded."""
+
+    @staticmethod
+    def forward(selector: Callable[..., torch.Tensor], rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+        token = _selecting.set(True)
+        try:
+            with torch.no_grad():
+                return selector(*tensors)
+        finally:
+            _selecting.reset(token)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:  # pragma: no cover - the output is an integer tensor
+        raise RuntimeError("positions have no gradient")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], selector: Any, rows: int, *tensors: Any) -> Any:
+        dims = in_dims[2:]
+        size = info.batch_size
+        batched = [i for i, dim in enumerate(dims) if dim is not None]
+        if rows and all(i < rows for i in batched):  # fold the vmapped dimension into the rows
+            folded = list(tensors)
+            count = None
+            for i in range(rows):
+                value = tensors[i]
+                value = value.movedim(dims[i], 0) if dims[i] is not None else value.expand(size, *value.shape)
+                count = value.shape[1]
+                folded[i] = value.reshape(size * count, *value.shape[2:]).contiguous()
+            picked = _Select.forward(selector, rows, *folded)
+            return picked.reshape(size, count, picked.shape[-1]), 0
+        parts = [
+            _Select.forward(selector, rows, *(_slice(t, d, i) for t, d in zip(tensors, dims, strict=True)))
+            for i in range(size)
+        ]
+        return _pad_stack(parts), 0
+
+
+def vmap_select(selector: Callable[..., torch.Tensor], *tensors: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """Under vmap: the int64 positions [rows, m] (-1 = empty slot) that `selector(*tensors)` returns
+    on plain tensors, for every vmapped slice, padded to one m. rows: how many leading tensors are
+    per-row inputs of a row-wise selector (each output row depends on their same row only); when only
+    they are vmapped, the vmapped dimension is folded into their rows and the selector runs once.
+    rows=0 (a batch-wide selection, BatchTopK): once per slice. The caller gathers the values from
+    the positions with differentiable torch ops, which vmap batches."""
+    return _Select.apply(selector, rows, *tensors)
