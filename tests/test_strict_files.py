@@ -83,7 +83,7 @@ def test_training_checkpoint_is_verified_on_load(tmp_path):
     written = (tmp_path / "ckpt" / "state.safetensors").read_bytes()
     assert state["tensors_sha256"] == hashlib.sha256(written).hexdigest()
     overwrite_16_bytes(tmp_path / "ckpt" / "state.safetensors")
-    with pytest.raises(CheckpointCorruptError, match="state.safetensors is corrupt"):
+    with pytest.raises(CheckpointCorruptError, match=r"state\.safetensors is corrupt"):
         load_training_checkpoint(tmp_path / "ckpt")
     _, damaged = load_training_checkpoint(tmp_path / "ckpt", verify=False)
     assert not torch.equal(damaged["a"], tensors["a"])

@@ -120,7 +120,7 @@ def test_ops_refuse_non_floating_activations(entry, dtype, be):
 @pytest.mark.parametrize("dtype", BAD_DTYPES, ids=str)
 def test_refused_under_autocast_too(dtype):
     sae = _module("topk", "cpu")
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="^x: expected a floating-point"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"^x: expected a floating-point"):
         sae(bad(dtype, ROWS, D))
 
 
@@ -139,7 +139,7 @@ def test_floating_activations_of_another_dtype_are_cast(dtype):
 def test_latent_indices_must_be_integers():
     sae = _module("relu", "cpu")
     latents = sae.encode(torch.randn(ROWS, D))
-    with pytest.raises(TypeError, match="^latents.indices: expected dtype int32 or int64, got torch.float32"):
+    with pytest.raises(TypeError, match=r"^latents\.indices: expected dtype int32 or int64, got torch\.float32"):
         sae.decode(SparseLatents(latents.values, latents.indices.float()))
-    with pytest.raises(TypeError, match="^latents: expected a \\(values, indices\\) pair"):
+    with pytest.raises(TypeError, match=r"^latents: expected a \(values, indices\) pair"):
         sae.decode(latents.values)

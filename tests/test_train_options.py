@@ -109,7 +109,7 @@ def test_tensorboard_auto_without_the_package_is_off_with_a_one_line_note(no_ten
 
 
 def test_tensorboard_asked_for_without_the_package_is_a_clear_error(no_tensorboard, tmp_path, capsys):
-    with pytest.raises(ImportError, match="--tensorboard needs the tensorboard package.*pip install tensorboard"):
+    with pytest.raises(ImportError, match=r"--tensorboard needs the tensorboard package.*pip install tensorboard"):
         metrics_module.resolve_tensorboard(True)
     # from the command line: refused before any model loads (the model path does not even exist)
     assert main(["train", "--tensorboard", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "r")]) == 2

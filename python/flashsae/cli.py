@@ -38,7 +38,6 @@ from .train.signals import EXIT_INTERRUPTED, StopSignals
 # ------------------------------------------------------------------------------ train and cache
 
 
-
 def _add_train_parser(subparsers) -> None:
     train = add_subcommand(
         subparsers,

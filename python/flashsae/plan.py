@@ -44,7 +44,6 @@ import gc
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -75,6 +74,7 @@ CHUNK_TOKENS = 4096
 GiB = 1 << 30
 #: SparseAdam's moment layouts (flashsae.optim.sparse_adam.MOMENTS).
 MOMENTS = ("elementwise", "row", "row-int8")
+
 
 def _human(count: int) -> str:
     for suffix, size in (("G", 1 << 30), ("M", 1 << 20), ("k", 1 << 10)):

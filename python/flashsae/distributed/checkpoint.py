@@ -276,9 +276,7 @@ def load_optimizer_sharded(path: str | os.PathLike, sae: ShardedTopKSAE, optimiz
     optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s}, "param_groups": groups})
 
 
-def consolidate(
-    path: str | os.PathLike, *, device: torch.device | str | None = None, verify: bool = True
-) -> TopKSAE:
+def consolidate(path: str | os.PathLike, *, device: torch.device | str | None = None, verify: bool = True) -> TopKSAE:
     """The whole saved SAE as a single-device TopKSAE (reads every shard: needs the memory of all n
     latents). verify: as for load_sharded."""
     sharded, _ = load_sharded(path, single_process(), device=device, verify=verify)

@@ -48,9 +48,7 @@ def is_native(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_checkpoint(
-    path: str | os.PathLike, *, verify: bool = True
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, tensors) of a native checkpoint directory; clear errors for anything else. verify:
     compare sae.safetensors with the sha256 cfg.json recorded (CheckpointCorruptError naming the
     file on a mismatch; checkpoints written before checksums have none and load as they are)."""

@@ -179,7 +179,7 @@ def _autograd_backward(ctx, grad):
     d_values, dW_dec, db_dec = _functorch.call(
         _sparse_decode_backward_op, _SparseDecodeBackward,
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
-    )
+    )  # fmt: skip
     if compact is not None:
         W_dec = None  # the gathered rows: freed before the gradient is handed over
         dW_dec = compact.hand_over(dW_dec, [values])

@@ -419,7 +419,7 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
     dW_enc, db_enc, dx, db_dec = _functorch.call(
         _topk_encode_backward_op, _TopKEncodeBackward,
         d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec and not chunked_db_dec, ctx.backend
-    )
+    )  # fmt: skip
     if compact is not None:
         W_enc = None
         gated = d_values * (values > 0)

@@ -32,12 +32,12 @@ from .._version import __version__
 from ..model_loading import resolve_device
 from ..modules import REGISTRY, SAE, create, load
 from ..ops import topk_encode_stats
+from . import signals
 from .activations import ModelActivations
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from . import signals
 from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of, resolve_tensorboard
 from .signals import StopSignals
 from .split import CorpusPart, EmptyPartError
