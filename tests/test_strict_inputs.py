@@ -49,7 +49,15 @@ ENTRY_POINTS = {
     ),
     ("sae.init_b_dec_(x)", "x"): lambda arch, be, dt: _module(arch, be).init_b_dec_(bad(dt, ROWS, D)),
     ("transcoder(x, y)", "y"): lambda arch, be, dt: _module("transcoder", be)(torch.randn(ROWS, D), bad(dt, ROWS, D)),
+    # the decoders that read the input too: TopK with an input normalization, a skip transcoder
+    ("sae.decode(latents, x)", "x"): lambda arch, be, dt: _decode_with_input(arch, be, dt),
 }
+
+
+def _decode_with_input(arch: str, backend: str, dtype: torch.dtype) -> torch.Tensor:
+    options = {"input_norm": "layer_norm"} if arch == "topk" else {"skip": True}
+    sae = flashsae.create(arch, d_in=D, n_latents=N, k=K, backend=backend, **options)
+    return sae.decode(sae.encode(torch.randn(ROWS, D)), bad(dtype, ROWS, D))
 OP_ENTRY_POINTS = {
     ("topk_encode(x, W_enc, b_enc, k, b_dec)", "x"): lambda w, be, x: topk_encode(
         x, w["W_enc"], w["b_enc"], K, w["b_dec"], backend=be
@@ -95,6 +103,7 @@ MODULE_CASES = [
     for entry in ENTRY_POINTS
     for arch in ARCHITECTURES
     if arch == "transcoder" or not entry[0].startswith("transcoder")
+    if arch in ("topk", "transcoder") or entry[0] != "sae.decode(latents, x)"
 ]
 
 
