@@ -58,6 +58,8 @@ def _decode_with_input(arch: str, backend: str, dtype: torch.dtype) -> torch.Ten
     options = {"input_norm": "layer_norm"} if arch == "topk" else {"skip": True}
     sae = flashsae.create(arch, d_in=D, n_latents=N, k=K, backend=backend, **options)
     return sae.decode(sae.encode(torch.randn(ROWS, D)), bad(dtype, ROWS, D))
+
+
 OP_ENTRY_POINTS = {
     ("topk_encode(x, W_enc, b_enc, k, b_dec)", "x"): lambda w, be, x: topk_encode(
         x, w["W_enc"], w["b_enc"], K, w["b_dec"], backend=be
