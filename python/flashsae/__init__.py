@@ -25,7 +25,7 @@ from typing import Any
 from . import hooks, io, modules, ops, synthetic
 from ._backend import BACKENDS, available_backends
 from ._version import __version__
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, CheckpointCorruptError
 from .io import FormatError, load_many
 from .modules import *  # noqa: F403 - every architecture, its config, create / load / register (modules.__all__)
 from .outputs import ForwardOutput, SparseLatents
@@ -33,6 +33,7 @@ from .outputs import ForwardOutput, SparseLatents
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "CheckpointCorruptError",
     "FormatError",
     "ForwardOutput",
     "SparseLatents",

@@ -4,7 +4,8 @@ the scalar checks every config and keyword argument uses (at the end of this mod
 The compiled kernels trust the sizes and addresses they are given, so every public op calls these
 checks first. Errors name the argument and say what was expected:
 
-- ``TypeError`` for a non-tensor or a wrong dtype,
+- ``TypeError`` for a non-tensor or a wrong dtype (integer or bool activations included:
+  :func:`check_floating`),
 - ``ValueError`` for a wrong shape, device, layout, an empty batch, NaN/Inf, or an out-of-range k.
 
 Structural checks (:func:`check_tensor`, :func:`check_k`) look only at metadata, so they also run
@@ -74,6 +75,39 @@ def check_tensor(
             f"{list(value.shape)}; call .contiguous() first"
         )
     return value
+
+
+def check_floating(name: str, value: object) -> torch.Tensor:
+    """A tensor of floating-point values (activations, latent values), else TypeError naming it.
+
+    The modules cast floating inputs to their own dtype, but never integers or bools: token ids or a
+    mask passed by mistake would otherwise be encoded as if they were activations (nn.Linear refuses
+    them too)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor ({_dtype_names(FLOAT_DTYPES)}), got {value.dtype}")
+    return value
+
+
+def check_latents(latents: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of a latents pair: floating values and integer indices of one shape, else
+    TypeError / ValueError naming ``latents.values`` or ``latents.indices``."""
+    if not isinstance(latents, tuple) or len(latents) != 2:
+        kind = type(latents).__name__
+        raise TypeError(f"latents: expected a (values, indices) pair such as SparseLatents, got {kind}")
+    values, indices = latents
+    check_floating("latents.values", values)
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"latents.indices: expected a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"latents.indices: expected dtype {_dtype_names(INDEX_DTYPES)}, got {indices.dtype}")
+    if values.dim() == 0 or values.shape != indices.shape:
+        raise ValueError(
+            f"latents: expected values and indices of one shape [..., slots], got {list(values.shape)} and "
+            f"{list(indices.shape)}"
+        )
+    return values, indices
 
 
 def check_k(name: str, k: object, n_latents: int, *, allow_zero: bool = False) -> int:

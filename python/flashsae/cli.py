@@ -32,12 +32,10 @@ from .io.convert import add_convert_parser, run_convert
 from .plan import add_plan_parser, run_plan
 from .train import CacheConfig, TrainConfig, Trainer, resume_config, write_cache
 from .train import config as train_config
+from .train.signals import EXIT_INTERRUPTED, StopSignals
 
 
 # ------------------------------------------------------------------------------ train and cache
-
-#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
 
 
 def _add_train_parser(subparsers) -> None:
@@ -63,6 +61,13 @@ def _add_cache_parser(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    # Ctrl-C from here on: before training, abort with one line; then stop after a step and save;
+    # a second one aborts at once (flashsae.train.signals)
+    with StopSignals(abort_process=True):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kwargs = config_kwargs(args)
     try:

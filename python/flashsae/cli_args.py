@@ -1,6 +1,7 @@
 """The argparse pieces the ``flashsae`` subcommands share: a subcommand parser whose description
-keeps its line breaks, one flag per field of a config dataclass (its docstring as help), the
-namespace back as config keywords, and the one-line error exit.
+keeps its line breaks, one flag per field of a config dataclass (its docstring as help), the one size
+parser of every command (:func:`parse_count`: ``--n-latents 16M`` in train as in plan; :func:`parse_bytes`),
+the namespace back as config keywords, and the one-line error exit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import re
 import sys
 import textwrap
 import types
@@ -28,6 +30,60 @@ CHOICES = {
     "b_dec_init": ("geometric_median", "mean", "zeros"),
     "optimizer": ("adam", "sparse_adam"),
 }
+
+#: Config fields that are sizes: their flags take parse_count's forms (16M, 2^24, 32k, 16_777_216).
+COUNT_FIELDS = frozenset(
+    {"n_latents", "k", "train_tokens", "batch_size", "buffer_tokens", "eval_tokens", "dead_tokens"}
+    | {"cache_tokens", "shard_tokens", "checkpoint_every", "log_every", "ctx_len", "max_tokens"}
+)
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_BYTE_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_count(text: str | int) -> int:
+    """A size: a plain integer ("16777216", "16_777_216"), a power of two ("2^24") or a number with a
+    binary suffix as SAE widths are quoted ("16M" = 16 x 2^20, "32k" = 32768, "1.5M")."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    value = str(text).strip().replace("_", "").replace(",", "")
+    power = re.fullmatch(r"(\d+)\^(\d+)", value)
+    if power:
+        return int(power.group(1)) ** int(power.group(2))
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i)?", value)
+    if not found:
+        raise ValueError(f"expected an integer, 2^N or a number with k/M/G (powers of 1024), got {text!r}")
+    number = float(found.group(1)) * _UNITS[found.group(2).lower()]
+    if number != int(number):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(number)
+
+
+def parse_bytes(text: str | int) -> int:
+    """A memory size: bytes, or with a unit: "141GB" (10^9), "139GiB" (2^30), "80 GiB"."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = found.group(2).lower() if found else None
+    if not found or unit not in _BYTE_UNITS | {"": 1}:
+        raise ValueError(f"expected a memory size such as 141GB or 139GiB, got {text!r}")
+    return int(float(found.group(1)) * (_BYTE_UNITS.get(unit, 1)))
+
+
+def count_flag(optional: bool = False) -> Any:
+    """An argparse ``type`` for a size (parse_count's forms; "none" too when `optional`)."""
+
+    def parse(text: str) -> int | None:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return parse_count(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    parse.__name__ = "count"
+    return parse
 
 
 def add_subcommand(subparsers: Any, name: str, *, help: str, description: str | None, **options: Any) -> Any:
@@ -94,9 +150,22 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type) -> Non
             parser.add_argument(
                 option_flag, dest=f.name, action="append", type=_option, metavar="NAME=VALUE", help=help_text
             )
+        elif base is int and f.name in COUNT_FIELDS:
+            parser.add_argument(flag, type=count_flag(optional), metavar=f.name.upper(), help=help_text)
         else:
             kind = _optional(base) if optional else base
             parser.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help_text)
+
+
+def add_verify_flag(parser: argparse.ArgumentParser) -> None:
+    """--verify / --no-verify: check each checkpoint against the sha256 recorded with it (default)."""
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every checkpoint's weights against the sha256 written with them; --no-verify skips the "
+        "hashing (about 2 s per GiB on a shared 2-core CPU) and loads a file whose bytes changed (default: verify)",
+    )
 
 
 def config_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -44,14 +44,13 @@ import gc
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ._checks import positive_int
-from .cli_args import field_docs
+from .cli_args import field_docs, parse_bytes, parse_count
 
 # the CPU encoder's pre-activation tile and the row-sparse encoder backward's W_enc chunk (elements)
 from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS
@@ -75,39 +74,6 @@ CHUNK_TOKENS = 4096
 GiB = 1 << 30
 #: SparseAdam's moment layouts (flashsae.optim.sparse_adam.MOMENTS).
 MOMENTS = ("elementwise", "row", "row-int8")
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_BYTE_UNITS |= {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_count(text: str | int) -> int:
-    """A size: a plain integer ("16777216", "16_777_216"), a power of two ("2^24") or a number with a
-    binary suffix as SAE widths are quoted ("16M" = 16 x 2^20, "32k" = 32768, "1.5M")."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    value = str(text).strip().replace("_", "").replace(",", "")
-    power = re.fullmatch(r"(\d+)\^(\d+)", value)
-    if power:
-        return int(power.group(1)) ** int(power.group(2))
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT]?)(?:i)?", value)
-    if not found:
-        raise ValueError(f"expected an integer, 2^N or a number with k/M/G (powers of 1024), got {text!r}")
-    number = float(found.group(1)) * _UNITS[found.group(2).lower()]
-    if number != int(number):
-        raise ValueError(f"{text!r} is not a whole number")
-    return int(number)
-
-
-def parse_bytes(text: str | int) -> int:
-    """A memory size: bytes, or with a unit: "141GB" (10^9), "139GiB" (2^30), "80 GiB"."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = found.group(2).lower() if found else None
-    if not found or unit not in _BYTE_UNITS | {"": 1}:
-        raise ValueError(f"expected a memory size such as 141GB or 139GiB, got {text!r}")
-    return int(float(found.group(1)) * (_BYTE_UNITS.get(unit, 1)))
 
 
 def _human(count: int) -> str:

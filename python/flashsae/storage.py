@@ -7,11 +7,18 @@ renames; a crash leaves at most a stale ``.<name>.tmp-*`` sibling.
 
 Versioned headers: each layout's JSON header carries ``format`` and ``format_version``;
 :func:`check_header` refuses another layout or a newer version with an error naming the file.
+
+Checksums: the SAE checkpoint and the training checkpoint record the sha256 of their safetensors
+file in their JSON header when they are written (:func:`file_sha256`) and :func:`verify_sha256`
+compares it on load, so overwritten or flipped bytes inside the tensor data (which safetensors'
+header checks cannot see) raise :class:`~flashsae.errors.CheckpointCorruptError` instead of loading
+as garbage weights. Older files without a digest load as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +26,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import CheckpointCorruptError
+
+#: Bytes read at a time when hashing (the file is never held whole in memory).
+HASH_CHUNK = 1 << 22
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -113,3 +125,27 @@ def check_header(
             f"{version}. Upgrade flashsae."
         )
     return header
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in HASH_CHUNK pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: object, *, recorded_in: Path) -> None:
+    """Raises CheckpointCorruptError naming `path` unless its sha256 is `expected` (the digest
+    `recorded_in` holds). `expected` None: a file written before checksums, nothing to compare."""
+    if expected is None:
+        return
+    if not isinstance(expected, str):
+        raise CheckpointCorruptError(f"{recorded_in}: the recorded sha256 of {path.name} is not a string: {expected!r}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointCorruptError(
+            f"{path} is corrupt: its sha256 is {actual}, but {recorded_in.name} recorded {expected} when it was "
+            "written (bytes changed since). Restore the file, or pass verify=False (--no-verify) to load it anyway"
+        )

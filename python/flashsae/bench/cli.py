@@ -9,10 +9,13 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ..cli_args import count_flag
 from . import train_step
 from .train_step import BenchConfig
 
 _INT_FIELDS = {"d_in", "n_latents", "k", "batch", "steps", "repeats", "threads", "seed"}
+#: The sizes among them: 24k, 2^15 as in flashsae train and plan (cli_args.parse_count).
+_SIZE_FIELDS = {"d_in", "n_latents", "k", "batch"}
 _CHOICES = {"dtype": list(train_step.DTYPES), "optimizer": list(train_step.OPTIMIZERS), "device": ["cpu", "cuda"]}
 
 
@@ -28,7 +31,7 @@ def add_bench_parser(subparsers) -> None:
         default = getattr(defaults, f.name)
         bench.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=int if f.name in _INT_FIELDS else str,
+            type=(count_flag() if f.name in _SIZE_FIELDS else int) if f.name in _INT_FIELDS else str,
             default=default,
             choices=_CHOICES.get(f.name),
             help=f"(default: {default})",

@@ -13,7 +13,8 @@ Every tensor indexed by latent is cut by rows, so a rank of a different layout r
 it holds: for each file overlapping its range, a slice (safetensors reads slices without loading the
 file). Replica 0 of each shard writes (the data-parallel replicas hold the same values). Writing is
 atomic: shards go to a staging directory, fsynced, index.json last, then a rename swaps it in (a crash
-leaves the previous checkpoint intact).
+leaves the previous checkpoint intact). index.json records each file's sha256 (hashed by the rank that
+wrote it); a load checks the files it reads unless verify=False (flashsae.storage: checksums).
 
 Optimizer state: SparseAdam's or torch Adam's per-parameter tensors. For W_enc / W_dec / b_enc the
 moments (and SparseAdam's master copy and per-row last step of the matrices) are cut by rows; the step
@@ -37,7 +38,7 @@ from safetensors.torch import save_file
 from ..modules.topk import TopKConfig, TopKSAE
 from ..optim import SparseAdam
 from ..optim.sparse_adam import _matrix_view
-from ..storage import check_header, fsync_file, replace_directory
+from ..storage import check_header, file_sha256, fsync_file, replace_directory, verify_sha256
 from .layout import Layout, shard_range, single_process
 from .tensor_parallel import ShardedTopKSAE
 
@@ -120,9 +121,16 @@ def save_sharded(
         name = staging / _file(layout.tp_rank, layout.tensor_parallel)
         save_file({key: t.contiguous().cpu() for key, t in tensors.items()}, str(name))
         fsync_file(name)
+        # each writer hashes its own file (in parallel); rank 0 gathers the digests into index.json
+        (staging / f"{name.name}.sha256").write_text(file_sha256(name))
     _barrier(layout)
     if layout.rank == 0:
         n, parts = sae.config.n_latents, layout.tensor_parallel
+        digests = []
+        for t in range(parts):
+            sidecar = staging / f"{_file(t, parts)}.sha256"
+            digests.append(sidecar.read_text())
+            sidecar.unlink()
         index = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -130,7 +138,12 @@ def save_sharded(
             "dtype": str(sae.dtype).removeprefix("torch."),
             "n_latents": n,
             "files": [
-                {"path": _file(t, parts), "start": shard_range(n, parts, t)[0], "end": shard_range(n, parts, t)[1]}
+                {
+                    "path": _file(t, parts),
+                    "start": shard_range(n, parts, t)[0],
+                    "end": shard_range(n, parts, t)[1],
+                    "sha256": digests[t],
+                }
                 for t in range(parts)
             ],
             "optimizer": scalars or None,
@@ -160,6 +173,14 @@ def read_index(path: str | os.PathLike) -> dict[str, Any]:
     index = json.loads(file.read_text())
     what = "flashsae sharded SAE checkpoint"
     return check_header(index, path=file, argument="path", format=FORMAT, version=FORMAT_VERSION, what=what)
+
+
+def verify_files(path: Path, index: dict, start: int, end: int) -> None:
+    """Checks the files a rank holding latents [start, end) reads (those rows' files and file 0, which
+    holds the replicated tensors) against the sha256 index.json recorded (CheckpointCorruptError)."""
+    for position, entry in enumerate(index["files"]):
+        if position == 0 or max(start, entry["start"]) < min(end, entry["end"]):
+            verify_sha256(path / entry["path"], entry.get("sha256"), recorded_in=path / INDEX)
 
 
 def _read_rows(path: Path, index: dict, key: str, start: int, end: int) -> torch.Tensor:
@@ -194,15 +215,19 @@ def load_sharded(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     backend: str | None = None,
+    verify: bool = True,
 ) -> tuple[ShardedTopKSAE, torch.Tensor | None]:
     """This rank's shard of a saved sharded SAE, for `layout` (any number of shards; default: one
-    process), and its dead-latent counters (None if not saved)."""
+    process), and its dead-latent counters (None if not saved). verify: check the files it reads
+    against their recorded sha256 first (:func:`verify_files`)."""
     layout = layout or single_process()
     source = Path(path)
     index = read_index(source)
     config = TopKConfig(**index["config"])
     dtype = dtype or getattr(torch, index["dtype"])
     sae = ShardedTopKSAE(config, layout, dtype=dtype, device=device, backend=backend)
+    if verify:
+        verify_files(source, index, sae.start, sae.end)
     with torch.no_grad():
         for name in ROW_PARAMETERS:
             getattr(sae, name).copy_(_read_rows(source, index, name, sae.start, sae.end))
@@ -251,7 +276,8 @@ def load_optimizer_sharded(path: str | os.PathLike, sae: ShardedTopKSAE, optimiz
     optimizer.load_state_dict({"state": {i: s for i, s in state.items() if s}, "param_groups": groups})
 
 
-def consolidate(path: str | os.PathLike, *, device: torch.device | str | None = None) -> TopKSAE:
-    """The whole saved SAE as a single-device TopKSAE (reads every shard: needs the memory of all n latents)."""
-    sharded, _ = load_sharded(path, single_process(), device=device)
+def consolidate(path: str | os.PathLike, *, device: torch.device | str | None = None, verify: bool = True) -> TopKSAE:
+    """The whole saved SAE as a single-device TopKSAE (reads every shard: needs the memory of all n
+    latents). verify: as for load_sharded."""
+    sharded, _ = load_sharded(path, single_process(), device=device, verify=verify)
     return sharded.gather_full()

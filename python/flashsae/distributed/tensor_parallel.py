@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._checks import check_latents
 from ..modules.base import SAE, ConfigField
 from ..modules.topk import TopKConfig, TopKSAE
 from ..ops import sparse_decode, topk_encode
@@ -51,10 +52,14 @@ class _SumOverShards(torch.autograd.Function):
     computed identically on every shard, so each partial gets the full gradient)."""
 
     @staticmethod
-    def forward(ctx: Any, partial: torch.Tensor, group: object | None) -> torch.Tensor:
+    def forward(partial: torch.Tensor, group: object | None) -> torch.Tensor:
         total = partial.clone()
         all_reduce_(total, group)
         return total
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pass  # the backward is the identity: nothing to keep
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -203,7 +208,7 @@ class ShardedTopKSAE(SAE):
 
     def decode(self, latents: SparseLatents) -> torch.Tensor:
         """x_hat [..., d_in] from global latents (every shard decodes its own rows; summed)."""
-        values, indices = latents
+        values, indices = check_latents(latents)
         lead, slots = values.shape[:-1], values.shape[-1]
         values = values.reshape(-1, slots).to(self.dtype)
         indices = indices.reshape(-1, slots).to(torch.int64)

@@ -45,7 +45,6 @@ import torch.distributed as dist
 
 from ..cli_args import add_config_flags
 from ..modules.topk import TopKConfig
-from ..plan import parse_count
 from ..train.cache import CachedActivations
 from ..train.config import TrainConfig
 from ..train.step import flush_optimizer, make_optimizer, optimizer_step
@@ -97,7 +96,9 @@ class DistributedTrainer:
         sae_config = TopKConfig(**(options | config.sae_options))
         self.step = 0
         if config.resume:
-            self.sae, since_fired = load_sharded(self.out / CHECKPOINT, layout, device=self.device, dtype=param_dtype)
+            self.sae, since_fired = load_sharded(
+                self.out / CHECKPOINT, layout, device=self.device, dtype=param_dtype, verify=config.verify
+            )
             extra = read_index(self.out / CHECKPOINT)["extra"]
             self.step, self.scale = int(extra["step"]), float(extra["scale"])
         else:
@@ -152,6 +153,7 @@ class DistributedTrainer:
     def train(self) -> Path:
         config, layout = self.config, self.layout
         total = config.steps
+        every = config.resolved_checkpoint_every()
         if layout.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             metrics = open(self.out / METRICS, "a" if config.resume else "w")  # noqa: SIM115
@@ -178,7 +180,7 @@ class DistributedTrainer:
                         layout,
                         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
                     )
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < total:
+                if every and self.step % every == 0 and self.step < total:
                     self.save_checkpoint()
             self.save_checkpoint()
         finally:
@@ -207,18 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     add_config_flags(parser, TrainConfig)
-    for action in parser._actions:  # sizes with k/M/G suffixes
-        if action.dest in ("n_latents", "batch_size", "train_tokens", "dead_tokens", "buffer_tokens"):
-            action.type = parse_count if action.dest != "n_latents" else _optional_count
     parser.add_argument("--tensor-parallel", type=int, default=1, help="latent shards per replica (default: 1)")
     parser.add_argument(
         "--param-dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype (default: float32)"
     )
     return parser
-
-
-def _optional_count(text: str) -> int | None:
-    return None if text.lower() == "none" else parse_count(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_args import add_subcommand, fail
+from ..cli_args import add_subcommand, add_verify_flag, count_flag, fail
 from ..model_loading import resolve_device
 from ..modules import load
 from ..train.split import DEFAULT_EVAL_FRACTION, PARTS
@@ -64,6 +64,7 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
         help="downstream metrics: causal_lm (CE recovered, KL), embedding (pooled cosine), none, or auto (default)",
     )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add_verify_flag(parser)
 
 
 EVAL_DESCRIPTION = """Evaluates SAEs on a model's activations: MSE, explained variance, FVU, cosine similarity,
@@ -92,7 +93,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--hookpoint", help="module path the SAE reads (default: the SAE's)")
     parser.add_argument("--target-hookpoint", help="for a transcoder: the module path it predicts")
     parser.add_argument(
-        "--n-tokens", type=int, default=EvalConfig.n_tokens, help=f"tokens to evaluate (default: {EvalConfig.n_tokens})"
+        "--n-tokens",
+        type=count_flag(),
+        default=EvalConfig.n_tokens,
+        help=f"tokens to evaluate (default: {EvalConfig.n_tokens})",
     )
     parser.add_argument("--ctx-len", type=int, help="tokens per context (default: the SAE's, else 128)")
     parser.add_argument("--dataset-config", help="configuration name of a hub dataset")
@@ -140,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
         models: dict[tuple[str, str], tuple[Any, Any]] = {}
         results = []
         for path in paths:
-            sae = load(path, device=device)
+            sae = load(path, device=device, verify=args.verify)
             recorded = source_settings(sae.metadata)
             model_name = _pick(args.model, recorded, "model")
             hookpoint = _pick(args.hookpoint, recorded, "hookpoint")
@@ -201,7 +205,9 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("run_dir", help="a flashsae train run directory (or one SAE folder)")
     parser.add_argument("--out", type=Path, help=f"the HTML file to write (default: RUN_DIR/{REPORT_FILE})")
-    parser.add_argument("--n-tokens", type=int, default=16384, help="tokens evaluated for the report (default: 16384)")
+    parser.add_argument(
+        "--n-tokens", type=count_flag(), default=16384, help="tokens evaluated for the report (default: 16384)"
+    )
     parser.add_argument("--top-latents", type=int, default=24, help="latent cards per SAE (default: 24)")
     parser.add_argument(
         "--latent-selection",
@@ -233,6 +239,7 @@ def run_report(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             downstream=args.downstream,
             progress=args.progress,
+            verify=args.verify,
         )
     except (ValueError, TypeError, OSError, ImportError) as exc:
         return fail("report", exc)

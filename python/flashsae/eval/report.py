@@ -272,11 +272,12 @@ def write_report(
     batch_size: int = 8,
     downstream: str = "auto",
     progress: bool = False,
+    verify: bool = True,
 ) -> Path:
     """Evaluates every SAE of the run at `run_dir` on n_tokens tokens of the `part` (default: the
     eval part, held out from training) of its dataset (or `dataset`) and writes the report to `out`
     (default RUN_DIR/report.html). Returns the path written. The model, eval_fraction and settings
-    come from each SAE's metadata (see flashsae.eval.runs)."""
+    come from each SAE's metadata (see flashsae.eval.runs). verify: check each SAE's sha256 on load."""
     run_path = Path(run_dir)
     paths = sae_directories(run_path)
     if paths == [run_path]:  # a single SAE folder: its run is the folder around it, if any
@@ -288,7 +289,7 @@ def write_report(
     sections = []
     used_dataset = None
     for path in paths:
-        sae = load(path, device=torch_device)
+        sae = load(path, device=torch_device, verify=verify)
         settings = source_settings(sae.metadata)
         missing = [key for key in ("model", "hookpoint") if key not in settings]
         if missing:

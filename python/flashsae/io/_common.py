@@ -66,7 +66,7 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         payload = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"path: {path} is not valid JSON ({exc})") from exc
+        raise FormatError(f"{path.name} is not valid JSON: {path}: {exc}") from exc
     if not isinstance(payload, dict):
         raise FormatError(f"path: {path} holds a JSON {type(payload).__name__}, expected an object")
     return payload

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli_args import add_subcommand
+from ..cli_args import add_subcommand, add_verify_flag
 from . import api
 from ._common import DTYPES, FormatError
 
@@ -41,6 +41,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: keep the source dtype)"
     )
+    add_verify_flag(parser)
     return parser
 
 
@@ -50,12 +51,12 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         source = api.resolve(args.src, args.subfolder)
         if source.is_dir() and args.subfolder is None and _is_multi(source, args.source_format):
-            saes = api.load_many(source, format=args.source_format, dtype=dtype)
+            saes = api.load_many(source, format=args.source_format, dtype=dtype, verify=args.verify)
             for name, sae in saes.items():
                 api.save(sae, args.dst / name, format=args.to)
                 print(f"{source / name} -> {args.dst / name} ({sae.architecture}, {args.to})")
             return 0
-        sae = api.load(source, format=args.source_format, dtype=dtype)
+        sae = api.load(source, format=args.source_format, dtype=dtype, verify=args.verify)
         api.save(sae, args.dst, format=args.to)
         print(f"{source} -> {args.dst} ({sae.architecture}, {args.to})")
         return 0

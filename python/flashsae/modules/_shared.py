@@ -6,8 +6,9 @@ Training schedule (every architecture with a warm-up or a running estimate):
     ``num_steps`` is an int64 buffer, saved and restored with the checkpoint. ``forward`` adds 1
     whenever it runs as a training step, i.e. in training mode with autograd enabled, so a plain loop
     (``out = sae(x); out.loss.backward(); ...``) advances every schedule without further calls.
-    A loop that runs several forwards per optimizer step (gradient accumulation) or resumes
-    elsewhere sets the count itself: ``sae.num_steps.fill_(step)``.
+    A loop that runs several forwards per optimizer step (gradient accumulation), resumes elsewhere or
+    trains through torch.func transforms (which never count a step) sets the count itself:
+    ``sae.num_steps.fill_(step)``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .._checks import non_negative, positive_int
-from ..ops import sparse_decode
+from .._checks import check_latents, non_negative, positive_int
+from ..ops import _functorch, sparse_decode
 from ..ops._common import acc_dtype
 from ..ops.threshold_encode import padded_rows, threshold_encode
 from ..outputs import ForwardOutput, SparseLatents
@@ -61,8 +62,11 @@ def register_step_counter(module: torch.nn.Module, device: torch.device | str | 
 
 
 def is_training_step(module: torch.nn.Module) -> bool:
-    """A forward counts as a training step in training mode with autograd enabled."""
-    return module.training and torch.is_grad_enabled()
+    """A forward counts as a training step in training mode with autograd enabled, outside torch.func
+    transforms: under grad / vmap / functional_call the forward is a pure function of its inputs
+    (functorch refuses in-place updates of captured buffers), so it neither advances ``num_steps``
+    nor updates running estimates; a functional training loop sets them itself."""
+    return module.training and torch.is_grad_enabled() and not _functorch.transforms_active()
 
 
 @torch.no_grad()
@@ -99,7 +103,7 @@ def decode_latents(
     latents: SparseLatents, W_dec: torch.Tensor, b_dec: torch.Tensor, backend: str | None
 ) -> torch.Tensor:
     """x_hat [..., d] = b_dec + sum of the latents' decoder rows; empty slots (index -1) skipped."""
-    values, indices = latents
+    values, indices = check_latents(latents)
     lead = values.shape[:-1]
     slots = values.shape[-1]
     x_hat = sparse_decode(

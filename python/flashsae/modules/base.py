@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._checks import FLOAT_DTYPES, positive_int
+from .._checks import FLOAT_DTYPES, check_floating, positive_int
 from ..io import api as io_api
 from ..ops._common import row_blocks
 from ..outputs import ForwardOutput, SparseLatents
@@ -184,10 +184,10 @@ class SAE(nn.Module):
     def _rows(
         self, x: torch.Tensor, name: str = "x", width: int | None = None, width_name: str = "d_in"
     ) -> torch.Tensor:
-        """x [..., width] (default d_in) as contiguous [rows, width] in the SAE's dtype."""
+        """x [..., width] (default d_in) as contiguous [rows, width] in the SAE's dtype. Floating
+        inputs of any dtype are cast; integer or bool ones raise TypeError naming `name`."""
         width = self.d_in if width is None else width
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        check_floating(name, x)
         if x.dim() == 0 or x.shape[-1] != width:
             raise ValueError(f"{name}: expected shape [..., {width_name}={width}], got {list(x.shape)}")
         return x.reshape(-1, width).to(self.dtype).contiguous()

@@ -104,13 +104,20 @@ class JumpReLUConfig(SAEConfig):
 
 
 class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - theta) with the rectangle-kernel straight-through estimator for theta."""
+    """pre * H(pre - theta) with the rectangle-kernel straight-through estimator for theta.
+    setup_context style with a generated vmap rule, so torch.func's grad and vmap work through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        return pre * (pre > theta)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pre, theta, bandwidth = inputs
         ctx.save_for_backward(pre, theta)
         ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -127,11 +134,17 @@ class _JumpReLU(torch.autograd.Function):
 class _Step(torch.autograd.Function):
     """H(pre - theta); the gradient reaches theta only (rectangle kernel), as in the paper."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        pre, theta, bandwidth = inputs
         ctx.save_for_backward(pre, theta)
         ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:

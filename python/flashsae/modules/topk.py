@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import boolean, choice
+from .._checks import boolean, check_latents, choice
 from ..ops import sae_loss, sparse_decode, topk_encode
 from ..ops.topk_encode import PRECISIONS
 from ..outputs import ForwardOutput, SparseLatents
@@ -142,11 +142,11 @@ class TopKSAE(KeywordConfigSAE):
     def decode(self, latents: SparseLatents, x: torch.Tensor | None = None) -> torch.Tensor:
         """x_hat [..., d_in] from latents ([..., k] values and indices). With an input_norm, x (the
         input the latents came from) is required: its per-row statistics undo the normalization."""
-        values, indices = latents
+        values, indices = check_latents(latents)
         lead = values.shape[:-1]
         k = values.shape[-1]
         x_hat = sparse_decode(
-            values.reshape(-1, k).contiguous(),
+            values.reshape(-1, k).to(self.dtype).contiguous(),
             indices.reshape(-1, k).contiguous(),
             self.W_dec,
             self.b_dec,

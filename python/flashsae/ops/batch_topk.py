@@ -28,8 +28,8 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_k, check_tensor
-from . import _autocast
-from .threshold_encode import count_active, dense_pre_activations, padded_rows
+from . import _autocast, _functorch
+from .threshold_encode import count_active, dense_pre_activations, padded_rows, pre_activations_at
 from .topk_encode import topk_encode
 
 #: When the retry needs more than this share of n_latents slots per row, one exact dense pass runs
@@ -122,12 +122,31 @@ def batch_topk(
     """
     x, W_enc, b_enc, b_dec = _autocast.cast_operands(x, W_enc, b_enc, b_dec)
     with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
+        if _functorch.vmap_active():
+            return _batch_topk_vmapped(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend)
         return _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend)
+
+
+def _batch_topk_vmapped(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend):
+    """batch_topk under vmap: each vmapped slice is its own batch. The selection (a data-dependent
+    width) runs below the vmap, once per slice (ops/_functorch.py, vmap_select); the values are the
+    selected pre-activations from plain torch ops, the AuxK pair from topk_encode (fixed width)."""
+
+    def selector(x, W_enc, b_enc, b_dec):
+        return _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, None, 0, backend).indices.long()
+
+    positions = _functorch.vmap_select(selector, x, W_enc, b_enc, b_dec, rows=0)
+    values, indices = pre_activations_at(x, W_enc, b_enc, b_dec, positions)
+    aux = (None, None)
+    if aux_k:
+        aux = tuple(topk_encode(x, W_enc, b_enc, 1, b_dec, dead_mask=dead_mask, aux_k=aux_k, backend=backend)[2:])
+    return BatchTopKOutput(values.relu(), indices, *aux)
 
 
 def _batch_topk(x, W_enc, b_enc, k, b_dec, candidates, dead_mask, aux_k, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
+    check_tensor("x", x, shape={"batch": None, "d": W_enc.shape[1]}, like=("W_enc", W_enc))
     k = check_k("k", k, n)
     if candidates is None:
         candidates = 4 * k

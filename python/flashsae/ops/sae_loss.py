@@ -27,7 +27,7 @@ import torch
 from .. import _backend
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads, _sparse_rows
+from . import _autocast, _common, _functorch, _row_grads, _sparse_rows
 from .sparse_decode import sparse_decode_reference
 
 
@@ -317,7 +317,8 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
         indices = compact.indices[0]
         aux_indices = compact.indices[1] if aux_values is not None else None
         W_dec = compact.gather(W_dec)
-    d_values, d_aux_values, dW_dec, db_dec, dx = _sae_loss_backward_op(
+    d_values, d_aux_values, dW_dec, db_dec, dx = _functorch.call(
+        _sae_loss_backward_op, _SaeLossBackward,
         None if grad_x_hat is None else grad_x_hat.contiguous(),
         grad_sse.contiguous(),
         None if aux_values is None else grad_aux_sse.contiguous(),
@@ -339,6 +340,11 @@ def _autograd_backward(ctx, grad_x_hat, grad_sse, grad_aux_sse):
 
 
 _sae_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# torch.func (see ops/_functorch.py): the public function calls the op through this Function
+_SaeLoss = _functorch.autograd_function("_SaeLoss", _sae_loss_op, _setup_context, _autograd_backward)
+_functorch.register_vmap(_sae_loss_op, row_args=("x", "values", "indices", "aux_values", "aux_indices"))
+_functorch.register_vmap(_sae_loss_backward_op)
+_SaeLossBackward = _functorch.backward_function("_SaeLossBackward", _sae_loss_backward_op)
 
 # autocast (see ops/_autocast.py): the fused decoder + loss reads every float operand in the autocast
 # dtype; the per-row sums (and so the losses) stay float32, as torch's autocast keeps losses
@@ -395,7 +401,9 @@ def sae_loss(
             like=("x", x),
         )  # fmt: skip
     requested = _backend.requested_backend(backend)
-    x_hat, sse, aux_sse = _sae_loss_op(x, values, indices, W_dec, b_dec, aux_values, aux_indices, requested)
+    x_hat, sse, aux_sse = _functorch.call(
+        _sae_loss_op, _SaeLoss, x, values, indices, W_dec, b_dec, aux_values, aux_indices, requested
+    )
     x_acc = x.to(sse.dtype)
     total_variance = (x_acc - x_acc.mean(0)).pow(2).sum()
     sse_total = sse.sum()

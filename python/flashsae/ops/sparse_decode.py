@@ -19,7 +19,7 @@ import torch
 from .. import _backend
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
 from .._native import _C, addr, dtype_code, new_output
-from . import _autocast, _row_grads, _sparse_rows
+from . import _autocast, _functorch, _row_grads, _sparse_rows
 
 # --------------------------------------------------------------------------------------- reference
 
@@ -176,9 +176,10 @@ def _autograd_backward(ctx, grad):
     if compact is not None:
         (indices,) = compact.indices
         W_dec = compact.gather(W_dec)
-    d_values, dW_dec, db_dec = _sparse_decode_backward_op(
+    d_values, dW_dec, db_dec = _functorch.call(
+        _sparse_decode_backward_op, _SparseDecodeBackward,
         grad.contiguous(), values, indices, W_dec, need_b_dec, ctx.backend
-    )
+    )  # fmt: skip
     if compact is not None:
         W_dec = None  # the gathered rows: freed before the gradient is handed over
         dW_dec = compact.hand_over(dW_dec, [values])
@@ -192,6 +193,11 @@ def _autograd_backward(ctx, grad):
 
 
 _sparse_decode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# torch.func (see ops/_functorch.py): the public function calls the op through this Function
+_SparseDecode = _functorch.autograd_function("_SparseDecode", _sparse_decode_op, _setup_context, _autograd_backward)
+_functorch.register_vmap(_sparse_decode_op, row_args=("values", "indices"))
+_functorch.register_vmap(_sparse_decode_backward_op)
+_SparseDecodeBackward = _functorch.backward_function("_SparseDecodeBackward", _sparse_decode_backward_op)
 
 # autocast (see ops/_autocast.py): the decoder reads values and the parameters in the autocast dtype
 _autocast.register(torch.ops.flashsae.sparse_decode.default, cast=("values", "W_dec", "b_dec"))
@@ -235,4 +241,4 @@ def sparse_decode(
     if b_dec is not None:
         check_tensor("b_dec", b_dec, shape={"d": d}, like=("W_dec", W_dec))
     requested = _backend.requested_backend(backend)
-    return _sparse_decode_op(values, indices, W_dec, b_dec, requested)
+    return _functorch.call(_sparse_decode_op, _SparseDecode, values, indices, W_dec, b_dec, requested)

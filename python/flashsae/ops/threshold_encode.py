@@ -37,7 +37,7 @@ import importlib
 import torch
 
 from .._checks import check_finite, check_tensor
-from . import _autocast, _common
+from . import _autocast, _common, _functorch
 from .topk_encode import topk_encode
 
 # the module itself (flashsae.ops re-exports the function under the same name)
@@ -84,9 +84,34 @@ def padded_rows(dense: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor
     row (ties to the lower index), m = the largest active count of a row (>= 1), empty slots (0, -1).
     Differentiable in `dense`. A top-m (every active entry of every row is in its row's top m of the
     masked values) and the exact re-sort of compact_rows: no sort of [rows, n]."""
+    if _functorch.vmap_active():  # the width m depends on the data: positions below the vmap
+        positions = _functorch.vmap_select(lambda d, a: padded_rows(d, a)[1].long(), dense, active, rows=2)
+        return take_slots(dense, torch.arange(dense.shape[1], device=dense.device).expand_as(dense), positions)
     m = max(1, int(active.sum(1).max()))
     top = dense.detach().masked_fill(~active, float("-inf")).topk(m, dim=1).indices
     return compact_rows(dense.gather(1, top), top.to(torch.int32), active.gather(1, top))
+
+
+def take_slots(
+    values: torch.Tensor, indices: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, int32 indices) of the slots at `positions` [rows, m] (-1: an empty slot, (0, -1)).
+    Differentiable in `values`; plain torch, so vmap batches it."""
+    slot = positions.clamp_min(0)
+    keep = positions >= 0
+    taken = values.gather(1, slot)
+    picked = indices.gather(1, slot).to(torch.int32)
+    return torch.where(keep, taken, torch.zeros_like(taken)), picked.masked_fill(~keep, -1)
+
+
+def compact_order(values: torch.Tensor, indices: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The positions (int64, into the slots) of compact_rows' result, -1 for its empty slots."""
+    # two stable sorts: by index, then by value, give value order with ties to the lower index
+    by_index = torch.sort(torch.where(active, indices, torch.iinfo(torch.int32).max), dim=1, stable=True).indices
+    keyed = values.detach().gather(1, by_index).masked_fill(~active.gather(1, by_index), float("-inf"))
+    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, : max(1, int(active.sum(1).max()))]
+    positions = by_index.gather(1, order)
+    return positions.masked_fill(~active.gather(1, positions), -1)
 
 
 def compact_rows(
@@ -95,13 +120,12 @@ def compact_rows(
     """The `active` slots of padded latents [rows, slots] in the padded layout: per row sorted by
     value descending (ties to the lower index), m = the largest active count (>= 1), empty slots
     (0, -1), contiguous. Differentiable in `values`."""
-    # two stable sorts: by index, then by value, give value order with ties to the lower index
-    by_index = torch.sort(torch.where(active, indices, torch.iinfo(torch.int32).max), dim=1, stable=True).indices
-    values, indices, active = values.gather(1, by_index), indices.gather(1, by_index), active.gather(1, by_index)
-    keyed = values.detach().masked_fill(~active, float("-inf"))
-    order = torch.sort(keyed, dim=1, descending=True, stable=True).indices[:, : max(1, int(active.sum(1).max()))]
-    values, indices, active = values.gather(1, order), indices.gather(1, order), active.gather(1, order)
-    return torch.where(active, values, torch.zeros_like(values)), indices.masked_fill(~active, -1)
+    if _functorch.vmap_active():
+        positions = _functorch.vmap_select(compact_order, values, indices, active, rows=3)
+    else:
+        positions = compact_order(values, indices, active)
+    values, indices = take_slots(values, indices, positions)
+    return values.contiguous(), indices.contiguous()
 
 
 def dense_pre_activations(
@@ -177,12 +201,36 @@ def threshold_encode(
     """
     x, W_enc, b_enc, threshold, b_dec = _autocast.cast_operands(x, W_enc, b_enc, threshold, b_dec)
     with _autocast.disabled(x):  # the counting pass and the dense path see the operands the encode saw
+        if _functorch.vmap_active():  # the width m depends on the data: positions below the vmap
+            positions = _functorch.vmap_select(
+                lambda *t: _threshold_encode(*t, candidates, backend)[1].long(), x, W_enc, b_enc, threshold, b_dec,
+                rows=1,
+            )  # fmt: skip
+            return pre_activations_at(x, W_enc, b_enc, b_dec, positions)
         return _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend)
+
+
+def pre_activations_at(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor | None, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, int32 indices) of padded latents whose slots name latents `positions` [rows, m]
+    (-1: empty): each value the pre-activation (x - b_dec) . W_enc[i] + b_enc[i], in the accumulation
+    dtype, returned in x's dtype. The encodes' path under vmap: the latents were chosen below the
+    vmap (ops/_functorch.py, vmap_select); their values come from these plain, vmappable torch ops
+    (O(rows * m * d)), differentiable in x, W_enc, b_enc and b_dec."""
+    acc = _common.acc_dtype(x.dtype)
+    slot = positions.clamp_min(0)
+    centered = (x if b_dec is None else x - b_dec).to(acc)
+    pre = torch.einsum("rd,rmd->rm", centered, W_enc.to(acc)[slot]) + b_enc.to(acc)[slot]
+    keep = positions >= 0
+    return torch.where(keep, pre, torch.zeros_like(pre)).to(x.dtype), positions.to(torch.int32).masked_fill(~keep, -1)
 
 
 def _threshold_encode(x, W_enc, b_enc, threshold, b_dec, candidates, backend):
     check_tensor("W_enc", W_enc, shape={"n_latents": None, "d": None})
     n = W_enc.shape[0]
+    # x is checked here too, not only by topk_encode: the dense path never calls it
+    check_tensor("x", x, shape={"batch": None, "d": W_enc.shape[1]}, like=("W_enc", W_enc))
     check_tensor("threshold", threshold, shape={"n_latents": n}, like=("W_enc", W_enc))
     check_finite("threshold", threshold)
     if candidates is None:

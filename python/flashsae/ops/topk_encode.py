@@ -34,7 +34,7 @@ import torch
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
-from . import _autocast, _common, _row_grads, _sparse_rows, _topk_encode_cpu
+from . import _autocast, _common, _functorch, _row_grads, _sparse_rows, _topk_encode_cpu
 
 #: Values of topk_encode's ``precision`` argument.
 PRECISIONS = _topk_encode_cpu.PRECISIONS
@@ -416,9 +416,10 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
             # gather (an [m, d]-shaped view of one row stands in; the kernels do not read it)
             W_enc = W_enc[:1].expand(compact.rows.numel(), W_enc.shape[1])
             chunked_db_dec = need_b_dec
-    dW_enc, db_enc, dx, db_dec = _topk_encode_backward_op(
+    dW_enc, db_enc, dx, db_dec = _functorch.call(
+        _topk_encode_backward_op, _TopKEncodeBackward,
         d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec and not chunked_db_dec, ctx.backend
-    )
+    )  # fmt: skip
     if compact is not None:
         W_enc = None
         gated = d_values * (values > 0)
@@ -441,6 +442,11 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
 
 
 _topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+# torch.func (see ops/_functorch.py): the public function calls the op through this Function
+_TopKEncode = _functorch.autograd_function("_TopKEncode", _topk_encode_op, _setup_context, _autograd_backward)
+_functorch.register_vmap(_topk_encode_op, row_args=("x",))
+_functorch.register_vmap(_topk_encode_backward_op)
+_TopKEncodeBackward = _functorch.backward_function("_TopKEncodeBackward", _topk_encode_backward_op)
 
 # autocast (see ops/_autocast.py): the encoder GEMM reads x and the parameters in the autocast dtype
 _autocast.register(torch.ops.flashsae.topk_encode.default, cast=("x", "W_enc", "b_enc", "b_dec"))
@@ -516,8 +522,8 @@ def topk_encode(
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     requested = _backend.requested_backend(backend)
-    values, indices, aux_values, aux_indices = _topk_encode_op(
-        x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, requested, precision
+    values, indices, aux_values, aux_indices = _functorch.call(
+        _topk_encode_op, _TopKEncode, x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, requested, precision
     )
     if aux_k:
         return values, indices, aux_values, aux_indices

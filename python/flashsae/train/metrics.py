@@ -9,9 +9,11 @@ means over the steps since the previous record; tokens_per_s is the average sinc
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,30 @@ def l0_of(latents: Any) -> torch.Tensor:
     return active.flatten(0, -2).sum(-1).float().mean()
 
 
+def resolve_tensorboard(setting: bool | None) -> bool:
+    """Whether to write tensorboard event files for TrainConfig.tensorboard = `setting`: None (auto)
+    means when torch.utils.tensorboard imports, and says in one line (stderr) when it does not;
+    True requires it (ImportError saying how to get it or turn it off); False is off."""
+    if setting is False:
+        return False
+    try:
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError as exc:
+        if setting:
+            raise ImportError(
+                f"tensorboard: --tensorboard needs the tensorboard package ({exc}): pip install tensorboard, "
+                "or pass --no-tensorboard"
+            ) from exc
+        print(
+            "flashsae train: tensorboard is not installed, so metrics go to metrics.jsonl only "
+            "(pip install tensorboard to add event files; --no-tensorboard silences this note)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
+
+
 class MetricsLogger:
     """Writes records to metrics.jsonl (+ tensorboard, + wandb)."""
 
@@ -90,7 +116,7 @@ class MetricsLogger:
         self,
         run_dir: Path,
         *,
-        tensorboard: bool,
+        tensorboard: bool,  # resolved: see resolve_tensorboard
         wandb_project: str | None,
         config: dict[str, Any],
         resume_step: int | None,
@@ -108,7 +134,7 @@ class MetricsLogger:
             self.path.write_text("")
         self.file = open(self.path, "a")  # noqa: SIM115 - kept open for the whole run
         self.tensorboard = None
-        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)

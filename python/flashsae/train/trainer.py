@@ -17,8 +17,6 @@ import dataclasses
 import inspect
 import json
 import math
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,12 +32,14 @@ from .._version import __version__
 from ..model_loading import resolve_device
 from ..modules import REGISTRY, SAE, create, load
 from ..ops import topk_encode_stats
+from . import signals
 from .activations import ModelActivations
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig
-from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of
+from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of, resolve_tensorboard
+from .signals import StopSignals
 from .split import CorpusPart, EmptyPartError
 from .step import flush_optimizer, make_optimizer, optimizer_step
 
@@ -69,7 +69,7 @@ def run_directory(config: TrainConfig) -> Path:
 def resume_config(out: str, **overrides: Any) -> TrainConfig:
     """The configuration of the run saved in `out`, with `overrides` (only RESUMABLE_OVERRIDES
     may differ from the saved run), ready for ``Trainer(config)`` to continue it."""
-    state, _ = _checkpoint_state(Path(out))
+    state, _ = _checkpoint_state(Path(out), verify=False)  # its JSON only: Trainer verifies the tensors
     saved = dict(state["config"])
     refused = sorted(
         name
@@ -86,10 +86,10 @@ def resume_config(out: str, **overrides: Any) -> TrainConfig:
     return TrainConfig(**saved)
 
 
-def _checkpoint_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _checkpoint_state(run_dir: Path, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise FileNotFoundError(f"resume: {run_dir} holds no checkpoint/ to resume from")
-    state, tensors = load_training_checkpoint(run_dir / CHECKPOINT_DIR)
+    state, tensors = load_training_checkpoint(run_dir / CHECKPOINT_DIR, verify=verify)
     # a run saved before a setting existed ran with its default (e.g. optimizer="adam")
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -158,30 +158,6 @@ class TrainResult:
     (the part in words); empty when nothing was measured."""
 
 
-class _StopFlag:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. Second one: abort at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("flashsae train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    def __exit__(self, *_exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 class Trainer:
     """Trains one SAE per hookpoint of ``config`` (see :class:`TrainConfig`).
 
@@ -193,12 +169,13 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         check_trainable(config.architecture)  # before the (slow) model loads
+        self.tensorboard = resolve_tensorboard(config.tensorboard)  # likewise: a missing package fails now
         self.config = config
         self.device = resolve_device(config.device)
         self.run_dir = run_directory(config)
         checkpoint = None
         if config.resume:
-            state, tensors = _checkpoint_state(self.run_dir)
+            state, tensors = _checkpoint_state(self.run_dir, verify=config.verify)
             self._check_resumable(state["config"])
             checkpoint = (state, tensors)
         elif (self.run_dir / CHECKPOINT_DIR).exists():
@@ -305,7 +282,7 @@ class Trainer:
                 raise FileNotFoundError(f"init_from: {root} holds no SAE for {name} (expected {root / name}/cfg.json)")
             if path == root and len(self.hookpoints) > 1:
                 raise ValueError(f"init_from: {root} is a single SAE, but there are {len(self.hookpoints)} hookpoints")
-            sae = load(path, device=self.device)
+            sae = load(path, device=self.device, verify=self.config.verify)
             if sae.d_in != self.widths[name]:
                 raise ValueError(
                     f"init_from: the SAE in {path} takes d_in={sae.d_in}, "
@@ -502,11 +479,12 @@ class Trainer:
         """Runs until train_tokens (or a stop signal), checkpoints, evaluates, saves the SAEs."""
         config = self.config
         total = config.steps
+        checkpoint_every = config.resolved_checkpoint_every()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         logger = MetricsLogger(
             self.run_dir,
-            tensorboard=config.tensorboard,
+            tensorboard=self.tensorboard,
             wandb_project=config.wandb_project,
             config=config.to_dict(),
             resume_step=self.step if config.resume else None,
@@ -517,8 +495,10 @@ class Trainer:
         self._started = time.perf_counter()
         session_tokens = 0
         interrupted = False
+        outer = signals.active()  # flashsae train's, installed before the model loaded
         try:
-            with _StopFlag() as stop:
+            with contextlib.nullcontext(outer) if outer is not None else StopSignals(abort_process=False) as stop:
+                stop.training_started(self.run_dir / CHECKPOINT_DIR)
                 while self.step < total:
                     if stop.requested:
                         interrupted = True
@@ -534,12 +514,13 @@ class Trainer:
                         record = self._record(session_tokens, time.perf_counter() - self._started)
                         logger.log(record)
                         bar.set_postfix_str(self._postfix(record, self.hookpoints), refresh=False)
-                    if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < total:
+                    if checkpoint_every and self.step % checkpoint_every == 0 and self.step < total:
                         self._periodic_checkpoint()
                     if on_step is not None:
                         on_step(self)
                 interrupted = interrupted or (stop.requested and self.step < total)
                 self.save_checkpoint()
+                stop.training_finished()
         finally:
             bar.close()
             logger.close()
