@@ -47,6 +47,7 @@ from torch import nn
 from .._checks import boolean, choice, non_negative, positive_int
 from ..ops import sparse_decode, topk_encode
 from ..ops._common import acc_dtype, row_blocks
+from ..ops.batch_topk import batch_topk
 from ..ops.threshold_encode import threshold_encode
 from ..outputs import SparseLatents
 from ..registry import register
@@ -230,6 +231,42 @@ class CrossLayerTranscoder(SAE):
         for j in range(self.n_layers):
             getattr(self, f"b_dec_{j}").copy_(sample_center(stacked[:, j], method).to(self.dtype))
 
+    @torch.no_grad()
+    def to_jumprelu(self, x: torch.Tensor) -> CrossLayerTranscoder:
+        """A JumpReLU CLT with this TopK CLT's weights and thresholds calibrated on a sample of
+        inputs x [..., L, d_in]: threshold_i (one value for all of layer i's latents) lies halfway
+        between the smallest of the rows * k largest activations of layer i over the sample
+        (BatchTopK's cut, Bussmann et al. 2024) and the next smaller one, so on the sample the
+        JumpReLU CLT keeps exactly those: a mean of k latents per row and layer, the batch's top
+        activations instead of each row's top k. circuit-tracer's
+        layout (flashsae.io.circuit_tracer) holds JumpReLU CLTs, not TopK ones."""
+        if self.activation != "topk":
+            raise ValueError(f"activation: to_jumprelu converts a TopK CLT, this one is {self.activation!r}")
+        rows = self._stacked(x, "x", self.d_in, "d_in")
+        fields = {**self.config.to_dict(), "activation": "jumprelu"}
+        converted = type(self).from_config(
+            self.config_class(**fields), dtype=self.dtype, device=self.device, backend=self.backend
+        )
+        converted.load_state_dict(self.state_dict(), strict=False)
+        converted.metadata = dict(self.metadata)
+        for i in range(self.n_layers):
+            W_enc, b_enc = self.encoder(i)
+            x_i = rows[:, i].contiguous()
+            values = batch_topk(x_i, W_enc, b_enc, self.k, backend=self.backend).values
+            selected = values[values > 0]
+            if not selected.numel():
+                continue  # nothing fires on the sample: threshold 0 (ReLU) for this layer
+            cut = selected.min()
+            # the largest activation left out: among each row's top (m + 1), m = most selected in a row
+            slots = min(self.n_latents, values.shape[1] + 1)
+            candidates = topk_encode(x_i, W_enc, b_enc, slots, backend=self.backend)[0]
+            left_out = candidates[candidates < cut]
+            below = left_out.max().clamp_min(0) if left_out.numel() else cut.new_zeros(())
+            # halfway between: the JumpReLU keeps exactly the selected activations on the sample,
+            # with the gap (not one rounding) between the threshold and either side
+            converted.threshold(i).fill_(float((cut + below) / 2))
+        return converted
+
     # --------------------------------------------------------------------------------- pieces
 
     def _stacked(self, x: torch.Tensor, name: str, width: int, width_name: str) -> torch.Tensor:
@@ -290,7 +327,8 @@ class CrossLayerTranscoder(SAE):
         values, indices = latents
         L = self.n_layers
         if values.dim() < 2 or values.shape[-2] != L or indices.shape != values.shape:
-            raise ValueError(f"latents: expected values and indices [..., n_layers={L}, slots], got {list(values.shape)}")
+            shape = list(values.shape)
+            raise ValueError(f"latents: expected values and indices [..., n_layers={L}, slots], got {shape}")
         lead = values.shape[:-2]
         slots = values.shape[-1]
         flat_v, flat_i = values.reshape(-1, L, slots), indices.reshape(-1, L, slots)
