@@ -220,3 +220,44 @@ def test_sparse_adam_gets_row_sparse_gradients_equal_to_the_dense_ones(backend):
     optimizer.flush()
     for name, p in sparse.named_parameters():
         assert_close(p, dense.get_parameter(name), torch.float64, f"after one step: {name}")
+
+
+@pytest.mark.parametrize("backend", backends("cpu", "torch", "triton"))
+def test_sparse_adam_updating_during_backward_equals_torch_adam(backend, monkeypatch):
+    """update_in_backward: every W_enc_i / W_dec_i is updated a chunk of rows at a time during the
+    backward (chunks of 3 rows here, so each matrix takes many), AuxK included; two steps equal
+    torch's Adam on the dense gradients, and no [n, d] gradient is ever made."""
+    from flashsae.ops import _row_grads
+
+    monkeypatch.setattr(_row_grads, "EAGER_CHUNK_ELEMENTS", 3 * L * D_OUT)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    dense = make_clt(dtype=dtype, backend=backend)
+    eager = make_clt(dtype=dtype, backend=backend)
+    eager.load_state_dict(dense.state_dict())
+    reference_optimizer = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    optimizer = SparseAdam(eager.parameters(), lr=1e-2, update_in_backward=True)
+    for _ in range(2):
+        x, y = torch.randn(6, L, D_IN, dtype=dtype), torch.randn(6, L, D_OUT, dtype=dtype)
+        dead = torch.rand(L, N) < 0.5
+        dense(x, y, dead_mask=dead).loss.backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+        eager(x, y, dead_mask=dead).loss.backward()
+        for name, p in eager.named_parameters():
+            assert p.dim() != 2 or (p.grad is None and not len(row_grads_of(p))), name
+        optimizer.step()
+        optimizer.zero_grad()
+    optimizer.flush()
+    for name, p in eager.named_parameters():
+        assert_close(p, dense.get_parameter(name), dtype, f"after two steps: {name}")
+
+
+def test_update_in_backward_refuses_a_second_gradient_of_the_same_rows():
+    clt = make_clt()
+    optimizer = SparseAdam(clt.parameters(), lr=1e-2, update_in_backward=True)
+    x, y = torch.randn(6, L, D_IN, dtype=torch.float64), torch.randn(6, L, D_OUT, dtype=torch.float64)
+    clt(x, y).loss.backward()
+    with pytest.raises(RuntimeError, match="update_in_backward: a row got a second gradient part in one step"):
+        clt(x, y).loss.backward()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        optimizer.zero_grad()

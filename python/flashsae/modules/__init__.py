@@ -3,8 +3,9 @@ registry (flashsae.create / flashsae.load).
 
 Registered architectures: ``topk`` (TopKSAE, optional Multi-TopK), ``batchtopk`` (BatchTopKSAE),
 ``matryoshka`` (MatryoshkaSAE), ``jumprelu`` (JumpReLUSAE), ``relu`` (ReLUSAE, ReLU-L1), ``gated``
-(GatedSAE), ``transcoder`` (Transcoder, optional skip connection) and ``clt``
-(CrossLayerTranscoder: one dictionary per layer decoding to that layer and every later one).
+(GatedSAE), ``transcoder`` (Transcoder, optional skip connection), ``clt``
+(CrossLayerTranscoder: one dictionary per layer decoding to that layer and every later one) and
+``crosscoder`` (Crosscoder: one dictionary read from and decoded to several sites).
 
 Every SAE has ``unit_norm_decoder`` (True on the base class): True when a training loop should
 call remove_decoder_parallel_grads_ before each optimizer step and normalize_decoder_ after it;
@@ -27,6 +28,7 @@ from ..registry import REGISTRY, register
 from .base import SAE, SAEConfig, create, geometric_median, load
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .clt import CLTOutput, CrossLayerTranscoder, CrossLayerTranscoderConfig
+from .crosscoder import Crosscoder, CrosscoderConfig
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -42,6 +44,8 @@ __all__ = [
     "CLTOutput",
     "CrossLayerTranscoder",
     "CrossLayerTranscoderConfig",
+    "Crosscoder",
+    "CrosscoderConfig",
     "GatedConfig",
     "GatedSAE",
     "JumpReLUConfig",

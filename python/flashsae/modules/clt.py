@@ -294,15 +294,25 @@ class CrossLayerTranscoder(SAE):
         return values, indices, None
 
     def _decode_layers(
-        self, latents: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor | None
-    ) -> torch.Tensor:
-        """y_hat [rows, L, d_out] from each layer's (values, indices) [rows, slots]: one sparse_decode
-        per source layer to all its targets, then per target the sum of its slices."""
+        self,
+        latents: list[tuple[torch.Tensor, torch.Tensor]],
+        x: torch.Tensor | None,
+        aux: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(y_hat [rows, L, d_out], aux decodes) from each layer's (values, indices) [rows, slots]: one
+        sparse_decode per source layer to all its targets, then per target the sum of its slices.
+        With `aux` (AuxK latents per layer), the aux rows decode in the same sparse_decode as the
+        main ones (stacked below them), so each decoder is read once per step: what an optimizer
+        updating rows during backward needs. Returns each layer's aux decode [rows, (L - i) * d_out]."""
         L, d = self.n_layers, self.d_out
-        decoded = [
-            sparse_decode(values.contiguous(), indices.contiguous(), W, None, backend=self.backend)
-            for (values, indices), W in zip(latents, self.decoder_matrices(), strict=True)
-        ]
+        decoded, aux_decoded = [], []
+        for i, ((values, indices), W) in enumerate(zip(latents, self.decoder_matrices(), strict=True)):
+            rows = values.shape[0]
+            if aux is not None:
+                values, indices = _stack_slots((values, indices), aux[i])
+            out = sparse_decode(values.contiguous(), indices.contiguous(), W, None, backend=self.backend)
+            decoded.append(out[:rows])
+            aux_decoded.append(out[rows:])
         outputs = []
         for j in range(L):
             total = getattr(self, f"b_dec_{j}")
@@ -311,7 +321,7 @@ class CrossLayerTranscoder(SAE):
             if self.config.skip:
                 total = total + x[:, j] @ getattr(self, f"W_skip_{j}").T
             outputs.append(total)
-        return torch.stack(outputs, dim=1)
+        return torch.stack(outputs, dim=1), aux_decoded if aux is not None else None
 
     # ------------------------------------------------------------------------------ interface
 
@@ -337,7 +347,7 @@ class CrossLayerTranscoder(SAE):
             if x is None:
                 raise ValueError("x: a skip CLT's decode needs the inputs x [..., n_layers, d_in] for x W_skip^T")
             rows = self._stacked(x, "x", self.d_in, "d_in")
-        y_hat = self._decode_layers([(flat_v[:, i], flat_i[:, i]) for i in range(L)], rows)
+        y_hat, _ = self._decode_layers([(flat_v[:, i], flat_i[:, i]) for i in range(L)], rows)
         return y_hat.reshape(*lead, L, self.d_out)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, dead_mask: torch.Tensor | None = None) -> CLTOutput:
@@ -358,7 +368,8 @@ class CrossLayerTranscoder(SAE):
             self._encode_layer(rows[:, i].contiguous(), i, None if dead_mask is None else dead_mask[i])
             for i in range(L)
         ]
-        y_hat = self._decode_layers([(v, idx) for v, idx, _ in encoded], rows)
+        aux = [a for _, _, a in encoded] if dead_mask is not None else None
+        y_hat, aux_decoded = self._decode_layers([(v, idx) for v, idx, _ in encoded], rows, aux)
         acc = acc_dtype(self.dtype)
         error = y_hat.to(acc) - target.to(acc)
         target_acc = target.to(acc)
@@ -368,7 +379,7 @@ class CrossLayerTranscoder(SAE):
         fvu = fvu_per_layer.mean()
         auxk_loss = fvu.new_zeros(())
         if dead_mask is not None:
-            auxk_loss = self._auxk_loss(encoded, error.detach(), dead_mask)
+            auxk_loss = self._auxk_loss(aux_decoded, error.detach(), dead_mask)
         lead = x.shape[:-2]
         return CLTOutput(
             x_hat=y_hat.reshape(*lead, L, self.d_out),
@@ -380,13 +391,12 @@ class CrossLayerTranscoder(SAE):
             fvu_per_layer=fvu_per_layer.detach(),
         )
 
-    def _auxk_loss(self, encoded, error: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
+    def _auxk_loss(self, aux_decoded: list[torch.Tensor], error: torch.Tensor, dead_mask: torch.Tensor) -> torch.Tensor:
         """Mean over layers of the AuxK loss (module docstring); error = y_hat - y [rows, L, d_out]."""
         total = error.new_zeros(())
         rows = error.shape[0]
-        for i, (_, _, aux) in enumerate(encoded):
+        for i, aux_hat in enumerate(aux_decoded):
             residual = (-error[:, i:]).reshape(rows, -1)  # y - y_hat of the layers latents_i write to
-            aux_hat = sparse_decode(aux[0], aux[1], getattr(self, f"W_dec_{i}"), None, backend=self.backend)
             variance = (residual - residual.mean(0)).pow(2).sum()
             sse = (aux_hat.to(residual.dtype) - residual).pow(2).sum()
             scale = (dead_mask[i].sum().to(total.dtype) / self.aux_k).clamp(max=1.0)
@@ -403,6 +413,20 @@ def _check_layer_mask(mask: object, L: int, n: int, device: torch.device) -> tor
             f"{mask.dtype} {list(mask.shape)} on {mask.device}"
         )
     return mask
+
+
+def _stack_slots(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two padded latent sets [rows, s1] and [rows, s2] stacked as [2 rows, max(s1, s2)] (empty slots
+    (0, -1) fill the narrower one)."""
+    slots = max(first[0].shape[1], second[0].shape[1])
+    values, indices = [], []
+    for v, idx in (first, second):
+        pad = slots - v.shape[1]
+        values.append(torch.nn.functional.pad(v, (0, pad)) if pad else v)
+        indices.append(torch.nn.functional.pad(idx, (0, pad), value=-1) if pad else idx)
+    return torch.cat(values), torch.cat(indices)
 
 
 def _stack_latents(per_layer: list[tuple[torch.Tensor, torch.Tensor]], lead: torch.Size) -> SparseLatents:
