@@ -168,8 +168,11 @@ def summarize(config: Config, runs: list[dict]) -> dict:
         for p, rs in by.items()
     }
     dense, ours = summary["dense"], summary["flashsae"]
+    import flashsae
+
     return {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "flashsae": flashsae.__version__,
         "config": asdict(config),
         "environment": environment(),
         "providers": summary,
@@ -180,8 +183,9 @@ def summarize(config: Config, runs: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from flashsae.bench.environment import describe
+
     c, p = result["config"], result["providers"]
-    env = result["environment"]
     lines = [
         f"# CLT training step, CPU float32 ({result['date']})",
         "",
@@ -189,7 +193,7 @@ def markdown(result: dict) -> str:
         f"{c['steps']} timed steps after {WARMUP_STEPS} warm-up, {c['repeats']} runs per provider (fresh processes, "
         "alternating). Command: `python benchmarks/clt_step.py --out <dir>`.",
         "",
-        f"Machine: {env.get('cpu', env)}; torch {env.get('torch', '?')}; flashsae {env.get('flashsae', '?')}.",
+        f"Machine: {describe(result['environment'])}; flashsae {result.get('flashsae', '?')}.",
         "",
         "| provider | step (ms, median) | range over runs | step memory | resident (weights + optimizer) |",
         "| --- | ---: | --- | ---: | ---: |",
@@ -217,7 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         kind = int if field != "threads" else (lambda s: int(s))
         parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default)
     parser.add_argument("--out", type=Path, help="directory for clt_step.json and clt_step.md")
+    parser.add_argument("--markdown-from", type=Path, help=argparse.SUPPRESS)  # re-render a saved clt_step.json
     args = parser.parse_args(argv)
+    if args.markdown_from:
+        result = json.loads(args.markdown_from.read_text())
+        args.markdown_from.with_suffix(".md").write_text(markdown(result))
+        return
     if args.worker:
         provider, payload = args.worker
         print(json.dumps(measure(provider, Config(**json.loads(payload)))))

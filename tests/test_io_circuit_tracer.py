@@ -137,6 +137,7 @@ def test_circuit_tracer_reads_our_files_and_we_read_its(tmp_path, skip):
     theirs = flashsae.load(tmp_path / "peer")
     assert theirs.activation == "jumprelu" and theirs.n_layers == L and theirs.n_latents == 29
     latents = theirs.encode(x)
-    dense = torch.stack([flashsae.SparseLatents(latents.values[:, i], latents.indices[:, i]).to_dense(29) for i in range(L)])
+    layers = [flashsae.SparseLatents(latents.values[:, i], latents.indices[:, i]) for i in range(L)]
+    dense = torch.stack([layer.to_dense(29) for layer in layers])
     assert_close(dense, peer["peer_features"], torch.float32, "their features, our encode")
     assert_close(theirs.decode(latents).transpose(0, 1), peer["peer_forward"], torch.float32, "their forward")

@@ -104,7 +104,8 @@ def load(path: str | os.PathLike, placement: Placement) -> Any:
             raise FormatError(f"path: {decoder_file} has no tensor W_dec_{i}")
         W_dec = decoder[f"W_dec_{i}"]
         if W_dec.dim() != 3 or W_dec.shape[1] != n_layers - i:
-            raise FormatError(f"path: {decoder_file}: W_dec_{i} must be [n, {n_layers - i}, d], got {list(W_dec.shape)}")
+            shape = list(W_dec.shape)
+            raise FormatError(f"path: {decoder_file}: W_dec_{i} must be [n, {n_layers - i}, d], got {shape}")
         tensors[f"W_dec_{i}"] = W_dec.reshape(W_dec.shape[0], -1)
     if tensors["W_enc_0"].dim() != 2:
         raise FormatError(f"path: W_enc_0 must be [n, d], got {list(tensors['W_enc_0'].shape)}")

@@ -32,8 +32,9 @@ writes to (detached); normalized by that residual's variance, scaled by min(n_de
 in sparsify, averaged over the layers.
 
 Initialization follows flashsae's (sparsify's) transcoder: unit-norm random encoder rows, zero
-decoders and biases. Decoder rows are kept at unit norm in training (``unit_norm_decoder``): a row is a
-latent's decoder vectors to all of its target layers together.
+decoders and biases. Decoder rows are not renormalized in training (``unit_norm_decoder = False``);
+:meth:`CrossLayerTranscoder.normalize_decoder_` rescales a latent's row (its decoder vectors to all
+of its target layers together) on demand.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from ..ops.threshold_encode import threshold_encode
 from ..outputs import SparseLatents
 from ..registry import register
 from . import _shared, base
+from .topk import TOPK_PRECISIONS
 from .base import ConfigField, SAE, SAEConfig, sample_center, unit_rows
 
 #: Values of CrossLayerTranscoderConfig.activation.
@@ -80,6 +82,9 @@ class CrossLayerTranscoderConfig(SAEConfig):
     """Weight of the AuxK loss in ``loss = mean fvu + auxk_alpha * auxk_loss`` (>= 0)."""
     skip: bool = False
     """A linear skip connection per layer, y_hat_j += x_j W_skip_j^T (W_skip_j [d_out, d_in])."""
+    precision: str = "exact"
+    """How the TopK encoders score latents, as TopKConfig.precision: "exact", "certified" (exact's
+    results from bfloat16 GEMM scores and a proven bound), "fast" or "auto" (= certified)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,6 +96,7 @@ class CrossLayerTranscoderConfig(SAEConfig):
         _shared.check_topk_fields(self, reconstruction_width=self.d_out)
         self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
         boolean("skip", self.skip)
+        choice("precision", self.precision, TOPK_PRECISIONS)
 
 
 class CLTOutput(NamedTuple):
@@ -131,6 +137,12 @@ class CrossLayerTranscoder(SAE):
     architecture = "clt"
     config_class = CrossLayerTranscoderConfig
     config: CrossLayerTranscoderConfig
+    #: Decoder rows are free (as in circuit-tracer's CLTs): TopK needs no norm constraint, and a
+    #: trainer with SparseAdam can then update rows during backward (update_in_backward).
+    unit_norm_decoder = False
+    #: A batch names nearly every row of every matrix (B * k slots over n latents per layer): with
+    #: SparseAdam the trainer updates each chunk of rows during backward, so no L * n * d gradient exists.
+    update_in_backward = True
 
     def __init__(
         self,
@@ -224,6 +236,21 @@ class CrossLayerTranscoder(SAE):
             W.grad.sub_((along.unsqueeze(1) * rows).to(W.grad.dtype))
 
     @torch.no_grad()
+    def fold_activation_scale_(self, scales: dict[str, list[float]]) -> None:
+        """Makes a CLT trained on inputs x_i * s_i and targets y_j * t_j take and predict raw
+        activations: W_enc_i * s_i, the slices W_dec_i[:, j - i] / t_j, b_dec_j / t_j, W_skip_j * s_j / t_j
+        (latent values and thresholds unchanged). scales: {"inputs": [s_i], "targets": [t_j]}."""
+        inputs, targets = scales["inputs"], scales["targets"]
+        for i in range(self.n_layers):
+            getattr(self, f"W_enc_{i}").mul_(inputs[i])
+            decoder = self.decoder(i)
+            for j in range(i, self.n_layers):
+                decoder[:, j - i].div_(targets[j])
+            getattr(self, f"b_dec_{i}").div_(targets[i])
+            if self.config.skip:
+                getattr(self, f"W_skip_{i}").mul_(inputs[i] / targets[i])
+
+    @torch.no_grad()
     def init_b_dec_(self, y: torch.Tensor, method: str = "geometric_median") -> None:
         """Sets each b_dec_j from a sample of the targets y [..., L, d_out]: per layer its geometric
         median (default) or mean."""
@@ -285,7 +312,10 @@ class CrossLayerTranscoder(SAE):
         W_enc, b_enc = self.encoder(i)
         if self.activation == "topk":
             aux_k = self.aux_k if dead is not None else 0
-            encoded = topk_encode(x_i, W_enc, b_enc, self.k, dead_mask=dead, aux_k=aux_k, backend=self.backend)
+            precision = "certified" if self.config.precision == "auto" else self.config.precision
+            encoded = topk_encode(
+                x_i, W_enc, b_enc, self.k, dead_mask=dead, aux_k=aux_k, backend=self.backend, precision=precision
+            )
             return encoded[0], encoded[1], (encoded[2], encoded[3]) if aux_k else None
         values, indices = threshold_encode(
             x_i, W_enc, b_enc, self.threshold(i), candidates=self._candidates[i], backend=self.backend

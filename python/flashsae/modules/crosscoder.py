@@ -92,6 +92,17 @@ class Crosscoder(SAE):
         return x.reshape(-1, S * d).to(self.dtype).contiguous()
 
     @torch.no_grad()
+    def fold_activation_scale_(self, scales: dict[str, list[float]]) -> None:
+        """Makes a crosscoder trained on sites x_s * c_s take raw activations: W_enc and W_dec's
+        columns of site s times / divided by c_s, b_dec's divided by c_s. scales: {"inputs": [c_s]}."""
+        d = self.d_in
+        for s, c in enumerate(scales["inputs"]):
+            block = slice(s * d, (s + 1) * d)
+            self.W_enc[:, block] *= c
+            self.W_dec[:, block] /= c
+            self.b_dec[block] /= c
+
+    @torch.no_grad()
     def init_b_dec_(self, x: torch.Tensor, method: str = "geometric_median") -> None:
         """Sets b_dec per site from a sample x [..., S, d_in]: its geometric median (default) or mean."""
         rows = self._flat(x).view(-1, self.n_sites, self.d_in)

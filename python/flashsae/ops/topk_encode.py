@@ -404,7 +404,9 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         values = torch.cat([values, aux_values], dim=1)
         indices = torch.cat([indices, aux_indices], dim=1)
     if need_W_enc and _row_grads.eager(ctx.row_grads):
-        dx, db_enc, db_dec = _eager_backward(d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx)
+        dx, db_enc, db_dec = _eager_backward(
+            d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx
+        )
         return (
             dx if need_x else None, None, db_enc if need_b_enc else None, db_dec if need_b_dec else None,
             None, None, None, None, None,

@@ -146,12 +146,13 @@ class SparseAdam(torch.optim.Optimizer):
         self.update_in_backward = update_in_backward
         #: Row-sparse parameters updated during this step's backward -> the rows updated.
         self._pending: dict[torch.Tensor, list[torch.Tensor]] = {}
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if group["row_sparse"] and p.dim() == 2:
                     collector = collect_row_grads(p)
                     if update_in_backward:
-                        collector.consumer = partial(self._update_rows_now, group, p)
+                        # the group by position: load_state_dict replaces the group dicts
+                        collector.consumer = partial(self._update_rows_now, index, p)
 
     # -------------------------------------------------------------------------------- state
 
@@ -290,9 +291,10 @@ class SparseAdam(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def _update_rows_now(self, group: dict[str, Any], p: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
+    def _update_rows_now(self, group_index: int, p: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
         """A chunk's gradient handed over during backward (update_in_backward): the Adam step of
         these rows at the coming step number, now. A row may be updated once per step."""
+        group = self.param_groups[group_index]
         state = self._init_state(group, p)
         step = int(state["step"]) + 1
         if bool((state["last_step"].index_select(0, rows) >= step).any()):
