@@ -261,3 +261,39 @@ def test_update_in_backward_refuses_a_second_gradient_of_the_same_rows():
         clt(x, y).loss.backward()
     with pytest.raises(RuntimeError, match="zero_grad"):
         optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("backend", backends("cpu", "torch"))
+def test_eager_chunks_hand_over_the_dense_gradients_of_every_op_input(backend, monkeypatch):
+    """With a consumer on the collectors, topk_encode and sparse_decode compute W's gradient a chunk
+    of rows at a time (4 rows here): the chunks put together are the dense gradient, and the other
+    inputs' gradients (x, b_enc, b_dec, values) are the dense backward's."""
+    from flashsae.ops import _row_grads, sparse_decode, topk_encode
+    from flashsae.optim import collect_row_grads
+
+    monkeypatch.setattr(_row_grads, "EAGER_CHUNK_ELEMENTS", 4 * D_OUT)
+    W_enc, b_enc = torch.randn(N, D_OUT, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    b_dec = torch.randn(D_OUT, dtype=torch.float64)
+    W_dec = torch.randn(N, D_OUT, dtype=torch.float64)
+    x = torch.randn(9, D_OUT, dtype=torch.float64)
+    grads = {}
+    for mode in ("dense", "eager"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, W_enc, b_enc, b_dec, W_dec)]
+        parts = {}
+        if mode == "eager":
+            for i in (1, 4):
+                collector = collect_row_grads(leaves[i])
+                collector.consumer = lambda rows, g, i=i: parts.setdefault(i, []).append((rows, g))
+        values, indices = topk_encode(leaves[0], leaves[1], leaves[2], K, leaves[3], backend=backend)
+        out = sparse_decode(values, indices, leaves[4], None, backend=backend)
+        out.pow(2).sum().backward()
+        got = [t.grad for t in leaves]
+        for i, chunks in parts.items():
+            assert len(chunks) > 1 and got[i] is None
+            got[i] = torch.zeros_like(leaves[i])
+            for rows, g in chunks:
+                got[i].index_add_(0, rows, g)
+        grads[mode] = got
+    names = ("x", "W_enc", "b_enc", "b_dec", "W_dec")
+    for name, eager, dense in zip(names, grads["eager"], grads["dense"], strict=True):
+        assert_close(eager, dense, torch.float64, name)
