@@ -305,6 +305,8 @@ NATIVE_OPTIONS = {
     "relu": dict(l1_coefficient=2.0, l1_warmup_steps=50, apply_b_dec_to_input=True),
     "gated": dict(l1_coefficient=0.2, apply_b_dec_to_input=False),
     "transcoder": dict(k=K, d_out=11, skip=True),
+    "crosscoder": dict(n_sites=2, k=K, aux_k=5),
+    "clt": dict(n_layers=3, k=K, d_out=11, skip=True, activation="jumprelu", aux_k=5),
 }
 
 

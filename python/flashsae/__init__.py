@@ -5,7 +5,7 @@
     out.loss.backward()              # sparse backward: no [batch, n_latents] tensor anywhere
 
 Architectures (flashsae.create names): topk, batchtopk, matryoshka, jumprelu, relu, gated,
-transcoder. The ops behind them live in flashsae.ops (topk_encode, sparse_decode, sae_loss, and the
+transcoder, clt (cross-layer transcoder), crosscoder. The ops behind them live in flashsae.ops (topk_encode, sparse_decode, sae_loss, and the
 variable-count composites flashsae.ops.batch_topk / flashsae.ops.threshold_encode);
 flashsae.synthetic generates activations from a known sparse dictionary.
 

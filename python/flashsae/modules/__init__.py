@@ -3,7 +3,9 @@ registry (flashsae.create / flashsae.load).
 
 Registered architectures: ``topk`` (TopKSAE, optional Multi-TopK), ``batchtopk`` (BatchTopKSAE),
 ``matryoshka`` (MatryoshkaSAE), ``jumprelu`` (JumpReLUSAE), ``relu`` (ReLUSAE, ReLU-L1), ``gated``
-(GatedSAE) and ``transcoder`` (Transcoder, optional skip connection).
+(GatedSAE), ``transcoder`` (Transcoder, optional skip connection), ``clt``
+(CrossLayerTranscoder: one dictionary per layer decoding to that layer and every later one) and
+``crosscoder`` (Crosscoder: one dictionary read from and decoded to several sites).
 
 Every SAE has ``unit_norm_decoder`` (True on the base class): True when a training loop should
 call remove_decoder_parallel_grads_ before each optimizer step and normalize_decoder_ after it;
@@ -25,6 +27,8 @@ Gated ``apply_b_dec_to_input``, JumpReLU ``threshold_parametrization="direct"`` 
 from ..registry import REGISTRY, register
 from .base import SAE, SAEConfig, create, geometric_median, load
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .clt import CLTOutput, CrossLayerTranscoder, CrossLayerTranscoderConfig
+from .crosscoder import Crosscoder, CrosscoderConfig
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -37,6 +41,11 @@ __all__ = [
     "SAE",
     "BatchTopKConfig",
     "BatchTopKSAE",
+    "CLTOutput",
+    "CrossLayerTranscoder",
+    "CrossLayerTranscoderConfig",
+    "Crosscoder",
+    "CrosscoderConfig",
     "GatedConfig",
     "GatedSAE",
     "JumpReLUConfig",

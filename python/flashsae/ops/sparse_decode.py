@@ -171,6 +171,9 @@ def _autograd_backward(ctx, grad):
     values, indices, W_dec = ctx.saved_tensors
     need_values, _, need_W_dec, need_b_dec, _ = ctx.needs_input_grad
     need_b_dec = ctx.has_b_dec and need_b_dec
+    if need_W_dec and _row_grads.eager(ctx.row_grads):
+        d_values, db_dec = _eager_backward(grad.contiguous(), values, indices, W_dec, need_b_dec, ctx)
+        return (d_values if need_values else None, None, None, db_dec if need_b_dec else None, None)
     # with a collector on W_dec: the same backward on the touched rows only, dW_dec [m, d] to it
     compact = _row_grads.compact_rows(ctx.row_grads if need_W_dec else None, indices)
     if compact is not None:
@@ -190,6 +193,24 @@ def _autograd_backward(ctx, grad):
         db_dec if need_b_dec else None,
         None,
     )
+
+
+def _eager_backward(grad, values, indices, W_dec, need_b_dec, ctx):
+    """The backward a chunk of decoder rows at a time, each chunk's dW_dec handed to the collector's
+    consumer (an optimizer updating rows during backward) before the next is computed: the same
+    kernels on W_dec[chunk] with the slots remapped into it; d_values sums the chunks' (each slot
+    is non-zero in one chunk only, so the sum is exact)."""
+    d_values, db_dec = None, None
+    flags = _row_grads.contributing_rows(W_dec.shape[0], [indices], [values])
+    for rows, local in _row_grads.eager_chunks(W_dec.shape[0], W_dec.shape[1], indices):
+        part, dW_chunk, db = _sparse_decode_backward_op(
+            grad, values, local, W_dec[rows], need_b_dec and db_dec is None, ctx.backend
+        )
+        d_values = part if d_values is None else d_values.add_(part)
+        if db.numel():
+            db_dec = db
+        _row_grads.hand_over_chunk(ctx.row_grads, rows, dW_chunk, flags)
+    return d_values, db_dec
 
 
 _sparse_decode_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -403,6 +403,14 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         d_values = torch.cat([d_values, d_aux_values], dim=1)
         values = torch.cat([values, aux_values], dim=1)
         indices = torch.cat([indices, aux_indices], dim=1)
+    if need_W_enc and _row_grads.eager(ctx.row_grads):
+        dx, db_enc, db_dec = _eager_backward(
+            d_values.contiguous(), values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx
+        )
+        return (
+            dx if need_x else None, None, db_enc if need_b_enc else None, db_dec if need_b_dec else None,
+            None, None, None, None, None,
+        )  # fmt: skip
     # with a collector on W_enc: the same backward on the touched rows only, dW_enc [m, d] to it
     compact = _row_grads.compact_rows(ctx.row_grads if need_W_enc else None, indices)
     chunked_db_dec = False
@@ -439,6 +447,29 @@ def _autograd_backward(ctx, d_values, _d_indices, d_aux_values, _d_aux_indices):
         None,
         None,
     )
+
+
+def _eager_backward(d_values, values, indices, x, W_enc, b_dec, need_x, need_b_dec, ctx):
+    """The backward a chunk of encoder rows at a time, each chunk's dW_enc handed to the collector's
+    consumer (an optimizer updating rows during backward) before the next: the same kernels on
+    W_enc[chunk] with the slots remapped into it. db_enc is assembled by chunks; dx and db_dec sum
+    the chunks' (each slot contributes in one chunk only)."""
+    n = W_enc.shape[0]
+    db_enc = torch.empty(n, dtype=W_enc.dtype, device=W_enc.device)
+    dx, db_dec = None, None
+    gated = d_values * (values > 0)
+    flags = _row_grads.contributing_rows(n, [indices], [gated])
+    for rows, local in _row_grads.eager_chunks(n, W_enc.shape[1], indices):
+        dW_chunk, db_chunk, dx_part, db_part = _topk_encode_backward_op(
+            d_values, values, local, x, W_enc[rows], b_dec, need_x, need_b_dec, ctx.backend
+        )
+        db_enc[rows] = db_chunk
+        if need_x:
+            dx = dx_part if dx is None else dx.add_(dx_part)
+        if need_b_dec:
+            db_dec = db_part if db_dec is None else db_dec.add_(db_part)
+        _row_grads.hand_over_chunk(ctx.row_grads, rows, dW_chunk, flags)
+    return dx, db_enc, db_dec
 
 
 _topk_encode_op.register_autograd(_autograd_backward, setup_context=_setup_context)

@@ -37,6 +37,14 @@ With bfloat16 weights that is 3 bytes per element of weights + state against Ada
 moments): the difference between 2x and 4x the width of a dense SAE on one GPU (``flashsae plan``).
 Same catch-up: rows touched every step, and all rows after :meth:`flush`, equal the dense form of
 that optimizer. With ``betas[0] == 0`` the row modes store no first moment at all.
+Updates during backward (``update_in_backward=True``): the collectors hand each gradient part to the
+optimizer as the ops produce it, and the ops then compute a row-sparse parameter's gradient a chunk of
+rows at a time (flashsae.ops._row_grads.EAGER_CHUNK_ELEMENTS); each chunk's rows take their Adam step
+at once and the chunk is freed. No gradient larger than a chunk exists, which is what a layer of a
+cross-layer transcoder needs, whose batches touch nearly every row ([8192, 2304] decoder gradients).
+Same math as step() (the step number and learning rate are those of the coming step: set the
+learning rate before the forward). A row may get one gradient part per step (RuntimeError otherwise:
+an architecture whose loss reads a matrix twice, e.g. TopK's AuxK or Multi-TopK, needs the default).
 Measured on the demo (``flashsae train --optimizer sparse_adam --optimizer-moments M``, MiniLM layer 3,
 3072 latents, 262k tokens; held-out explained variance): 0.860 with "row-int8" against 0.859 with
 torch's Adam; a dense prototype of the row-wise second moment gave 0.860, and 0.851 with beta1 = 0.
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -86,6 +95,9 @@ class SparseAdam(torch.optim.Optimizer):
         master_weights: keep a float32 master copy of bfloat16/float16 parameters (the kernel
             updates it and rounds into the parameter); ignored for float32/float64 parameters.
         row_sparse: opt 2-D parameters into row-sparse gradients (see the module docstring).
+        update_in_backward: update the rows of row-sparse parameters during the backward pass, as
+            the ops hand over each chunk of rows' gradient (see "Updates during backward" in the module
+            docstring); step() then updates the other parameters and closes the step.
         backend: kernel backend ("auto" default; see flashsae._backend).
     """
 
@@ -101,6 +113,7 @@ class SparseAdam(torch.optim.Optimizer):
         master_weights: bool = False,
         moments: str = "elementwise",
         row_sparse: bool = True,
+        update_in_backward: bool = False,
         backend: str | None = None,
     ) -> None:
         non_negative("lr", lr, finite=True)
@@ -114,6 +127,7 @@ class SparseAdam(torch.optim.Optimizer):
         if state_dtype is not None and state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype: expected None, 'float32' or 'bfloat16', got {state_dtype!r}")
         boolean("master_weights", master_weights)
+        boolean("update_in_backward", update_in_backward)
         if moments not in MOMENTS:
             raise ValueError(f"moments: expected one of {', '.join(MOMENTS)}, got {moments!r}")
         defaults = {
@@ -129,10 +143,16 @@ class SparseAdam(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self._updated_rows: dict[torch.Tensor, torch.Tensor | None] = {}
-        for group in self.param_groups:
+        self.update_in_backward = update_in_backward
+        #: Row-sparse parameters updated during this step's backward -> the rows updated.
+        self._pending: dict[torch.Tensor, list[torch.Tensor]] = {}
+        for index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if group["row_sparse"] and p.dim() == 2:
-                    collect_row_grads(p)
+                    collector = collect_row_grads(p)
+                    if update_in_backward:
+                        # the group by position: load_state_dict replaces the group dicts
+                        collector.consumer = partial(self._update_rows_now, index, p)
 
     # -------------------------------------------------------------------------------- state
 
@@ -211,6 +231,8 @@ class SparseAdam(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears dense gradients (as torch does) and the row-sparse collectors."""
         super().zero_grad(set_to_none=set_to_none)
+        if self._pending:
+            raise RuntimeError("update_in_backward: zero_grad() before step() would drop updates already made")
         for group in self.param_groups:
             for p in group["params"]:
                 collector = row_grads_of(p)
@@ -245,6 +267,15 @@ class SparseAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                if p in self._pending:  # its rows were updated during backward: close the step
+                    if p.grad is not None:
+                        raise RuntimeError(
+                            "update_in_backward: a parameter got both a dense gradient and row updates in one "
+                            "step (it is used outside flashsae's ops); use update_in_backward=False"
+                        )
+                    self.state[p]["step"] += 1
+                    self._updated_rows[p] = torch.cat(self._pending.pop(p)).sort().values
+                    continue
                 sparse = p.dim() == 2 and row_grads_of(p) is not None
                 view = p if sparse else _matrix_view(p)
                 gradient = self._gradient(p, view)
@@ -258,6 +289,23 @@ class SparseAdam(torch.optim.Optimizer):
                 self._apply(group, p, state, rows.contiguous(), grads.contiguous(), step)
                 self._updated_rows[p] = rows if sparse and p.grad is None else None
         return loss
+
+    @torch.no_grad()
+    def _update_rows_now(self, group_index: int, p: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor) -> None:
+        """A chunk's gradient handed over during backward (update_in_backward): the Adam step of
+        these rows at the coming step number, now. A row may be updated once per step."""
+        group = self.param_groups[group_index]
+        state = self._init_state(group, p)
+        step = int(state["step"]) + 1
+        if bool((state["last_step"].index_select(0, rows) >= step).any()):
+            raise RuntimeError(
+                "update_in_backward: a row got a second gradient part in one step (two ops, or two "
+                "backward passes, wrote the same parameter); use update_in_backward=False"
+            )
+        beta1, beta2 = group["betas"]
+        self._record_schedule(state, step, group["lr"], beta1, beta2)
+        self._apply(group, p, state, rows.contiguous(), grads.contiguous(), step)
+        self._pending.setdefault(p, []).append(rows)
 
     def _apply(self, group, p, state, rows, grads, step) -> None:
         beta1, beta2 = group["betas"]

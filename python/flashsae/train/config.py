@@ -147,9 +147,17 @@ class TrainConfig(ActivationSourceConfig):
     """Train from a directory written by `flashsae cache` instead of running the model: rows are
     read memory-mapped, shuffled across shards; model and dataset come from its manifest."""
     architecture: str = "topk"
-    """SAE architecture, a name registered with flashsae (flashsae.REGISTRY)."""
+    """SAE architecture, a name registered with flashsae (flashsae.REGISTRY). The multi-site ones
+    train one model on several hookpoints of the same forward pass: clt (a cross-layer transcoder:
+    --hookpoints names each layer's input, --targets each layer's output) and crosscoder (every
+    hookpoint is a site)."""
+    targets: list[str] | None = None
+    """Architecture clt: the module paths or globs whose outputs the CLT predicts, one per input
+    hookpoint, paired in model order (MiniLM: --hookpoints 'encoder.layer.*.attention.output'
+    --targets 'encoder.layer.*.output.dense', each layer's MLP input and MLP output). Captured in
+    the same forward pass as the hookpoints."""
     n_latents: int | None = None
-    """Dictionary size; None: expansion_factor x the hookpoint's width."""
+    """Dictionary size (a CLT's: per layer); None: expansion_factor x the hookpoint's width."""
     expansion_factor: int = 8
     """n_latents = expansion_factor x d when n_latents is None (the literature uses 8 to 64; 8 keeps
     the demo fast)."""
@@ -249,6 +257,17 @@ class TrainConfig(ActivationSourceConfig):
         super().__post_init__()
         text("activations", self.activations, optional=True)
         text("architecture", self.architecture)
+        if self.targets is not None:
+            if isinstance(self.targets, str):
+                self.targets = [self.targets]
+            if not isinstance(self.targets, list) or not self.targets:
+                raise ValueError(f"targets: expected a non-empty list of module paths, got {self.targets!r}")
+            for target in self.targets:
+                text("targets", target)
+            if self.architecture != "clt":
+                raise ValueError(f"targets: only architecture clt predicts targets, not {self.architecture!r}")
+        elif self.architecture == "clt":
+            raise ValueError("targets: architecture clt needs --targets (the module outputs it predicts)")
         if self.n_latents is not None:
             positive_int("n_latents", self.n_latents)
         positive_int("expansion_factor", self.expansion_factor)
@@ -314,6 +333,10 @@ class TrainConfig(ActivationSourceConfig):
         text("wandb_project", self.wandb_project, optional=True)
 
     # ------------------------------------------------------------------------- derived settings
+
+    def model_hookpoints(self) -> list[str]:
+        """The patterns captured in one forward pass: the hookpoints and a CLT's targets."""
+        return super().model_hookpoints() + list(self.targets or [])
 
     @property
     def steps(self) -> int:

@@ -19,9 +19,12 @@ from ..optim import SparseAdam, normalize_rows_, remove_parallel_row_grads_
 from .config import TrainConfig
 
 
-def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    parameters: Iterable[nn.Parameter], config: TrainConfig, lr: float, *, update_in_backward: bool = False
+) -> torch.optim.Optimizer:
     """config.optimizer ("adam" or "sparse_adam") over `parameters` with the config's betas, eps and
-    (SparseAdam) state dtype and moments."""
+    (SparseAdam) state dtype and moments. update_in_backward: SparseAdam updates rows during the
+    backward pass (architectures that opt in, e.g. the CLT, whose batches touch nearly every row)."""
     betas = (config.adam_beta1, config.adam_beta2)
     if config.optimizer == "sparse_adam":
         return SparseAdam(
@@ -31,6 +34,7 @@ def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig, lr: 
             eps=config.adam_eps,
             state_dtype=config.optimizer_state_dtype,
             moments=config.optimizer_moments,
+            update_in_backward=update_in_backward,
         )
     # fused: one kernel per tensor and no [n, d] temporaries (torch's default Adam adds two)
     return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=config.adam_eps, fused=True)

@@ -40,6 +40,7 @@ from .checkpoint import load_optimizer_state, load_training_checkpoint, optimize
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of, resolve_tensorboard
 from .signals import StopSignals
+from .sites import MULTI_SITE, Unit, plan_units
 from .split import CorpusPart, EmptyPartError
 from .step import flush_optimizer, make_optimizer, optimizer_step
 
@@ -120,6 +121,8 @@ def check_trainable(architecture: str) -> None:
     target activations) are refused up front rather than failing inside the loop."""
     if architecture not in REGISTRY:
         raise ValueError(f"architecture: unknown {architecture!r}; expected one of {', '.join(sorted(REGISTRY))}")
+    if architecture in MULTI_SITE:  # fed its stacked sites (and a CLT its targets) by the trainer
+        return
     parameters = list(inspect.signature(REGISTRY[architecture].forward).parameters.values())[2:]  # self, x
     needed = [
         p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
@@ -187,8 +190,14 @@ class Trainer:
         self.source_info = self._open_source()
         self.hookpoints: list[str] = list(self.source.hookpoints)
         self.widths: dict[str, int] = dict(self.source.widths)
+        model = getattr(getattr(self, "activations", None), "model", None)
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        #: what each trained model reads: one unit per hookpoint, or one multi-site unit (sites.py)
+        self.units: dict[str, Unit] = plan_units(
+            config.architecture, self.hookpoints, config.hookpoints, config.targets, prefix
+        )
         self.saes: dict[str, SAE] = {}
-        self.scales: dict[str, float] = {}
+        self.scales: dict[str, Any] = {}  # a float per SAE; {"inputs": [...], "targets": [...]} per multi-site unit
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.since_fired: dict[str, torch.Tensor] = {}
         self.base_lr: dict[str, float] = {}
@@ -203,9 +212,12 @@ class Trainer:
             self._restore(*checkpoint)
         else:
             self._initialize()
-        self.metrics = {name: StepMetrics() for name in self.hookpoints}
-        # per hookpoint since the last record: [rows the encoder rescored, rows it recomputed exactly]
-        self.encoder_rows = {name: [0, 0] for name in self.hookpoints}
+        self.metrics = {name: StepMetrics() for name in self.units}
+        # per multi-site unit since the last record: sums of each site's [fvu, l0] and the steps
+        multi = [name for name in self.units if name in MULTI_SITE.values()]
+        self.site_metrics: dict[str, list[Any]] = {name: [None, 0] for name in multi}
+        # per unit since the last record: [rows the encoder rescored, rows it recomputed exactly]
+        self.encoder_rows = {name: [0, 0] for name in self.units}
 
     # ---------------------------------------------------------------------------------- set-up
 
@@ -223,7 +235,7 @@ class Trainer:
         if config.activations is not None:
             self.source = CachedActivations(
                 config.activations,
-                hookpoints=config.hookpoints,
+                hookpoints=None if config.architecture in MULTI_SITE else config.hookpoints,
                 batch_size=config.batch_size,
                 seed=config.seed,
                 device=self.device,
@@ -250,21 +262,70 @@ class Trainer:
         options.update(config.sae_options)
         return options
 
+    def _unit_options(self, name: str) -> dict[str, Any]:
+        """The config of the model trained on unit `name`: an SAE's, plus a CLT's layers and target
+        width or a crosscoder's sites (every input site, and every target, must share one width)."""
+        unit = self.units[name]
+        architecture = self.config.architecture
+        for sites, what in ((unit.inputs, "hookpoints"), (unit.targets or (), "targets")):
+            widths = {self.widths[site] for site in sites}
+            if len(widths) > 1:
+                raise ValueError(f"{what}: the sites of a {architecture} must share one width, got {widths}")
+        options = self._sae_options(architecture, self.widths[unit.inputs[0]])
+        if architecture == "clt":
+            options.update(n_layers=len(unit.inputs), d_out=self.widths[unit.targets[0]])
+        elif architecture == "crosscoder":
+            options.update(n_sites=len(unit.inputs))
+        return options
+
+    def _inputs(self, name: str, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The forward arguments of unit `name` from a batch of raw activations, scaled: an SAE's x
+        [rows, d]; a crosscoder's sites stacked [rows, S, d]; a CLT's inputs and targets [rows, L, d]."""
+        unit, scale = self.units[name], self.scales[name]
+        if name not in MULTI_SITE.values():
+            return (batch[name].to(dtype) * scale,)
+
+        def stacked(sites: tuple[str, ...], scales: list[float]) -> torch.Tensor:
+            return torch.stack([batch[site].to(dtype) * s for site, s in zip(sites, scales, strict=True)], dim=1)
+
+        args = (stacked(unit.inputs, scale["inputs"]),)
+        if unit.targets:
+            args += (stacked(unit.targets, scale["targets"]),)
+        return args
+
+    def _dead_mask(self, name: str, sae: SAE) -> torch.Tensor:
+        """The latents counted as dead: [n] for an SAE, [L, n] for a CLT (one counter per latent)."""
+        dead = self.since_fired[name] >= self.dead_tokens
+        return dead.view(-1, sae.n_latents) if name == MULTI_SITE["clt"] else dead
+
     def _initialize(self) -> None:
         config = self.config
         loaded = self._load_initial_saes() if config.init_from is not None else {}
         sample = self.source.peek(INIT_SAMPLE_TOKENS)
-        for name in self.hookpoints:
+        for name, unit in self.units.items():
+            if name in MULTI_SITE.values():
+                if config.init_from is not None:
+                    raise ValueError(f"init_from: not supported for {config.architecture} runs yet")
+                sae = create(config.architecture, device=self.device, **self._unit_options(name))
+                scales = {"inputs": [self._site_scale(sample, site) for site in unit.inputs]}
+                if unit.targets:
+                    scales["targets"] = [self._site_scale(sample, site) for site in unit.targets]
+                self.scales[name] = scales
+                if config.b_dec_init != "zeros":
+                    # b_dec lives where the model writes: a CLT's targets, a crosscoder's sites
+                    centered = self._inputs(name, {site: sample[site].float() for site in unit.sites}, torch.float32)
+                    sae.init_b_dec_(centered[-1], method=config.b_dec_init)
+                self.saes[name] = sae
+                layers = sae.n_layers if name == MULTI_SITE["clt"] else 1
+                self.since_fired[name] = torch.zeros(layers * sae.n_latents, dtype=torch.long, device=self.device)
+                continue
             d = self.widths[name]
             if name in loaded:
                 sae, scale = loaded[name]
             else:
                 sae = create(config.architecture, device=self.device, **self._sae_options(config.architecture, d))
                 rows = sample[name].float()
-                mean_norm = rows.norm(dim=1).mean().item()
-                if config.normalize_activations and not mean_norm > 0:
-                    raise ValueError(f"activations: {name} gives all-zero activations; nothing to train on")
-                scale = math.sqrt(d) / mean_norm if config.normalize_activations else 1.0
+                scale = self._site_scale(sample, name)
                 if config.b_dec_init != "zeros":
                     sae.init_b_dec_(rows * scale, method=config.b_dec_init)
             self.saes[name] = sae
@@ -272,11 +333,19 @@ class Trainer:
             self.since_fired[name] = torch.zeros(sae.n_latents, dtype=torch.long, device=self.device)
         self._make_optimizers()
 
+    def _site_scale(self, sample: dict[str, torch.Tensor], site: str) -> float:
+        """sqrt(d) / the mean norm of the site's sample rows (normalize_activations), else 1."""
+        rows = sample[site].float()
+        mean_norm = rows.norm(dim=1).mean().item()
+        if self.config.normalize_activations and not mean_norm > 0:
+            raise ValueError(f"activations: {site} gives all-zero activations; nothing to train on")
+        return math.sqrt(rows.shape[1]) / mean_norm if self.config.normalize_activations else 1.0
+
     def _load_initial_saes(self) -> dict[str, tuple[SAE, float]]:
         """SAEs from init_from, unfolded back to the training scale they were saved with."""
         root = Path(self.config.init_from)
         loaded: dict[str, tuple[SAE, float]] = {}
-        for name in self.hookpoints:
+        for name in self.units:
             path = root / name if (root / name / "cfg.json").is_file() else root
             if not (path / "cfg.json").is_file():
                 raise FileNotFoundError(f"init_from: {root} holds no SAE for {name} (expected {root / name}/cfg.json)")
@@ -299,7 +368,12 @@ class Trainer:
         config = self.config
         for name, sae in self.saes.items():
             self.base_lr[name] = config.resolved_lr(sae.n_latents)
-            self.optimizers[name] = make_optimizer(sae.parameters(), config, self.base_lr[name])
+            self.optimizers[name] = make_optimizer(
+                sae.parameters(),
+                config,
+                self.base_lr[name],
+                update_in_backward=getattr(sae, "update_in_backward", False),
+            )
 
     # ----------------------------------------------------------------------------- checkpoints
 
@@ -348,7 +422,7 @@ class Trainer:
             raise ValueError(
                 f"resume: the checkpoint has hookpoints {state['widths']}, the model now gives {self.widths}"
             )
-        for name in self.hookpoints:
+        for name in self.units:
             saved = state["saes"][name]
             cls = REGISTRY.get(saved["architecture"])
             if cls is None:
@@ -359,7 +433,8 @@ class Trainer:
             prefix = f"sae/{name}/"
             sae.load_state_dict({key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)})
             self.saes[name] = sae
-            self.scales[name] = float(state["scales"][name])
+            saved_scale = state["scales"][name]
+            self.scales[name] = saved_scale if isinstance(saved_scale, dict) else float(saved_scale)
             self.since_fired[name] = tensors[f"since_fired/{name}"].to(self.device)
         self._make_optimizers()
         for name, optimizer in self.optimizers.items():
@@ -409,11 +484,14 @@ class Trainer:
         """One optimizer step of every SAE on `batch` ({hookpoint: [batch_size, d] raw activations})."""
         factor = self.config.lr_factor(self.step)
         for name, sae in self.saes.items():
-            x = batch[name].to(sae.dtype) * self.scales[name]
-            dead = self.since_fired[name] >= self.dead_tokens
+            optimizer = self.optimizers[name]
+            for group in optimizer.param_groups:  # before the forward: an optimizer may update during backward
+                group["lr"] = self.base_lr[name] * factor
+            inputs = self._inputs(name, batch, sae.dtype)
+            dead = self._dead_mask(name, sae)
             before = topk_encode_stats()
             with self._autocast():
-                out = sae(x, dead_mask=dead if bool(dead.any()) else None)
+                out = sae(*inputs, dead_mask=dead if bool(dead.any()) else None)
             after = topk_encode_stats()
             self.encoder_rows[name][0] += after.rows - before.rows
             self.encoder_rows[name][1] += after.recomputed_rows - before.recomputed_rows
@@ -423,14 +501,23 @@ class Trainer:
                     "lower --lr"
                 )
             out.loss.backward()
-            optimizer_step(sae, self.optimizers[name], self.base_lr[name] * factor)
+            optimizer_step(sae, optimizer, self.base_lr[name] * factor)
             with torch.no_grad():
                 values, indices = out.latents
+                if name == MULTI_SITE["clt"]:  # per-layer indices [rows, L, k]: one counter per latent
+                    offsets = torch.arange(sae.n_layers, device=indices.device).view(1, -1, 1) * sae.n_latents
+                    indices = torch.where(indices >= 0, indices + offsets, -1)
                 fired = indices[(values > 0) & (indices >= 0)].long()
                 counter = self.since_fired[name]
-                counter += x.shape[0]
+                counter += inputs[0].shape[0]
                 counter[fired] = 0
             self.metrics[name].add(out.loss, out.fvu, out.auxk_loss, l0_of(out.latents))
+            if name in self.site_metrics:
+                l0 = _site_l0(out.latents, name).float().expand(out.fvu_per_layer.shape[0])
+                per_site = torch.stack([out.fvu_per_layer.float(), l0], dim=1)
+                sums = self.site_metrics[name]
+                sums[0] = per_site if sums[0] is None else sums[0] + per_site
+                sums[1] += 1
         self.step += 1
         self.tokens += next(iter(batch.values())).shape[0]
 
@@ -444,17 +531,22 @@ class Trainer:
     def dead_fraction(self, name: str) -> float:
         return float((self.since_fired[name] >= self.dead_tokens).float().mean())
 
+    def site_dead_fractions(self, name: str) -> list[float]:
+        """A CLT's dead fraction per layer (its counters are [L * n])."""
+        sae = self.saes[name]
+        return (self.since_fired[name] >= self.dead_tokens).view(-1, sae.n_latents).float().mean(1).tolist()
+
     def _record(self, session_tokens: int, session_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "tokens": self.tokens,
-            "lr": self.base_lr[self.hookpoints[0]] * self.config.lr_factor(max(self.step - 1, 0)),
+            "lr": self.base_lr[next(iter(self.units))] * self.config.lr_factor(max(self.step - 1, 0)),
             "elapsed_s": round(self._elapsed(), 3),
             # averaged over this session: per-interval rates swing 10x with the buffer refills
             "tokens_per_s": session_tokens / session_s if session_s > 0 else 0.0,
             "skipped_batches": self.skipped_batches,
         }
-        for name in self.hookpoints:
+        for name in self.units:
             figures = self.metrics[name].read()
             figures["dead_pct"] = 100 * self.dead_fraction(name)
             rescored, recomputed = self.encoder_rows[name]
@@ -462,6 +554,24 @@ class Trainer:
                 figures["recomputed_rows_pct"] = 100 * recomputed / rescored
             self.encoder_rows[name] = [0, 0]
             record.update({f"{name}/{key}": value for key, value in figures.items()})
+            record.update(self._site_record(name))
+        return record
+
+    def _site_record(self, name: str) -> dict[str, float]:
+        """Per-site figures of a multi-site unit since the last record: '<unit>/<site label>/fvu',
+        explained_variance, l0 (and dead_pct per CLT layer)."""
+        if name not in self.site_metrics or self.site_metrics[name][0] is None:
+            return {}
+        sums, steps = self.site_metrics[name]
+        self.site_metrics[name] = [None, 0]
+        means = (sums / steps).tolist()
+        dead = self.site_dead_fractions(name) if name == MULTI_SITE["clt"] else None
+        record = {}
+        for i, (fvu, l0) in enumerate(means):
+            label = f"{name}/{_site_label(name, i)}"
+            record.update({f"{label}/fvu": fvu, f"{label}/explained_variance": 1 - fvu, f"{label}/l0": l0})
+            if dead is not None:
+                record[f"{label}/dead_pct"] = 100 * dead[i]
         return record
 
     @staticmethod
@@ -513,7 +623,7 @@ class Trainer:
                     if self.step % config.log_every == 0 or self.step == total:
                         record = self._record(session_tokens, time.perf_counter() - self._started)
                         logger.log(record)
-                        bar.set_postfix_str(self._postfix(record, self.hookpoints), refresh=False)
+                        bar.set_postfix_str(self._postfix(record, list(self.units)), refresh=False)
                     if checkpoint_every and self.step % checkpoint_every == 0 and self.step < total:
                         self._periodic_checkpoint()
                     if on_step is not None:
@@ -579,7 +689,12 @@ class Trainer:
         the first eval_tokens tokens of the eval part (never trained on), and the dead % of its
         training counters. self.evaluation records the tokens used; no eval part: dead % only, with
         a warning."""
-        sums = {name: HeldOutSums() for name in self.hookpoints}
+        sums = {name: HeldOutSums() for name in self.units}
+        site_sums = {
+            name: [HeldOutSums() for _ in range(len(unit.targets or unit.inputs))]
+            for name, unit in self.units.items()
+            if name in MULTI_SITE.values()
+        }
         counted = 0
         for sae in self.saes.values():
             sae.eval()  # the inference rule (e.g. BatchTopK's threshold), as the saved SAE will run
@@ -592,11 +707,19 @@ class Trainer:
                 rows = min(next(iter(chunk.values())).shape[0], self.config.eval_tokens - counted)
                 for start in range(0, rows, self.config.batch_size):
                     stop = min(start + self.config.batch_size, rows)
+                    part = {site: values[start:stop] for site, values in chunk.items()}
                     for name, sae in self.saes.items():
-                        x = chunk[name][start:stop].to(sae.dtype) * self.scales[name]
+                        inputs = self._inputs(name, part, sae.dtype)
                         with self._autocast():
-                            out = sae(x)
-                        sums[name].add(x, out.x_hat, l0_of(out.latents))
+                            out = sae(*inputs)
+                        target = inputs[-1]
+                        sums[name].add(target.flatten(0, -2) if name not in site_sums else target.flatten(1),
+                                       out.x_hat.flatten(0, -2) if name not in site_sums else out.x_hat.flatten(1),
+                                       l0_of(out.latents))  # fmt: skip
+                        if name in site_sums:
+                            l0s = _site_l0(out.latents, name)
+                            for i, site_sum in enumerate(site_sums[name]):
+                                site_sum.add(target[:, i], out.x_hat[:, i], l0s[min(i, len(l0s) - 1)])
                 counted += rows
         finally:
             for sae in self.saes.values():
@@ -610,11 +733,24 @@ class Trainer:
             )
         self.evaluation = self._evaluation_record(counted) if counted else {}
         results: dict[str, dict[str, float]] = {}
-        for name in self.hookpoints:
+        for name in self.units:
             figures: dict[str, float] = {"dead_pct": 100 * self.dead_fraction(name)}
             if counted:
                 fvu = sums[name].fvu()
                 figures.update(explained_variance=1 - fvu, fvu=fvu, l0=sums[name].l0 / sums[name].tokens)
+            if name in site_sums:
+                dead = self.site_dead_fractions(name) if name == MULTI_SITE["clt"] else None
+                per_site = []
+                for i, site_sum in enumerate(site_sums[name]):
+                    site = {"dead_pct": 100 * dead[i]} if dead is not None else {}
+                    if counted:
+                        site_fvu = site_sum.fvu()
+                        site.update(explained_variance=1 - site_fvu, fvu=site_fvu, l0=site_sum.l0 / site_sum.tokens)
+                    results[f"{name}/{_site_label(name, i)}"] = site
+                    per_site.append(site)
+                if counted:  # the unit's figure: the mean of its sites' (each target counts alike)
+                    figures["explained_variance"] = sum(site["explained_variance"] for site in per_site) / len(per_site)
+                    figures["fvu"] = 1 - figures["explained_variance"]
             results[name] = figures
         return results
 
@@ -640,6 +776,20 @@ class Trainer:
             exported.save(path)
             paths[name] = path
         return paths
+
+
+def _site_label(unit: str, i: int) -> str:
+    """How a multi-site unit's site i is named in records: a CLT's layer, a crosscoder's site."""
+    return f"layer{i}" if unit == MULTI_SITE["clt"] else f"site{i}"
+
+
+def _site_l0(latents: Any, unit: str) -> torch.Tensor:
+    """Mean active latents per row of each CLT layer [L]; a crosscoder's latents are shared: [1]."""
+    values, indices = latents
+    active = (values > 0) & (indices >= 0)
+    if unit == MULTI_SITE["clt"]:  # [rows, L, slots]
+        return active.sum(-1).float().mean(0)
+    return active.sum(-1).float().mean().reshape(1)
 
 
 def train(config: TrainConfig | None = None, **overrides: Any) -> TrainResult:
