@@ -221,8 +221,11 @@ void merge_impl_f32(const C* scores, int64_t ld, int64_t rows, int64_t cols, int
   // merge took 112 ms on 2 threads against 43 ms on 1 with static row blocks)
 #pragma omp parallel
   {
-    std::vector<float> group_max(static_cast<size_t>(cols / kChunk));
-#pragma omp for schedule(dynamic, 16)
+    // 64 bytes of padding on each side: no cache line written here is shared with another thread
+    std::vector<float> group_max(static_cast<size_t>(cols / kChunk + 32));
+    // nowait: the region's end is the one barrier. With a second one (the omp for's), the merge of
+    // six chunks on 2 busy threads took 186 ms of wall time against 108 ms without.
+#pragma omp for schedule(dynamic, 16) nowait
     for (int64_t b = 0; b < rows; ++b) {
       RowTerms t = base;
       if (bounded) {
@@ -231,7 +234,7 @@ void merge_impl_f32(const C* scores, int64_t ld, int64_t rows, int64_t cols, int
         t.z = terms.row[2 * terms.rows + b];
       }
       const C* row = scores + b * ld;
-      merge_row(row, cols, col0, t, hv + b * k, hi + b * k, k, group_max.data());
+      merge_row(row, cols, col0, t, hv + b * k, hi + b * k, k, group_max.data() + 16);
       if (!dead_cols.empty()) {
         Heap<float> aux{av + b * aux_k, ai + b * aux_k, aux_k};
         for (int32_t dc : dead_cols) aux.offer(relu(key1(row, dc, t)), static_cast<int32_t>(col0 + dc));
