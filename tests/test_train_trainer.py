@@ -466,7 +466,7 @@ def test_target_l0_resolves_k_and_the_controllers_target():
     assert TrainConfig(k=12, target_l0=12).resolved_k() == 12
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu", "relu", "gated"])
 def test_target_l0_reaches_every_architecture(tmp_path, text, architecture):
     options = {"hookpoints": HOOKS[:1], "architecture": architecture, "k": None, "target_l0": 7}
     trainer = Trainer(small(tmp_path, architecture, text, **options))
