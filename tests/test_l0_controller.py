@@ -9,9 +9,11 @@ import torch
 import flashsae
 from flashsae.modules.l0_controller import (
     COEFFICIENT_GAIN,
+    FAST_GAIN,
     MAX_DECADES,
-    SHIFT_GAIN,
     L0Controller,
+    bias_shift,
+    lower_biases_,
     step_initial_coefficient,
     uniform_cut,
 )
@@ -20,38 +22,48 @@ from sae_helpers import one_thread  # noqa: F401 - a fixture the tests request b
 PENALIZED = ["jumprelu", "relu", "gated"]
 
 
-def test_update_integrates_the_clamped_log_ratio():
+def test_update_integrates_the_clamped_shift():
     controller = L0Controller(9.0)
     controller.start(2.0, data_scale=0.5)
     assert float(controller.coefficient()) == pytest.approx(2.0) and float(controller.data_scale) == 0.5
     expected = math.log(2.0)
-    for l0 in (19.0, 4.0, 1000.0, 0.0):
-        controller.update(torch.tensor(l0))
-        error = max(-1.0, min(1.0, math.log((l0 + 1) / 10)))
-        expected += COEFFICIENT_GAIN * error
+    for shift in (0.3, -0.2, 5.0, -7.0):
+        controller.update(torch.tensor(shift, dtype=torch.float64))
+        expected += COEFFICIENT_GAIN * max(-1.0, min(1.0, shift))
         assert float(controller.log_coefficient) == pytest.approx(expected, rel=1e-12)
-        assert float(controller.take_shift()) == pytest.approx(SHIFT_GAIN * error, rel=1e-12)
+        assert float(controller.take_shift()) == pytest.approx(FAST_GAIN * shift, rel=1e-12)
         assert float(controller.pending_shift) == 0.0
 
 
 def test_anti_windup_clamps_the_coefficient():
     controller = L0Controller(4.0)
     controller.start(1.0, data_scale=1.0)
-    steps = int(MAX_DECADES * math.log(10) / COEFFICIENT_GAIN) + 50
-    for _ in range(steps):
-        controller.update(torch.tensor(1e6))
-    assert float(controller.log_coefficient) == pytest.approx(MAX_DECADES * math.log(10))
-    controller.update(torch.tensor(4.0))  # at the target: no further move
-    assert float(controller.log_coefficient) == pytest.approx(MAX_DECADES * math.log(10))
-    controller.update(torch.tensor(0.0))  # below it: comes back at once, no wound-up integral
-    assert float(controller.log_coefficient) < MAX_DECADES * math.log(10)
+    top = MAX_DECADES * math.log(10)
+    for _ in range(int(top / COEFFICIENT_GAIN) + 50):
+        controller.update(torch.tensor(3.0))
+    assert float(controller.log_coefficient) == pytest.approx(top)
+    controller.update(torch.tensor(0.0))  # in balance: no further move
+    assert float(controller.log_coefficient) == pytest.approx(top)
+    controller.update(torch.tensor(-0.5))  # the other way: comes back at once, no wound-up integral
+    assert float(controller.log_coefficient) == pytest.approx(top - 0.5 * COEFFICIENT_GAIN)
+
+
+def test_bias_shift_lowers_biases_to_the_target():
+    torch.manual_seed(0)
+    W_enc = torch.randn(40, 6, dtype=torch.float64) * torch.rand(40, 1, dtype=torch.float64)  # rows of mixed norms
+    b_enc = torch.randn(40, dtype=torch.float64)
+    x = 3.0 * torch.randn(100, 6, dtype=torch.float64)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    shift = bias_shift(x @ W_enc.T + b_enc, W_enc, scale, 4.0)
+    lower_biases_(b_enc, W_enc, shift, scale)
+    assert int((x @ W_enc.T + b_enc > 0).sum()) == 400
 
 
 @pytest.mark.parametrize(("rows", "n", "target"), [(37, 50, 3.0), (128, 300, 17.5)])
 def test_uniform_cut_gives_the_target(rows, n, target):
     pre = torch.randn(rows, n, dtype=torch.float64)
     cut = uniform_cut(pre, target)
-    assert int((pre > cut).sum()) == round(rows * target)
+    assert cut.dim() == 0 and int((pre > cut).sum()) == round(rows * target)
 
 
 def test_step_initial_coefficient():

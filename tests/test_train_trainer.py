@@ -472,3 +472,19 @@ def test_target_l0_reaches_every_architecture(tmp_path, text, architecture):
     trainer = Trainer(small(tmp_path, architecture, text, **options))
     config = trainer.saes[HOOKS[0]].config
     assert (config.k if hasattr(config, "k") else config.target_l0) == 7
+
+
+@pytest.mark.parametrize("architecture", ["jumprelu", "gated"])
+def test_resume_is_exact_with_the_l0_controller(tmp_path, text, architecture):
+    """The target-L0 controller's state (coefficient, pending shift, data scale) is in buffers:
+    an interrupted and resumed run ends where an uninterrupted one does."""
+    options = {"architecture": architecture, "hookpoints": HOOKS[:1], "k": None, "target_l0": 6}
+    straight = Trainer(small(tmp_path, "straight", text, **options))
+    straight.train()
+    controller = straight.saes[HOOKS[0]].l0_controller
+    assert bool(controller.started) and float(controller.log_coefficient) != float(controller.log_initial)
+    half = Trainer(small(tmp_path, "halves", text, **options))
+    assert half.train(on_step=interrupt_at(7)).interrupted
+    resumed = Trainer(resume_config(str(tmp_path / "halves")))
+    resumed.train()
+    assert_same_state(straight, resumed)

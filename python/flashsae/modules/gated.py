@@ -43,7 +43,8 @@ from ..registry import register
 from . import _shared
 from .base import SAEConfig
 from .l0_controller import (
-    L0Controller, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_, uniform_cut,
+    L0Controller, bias_shift, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_,
+    uniform_cut,
 )  # fmt: skip
 
 
@@ -149,7 +150,7 @@ class GatedSAE(_shared.DenseActivationSAE):
                 controller.start(l1_initial_coefficient(residual, self.W_dec, gate_act > 0), data_scale_of(residual))
             coefficient = controller.coefficient()
             if training_step:
-                controller.update((f > 0).to(acc).sum(1).mean())
+                controller.update(bias_shift(pi_gate, self.W_enc, controller.data_scale, self.config.target_l0))
         else:
             coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
         loss = recon + coefficient.to(acc) * l1 + aux

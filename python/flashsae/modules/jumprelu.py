@@ -266,7 +266,7 @@ class JumpReLUSAE(_shared.DenseActivationSAE):
                 self.l0_controller.start(step_initial_coefficient(cut), self._first_scale)
             coefficient = self.l0_controller.coefficient().to(acc)
             if training_step:
-                self.l0_controller.update((pre > theta).to(acc).sum(1).mean())
+                self.l0_controller.update(self._threshold_shift(pre, theta))
         else:
             coefficient = _shared.warmed_up(cfg.l0_coefficient, cfg.l0_warmup_steps, self.num_steps).to(acc)
         loss = recon + coefficient * sparsity
@@ -287,12 +287,23 @@ class JumpReLUSAE(_shared.DenseActivationSAE):
             center_encoder_bias_(self.W_enc, self.b_enc, self.b_dec)
         self._first_scale = data_scale_of(rows - self.b_dec)
         pre = centered @ self.W_enc.T + self.b_enc
-        cut = max(uniform_cut(pre, self.config.target_l0), 1e-6 * self._first_scale)
+        cut = max(float(uniform_cut(pre, self.config.target_l0)), 1e-6 * self._first_scale)
         if self.config.threshold_parametrization == "direct":
             self.direct_threshold.fill_(cut)
         else:
             self.log_threshold.fill_(math.log(cut))
         return cut
+
+    @torch.no_grad()
+    def _threshold_shift(self, pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """log of the factor that, applied to every threshold, gives this batch target_l0 active
+        latents per row (clamped to +-1: a batch with fewer positive pre-activations than the target
+        lowers the thresholds by at most a factor e per step)."""
+        acc = torch.promote_types(pre.dtype, torch.float32)
+        floor = 1e-30 * self.l0_controller.data_scale.to(acc)
+        ratio = pre.detach().to(acc) / torch.maximum(theta.detach().to(acc), floor)
+        cut = uniform_cut(ratio, self.config.target_l0)
+        return cut.clamp_min(math.exp(-1.0)).log().clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def _shift_thresholds(self, shift: torch.Tensor) -> None:

@@ -39,7 +39,8 @@ from ..registry import register
 from . import _shared
 from .base import SAEConfig
 from .l0_controller import (
-    L0Controller, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_, uniform_cut,
+    L0Controller, bias_shift, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_,
+    uniform_cut,
 )  # fmt: skip
 
 
@@ -132,7 +133,8 @@ class ReLUSAE(_shared.DenseActivationSAE):
             self._start_from_batch(centered)
         elif controller is not None and training_step:
             lower_biases_(self.b_enc, self.W_enc, controller.take_shift(), controller.data_scale)
-        f = (centered @ self.W_enc.T + self.b_enc).relu()  # [batch, n]: see the module docstring
+        pre = centered @ self.W_enc.T + self.b_enc  # [batch, n]: see the module docstring
+        f = pre.relu()
         x_hat = f @ self.W_dec + self.b_dec
         recon, mse, fvu = _shared.dense_losses(rows, x_hat)
         acc = fvu.dtype
@@ -143,7 +145,7 @@ class ReLUSAE(_shared.DenseActivationSAE):
                 controller.start(l1_initial_coefficient(residual, self.W_dec, f > 0), data_scale_of(residual))
             coefficient = controller.coefficient().to(acc)
             if training_step:
-                controller.update((f > 0).to(acc).sum(1).mean())
+                controller.update(bias_shift(pre, self.W_enc, controller.data_scale, self.config.target_l0))
         else:
             coefficient = self.l1_coefficient_now().to(acc)
         loss = recon + coefficient * l1
