@@ -18,7 +18,9 @@ def dense_count(sae, x, threshold):
     return int((act > threshold).sum())
 
 
-@pytest.mark.parametrize(("rows", "d", "n", "k", "architecture"), [(37, 13, 71, 3, "batchtopk"), (200, 20, 64, 5, "matryoshka")])
+@pytest.mark.parametrize(
+    ("rows", "d", "n", "k", "architecture"), [(37, 13, 71, 3, "batchtopk"), (200, 20, 64, 5, "matryoshka")]
+)
 def test_threshold_gives_exactly_k_per_row(rows, d, n, k, architecture):
     torch.manual_seed(rows)
     sae = flashsae.create(architecture, d_in=d, n_latents=n, k=k, dtype=torch.float64)

@@ -43,9 +43,16 @@ from ..registry import register
 from . import _shared
 from .base import SAEConfig
 from .l0_controller import (
-    L0Controller, bias_shift, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_,
+    GATED_INITIAL_SHRINKAGE,
+    L0Controller,
+    bias_shift,
+    center_encoder_bias_,
+    check_target_l0,
+    data_scale_of,
+    l1_initial_coefficient,
+    lower_biases_,
     uniform_cut,
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -147,7 +154,8 @@ class GatedSAE(_shared.DenseActivationSAE):
         if controller is not None:
             if starting:
                 residual = rows - self.b_dec
-                controller.start(l1_initial_coefficient(residual, self.W_dec, gate_act > 0), data_scale_of(residual))
+                initial = l1_initial_coefficient(residual, self.W_dec, gate_act > 0, GATED_INITIAL_SHRINKAGE)
+                controller.start(initial, data_scale_of(residual))
             coefficient = controller.coefficient()
             if training_step:
                 controller.update(bias_shift(pi_gate, self.W_enc, controller.data_scale, self.config.target_l0))

@@ -59,7 +59,14 @@ from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
 from .base import SAEConfig
-from .l0_controller import L0Controller, center_encoder_bias_, check_target_l0, data_scale_of, step_initial_coefficient, uniform_cut
+from .l0_controller import (
+    L0Controller,
+    center_encoder_bias_,
+    check_target_l0,
+    data_scale_of,
+    step_initial_coefficient,
+    uniform_cut,
+)
 
 SPARSITY_LOSSES = ("step", "tanh")
 THRESHOLD_PARAMETRIZATIONS = ("log", "direct")

@@ -39,9 +39,16 @@ from ..registry import register
 from . import _shared
 from .base import SAEConfig
 from .l0_controller import (
-    L0Controller, bias_shift, center_encoder_bias_, check_target_l0, data_scale_of, l1_initial_coefficient, lower_biases_,
+    RELU_INITIAL_SHRINKAGE,
+    L0Controller,
+    bias_shift,
+    center_encoder_bias_,
+    check_target_l0,
+    data_scale_of,
+    l1_initial_coefficient,
+    lower_biases_,
     uniform_cut,
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -142,7 +149,8 @@ class ReLUSAE(_shared.DenseActivationSAE):
         if controller is not None:
             if starting:
                 residual = rows - self.b_dec
-                controller.start(l1_initial_coefficient(residual, self.W_dec, f > 0), data_scale_of(residual))
+                initial = l1_initial_coefficient(residual, self.W_dec, f > 0, RELU_INITIAL_SHRINKAGE)
+                controller.start(initial, data_scale_of(residual))
             coefficient = controller.coefficient().to(acc)
             if training_step:
                 controller.update(bias_shift(pre, self.W_enc, controller.data_scale, self.config.target_l0))
