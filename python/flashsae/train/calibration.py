@@ -9,9 +9,11 @@ activation, see :mod:`flashsae.modules.batchtopk`); it lags the weights, most in
 
 where act = relu((x - b_dec) W_enc^T + b_enc), i.e. the threshold that reproduces one batch
 top-k selection over the whole sample (the midpoint between its (rows * k)-th and next largest
-activation). The trainer calibrates on ``calibration_tokens`` rows of the train part (the shuffle
-buffer or the activation cache): the threshold is a parameter like any other, fit on training
-data, so that the end-of-training L0 on the eval part stays a measurement. Exports of the SAE as a
+activation). The trainer calibrates on ``calibration_tokens`` held-out rows: the eval part's tokens
+after the ``eval_tokens`` on which it measures its final metrics (so that their L0 stays a
+measurement), or rows of the train part when fewer than 1024 such tokens exist. Held-out text
+because the demo's eval documents activate more latents than its train documents: calibrated on
+the train part, BatchTopK measured L0 37.5 on the held-out tokens instead of 32. Exports of the SAE as a
 JumpReLU (:meth:`~flashsae.BatchTopKSAE.to_jumprelu`, the SAELens and circuit-tracer formats) carry
 the calibrated value.
 

@@ -236,10 +236,10 @@ class TrainConfig(ActivationSourceConfig):
     """Tokens of the eval part (never trained on, see eval_fraction) on which the final metrics are
     measured, from its start; fewer when the part is smaller (0: skip)."""
     calibration_tokens: int = 16384
-    """Tokens of the train part on which the inference threshold of a BatchTopK or Matryoshka SAE
-    is set once more before saving, so that the saved SAE's encode gives L0 = k (see
-    flashsae.train.calibration); at most what the shuffle buffer or cache holds; 0: keep the
-    running estimate of training."""
+    """Tokens on which the inference threshold of a BatchTopK or Matryoshka SAE is set once more
+    before saving, so that the saved SAE's encode gives L0 = k (see flashsae.train.calibration):
+    held-out tokens of the eval part after the eval_tokens the final metrics use, when there are
+    at least 1024 of them, else tokens of the train part; 0: keep the running estimate."""
     max_nonfinite_batches: int = 10
     """Batches with NaN/Inf activations are skipped with a warning; more than this many aborts."""
     progress: bool = True

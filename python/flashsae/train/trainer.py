@@ -49,6 +49,9 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 #: Rows used to estimate the activation scale and initialize b_dec.
 INIT_SAMPLE_TOKENS = 16384
+#: Fewest held-out tokens (beyond those measured) to calibrate BatchTopK thresholds on; with fewer,
+#: the train part is used. 1024 tokens hold 32k activations above the threshold at k = 32.
+MIN_CALIBRATION_TOKENS = 1024
 #: What the saved SAEs' metadata records about where their activations came from.
 SOURCE_KEYS = (
     "model", "dataset", "dataset_config", "dataset_split", "eval_fraction", "ctx_len", "exclude_special_tokens",
@@ -589,7 +592,7 @@ class Trainer:
         targets = {name: sae for name, sae in self.saes.items() if isinstance(sae, BatchTopKSAE)}
         if not wanted or not targets:
             return {}
-        sample = self.source.peek(wanted)
+        sample, part = self._calibration_sample(wanted)
         report = {}
         for name, sae in targets.items():
             rows = sample[name]
@@ -599,8 +602,29 @@ class Trainer:
                 continue
             before = float(sae.threshold)
             after = calibrate_threshold(sae, rows.to(sae.dtype) * self.scales[name])
-            report[name] = {"tokens": int(rows.shape[0]), "running_estimate": before, "threshold": after}
+            report[name] = {"tokens": int(rows.shape[0]), "part": part, "running_estimate": before, "threshold": after}
         return report
+
+    def _calibration_sample(self, wanted: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Up to `wanted` rows to calibrate on, and which part they come from: the eval part's
+        tokens after the first eval_tokens (held out, and not those the final metrics are measured
+        on) when it has at least MIN_CALIBRATION_TOKENS of them, else the train part."""
+        taken: dict[str, list[torch.Tensor]] = {name: [] for name in self.hookpoints}
+        skip, count = self.config.eval_tokens, 0
+        for chunk in self.eval_chunks():
+            rows = next(iter(chunk.values())).shape[0]
+            start = min(skip, rows)
+            skip -= start
+            stop = min(rows, start + wanted - count)
+            if stop > start:
+                for name in self.hookpoints:
+                    taken[name].append(chunk[name][start:stop])
+                count += stop - start
+            if count >= wanted:
+                break
+        if count >= MIN_CALIBRATION_TOKENS:
+            return {name: torch.cat(parts) for name, parts in taken.items()}, "eval"
+        return self.source.peek(wanted), "train"
 
     def eval_chunks(self) -> Iterator[dict[str, torch.Tensor]]:
         """The eval part of the data in order ({hookpoint: [rows, d] raw activations}): read from
