@@ -211,3 +211,18 @@ def test_low_precision_runs(dtype):
     assert out.x_hat.dtype == dtype and torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
     assert RTOL[dtype] > 0
+
+
+def test_default_threshold_is_estimated_from_the_first_step():
+    """A short run must not save an SAE without a threshold (it would encode every positive
+    activation): with the defaults the first training step sets the estimate, later ones blend
+    with beta 0.99."""
+    sae = BatchTopKSAE(20, 120, 4, dtype=torch.float64)
+    x = torch.randn(64, 20, dtype=torch.float64)
+    smallest = []
+    for scale in (1.0, 2.0):
+        out = sae(x * scale)
+        smallest.append(float(out.latents.values.detach()[out.latents.indices >= 0].min()))
+        if scale == 1.0:
+            assert float(sae.threshold) == smallest[0]
+    assert float(sae.threshold) == pytest.approx(0.99 * smallest[0] + 0.01 * smallest[1], rel=1e-12)

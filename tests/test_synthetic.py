@@ -118,6 +118,16 @@ ARCHITECTURES = {
     "relu": ("relu", {"l1_coefficient": 0.1, "l1_warmup_steps": 30}, False),
     "gated": ("gated", {"l1_coefficient": 1.0}, False),
     "transcoder": ("transcoder", {"k": 3, "d_out": D + 8}, True),
+    # defaults plus the target L0 (for the TopK family the target is k): no coefficient, bandwidth
+    # or threshold chosen for this data's scale
+    "topk_target": ("topk", {"k": 3}, True),
+    "batchtopk_target": ("batchtopk", {"k": 3}, True),
+    # the widths of the matryoshka case: with 24 equally frequent features, the default first
+    # prefix (n/8 = 8 latents) must reconstruct alone and learns mixtures of them (83% recovered)
+    "matryoshka_target": ("matryoshka", {"k": 3, "matryoshka_widths": [48]}, True),
+    "jumprelu_target": ("jumprelu", {"target_l0": 3}, False),
+    "relu_target": ("relu", {"target_l0": 3}, False),
+    "gated_target": ("gated", {"target_l0": 3}, False),
 }
 
 

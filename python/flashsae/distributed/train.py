@@ -91,8 +91,7 @@ class DistributedTrainer:
         self.hookpoint = self.source.hookpoints[0]
         d = self.source.widths[self.hookpoint]
         options = {"d_in": d, "n_latents": config.n_latents or config.expansion_factor * d}
-        if config.k is not None:
-            options["k"] = config.k
+        options["k"] = config.resolved_k()
         sae_config = TopKConfig(**(options | config.sae_options))
         self.step = 0
         if config.resume:

@@ -8,8 +8,14 @@ Training (``self.training``):
     loss    = fvu + auxk_alpha * auxk_loss          (AuxK as in TopK, when a dead_mask is given)
 Inference (eval mode): a latent is active iff act > threshold, one threshold for all latents,
 estimated during training as an exponential moving average of the smallest selected activation of
-each batch (dictionary_learning's estimator; SAELens' is the same EMA). The inference rule is a
-JumpReLU with a uniform threshold, so :meth:`BatchTopKSAE.to_jumprelu` exports the SAE exactly.
+each batch (dictionary_learning's estimator; SAELens' is the same EMA). The smallest selected value
+of a batch is the threshold that reproduces that batch's selection exactly (L0 = k on it). Unlike
+dictionary_learning (first update at step 1000, beta 0.999) the estimate starts at step 0 with beta
+0.99 (a memory of ~100 batches): the demo's 256-step run otherwise saved an SAE with no threshold at
+all, which encoded ~800 latents per token instead of 32. ``flashsae train`` then calibrates the
+threshold once more on a sample of tokens before saving (flashsae.train.calibrate_threshold), so the
+saved SAE's eval-mode L0 is k. The inference rule is a JumpReLU with a uniform threshold, so
+:meth:`BatchTopKSAE.to_jumprelu` exports the SAE exactly.
 
 Latents are padded to [..., m], m = the largest count of any row in the batch; empty slots hold
 value 0 and index -1 (an active slot always has a value > 0).
@@ -56,11 +62,12 @@ class BatchTopKConfig(SAEConfig):
     min(d_in // 2, n_latents). Used only when forward gets a dead_mask."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss in ``loss = fvu + auxk_alpha * auxk_loss`` (>= 0; Gao et al.: 1/32)."""
-    threshold_beta: float = 0.999
-    """Decay of the inference-threshold moving average, in [0, 1) (dictionary_learning: 0.999)."""
-    threshold_start_step: int = 1000
-    """First training step (num_steps) whose batch updates the threshold estimate (>= 0;
-    dictionary_learning: 1000, skipping the noisy start)."""
+    threshold_beta: float = 0.99
+    """Decay of the inference-threshold moving average, in [0, 1) (0.99: ~100 batches of memory, so
+    the estimate follows the activations of a short run; dictionary_learning: 0.999)."""
+    threshold_start_step: int = 0
+    """First training step (num_steps) whose batch updates the threshold estimate (>= 0; 0: from
+    the first batch, so an SAE has a threshold after one step; dictionary_learning: 1000)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,6 +17,11 @@ the gate path to reconstruct on its own. The decoder rows are kept at unit norm 
 (``unit_norm_decoder`` True: a training loop calls remove_decoder_parallel_grads_ and
 normalize_decoder_), which is what makes the unweighted L1 meaningful.
 
+Target L0 (``target_l0``): lambda is set by an :class:`~flashsae.modules.l0_controller.L0Controller`
+(a PI controller on log lambda driven by the batch L0) instead of l1_coefficient / l1_warmup_steps,
+and the first training batch lowers every gate bias by the same amount, so that this batch opens
+target_l0 gates per row (instead of about half of them at zero biases).
+
 Which ops run dense and why: training (``forward``) computes the [batch, n_latents] gate and
 magnitude pre-activations (one shared GEMM) and decodes densely, because the L1 and auxiliary terms
 touch every latent with a positive gate, about half of them at initialization. Inference (``encode``
@@ -37,6 +42,17 @@ from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
 from .base import SAEConfig
+from .l0_controller import (
+    GATED_INITIAL_SHRINKAGE,
+    L0Controller,
+    bias_shift,
+    center_encoder_bias_,
+    check_target_l0,
+    data_scale_of,
+    l1_initial_coefficient,
+    lower_biases_,
+    uniform_cut,
+)
 
 
 @dataclass
@@ -53,8 +69,14 @@ class GatedConfig(SAEConfig):
     apply_b_dec_to_input: bool = True
     """Subtract b_dec from x before encoding (the paper; SAELens' field of that name can turn it off)."""
 
+    target_l0: float | None = None
+    """Mean active latents per row to train for, in (0, n_latents); None: lambda is l1_coefficient
+    (with its warm-up). With a target, a controller adapts lambda (l1_coefficient and l1_warmup_steps
+    are not used) and the first training batch shifts the encoder bias (module docstring)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.target_l0 = check_target_l0(self.target_l0, self.n_latents)
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
         non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
         boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
@@ -84,6 +106,8 @@ class GatedSAE(_shared.DenseActivationSAE):
         n, dtype, device = self.n_latents, self._init_dtype, self._init_device
         self.r_mag = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.b_mag = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
+        if self.config.target_l0 is not None:
+            self.l0_controller = L0Controller(self.config.target_l0, self._init_device)
         _shared.register_step_counter(self, device)
         self._candidates = DEFAULT_CANDIDATES
 
@@ -110,6 +134,13 @@ class GatedSAE(_shared.DenseActivationSAE):
             _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
         centered = rows - self.b_dec if self.config.apply_b_dec_to_input else rows
         projection = centered @ self.W_enc.T  # [batch, n], shared by both paths
+        controller = getattr(self, "l0_controller", None)
+        training_step = _shared.is_training_step(self)
+        starting = controller is not None and training_step and not controller.is_started()
+        if starting:
+            self._start_from_batch(centered)
+        elif controller is not None and training_step:
+            lower_biases_(self.b_enc, self.W_enc, controller.take_shift(), controller.data_scale)
         pi_gate = projection + self.b_enc
         pi_mag = self.r_mag.exp() * projection + self.b_mag
         f = (pi_gate > 0) * pi_mag.relu()
@@ -120,6 +151,24 @@ class GatedSAE(_shared.DenseActivationSAE):
         l1 = gate_act.to(acc).sum(1).mean()
         via_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
         aux, _, _ = _shared.dense_losses(rows, via_gate)
-        coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
+        if controller is not None:
+            if starting:
+                residual = rows - self.b_dec
+                initial = l1_initial_coefficient(residual, self.W_dec, gate_act > 0, GATED_INITIAL_SHRINKAGE)
+                controller.start(initial, data_scale_of(residual))
+            coefficient = controller.coefficient()
+            if training_step:
+                controller.update(bias_shift(pi_gate, self.W_enc, controller.data_scale, self.config.target_l0))
+        else:
+            coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
         loss = recon + coefficient.to(acc) * l1 + aux
         return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)
+
+    @torch.no_grad()
+    def _start_from_batch(self, centered: torch.Tensor) -> None:
+        """First training batch with a target L0: b_enc centered (when b_dec is not subtracted from
+        the input, see center_encoder_bias_), then lowered uniformly so that this batch has
+        target_l0 active latents per row."""
+        if not self.config.apply_b_dec_to_input:
+            center_encoder_bias_(self.W_enc, self.b_enc, self.b_dec)
+        self.b_enc.sub_(uniform_cut(centered @ self.W_enc.T + self.b_enc, self.config.target_l0))

@@ -14,6 +14,11 @@ directions with norm ``decoder_init_norm`` (0.1), encoder = decoder (W_e = W_d^T
 column convention), zero biases. The update also scales activations so that E|x| = sqrt(d_in)
 (lambda = 5 there) and clips gradients to norm 1: both are the training loop's job.
 
+Target L0 (``target_l0``): lambda is set by an :class:`~flashsae.modules.l0_controller.L0Controller`
+(a PI controller on log lambda driven by the batch L0) instead of l1_coefficient / l1_warmup_steps,
+and the first training batch lowers every encoder bias by the same amount, so that this batch has
+target_l0 active latents per row (instead of about half of all latents at the update's zero biases).
+
 Which ops run dense and why: training (``forward``) computes the [batch, n_latents] activations and
 decodes them with a dense product, because every latent with a positive pre-activation is active
 and receives the L1 gradient, and at initialization that is about half of all latents (there is no
@@ -33,6 +38,17 @@ from ..outputs import ForwardOutput, SparseLatents
 from ..registry import register
 from . import _shared
 from .base import SAEConfig
+from .l0_controller import (
+    RELU_INITIAL_SHRINKAGE,
+    L0Controller,
+    bias_shift,
+    center_encoder_bias_,
+    check_target_l0,
+    data_scale_of,
+    l1_initial_coefficient,
+    lower_biases_,
+    uniform_cut,
+)
 
 
 @dataclass
@@ -52,8 +68,14 @@ class ReLUConfig(SAEConfig):
     """Subtract b_dec from x before encoding (the update removed this pre-encoder bias; SAELens'
     standard SAE keeps it)."""
 
+    target_l0: float | None = None
+    """Mean active latents per row to train for, in (0, n_latents); None: lambda is l1_coefficient
+    (with its warm-up). With a target, a controller adapts lambda (l1_coefficient and l1_warmup_steps
+    are not used) and the first training batch shifts the encoder bias (module docstring)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.target_l0 = check_target_l0(self.target_l0, self.n_latents)
         self.l1_coefficient = non_negative("l1_coefficient", self.l1_coefficient)
         non_negative_int("l1_warmup_steps", self.l1_warmup_steps)
         self.decoder_init_norm = positive_number("decoder_init_norm", self.decoder_init_norm)
@@ -84,11 +106,16 @@ class ReLUSAE(_shared.DenseActivationSAE):
         with torch.no_grad():
             self.W_dec.mul_(self.config.decoder_init_norm)
             self.W_enc.mul_(self.config.decoder_init_norm)
+        if self.config.target_l0 is not None:
+            self.l0_controller = L0Controller(self.config.target_l0, self._init_device)
         _shared.register_step_counter(self, self._init_device)
         self._candidates = DEFAULT_CANDIDATES
 
     def l1_coefficient_now(self) -> torch.Tensor:
-        """lambda at the current step (after warm-up: l1_coefficient), a float64 scalar tensor."""
+        """lambda at the current step, a float64 scalar tensor: the controller's with a target L0,
+        else l1_coefficient after its warm-up."""
+        if self.config.target_l0 is not None:
+            return self.l0_controller.coefficient()
         return _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
 
     # ----------------------------------------------------------------------------- forward pieces
@@ -106,10 +133,37 @@ class ReLUSAE(_shared.DenseActivationSAE):
         if dead_mask is not None:
             _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
         centered = rows - self.b_dec if self.config.apply_b_dec_to_input else rows
-        f = (centered @ self.W_enc.T + self.b_enc).relu()  # [batch, n]: see the module docstring
+        controller = getattr(self, "l0_controller", None)
+        training_step = _shared.is_training_step(self)
+        starting = controller is not None and training_step and not controller.is_started()
+        if starting:
+            self._start_from_batch(centered)
+        elif controller is not None and training_step:
+            lower_biases_(self.b_enc, self.W_enc, controller.take_shift(), controller.data_scale)
+        pre = centered @ self.W_enc.T + self.b_enc  # [batch, n]: see the module docstring
+        f = pre.relu()
         x_hat = f @ self.W_dec + self.b_dec
         recon, mse, fvu = _shared.dense_losses(rows, x_hat)
         acc = fvu.dtype
         l1 = (f.to(acc) * self.W_dec.to(acc).norm(dim=1)).sum(1).mean()
-        loss = recon + self.l1_coefficient_now().to(acc) * l1
+        if controller is not None:
+            if starting:
+                residual = rows - self.b_dec
+                initial = l1_initial_coefficient(residual, self.W_dec, f > 0, RELU_INITIAL_SHRINKAGE)
+                controller.start(initial, data_scale_of(residual))
+            coefficient = controller.coefficient().to(acc)
+            if training_step:
+                controller.update(bias_shift(pre, self.W_enc, controller.data_scale, self.config.target_l0))
+        else:
+            coefficient = self.l1_coefficient_now().to(acc)
+        loss = recon + coefficient * l1
         return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)
+
+    @torch.no_grad()
+    def _start_from_batch(self, centered: torch.Tensor) -> None:
+        """First training batch with a target L0: b_enc centered (when b_dec is not subtracted from
+        the input, see center_encoder_bias_), then lowered uniformly so that this batch has
+        target_l0 active latents per row."""
+        if not self.config.apply_b_dec_to_input:
+            center_encoder_bias_(self.W_enc, self.b_enc, self.b_dec)
+        self.b_enc.sub_(uniform_cut(centered @ self.W_enc.T + self.b_enc, self.config.target_l0))

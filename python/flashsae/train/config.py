@@ -32,6 +32,8 @@ OPTIMIZER_MOMENTS = ("elementwise", "row", "row-int8")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 #: sparsify's and Gao et al.'s "dead": no activation in the last 10M tokens.
 LITERATURE_DEAD_TOKENS = 10_000_000
+#: The L0 (mean active latents per token) that flashsae train aims at when neither k nor target_l0 is given.
+DEFAULT_TARGET_L0 = 32
 
 
 @dataclass
@@ -161,9 +163,14 @@ class TrainConfig(ActivationSourceConfig):
     expansion_factor: int = 8
     """n_latents = expansion_factor x d when n_latents is None (the literature uses 8 to 64; 8 keeps
     the demo fast)."""
-    k: int | None = 32
-    """Active latents per token, for architectures whose config has a k (topk, ...); None keeps
-    the architecture's default; ignored by architectures without one."""
+    k: int | None = None
+    """Active latents per token, for architectures whose config has a k (topk, batchtopk,
+    matryoshka); None: target_l0. Ignored by architectures without one."""
+    target_l0: int | None = None
+    """Mean active latents per token to train for, every architecture: the TopK family takes it as
+    k; JumpReLU, ReLU and Gated adapt their sparsity coefficient during training until the running
+    L0 reaches it (their config's target_l0, flashsae.modules.L0Controller). None: k when k is
+    given, else 32. Giving both k and a different target_l0 is an error."""
     sae_options: dict[str, Any] = field(default_factory=dict)
     """Further fields of the architecture's config (CLI: --sae-option NAME=VALUE, repeatable;
     VALUE is parsed as JSON when it can be, e.g. --sae-option auxk_alpha=0.03125)."""
@@ -238,6 +245,11 @@ class TrainConfig(ActivationSourceConfig):
     eval_tokens: int = 16384
     """Tokens of the eval part (never trained on, see eval_fraction) on which the final metrics are
     measured, from its start; fewer when the part is smaller (0: skip)."""
+    calibration_tokens: int = 16384
+    """Tokens on which the inference threshold of a BatchTopK or Matryoshka SAE is set once more
+    before saving, so that the saved SAE's encode gives L0 = k (see flashsae.train.calibration):
+    held-out tokens of the eval part after the eval_tokens the final metrics use, when there are
+    at least 1024 of them, else tokens of the train part; 0: keep the running estimate."""
     max_nonfinite_batches: int = 10
     """Batches with NaN/Inf activations are skipped with a warning; more than this many aborts."""
     progress: bool = True
@@ -273,9 +285,16 @@ class TrainConfig(ActivationSourceConfig):
         positive_int("expansion_factor", self.expansion_factor)
         if self.k is not None:
             positive_int("k", self.k)
+        if self.target_l0 is not None:
+            positive_int("target_l0", self.target_l0)
+        if self.k is not None and self.target_l0 is not None and self.k != self.target_l0:
+            raise ValueError(
+                f"target_l0: {self.target_l0} conflicts with k={self.k} (for the TopK family k is the target L0); "
+                "give one of them"
+            )
         if not isinstance(self.sae_options, dict) or not all(isinstance(key, str) for key in self.sae_options):
             raise ValueError(f"sae_options: expected a dict of config field names, got {self.sae_options!r}")
-        clashes = sorted({"d_in", "n_latents", "k"} & set(self.sae_options))
+        clashes = sorted({"d_in", "n_latents", "k", "target_l0"} & set(self.sae_options))
         if clashes:
             raise ValueError(f"sae_options: set {', '.join(clashes)} with its own option, not in sae_options")
         positive_int("train_tokens", self.train_tokens)
@@ -329,6 +348,7 @@ class TrainConfig(ActivationSourceConfig):
             non_negative_int("checkpoint_every", self.checkpoint_every)
         positive_int("log_every", self.log_every)
         non_negative_int("eval_tokens", self.eval_tokens)
+        non_negative_int("calibration_tokens", self.calibration_tokens)
         non_negative_int("max_nonfinite_batches", self.max_nonfinite_batches)
         text("wandb_project", self.wandb_project, optional=True)
 
@@ -348,6 +368,16 @@ class TrainConfig(ActivationSourceConfig):
         if self.checkpoint_every is not None:
             return self.checkpoint_every
         return max(1, self.steps // 4)
+
+    def resolved_target_l0(self) -> int:
+        """The L0 the run trains for: target_l0, else k, else DEFAULT_TARGET_L0 (32)."""
+        if self.target_l0 is not None:
+            return self.target_l0
+        return self.k if self.k is not None else DEFAULT_TARGET_L0
+
+    def resolved_k(self) -> int:
+        """k of a TopK-family SAE: k, else the target L0."""
+        return self.k if self.k is not None else self.resolved_target_l0()
 
     def resolved_dead_tokens(self) -> int:
         if self.dead_tokens is not None:
@@ -375,5 +405,5 @@ class TrainConfig(ActivationSourceConfig):
 # runs, not the state the checkpoint holds.
 RESUMABLE_OVERRIDES = frozenset(
     {"resume", "train_tokens", "checkpoint_every", "log_every", "eval_tokens", "progress", "tensorboard"}
-    | {"wandb_project", "max_nonfinite_batches", "verify"}
+    | {"wandb_project", "max_nonfinite_batches", "verify", "calibration_tokens"}
 )

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..model_loading import resolve_device
-from ..modules import REGISTRY, SAE, create, load
+from ..modules import REGISTRY, SAE, BatchTopKSAE, create, load
 from ..ops import topk_encode_stats
 from . import signals
 from .activations import ModelActivations
 from .buffer import ShuffleBuffer
 from .cache import CachedActivations
+from .calibration import calibrate_threshold
 from .checkpoint import load_optimizer_state, load_training_checkpoint, optimizer_state, save_training_checkpoint
 from .config import RESUMABLE_OVERRIDES, TrainConfig
 from .metrics import HeldOutSums, MetricsLogger, StepMetrics, l0_of, resolve_tensorboard
@@ -49,6 +50,9 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 #: Rows used to estimate the activation scale and initialize b_dec.
 INIT_SAMPLE_TOKENS = 16384
+#: Fewest held-out tokens (beyond those measured) to calibrate BatchTopK thresholds on; with fewer,
+#: the train part is used. 1024 tokens hold 32k activations above the threshold at k = 32.
+MIN_CALIBRATION_TOKENS = 1024
 #: What the saved SAEs' metadata records about where their activations came from.
 SOURCE_KEYS = (
     "model", "dataset", "dataset_config", "dataset_split", "eval_fraction", "ctx_len", "exclude_special_tokens",
@@ -255,8 +259,10 @@ class Trainer:
         config = self.config
         fields = {f.name for f in dataclasses.fields(REGISTRY[architecture].config_class)}
         options: dict[str, Any] = {"d_in": d, "n_latents": config.n_latents or config.expansion_factor * d}
-        if config.k is not None and "k" in fields:
-            options["k"] = config.k
+        if "k" in fields:
+            options["k"] = config.resolved_k()
+        if "target_l0" in fields:
+            options["target_l0"] = config.resolved_target_l0()
         if "precision" in fields:
             options["precision"] = config.precision
         options.update(config.sae_options)
@@ -635,6 +641,7 @@ class Trainer:
             bar.close()
             logger.close()
         self.flush_optimizers()
+        calibration = {} if interrupted else self.calibrate_thresholds()
         metrics = {} if interrupted else self.evaluate()
         paths = self.save_saes(metrics)
         result = TrainResult(
@@ -650,6 +657,7 @@ class Trainer:
             "metrics": metrics,
             "evaluation": result.evaluation,
             "dead_tokens": self.dead_tokens,
+            "threshold_calibration": calibration,
             "saes": {name: str(path) for name, path in paths.items()},
         }
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
@@ -665,6 +673,49 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    @torch.no_grad()
+    def calibrate_thresholds(self) -> dict[str, dict[str, float]]:
+        """Sets the inference threshold of every BatchTopK-family SAE on calibration_tokens rows of
+        the train part (flashsae.train.calibration). Returns {hookpoint: {"tokens", "running_estimate",
+        "threshold"}} for the summary; empty when nothing was calibrated."""
+        wanted = self.config.calibration_tokens
+        targets = {name: sae for name, sae in self.saes.items() if isinstance(sae, BatchTopKSAE)}
+        if not wanted or not targets:
+            return {}
+        sample, part = self._calibration_sample(wanted)
+        report = {}
+        for name, sae in targets.items():
+            rows = sample[name]
+            if not self._batch_is_finite({name: rows}):
+                rows = rows[torch.isfinite(rows).all(1)]
+            if rows.shape[0] == 0:
+                continue
+            before = float(sae.threshold)
+            after = calibrate_threshold(sae, rows.to(sae.dtype) * self.scales[name])
+            report[name] = {"tokens": int(rows.shape[0]), "part": part, "running_estimate": before, "threshold": after}
+        return report
+
+    def _calibration_sample(self, wanted: int) -> tuple[dict[str, torch.Tensor], str]:
+        """Up to `wanted` rows to calibrate on, and which part they come from: the eval part's
+        tokens after the first eval_tokens (held out, and not those the final metrics are measured
+        on) when it has at least MIN_CALIBRATION_TOKENS of them, else the train part."""
+        taken: dict[str, list[torch.Tensor]] = {name: [] for name in self.hookpoints}
+        skip, count = self.config.eval_tokens, 0
+        for chunk in self.eval_chunks():
+            rows = next(iter(chunk.values())).shape[0]
+            start = min(skip, rows)
+            skip -= start
+            stop = min(rows, start + wanted - count)
+            if stop > start:
+                for name in self.hookpoints:
+                    taken[name].append(chunk[name][start:stop])
+                count += stop - start
+            if count >= wanted:
+                break
+        if count >= MIN_CALIBRATION_TOKENS:
+            return {name: torch.cat(parts) for name, parts in taken.items()}, "eval"
+        return self.source.peek(wanted), "train"
 
     def eval_chunks(self) -> Iterator[dict[str, torch.Tensor]]:
         """The eval part of the data in order ({hookpoint: [rows, d] raw activations}): read from
