@@ -114,7 +114,7 @@ def train_saelens(args, rows: torch.Tensor, out: Path) -> dict:
 
 
 def train_dictionary_learning(args, rows: torch.Tensor, out: Path) -> dict:
-    from dictionary_learning.dictionary import AutoEncoder, AutoEncoderTopK, GatedAutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
     from dictionary_learning.trainers.gdm import GatedSAETrainer
     from dictionary_learning.trainers.jumprelu import JumpReluTrainer
@@ -123,7 +123,7 @@ def train_dictionary_learning(args, rows: torch.Tensor, out: Path) -> dict:
         MatryoshkaBatchTopKTrainer,
     )
     from dictionary_learning.trainers.standard import StandardTrainerAprilUpdate
-    from dictionary_learning.trainers.top_k import TopKTrainer
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
     from dictionary_learning.training import trainSAE
 
     steps = args.tokens // args.batch_size
