@@ -21,7 +21,8 @@ defaults. What is held equal:
   cosine of MiniLM's pooled embedding with the SAE spliced in.
 Training time is the wall time and the CPU time of the training process (CPU time is the fairer
 figure when other work shares the machine); each library uses its own default learning rate.
-`--reuse-trained` keeps runs already in --out (train.json present) and only re-evaluates.
+`--reuse-trained` keeps the runs already in --out (train.json present) and their evaluations (newer than
+the run), so a table can be completed library by library.
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ def train_one(args, library: str, architecture: str, rows: torch.Tensor) -> dict
 
 def evaluate_one(args, library: str, architecture: str, manifest: dict[str, Any]) -> dict[str, Any]:
     run_dir = args.out / "runs" / f"{library}-{architecture}"
+    result_file = args.out / "eval" / f"{library}-{architecture}.json"
+    if args.reuse_trained and result_file.is_file() and (run_dir / "train.json").stat().st_mtime < result_file.stat().st_mtime:
+        print(f"reusing {result_file}", flush=True)
+        (result,) = json.loads(result_file.read_text())["saes"]
+        return result["metrics"] | {"eval_tokens": result["tokens"], "loaded_as": result["architecture"]}
     sae = flashsae.load(saved_sae_path(library, run_dir))
     (hookpoint,) = manifest["hookpoints"]
     # what flashsae eval needs to rerun the model: the cache's source, as the trainer records it
@@ -189,7 +195,6 @@ def evaluate_one(args, library: str, architecture: str, manifest: dict[str, Any]
                          "eval_fraction", "ctx_len", "exclude_special_tokens")} | {"hookpoint": hookpoint})  # fmt: skip
     native = args.out / "eval" / f"{library}-{architecture}"
     sae.save(native)
-    result_file = args.out / "eval" / f"{library}-{architecture}.json"
     command = [str(Path(sys.executable).parent / "flashsae"), "eval", str(native), "--n-tokens", str(args.eval_tokens),
                "--json", str(result_file), "--no-progress"]  # fmt: skip
     run(command, args.out / "eval" / f"{library}-{architecture}.log")
