@@ -26,9 +26,13 @@ ARCHITECTURES = {
     "relu": {},
     "gated": {},
     "transcoder": {"k": K, "d_out": 12, "skip": True},
+    "clt": {"k": K, "n_layers": 3, "d_out": 12, "skip": True},
+    "crosscoder": {"k": K, "n_sites": 2},
 }
+#: Layers of the CLT case and sites of the crosscoder case (their inputs are [..., L or S, d]).
+SITES = {"clt": 3, "crosscoder": 2}
 #: Fixed-k architectures (data-independent output shapes); the others pick their latents below the vmap.
-FIXED_K = ("topk", "topk_aux_multi", "transcoder")
+FIXED_K = ("topk", "topk_aux_multi", "transcoder", "clt", "crosscoder")
 BACKENDS = backends("cpu", "torch", "triton")
 
 
@@ -48,10 +52,18 @@ def make(case: str, backend: str) -> flashsae.SAE:
 
 
 def inputs(sae: flashsae.SAE, *lead: int) -> tuple[torch.Tensor, ...]:
-    x = torch.randn(*lead, D)
-    if sae.architecture == "transcoder":
-        return x, torch.randn(*lead, sae.d_out)
+    sites = (SITES[sae.architecture],) if sae.architecture in SITES else ()
+    x = torch.randn(*lead, *sites, D)
+    if sae.architecture in ("transcoder", "clt"):
+        return x, torch.randn(*lead, *sites, sae.d_out)
     return (x,)
+
+
+def dead_mask(sae: flashsae.SAE) -> torch.Tensor:
+    """Every third latent dead (a CLT's mask has one row per layer)."""
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True
+    return dead.expand(SITES["clt"], N).clone() if sae.architecture == "clt" else dead
 
 
 def test_every_architecture_is_covered():
@@ -63,9 +75,7 @@ def test_every_architecture_is_covered():
 def test_grad_of_functional_call_equals_autograd(case, be):
     sae = make(case, be)
     args = inputs(sae, ROWS)
-    dead = torch.zeros(N, dtype=torch.bool)
-    dead[::3] = True  # the AuxK / pre-activation terms take part too
-    kwargs = {"dead_mask": dead}
+    kwargs = {"dead_mask": dead_mask(sae)}  # the AuxK / pre-activation terms take part too
     params = {name: p.detach() for name, p in sae.named_parameters()}
 
     grads = grad(lambda p: functional_call(sae, p, args, kwargs).loss)(params)
@@ -84,7 +94,7 @@ def test_grad_of_functional_call_equals_autograd(case, be):
 @pytest.mark.parametrize("training", [True, False], ids=["train_mode", "eval_mode"])
 def test_vmap_of_encode_equals_per_slice(case, be, training):
     sae = make(case, be).train(training)  # BatchTopK: the batch top-k in training mode, its threshold in eval
-    xs = torch.randn(3, ROWS, D)
+    xs = inputs(sae, 3, ROWS)[0]
     values, indices = vmap(lambda x: tuple(sae.encode(x)))(xs)
     for i in range(3):
         expected = sae.encode(xs[i])

@@ -20,6 +20,12 @@ from train_helpers import text  # noqa: F401 - a fixture the tests request by na
 HOOK = "encoder.layer.1"
 ENCODER = ["x", "W_enc", "b_enc", "b_dec"]
 LOSS = ["x", "values", "W_dec", "b_dec"]
+#: The sites of the multi-site architectures: a CLT pairs each layer's MLP input with its output, a
+#: crosscoder reads two layers.
+MULTI_SITE_SITES = {
+    "clt": {"hookpoints": ["encoder.layer.*.attention.output"], "targets": ["encoder.layer.*.output.dense"]},
+    "crosscoder": {"hookpoints": ["encoder.layer.1", "encoder.layer.2"]},
+}
 
 
 def config(tmp_path, text, **overrides):
@@ -86,12 +92,16 @@ def test_every_registered_architecture_trains_under_bf16_autocast(tmp_path, text
     operands (besides the gradients of sae_loss's float32 row sums), and the parameters keep float32
     values that stay finite. (JumpReLU, ReLU and Gated SAEs train on dense torch ops, which follow
     torch's own autocast rules; their sparse ops serve inference.)"""
-    trainer = Trainer(config(tmp_path, text, architecture=architecture, autocast="bf16", train_tokens=BATCH * 6))
+    sites = MULTI_SITE_SITES.get(architecture, {})
+    trainer = Trainer(
+        config(tmp_path, text, architecture=architecture, autocast="bf16", train_tokens=BATCH * 6, **sites)
+    )
     with OpOperands() as mode:
         result = trainer.train()
     assert result.step == 6
     for op, floats in mode.calls:
         wrong = {name: dtype for name, dtype in floats.items() if dtype != torch.bfloat16}
         assert set(wrong) <= {"grad_sse", "grad_aux_sse"}, f"{architecture}: {op} received {floats}"
-    for name, p in trainer.saes[HOOK].named_parameters():
+    (model,) = trainer.saes.values()
+    for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.isfinite(p).all(), f"{architecture}: {name}"
