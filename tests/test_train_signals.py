@@ -70,12 +70,22 @@ class Child:
         )  # fmt: skip
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stdout: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._stderr: list[str] = []
+        # one reader per pipe, and nothing else reads them: communicate() beside a reader thread would
+        # race it for stdout's end (a reader that loses never reports the end, and finish() would hang)
+        self._readers = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=lambda: self._stderr.extend(self.process.stderr), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
+        try:
+            for line in self.process.stdout:
+                self.lines.put(line.rstrip("\n"))
+        finally:
+            self.lines.put(None)
 
     def wait_for(self, start: str) -> str:
         """The first stdout line starting with `start` (fails if the child ends or hangs first)."""
@@ -85,26 +95,38 @@ class Child:
             except queue.Empty:
                 self.process.kill()
                 pytest.fail(f"no line {start!r} within {WAIT_S} s; stdout so far: {self.stdout}")
-            if line is None:
-                stderr = self.process.stderr.read()
-                pytest.fail(f"the child ended before printing {start!r}; stdout {self.stdout}, stderr {stderr}")
+            if line is None:  # stdout ended: the child exited (or is exiting)
+                self._reap()
+                pytest.fail(f"the child ended before printing {start!r}; stdout {self.stdout}, stderr {self.stderr}")
             self.stdout.append(line)
             if line.startswith(start):
                 return line
 
+    @property
+    def stderr(self) -> str:
+        return "".join(self._stderr)
+
     def interrupt(self) -> None:
         self.process.send_signal(signal.SIGINT)
 
-    def finish(self) -> tuple[int, list[str], str]:
-        """(exit status, all stdout lines, stderr) once the child has exited."""
+    def _reap(self) -> None:
+        """Waits for the child to exit and both readers to finish, then closes the pipes."""
         try:
-            stderr = self.process.communicate(timeout=WAIT_S)[1]
+            self.process.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             pytest.fail(f"the child did not exit within {WAIT_S} s; stdout {self.stdout}")
+        for reader in self._readers:
+            reader.join(timeout=WAIT_S)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+    def finish(self) -> tuple[int, list[str], str]:
+        """(exit status, all stdout lines, stderr) once the child has exited."""
+        self._reap()
         while (line := self.lines.get(timeout=WAIT_S)) is not None:
             self.stdout.append(line)
-        return self.process.returncode, self.stdout, stderr
+        return self.process.returncode, self.stdout, self.stderr
 
 
 def flags(text: Path, out: Path) -> list[str]:
