@@ -45,13 +45,9 @@ from .base import SAEConfig
 from .l0_controller import (
     GATED_INITIAL_SHRINKAGE,
     L0Controller,
-    bias_shift,
-    center_encoder_bias_,
     check_target_l0,
-    data_scale_of,
-    l1_initial_coefficient,
-    lower_biases_,
-    uniform_cut,
+    penalty_coefficient,
+    steer_encoder_biases_,
 )
 
 
@@ -134,13 +130,8 @@ class GatedSAE(_shared.DenseActivationSAE):
             _shared.check_dead_mask(dead_mask, self.n_latents, self.device)
         centered = rows - self.b_dec if self.config.apply_b_dec_to_input else rows
         projection = centered @ self.W_enc.T  # [batch, n], shared by both paths
-        controller = getattr(self, "l0_controller", None)
         training_step = _shared.is_training_step(self)
-        starting = controller is not None and training_step and not controller.is_started()
-        if starting:
-            self._start_from_batch(centered)
-        elif controller is not None and training_step:
-            lower_biases_(self.b_enc, self.W_enc, controller.take_shift(), controller.data_scale)
+        starting = steer_encoder_biases_(self, centered, training_step)
         pi_gate = projection + self.b_enc
         pi_mag = self.r_mag.exp() * projection + self.b_mag
         f = (pi_gate > 0) * pi_mag.relu()
@@ -151,24 +142,11 @@ class GatedSAE(_shared.DenseActivationSAE):
         l1 = gate_act.to(acc).sum(1).mean()
         via_gate = gate_act @ self.W_dec.detach() + self.b_dec.detach()
         aux, _, _ = _shared.dense_losses(rows, via_gate)
-        if controller is not None:
-            if starting:
-                residual = rows - self.b_dec
-                initial = l1_initial_coefficient(residual, self.W_dec, gate_act > 0, GATED_INITIAL_SHRINKAGE)
-                controller.start(initial, data_scale_of(residual))
-            coefficient = controller.coefficient()
-            if training_step:
-                controller.update(bias_shift(pi_gate, self.W_enc, controller.data_scale, self.config.target_l0))
+        if self.config.target_l0 is not None:
+            coefficient = penalty_coefficient(
+                self, rows, pi_gate, gate_act, GATED_INITIAL_SHRINKAGE, starting=starting, training_step=training_step
+            )
         else:
             coefficient = _shared.warmed_up(self.config.l1_coefficient, self.config.l1_warmup_steps, self.num_steps)
         loss = recon + coefficient.to(acc) * l1 + aux
         return _shared.dense_output(self, x, f, x_hat, fvu=fvu, mse=mse, loss=loss)
-
-    @torch.no_grad()
-    def _start_from_batch(self, centered: torch.Tensor) -> None:
-        """First training batch with a target L0: b_enc centered (when b_dec is not subtracted from
-        the input, see center_encoder_bias_), then lowered uniformly so that this batch has
-        target_l0 active latents per row."""
-        if not self.config.apply_b_dec_to_input:
-            center_encoder_bias_(self.W_enc, self.b_enc, self.b_dec)
-        self.b_enc.sub_(uniform_cut(centered @ self.W_enc.T + self.b_enc, self.config.target_l0))

@@ -215,3 +215,46 @@ def bias_shift(pre: torch.Tensor, W_enc: torch.Tensor, data_scale: torch.Tensor,
 def lower_biases_(b_enc: torch.Tensor, W_enc: torch.Tensor, shift: torch.Tensor, data_scale: torch.Tensor) -> None:
     """The fast loop of an encoder-bias architecture: b_enc_i -= shift * bias_units_i."""
     b_enc.sub_((shift.to(torch.float32) * bias_units(W_enc, data_scale)).to(b_enc.dtype))
+
+
+def steer_encoder_biases_(sae: nn.Module, centered: torch.Tensor, training_step: bool) -> bool:
+    """Before the forward of an encoder-bias architecture with a target L0 (ReLU, Gated): on its first
+    training batch b_enc is centered (when b_dec is not subtracted from the input, see
+    center_encoder_bias_) and then lowered uniformly so that this batch has target_l0 active latents
+    per row; on later training batches the controller's pending shift is applied (lower_biases_).
+    Returns whether this batch starts the controller (penalty_coefficient then starts it)."""
+    controller = getattr(sae, "l0_controller", None)
+    if controller is None or not training_step:
+        return False
+    if controller.is_started():
+        lower_biases_(sae.b_enc, sae.W_enc, controller.take_shift(), controller.data_scale)
+        return False
+    with torch.no_grad():
+        if not sae.config.apply_b_dec_to_input:
+            center_encoder_bias_(sae.W_enc, sae.b_enc, sae.b_dec)
+        sae.b_enc.sub_(uniform_cut(centered @ sae.W_enc.T + sae.b_enc, sae.config.target_l0))
+    return True
+
+
+def penalty_coefficient(
+    sae: nn.Module,
+    rows: torch.Tensor,
+    pre: torch.Tensor,
+    penalized: torch.Tensor,
+    initial_shrinkage: float,
+    *,
+    starting: bool,
+    training_step: bool,
+) -> torch.Tensor:
+    """lambda of this step from the controller of an encoder-bias architecture: started on the first
+    batch (lambda from l1_initial_coefficient over the latents `penalized` > 0, the data scale from
+    the residual), then the fast loop's next shift measured on this batch's pre-activations `pre`."""
+    controller = sae.l0_controller
+    if starting:
+        residual = rows - sae.b_dec
+        initial = l1_initial_coefficient(residual, sae.W_dec, penalized > 0, initial_shrinkage)
+        controller.start(initial, data_scale_of(residual))
+    coefficient = controller.coefficient()
+    if training_step:
+        controller.update(bias_shift(pre, sae.W_enc, controller.data_scale, sae.config.target_l0))
+    return coefficient
