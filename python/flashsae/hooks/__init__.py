@@ -10,6 +10,8 @@
         tokens = model.generate(**prompt, max_new_tokens=20)
     with ablate(model, "transformer.h.3"):
         ...                                   # that hookpoint outputs zeros
+    with replacement(model, clt, inputs="transformer.h.*.ln_2", targets="transformer.h.*.mlp") as replaced:
+        logits = replaced(**inputs).logits    # every MLP output predicted by a cross-layer transcoder
 
 Hookpoints are module paths or globs (flashsae.hookpoints; the base model's prefix is optional).
 Modules returning tuples (hidden_states, ...) or ModelOutputs are read and rewritten at their first
@@ -19,6 +21,7 @@ hooks work under ``torch.no_grad``, ``torch.inference_mode``, with autograd on, 
 """
 
 from .capture import Captured, capture
+from .replacement import replacement
 from .splice import STEER_MODES, ablate, splice, steer
 
-__all__ = ["STEER_MODES", "Captured", "ablate", "capture", "splice", "steer"]
+__all__ = ["STEER_MODES", "Captured", "ablate", "capture", "replacement", "splice", "steer"]

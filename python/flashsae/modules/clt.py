@@ -362,6 +362,38 @@ class CrossLayerTranscoder(SAE):
         per_layer = [self._encode_layer(rows[:, i].contiguous(), i, None)[:2] for i in range(self.n_layers)]
         return _stack_latents(per_layer, x.shape[:-2])
 
+    def encode_layer(self, x_i: torch.Tensor, i: int) -> SparseLatents:
+        """Layer i's latents of its input x_i [..., d_in]: values and int32 indices [..., slots]
+        (one encoder: what a splice into a running model calls as each layer's input appears)."""
+        rows = self._layer_rows(x_i, i, "x_i", self.d_in, "d_in")
+        values, indices, _ = self._encode_layer(rows, i, None)
+        return SparseLatents(values.reshape(*x_i.shape[:-1], -1), indices.reshape(*x_i.shape[:-1], -1))
+
+    def decode_layer(self, latents_i: SparseLatents, i: int) -> torch.Tensor:
+        """What layer i's latents [..., slots] write to each target j >= i: [..., L - i, d_out]
+        (one sparse_decode; no bias, no skip: target j's prediction is b_dec_j + the sum over i <= j of
+        slice j - i of these (+ x_j W_skip_j^T))."""
+        values, indices = latents_i
+        if not isinstance(values, torch.Tensor) or not isinstance(indices, torch.Tensor):
+            raise TypeError("latents_i: expected SparseLatents (values, indices) of torch.Tensors")
+        if values.dim() < 1 or indices.shape != values.shape:
+            raise ValueError(f"latents_i: expected values and indices [..., slots], got {list(values.shape)}")
+        flat_v = self._layer_rows(values, i, "latents_i", values.shape[-1], "slots")
+        flat_i = indices.reshape(-1, values.shape[-1]).contiguous()
+        out = sparse_decode(flat_v, flat_i, getattr(self, f"W_dec_{i}"), None, backend=self.backend)
+        lead = values.shape[:-1]
+        return out.reshape(*lead, self.n_layers - i, self.d_out)
+
+    def _layer_rows(self, x: torch.Tensor, i: int, name: str, width: int, width_name: str) -> torch.Tensor:
+        """x [..., width] of layer i as [rows, width] in the CLT's dtype (checks i and the width)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+            raise ValueError(f"i: expected a layer in [0, {self.n_layers}), got {i!r}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != width:
+            raise ValueError(f"{name}: expected shape [..., {width_name}={width}], got {list(x.shape)}")
+        return x.reshape(-1, width).to(self.dtype).contiguous()
+
     def decode(self, latents: SparseLatents, x: torch.Tensor | None = None) -> torch.Tensor:
         """y_hat [..., L, d_out] from latents [..., L, slots]; a skip CLT also needs x [..., L, d_in]."""
         values, indices = latents
