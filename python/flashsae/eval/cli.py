@@ -20,6 +20,7 @@ from typing import Any
 from ..cli_args import add_subcommand, add_verify_flag, count_flag, fail
 from ..model_loading import resolve_device
 from ..modules import load
+from ..train.sites import MULTI_SITE
 from ..train.split import DEFAULT_EVAL_FRACTION, PARTS
 from . import report
 from .data import load_eval_model
@@ -28,6 +29,7 @@ from .examples import LATENT_SELECTIONS
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .report import REPORT_FILE, write_report
 from .runs import sae_directories, source_settings
+from .sites import trained_sites
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -90,8 +92,17 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("path", help="an SAE folder or a flashsae train run directory")
     parser.add_argument("--model", help="transformers model name or directory (default: the SAE's)")
-    parser.add_argument("--hookpoint", help="module path the SAE reads (default: the SAE's)")
-    parser.add_argument("--target-hookpoint", help="for a transcoder: the module path it predicts")
+    parser.add_argument(
+        "--hookpoint",
+        nargs="+",
+        help="module path the SAE reads (default: the SAE's); for a clt or a crosscoder its input sites "
+        "(paths or globs; default: the --hookpoints it was trained with)",
+    )
+    parser.add_argument(
+        "--target-hookpoint",
+        nargs="+",
+        help="for a transcoder: the module path it predicts; for a clt: its target sites (default: its --targets)",
+    )
     parser.add_argument(
         "--n-tokens",
         type=count_flag(),
@@ -123,13 +134,64 @@ def _pick(given: Any, recorded: dict[str, Any], key: str, default: Any = None) -
     return given if given is not None else recorded.get(key, default)
 
 
+#: Columns of the per-layer table of a clt or a crosscoder: (metric, heading, percent).
+SITE_COLUMNS = (
+    ("explained_variance", "EV", False), ("fvu", "FVU", False), ("l0", "L0", False), ("cossim", "cos", False),
+    ("dead_fraction", "dead", True), ("dense_fraction", "dense", True),
+)  # fmt: skip
+
+
+def _print_sites(result: EvalResult) -> None:
+    """One row per layer (site): its input -> target and its metrics."""
+    names = [
+        f"{site.hookpoint} -> {site.target_hookpoint}" if site.target_hookpoint else site.hookpoint
+        for site in result.sites
+    ]
+    label_width = max(len(label) for label in result.site_labels)
+    name_width = max(len(name) for name in names)
+    heading = "".join(f"{title:>9}" for _, title, _ in SITE_COLUMNS)
+    print(f"  {'':<{label_width}}  {'sites':<{name_width}}{heading}")
+    for label, name, site in zip(result.site_labels, names, result.sites, strict=True):
+        cells = "".join(
+            f"{100 * site.metrics[key]:>8.2f}%" if percent else f"{site.metrics[key]:>9.4g}"
+            for key, _, percent in SITE_COLUMNS
+        )
+        print(f"  {label:<{label_width}}  {name:<{name_width}}{cells}")
+    print(f"  whole {result.architecture} (reconstruction and sparsity: the mean over its {len(result.sites)} "
+          "layers; downstream: all of them spliced at once):")  # fmt: skip
+
+
 def _print_result(path: Path, result: EvalResult) -> None:
-    target = f" -> {result.target_hookpoint}" if result.target_hookpoint else ""
-    print(f"{path}: {result.architecture} at {result.hookpoint}{target}, {result.tokens:,} tokens of {result.data}")
+    if result.sites:
+        print(f"{path}: {result.architecture} over {len(result.sites)} layers, {result.tokens:,} tokens of {result.data}")
+        _print_sites(result)
+    else:
+        target = f" -> {result.target_hookpoint}" if result.target_hookpoint else ""
+        print(f"{path}: {result.architecture} at {result.hookpoint}{target}, {result.tokens:,} tokens of {result.data}")
     width = max(len(name) for name in result.metrics)
     for name, value in result.metrics.items():
         shown = f"{100 * value:.2f}%" if name.endswith("_fraction") else f"{value:.6g}"
         print(f"  {name:<{width}}  {shown}")
+
+
+def _sites_of(
+    sae: Any, model: Any, hookpoint: list[str] | None, target: list[str] | None, recorded: str
+) -> tuple[str | list[str], str | list[str] | None]:
+    """(hookpoint, target_hookpoint) to evaluate: an SAE's one module each (the flags', else the
+    recorded hookpoint); a clt's input and target sites or a crosscoder's sites: the flags', else
+    what flashsae train paired (its --hookpoints and --targets, resolved on the model as it did)."""
+    if sae.architecture not in MULTI_SITE:
+        for name, value in (("--hookpoint", hookpoint), ("--target-hookpoint", target)):
+            if value is not None and len(value) != 1:
+                raise ValueError(f"{name}: a {sae.architecture} reads one module, got {len(value)}")
+        return (hookpoint[0] if hookpoint else recorded), (target[0] if target else None)
+    if hookpoint is None and target is None:
+        return trained_sites(sae, model)
+    if hookpoint is None:
+        raise ValueError(f"--hookpoint: the {sae.architecture} records no sites (trained from a cache?); pass them")
+    if sae.architecture == "clt" and target is None:
+        raise ValueError("--target-hookpoint: pass the clt's target sites with its input sites")
+    return hookpoint, target
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -147,10 +209,10 @@ def run_eval(args: argparse.Namespace) -> int:
             sae = load(path, device=device, verify=args.verify)
             recorded = source_settings(sae.metadata)
             model_name = _pick(args.model, recorded, "model")
-            hookpoint = _pick(args.hookpoint, recorded, "hookpoint")
+            hookpoint = recorded.get("hookpoint")
             if model_name is None:
                 raise ValueError(f"--model: the SAE in {path} records no model; pass --model")
-            if hookpoint is None:
+            if hookpoint is None and args.hookpoint is None:
                 raise ValueError(f"--hookpoint: the SAE in {path} records no hookpoint; pass --hookpoint")
             dtype = _pick(args.model_dtype, recorded, "model_dtype", "auto")
             if (model_name, dtype) not in models:
@@ -162,6 +224,7 @@ def run_eval(args: argparse.Namespace) -> int:
                     trust_remote_code=bool(recorded.get("trust_remote_code", False)),
                 )
             model, tokenizer = models[(model_name, dtype)]
+            hookpoint, target = _sites_of(sae, model, args.hookpoint, args.target_hookpoint, hookpoint)
             result = evaluate(
                 sae,
                 model,
@@ -169,7 +232,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 _pick(args.dataset, recorded, "dataset", "pydoc"),
                 args.n_tokens,
                 tokenizer=tokenizer,
-                target_hookpoint=args.target_hookpoint,
+                target_hookpoint=target,
                 ctx_len=int(_pick(args.ctx_len, recorded, "ctx_len", EvalConfig.ctx_len)),
                 batch_size=args.batch_size,
                 downstream=args.downstream,

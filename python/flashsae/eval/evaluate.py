@@ -18,6 +18,7 @@ from .._checks import boolean, fraction, non_negative_int, positive_int
 from ..hookpoints import resolve_hookpoint
 from ..hooks import ablate, capture, splice
 from ..hooks._base import check_model, check_sae, decode
+from ..hooks.replacement import REPLACEABLE
 from ..modules import SAE
 from ..train.split import DEFAULT_EVAL_FRACTION, CorpusPart
 from .data import TokenBatch, token_batches
@@ -33,8 +34,9 @@ class EvalConfig:
     n_tokens: int = 32768
     """Tokens to evaluate (fewer if the data runs out): real tokens, special tokens excluded unless
     exclude_special_tokens is False."""
-    target_hookpoint: str | None = None
-    """For a transcoder: the hookpoint it predicts (its input is `hookpoint`). None: the SAE
+    target_hookpoint: str | list[str] | None = None
+    """For a transcoder: the hookpoint it predicts (its input is `hookpoint`); for a cross-layer
+    transcoder: its target sites (module paths or globs, one module per layer). None: the SAE
     reconstructs `hookpoint` itself."""
     ctx_len: int = 128
     """Tokens per context when the data is text (packed as flashsae train packs it)."""
@@ -77,7 +79,11 @@ class EvalConfig:
     def __post_init__(self) -> None:
         positive_int("n_tokens", self.n_tokens)
         target = self.target_hookpoint
-        if target is not None and (not isinstance(target, str) or not target):
+        if isinstance(target, (list, tuple)):
+            if not target or not all(isinstance(t, str) and t for t in target):
+                raise ValueError(f"target_hookpoint: expected module paths, got {self.target_hookpoint!r}")
+            self.target_hookpoint = list(target)
+        elif target is not None and (not isinstance(target, str) or not target):
             raise ValueError(f"target_hookpoint: expected a module path or None, got {self.target_hookpoint!r}")
         positive_int("ctx_len", self.ctx_len)
         if self.ctx_len < 2:
@@ -129,6 +135,12 @@ class EvalResult:
     data: str = ""
     """The tokens evaluated in words: for a dataset, its name and part (e.g. 'pydoc, eval part (10%
     of documents, by text hash)'); else what was given."""
+    sites: list[EvalResult] = field(default_factory=list)
+    """A cross-layer transcoder's layers (a crosscoder's sites), each evaluated as an SAE: its input
+    (hookpoint), its target, reconstruction metrics of that target, its own latents' sparsity,
+    density and examples (flashsae.eval.sites). Empty for an SAE."""
+    site_labels: list[str] = field(default_factory=list)
+    """Names of `sites` as flashsae train records them: layer0, layer1, ... (CLT), site0, ... (crosscoder)."""
 
     def to_dict(self, *, density: bool = False) -> dict[str, Any]:
         """JSON-ready; the per-latent density list only when asked (n_latents floats)."""
@@ -144,6 +156,11 @@ class EvalResult:
             "config": self.config,
             "data": self.data,
         }
+        if self.sites:
+            record["sites"] = [
+                {"site": label, **site.to_dict(density=density)}
+                for label, site in zip(self.site_labels, self.sites, strict=True)
+            ]
         if density:
             record["density"] = self.density.tolist()
         return record
@@ -184,7 +201,7 @@ def _device_of(model: nn.Module) -> torch.device:
 def evaluate(
     sae: SAE,
     model: nn.Module,
-    hookpoint: str,
+    hookpoint: str | list[str],
     data: Any,
     n_tokens: int = EvalConfig.n_tokens,
     *,
@@ -201,7 +218,10 @@ def evaluate(
             target_hookpoint, unless it predicts its own input).
         model: a torch model, usually a transformers one (a causal LM for the CE metrics: load it
             with AutoModelForCausalLM, or with :func:`flashsae.eval.data.load_eval_model`).
-        hookpoint: module path (the base model's prefix is optional).
+        hookpoint: module path (the base model's prefix is optional). For a cross-layer transcoder
+            (its targets in target_hookpoint) or a crosscoder: its input sites, module paths or
+            globs; evaluated by :func:`flashsae.eval.sites.evaluate_sites` (per-layer metrics in
+            ``result.sites``, downstream with the whole replacement model spliced).
         data: text or tokens, see :func:`flashsae.eval.data.token_batches`.
         n_tokens: tokens to evaluate.
         tokenizer: needed for text data and to recognize special tokens.
@@ -214,6 +234,15 @@ def evaluate(
     check_sae("sae", sae)
     check_model(model)
     config = EvalConfig(n_tokens=n_tokens, **options)
+    if sae.architecture in REPLACEABLE:
+        # imported here: flashsae.eval.sites builds on this module's helpers
+        from .sites import evaluate_sites
+
+        return evaluate_sites(sae, model, hookpoint, data, config, tokenizer)
+    if not isinstance(hookpoint, str) or isinstance(config.target_hookpoint, list):
+        raise ValueError(
+            f"hookpoint: a {sae.architecture} reads one module; lists of sites are for a clt or a crosscoder"
+        )
     in_path = resolve_hookpoint(model, hookpoint)
     out_path = None
     if config.target_hookpoint is not None:

@@ -32,7 +32,9 @@ from ..modules import SAE, load
 from ..train.split import DEFAULT_EVAL_FRACTION
 from .data import load_eval_model
 from .evaluate import EvalConfig, EvalResult, evaluate
+from ..hooks.replacement import REPLACEABLE
 from .runs import RunRecords, read_run, sae_directories, source_settings
+from .sites import trained_sites
 from .svg import histogram_chart, line_chart
 
 REPORT_FILE = "report.html"
@@ -79,6 +81,8 @@ class ReportSection:
     path: Path
     sae: SAE
     evaluation: EvalResult
+    cards: bool = True
+    """Whether the section shows latent cards (a CLT's whole-unit section does not: its layers do)."""
 
 
 def _format(value: Any, kind: str = "num") -> str:
@@ -159,7 +163,7 @@ def _dead_definition(evaluation: EvalResult) -> str:
 
 def _histogram(section: ReportSection) -> str:
     histogram = section.evaluation.histogram
-    n = section.sae.n_latents
+    n = len(section.evaluation.density)  # a CLT's whole-unit section: all its layers' latents
     note = f"dead: {histogram.dead} of {n} latents ({_format(histogram.dead / n, 'pct')})"
     return histogram_chart(
         histogram.edges,
@@ -192,6 +196,27 @@ def _training_curves(run: RunRecords, hookpoints: list[str]) -> str:
     return f'<div class="charts">{"".join(charts)}</div>{note}'
 
 
+def _cards(number: int, evaluation: EvalResult) -> str:
+    return (
+        f"<h3>Latents: the strongest, and a spread over the density range</h3>"
+        f'<p class="note">{_dead_definition(evaluation)} Each card names its group: the strongest '
+        "latents (highest activation on these tokens), or the density bucket it was drawn from.</p>"
+        f'<div class="controls"><label>Order <select class="sort" data-section="{number}">'
+        '<option value="group">by group</option><option value="density">by density</option>'
+        '<option value="max_activation">by max activation</option>'
+        '<option value="latent">by latent id</option></select></label></div>'
+        f'<div class="latent-grid" data-section="{number}" data-expected="{len(evaluation.latents)}"></div>'
+    )
+
+
+def _layers_note(evaluation: EvalResult) -> str:
+    return (
+        f'<p class="note">{_dead_definition(evaluation)} The reconstruction and sparsity figures are the mean '
+        f"over the {len(evaluation.sites)} layers below; the downstream ones have every layer spliced at once "
+        "(the replacement model). Each layer's section has its own latent cards (ids within that layer).</p>"
+    )
+
+
 def render_report(run: RunRecords, sections: list[ReportSection], settings: dict[str, Any]) -> str:
     """The report page (a str of HTML). settings: 'tokens' and 'data' (the tokens in words) of the
     evaluation."""
@@ -202,8 +227,15 @@ def render_report(run: RunRecords, sections: list[ReportSection], settings: dict
         sae = section.sae
         evaluation = section.evaluation
         shape = f"{sae.architecture}, d_in={sae.d_in}, n_latents={sae.n_latents:,}"
+        if sae.architecture in REPLACEABLE:
+            shape += " per layer" if sae.architecture == "clt" else ""
         if getattr(sae.config, "k", None) is not None:
             shape += f", k={sae.config.k}"
+        if evaluation.sites:
+            shape += f"; {len(evaluation.sites)} layers, all spliced at once for the downstream metrics"
+        elif section.hookpoint != evaluation.hookpoint:  # one layer (site) of a CLT or crosscoder
+            target = f" -> {evaluation.target_hookpoint}" if evaluation.target_hookpoint else ""
+            shape += f"; reads {evaluation.hookpoint}{target}"
         data["sections"].append(
             {"hookpoint": section.hookpoint, "latents": [latent.to_dict() for latent in evaluation.latents]}
         )
@@ -213,15 +245,8 @@ def render_report(run: RunRecords, sections: list[ReportSection], settings: dict
             f'<p class="shape">{escape(shape)} &middot; <code>{escape(str(section.path))}</code></p>'
             f'<div class="columns"><div>{_metrics_table(section, run)}</div>'
             f"<figure>{_histogram(section)}</figure></div>"
-            f"<h3>Latents: the strongest, and a spread over the density range</h3>"
-            f'<p class="note">{_dead_definition(evaluation)} Each card names its group: the strongest '
-            "latents (highest activation on these tokens), or the density bucket it was drawn from.</p>"
-            f'<div class="controls"><label>Order <select class="sort" data-section="{number}">'
-            '<option value="group">by group</option><option value="density">by density</option>'
-            '<option value="max_activation">by max activation</option>'
-            '<option value="latent">by latent id</option></select></label></div>'
-            f'<div class="latent-grid" data-section="{number}" data-expected="{len(evaluation.latents)}"></div>'
-            "</section>"
+            + (_cards(number, evaluation) if section.cards else _layers_note(evaluation))
+            + "</section>"
         )
     title = f"flashsae report: {run.run_dir.name}"
     return "".join(
@@ -324,6 +349,14 @@ def write_report(
             else eval_fraction,
             progress=progress,
         ).to_dict()
+        if sae.architecture in REPLACEABLE:  # a CLT / crosscoder: its sites as flashsae train paired them
+            inputs, options["target_hookpoint"] = trained_sites(sae, model)
+            result = evaluate(sae, model, inputs, used_dataset, tokenizer=tokenizer, **options)
+            unit = settings["hookpoint"]
+            sections.append(ReportSection(unit, path, sae, result, cards=False))
+            for label, site in zip(result.site_labels, result.sites, strict=True):
+                sections.append(ReportSection(f"{unit}/{label}", path, sae, site))
+            continue
         result = evaluate(sae, model, settings["hookpoint"], used_dataset, tokenizer=tokenizer, **options)
         sections.append(ReportSection(settings["hookpoint"], path, sae, result))
     tokens = min(section.evaluation.tokens for section in sections)
