@@ -140,3 +140,36 @@ def test_add_plan_parser_is_what_the_cli_wires(capsys):
     assert plan_module.run_plan(args) == 0
     assert "H100" in capsys.readouterr().out
     assert set(GPUS) >= {"h200", "h100", "a100-80gb"}
+
+
+# (d, n, k, batch, n_layers): CLT steps where the weights, moments, the decodes and the backward's chunk all count
+MEASURED_CLT = [(128, 8192, 16, 512, 4), (256, 16384, 16, 256, 3), (96, 4096, 8, 1024, 6)]
+
+
+@pytest.mark.parametrize(("d", "n", "k", "batch", "n_layers"), MEASURED_CLT, ids=["L4", "L3-wide", "L6-batch"])
+def test_clt_model_matches_measured_peak_memory(d, n, k, batch, n_layers):
+    cfg = PlanConfig(d=d, n=n, k=k, batch=batch, dtype="float32", device="cpu", buffer_tokens=0, memory=1 << 40,
+                     architecture="clt", n_layers=n_layers)  # fmt: skip
+    predicted = flashsae_memory(cfg).peak
+    measured = measure(MeasureConfig("clt", d, n, k, batch, n_layers=n_layers))["peak_bytes"]
+    assert abs(measured - predicted) <= 0.1 * predicted + 8 * MiB, (
+        f"clt: predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB"
+    )
+
+
+def test_clt_parameters_and_cli(capsys):
+    L, d, n = 6, 384, 8192
+    cfg = PlanConfig(d=d, n=n, k=32, batch=1024, dtype="float32", architecture="clt", n_layers=L)
+    ours, theirs = flashsae_memory(cfg), dense_memory(cfg)
+    assert ours.weights == theirs.weights == (L * n * d + n * d * L * (L + 1) // 2 + L * n + L * d) * 4
+    assert ours.gradients < theirs.gradients / 10 and ours.activations < theirs.activations
+    deeper = PlanConfig(d=d, n=n, k=32, batch=1024, dtype="float32", architecture="clt", n_layers=L + 1)
+    assert flashsae_memory(deeper).weights > ours.weights * (7 * 8 / 2 + 7) / (6 * 7 / 2 + 6) * 0.99
+    assert plan_module.main(["--architecture", "clt", "--n-layers", "6", "--d", "384", "--n", "8k", "--k", "32"]) == 0
+    assert "CLT of 6 layers (n per layer) d=384, n=8,192" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="n_layers: a topk SAE has one layer"):
+        PlanConfig(n_layers=3)
+    with pytest.raises(ValueError, match="moments: the clt model covers moments elementwise only"):
+        PlanConfig(architecture="clt", n_layers=2, moments="row")
+    with pytest.raises(ValueError, match="architecture: expected one of topk, clt"):
+        PlanConfig(architecture="gated")

@@ -23,6 +23,15 @@ backward, optimizer step), whether that fits the GPU, and the widest SAE (n) tha
   decoder GEMM, and the gradient in flight), 4 with AuxK.
 - **buffer**: flashsae train's shuffle buffer on the device: (buffer_tokens + one model chunk) x d.
 
+Cross-layer transcoders (``--architecture clt --n-layers L``, n latents per layer, inputs and targets
+of width d): weights L [n, d] encoders and decoders W_dec_i [n, (L - i) d] (L (L + 1) / 2 [n, d] blocks)
+with biases; sparse_adam's moments and per-row steps for all of them; gradients: the rows are updated
+during backward a chunk at a time (flashsae train's default for a CLT), so one chunk (4M elements) plus
+the dense biases; activations: the [B, L, d] inputs and targets, each layer's contiguous input, the
+latents, every layer's decode to its targets (B x L (L + 1) / 2 x d, and its gradient in backward), the
+predictions and one layer's encoder scratch. Dense baseline: the same math in plain PyTorch with torch
+Adam, 2 L + 1 [batch, n] tensors alive. The buffer holds inputs and targets (2 L sites).
+
 ``peak`` is not the sum: the activations' peak (forward, early backward) and the gradients' peak
 (end of backward, optimizer step) overlap only in part. Per phase, with R = weights + optimizer + buffer:
 flashsae: R + max(forward activations, backward activations + gradients); dense:
@@ -53,7 +62,7 @@ from ._checks import positive_int
 from .cli_args import field_docs, parse_bytes, parse_count
 
 # the CPU encoder's pre-activation tile and the row-sparse encoder backward's W_enc chunk (elements)
-from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS
+from .ops._row_grads import DB_DEC_CHUNK_ELEMENTS, EAGER_CHUNK_ELEMENTS
 from .ops.topk_encode import TILE_ELEMENTS as CPU_TILE_ELEMENTS
 
 #: Usable device memory of common GPUs (nvidia-smi's total, MiB).
@@ -72,6 +81,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 #: Model chunk the shuffle buffer holds on top of buffer_tokens (flashsae train: 32 contexts x 128 tokens).
 CHUNK_TOKENS = 4096
 GiB = 1 << 30
+#: Architectures the plan models.
+ARCHITECTURES = ("topk", "clt")
 #: SparseAdam's moment layouts (flashsae.optim.sparse_adam.MOMENTS).
 MOMENTS = ("elementwise", "row", "row-int8")
 
@@ -137,10 +148,26 @@ class PlanConfig:
     """Latent shards (flashsae.distributed): each device holds n / P latents; the dense SAE is not sharded."""
     sms: int = DEFAULT_SMS
     """Streaming multiprocessors of the GPU (the Triton encoder's candidate chunks scale with them)."""
+    architecture: str = "topk"
+    """topk (a TopK SAE) or clt (a cross-layer transcoder: n_layers layers of n latents each, inputs
+    and targets of width d, trained as flashsae train does: sparse_adam updating rows during backward)."""
+    n_layers: int = 1
+    """Layers L of a clt (L encoders [n, d], decoders W_dec_i [n, (L - i) d]); 1 for topk."""
 
     def __post_init__(self) -> None:
-        for name in ("d", "n", "k", "batch", "tensor_parallel", "sms"):
+        for name in ("d", "n", "k", "batch", "tensor_parallel", "sms", "n_layers"):
             positive_int(name, getattr(self, name))
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: expected one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "topk" and self.n_layers != 1:
+            raise ValueError(f"n_layers: a topk SAE has one layer, got {self.n_layers} (use architecture clt)")
+        if self.architecture == "clt":
+            for name, value, plain in (
+                ("optimizer", self.optimizer, "sparse_adam"), ("moments", self.moments, "elementwise"),
+                ("master_weights", self.master_weights, False), ("tensor_parallel", self.tensor_parallel, 1),
+            ):  # fmt: skip
+                if value != plain:
+                    raise ValueError(f"{name}: the clt model covers {name} {plain} only (flashsae train's), got {value!r}")
         if self.k > self.n:
             raise ValueError(f"k: expected k <= n ({self.n}), got {self.k}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -195,8 +222,62 @@ def _aux_slots(cfg: PlanConfig) -> int:
     return cfg.aux_k if cfg.dead_fraction > 0 else 0
 
 
+def _clt_elements(cfg: PlanConfig, n: int) -> int:
+    """Parameters of a CLT: L encoders [n, d] + b_enc [n], decoders W_dec_i [n, (L - i) d] (L (L + 1) / 2
+    blocks of [n, d] in all), b_dec_i [d]."""
+    L, d = cfg.n_layers, cfg.d
+    return L * n * d + n * d * L * (L + 1) // 2 + L * n + L * d
+
+
+def clt_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
+    """Memory of a flashsae CLT training step (sparse_adam updating rows during backward; module
+    docstring, "Cross-layer transcoders")."""
+    n = cfg.n if n is None else n
+    L, d, B, k, p = cfg.n_layers, cfg.d, cfg.batch, cfg.k, DTYPE_BYTES[cfg.dtype]
+    blocks = L * (L + 1) // 2
+    elements = _clt_elements(cfg, n)
+    weights = elements * p
+    buffer = (cfg.buffer_tokens + CHUNK_TOKENS) * 2 * L * d * p if cfg.buffer_tokens else 0  # inputs and targets
+    s = DTYPE_BYTES[cfg.state_dtype or cfg.dtype]
+    optimizer = 2 * elements * s + 8 * L * (2 * n + n // math.gcd(n, 1024) + 1)  # moments, int64 step per row
+    # updated during backward: no gradient beyond one chunk of rows (b_enc / b_dec stay dense)
+    gradients = min(n * L * d, EAGER_CHUNK_ELEMENTS) * p + L * (n + d) * p
+    slots = k + _aux_slots(cfg)
+    layer = B * d * p  # one [B, d] activation
+    if cfg.device == "cpu":
+        tile = min(n, max(256, (CPU_TILE_ELEMENTS // B) // 64 * 64))
+        scratch = B * tile * 4 + B * d * 4 + B * slots * 8  # one layer's encoder at a time
+    else:
+        chunks = max(1, math.ceil(2 * cfg.sms / math.ceil(B / 64)))
+        scratch = B * chunks * max(16, _next_pow2(slots)) * 8 + n * 4
+    # inputs and targets, each layer's contiguous input (kept for the encoder's backward), the latents
+    kept = 3 * L * layer + L * B * slots * (p + 4)
+    decoded = blocks * layer  # every layer's decode to all its targets, [B, (L - i) d]
+    forward = kept + decoded + 2 * L * layer + 2 * L * B * d * 4 + scratch  # y_hat (list + stack), float32 loss
+    backward = kept + 2 * decoded + L * layer + gradients  # the decodes' gradients, y_hat's
+    peak = weights + optimizer + buffer + max(forward, backward)
+    return MemoryEstimate(weights, gradients, optimizer, max(forward, backward - gradients), buffer, peak)
+
+
+def dense_clt_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
+    """Memory of a plain PyTorch CLT of the same math with torch's Adam: dense gradients, per layer the
+    [batch, n] pre-activations and dense latents kept for backward, one more in flight."""
+    n = cfg.n if n is None else n
+    L, d, B, p = cfg.n_layers, cfg.d, cfg.batch, DTYPE_BYTES[cfg.dtype]
+    elements = _clt_elements(cfg, n)
+    weights = gradients = elements * p
+    optimizer = 2 * elements * p
+    buffer = (cfg.buffer_tokens + CHUNK_TOKENS) * 2 * L * d * p if cfg.buffer_tokens else 0
+    wide = (2 * L + 1) * B * n * p
+    batch_io = 2 * L * B * d * p
+    step = batch_io + max(wide + n * L * d * p, B * n * p + gradients)
+    return MemoryEstimate(weights, gradients, optimizer, wide + batch_io, buffer, weights + optimizer + buffer + step)
+
+
 def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
-    """Per-device memory of a flashsae TopK SAE training step (see the module docstring)."""
+    """Per-device memory of a flashsae TopK SAE (or CLT) training step (see the module docstring)."""
+    if cfg.architecture == "clt":
+        return clt_memory(cfg, n)
     n_total = cfg.n if n is None else n
     n = math.ceil(n_total / cfg.tensor_parallel)  # latents on this device
     d, B, k, p = cfg.d, cfg.batch, cfg.k, DTYPE_BYTES[cfg.dtype]
@@ -245,7 +326,10 @@ def flashsae_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
 
 
 def dense_memory(cfg: PlanConfig, n: int | None = None) -> MemoryEstimate:
-    """Memory of the dense PyTorch TopK SAE (flashsae.bench.DenseTopKSAE + torch's fused Adam)."""
+    """Memory of the dense PyTorch TopK SAE (flashsae.bench.DenseTopKSAE + torch's fused Adam), or of
+    the dense CLT for architecture clt."""
+    if cfg.architecture == "clt":
+        return dense_clt_memory(cfg, n)
     n = cfg.n if n is None else n
     d, B, p = cfg.d, cfg.batch, DTYPE_BYTES[cfg.dtype]
     elements = 2 * n * d + n + d
@@ -311,8 +395,11 @@ def format_plan(result: dict[str, Any]) -> str:
         if cfg.optimizer == "sparse_adam"
         else "torch Adam, dense gradients"
     )
+    what = "TopK SAE" if cfg.architecture == "topk" else f"CLT of {cfg.n_layers} layers (n per layer)"
+    if cfg.architecture == "clt":
+        optimizer += " updated during backward (one chunk of rows at a time)"
     lines = [
-        f"flashsae plan: TopK SAE d={cfg.d}, n={cfg.n:,} ({_human(cfg.n)}), k={cfg.k}, batch={cfg.batch}, "
+        f"flashsae plan: {what} d={cfg.d}, n={cfg.n:,} ({_human(cfg.n)}), k={cfg.k}, batch={cfg.batch}, "
         f"{cfg.dtype}{tp}",
         f"  flashsae: {optimizer}; dense PyTorch: [batch, n] activations, torch Adam ({cfg.dtype} moments)",
         f"  {aux}; shuffle buffer {cfg.buffer_tokens:,} tokens; flashsae kernels for {cfg.device}",
@@ -360,11 +447,13 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
         help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")
         if f.name == "master_weights":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=False, help=help_text)
+        elif f.name == "architecture":
+            parser.add_argument(flag, default=default, choices=ARCHITECTURES, help=help_text)
         elif f.name in ("memory", "reserve"):
             parser.add_argument(flag, type=parse_bytes, default=default, help=help_text)
         elif f.name == "dead_fraction":
             parser.add_argument(flag, type=float, default=default, help=help_text)
-        elif f.name in ("aux_k", "tensor_parallel", "sms"):
+        elif f.name in ("aux_k", "tensor_parallel", "sms", "n_layers"):
             parser.add_argument(flag, type=int, default=default, help=help_text)
         elif f.name in _FLAG_TYPES:
             parser.add_argument(flag, type=_FLAG_TYPES[f.name], default=default, help=help_text)
@@ -409,7 +498,9 @@ class MeasureConfig:
     """One measured training run (flashsae or the dense baseline), in a fresh process."""
 
     provider: str
-    """flashsae (TopKSAE + SparseAdam) or dense (DenseTopKSAE + torch's fused Adam)."""
+    """flashsae (TopKSAE + SparseAdam), dense (DenseTopKSAE + torch's fused Adam) or clt (a
+    CrossLayerTranscoder of n_layers layers, n latents each + SparseAdam updating rows during backward,
+    as flashsae train runs it)."""
     d: int
     n: int
     k: int
@@ -422,6 +513,7 @@ class MeasureConfig:
     device: str = "cpu"
     steps: int = 2
     threads: int | None = None
+    n_layers: int = 1
 
 
 def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
@@ -429,7 +521,7 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
     import torch
 
     from .bench import DenseTopKSAE, PeakMemory
-    from .modules import TopKSAE
+    from .modules import CrossLayerTranscoder, TopKSAE
     from .optim import SparseAdam
 
     if cfg.threads:
@@ -437,7 +529,13 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
 
+    L = cfg.n_layers
+
     def build(n: int):
+        if cfg.provider == "clt":
+            clt = CrossLayerTranscoder(L, cfg.d, n, k=cfg.k, dtype=dtype, device=device)
+            optimizer = SparseAdam(clt.parameters(), lr=1e-4, state_dtype=cfg.state_dtype, update_in_backward=True)
+            return clt, optimizer
         if cfg.provider == "dense":
             sae = DenseTopKSAE(cfg.d, n, cfg.k, dtype=dtype, device=device)
             return sae, torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)
@@ -452,15 +550,19 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
         return sae, optimizer
 
     def train(sae, optimizer, x, dead, steps):
+        args = (x[:, :L], x[:, L:]) if cfg.provider == "clt" else (x,)  # a CLT's inputs and targets
+        if dead is not None and cfg.provider == "clt":
+            dead = dead.view(1, -1).expand(L, -1).contiguous()  # the same dead latents in every layer
         for _ in range(steps):
-            sae(x, dead_mask=dead).loss.backward()
+            sae(*args, dead_mask=dead).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     # warm-up on a small model: pages in the kernels' code, so the measurement is data only
     generator = torch.Generator().manual_seed(0)
     small_n = max(4 * cfg.k, 1024)
-    x = torch.randn(cfg.batch, cfg.d, generator=generator).to(device=device, dtype=dtype)
+    shape = (cfg.batch, 2 * L, cfg.d) if cfg.provider == "clt" else (cfg.batch, cfg.d)
+    x = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
     sae, optimizer = build(small_n)
     train(sae, optimizer, x, (torch.rand(small_n, generator=generator) < 0.5).to(device), 2)
     del sae, optimizer, x
@@ -468,7 +570,7 @@ def _measure_here(cfg: MeasureConfig) -> dict[str, int]:
     memory = PeakMemory(device)
     memory.reset()
     start = memory.current()
-    x = torch.randn(cfg.batch, cfg.d, generator=generator).to(device=device, dtype=dtype)
+    x = torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
     dead = (torch.rand(cfg.n, generator=generator) < cfg.dead_fraction).to(device) if cfg.dead_fraction else None
     sae, optimizer = build(cfg.n)
     train(sae, optimizer, x, dead, cfg.steps)
