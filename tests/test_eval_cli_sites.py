@@ -33,7 +33,8 @@ def test_eval_of_a_clt_run(clt_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "clt over 3 layers" in printed
     for i in range(3):
-        row = re.search(rf"layer{i}\s+encoder\.layer\.{i}\.attention\.output -> encoder\.layer\.{i}\.output\.dense\s", printed)
+        sites = rf"encoder\.layer\.{i}\.attention\.output -> encoder\.layer\.{i}\.output\.dense"
+        row = re.search(rf"layer{i}\s+{sites}\s", printed)
         assert row, printed
     assert "embedding_cosine_recovered" in printed
     (record,) = json.loads(out.read_text())["saes"]

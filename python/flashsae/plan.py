@@ -167,7 +167,9 @@ class PlanConfig:
                 ("master_weights", self.master_weights, False), ("tensor_parallel", self.tensor_parallel, 1),
             ):  # fmt: skip
                 if value != plain:
-                    raise ValueError(f"{name}: the clt model covers {name} {plain} only (flashsae train's), got {value!r}")
+                    raise ValueError(
+                        f"{name}: the clt model covers {name} {plain} only (flashsae train's), got {value!r}"
+                    )
         if self.k > self.n:
             raise ValueError(f"k: expected k <= n ({self.n}), got {self.k}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

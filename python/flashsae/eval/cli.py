@@ -163,7 +163,8 @@ def _print_sites(result: EvalResult) -> None:
 
 def _print_result(path: Path, result: EvalResult) -> None:
     if result.sites:
-        print(f"{path}: {result.architecture} over {len(result.sites)} layers, {result.tokens:,} tokens of {result.data}")
+        layers = f"{len(result.sites)} layers"
+        print(f"{path}: {result.architecture} over {layers}, {result.tokens:,} tokens of {result.data}")
         _print_sites(result)
     else:
         target = f" -> {result.target_hookpoint}" if result.target_hookpoint else ""

@@ -143,7 +143,8 @@ def evaluate_sites(
         if collectors:
             collector = collectors[s if is_clt else 0]
             if is_clt or s == 0:
-                chosen = choose_latents(density, collector.max_activation(), config.top_latents, config.latent_selection)
+                top = collector.max_activation()
+                chosen = choose_latents(density, top, config.top_latents, config.latent_selection)
                 examples = collector.examples(chosen, density, tokenizer)
         per_site.append(
             EvalResult(

@@ -100,7 +100,8 @@ class replacement(HookContext):
         sites = sae.n_layers if self.is_clt else sae.n_sites
         what = "n_layers" if self.is_clt else "n_sites"
         if len(self.inputs) != sites:
-            raise ValueError(f"inputs: name {len(self.inputs)} modules ({', '.join(self.inputs)}); the {what} is {sites}")
+            named = ", ".join(self.inputs)
+            raise ValueError(f"inputs: name {len(self.inputs)} modules ({named}); the {what} is {sites}")
         if self.is_clt:
             if targets is None:
                 raise ValueError("targets: a clt needs the modules whose outputs it predicts (one per input)")
