@@ -78,8 +78,9 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = TrainConfig(**kwargs)
         trainer = Trainer(config)
+        models = " + ".join(str(trainer.source_info[key]) for key in ("model", "model_b") if key in trainer.source_info)
         print(
-            f"flashsae train: {trainer.source_info['model']} -> {', '.join(trainer.hookpoints)} "
+            f"flashsae train: {models} -> {', '.join(trainer.hookpoints)} "
             f"({', '.join(f'{type(s).__name__} {s.d_in}x{s.n_latents}' for s in trainer.saes.values())}), "
             f"{config.train_tokens:,} tokens, run dir {trainer.run_dir}",
             flush=True,

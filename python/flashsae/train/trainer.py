@@ -253,7 +253,8 @@ class Trainer:
         self.source = ShuffleBuffer(
             model, capacity=config.buffer_tokens, batch_size=config.batch_size, seed=config.seed
         )
-        return {key: getattr(config, key) for key in SOURCE_KEYS}
+        info = {key: getattr(config, key) for key in SOURCE_KEYS}
+        return info | ({"model_b": config.model_b} if config.model_b is not None else {})
 
     def _sae_options(self, architecture: str, d: int) -> dict[str, Any]:
         config = self.config
