@@ -56,6 +56,10 @@ def save(clt: Any, path: str | os.PathLike) -> Path:
             "activation: circuit-tracer's CLTs are JumpReLU or ReLU; convert a TopK CLT with "
             "clt.to_jumprelu(x_sample) (thresholds calibrated on a sample of inputs) and save that"
         )
+    if not clt.config.cross_layer:
+        raise FormatError(
+            "cross_layer: a per-layer CLT is circuit-tracer's transcoder set: save with format='transcoder_set'"
+        )
     if clt.activation == "batchtopk":  # its inference rule is a JumpReLU with its per-layer thresholds
         clt = clt.to_jumprelu()
     if clt.d_out != clt.d_in:

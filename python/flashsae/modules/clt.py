@@ -149,6 +149,10 @@ class CrossLayerTranscoderConfig(SAEConfig):
     """Weight of the AuxK loss in ``loss = mean fvu + auxk_alpha * auxk_loss`` (>= 0)."""
     skip: bool = False
     """A linear skip connection per layer, y_hat_j += x_j W_skip_j^T (W_skip_j [d_out, d_in])."""
+    cross_layer: bool = True
+    """True: layer i's latents write to layer i and every later layer (a CLT). False: to layer i
+    only, W_dec_i [n, d_out]: L per-layer transcoders trained together (circuit-tracer's per-layer
+    transcoder set, flashsae.io.transcoder_set)."""
     precision: str = "exact"
     """How the TopK encoders score latents, as TopKConfig.precision: "exact", "certified" (exact's
     results from bfloat16 GEMM scores and a proven bound), "fast" or "auto" (= certified)."""
@@ -175,6 +179,7 @@ class CrossLayerTranscoderConfig(SAEConfig):
         self.threshold_beta = fraction("threshold_beta", self.threshold_beta)
         self.auxk_alpha = non_negative("auxk_alpha", self.auxk_alpha)
         boolean("skip", self.skip)
+        boolean("cross_layer", self.cross_layer)
         choice("precision", self.precision, TOPK_PRECISIONS)
 
 
@@ -259,7 +264,7 @@ class CrossLayerTranscoder(SAE):
                 W_enc[rows] = unit_rows(torch.randn(rows.stop - rows.start, d_in, dtype=torch.float32, device=device))
             self.register_parameter(f"W_enc_{i}", nn.Parameter(W_enc))
             self.register_parameter(f"b_enc_{i}", nn.Parameter(torch.zeros(n, dtype=dtype, device=device)))
-            width = (L - i) * d_out
+            width = self.span(i) * d_out
             self.register_parameter(f"W_dec_{i}", nn.Parameter(torch.zeros(n, width, dtype=dtype, device=device)))
             self.register_parameter(f"b_dec_{i}", nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device)))
             if self.config.skip:
@@ -288,8 +293,13 @@ class CrossLayerTranscoder(SAE):
         return getattr(self, f"W_enc_{i}"), getattr(self, f"b_enc_{i}")
 
     def decoder(self, i: int) -> torch.Tensor:
-        """W_dec_i as [n, L - i, d_out] (circuit-tracer's layout; a view of the stored matrix)."""
-        return getattr(self, f"W_dec_{i}").view(self.n_latents, self.n_layers - i, self.d_out)
+        """W_dec_i as [n, L - i, d_out] (circuit-tracer's layout; a view of the stored matrix); [n, 1,
+        d_out] without cross_layer."""
+        return getattr(self, f"W_dec_{i}").view(self.n_latents, self.span(i), self.d_out)
+
+    def span(self, i: int) -> int:
+        """How many target layers layer i's latents write to: L - i, or 1 without cross_layer."""
+        return self.n_layers - i if self.config.cross_layer else 1
 
     def decoder_matrices(self) -> list[nn.Parameter]:
         """The L decoder matrices W_dec_i [n, (L - i) * d_out], one row per latent."""
@@ -342,7 +352,7 @@ class CrossLayerTranscoder(SAE):
         for i in range(self.n_layers):
             getattr(self, f"W_enc_{i}").mul_(inputs[i])
             decoder = self.decoder(i)
-            for j in range(i, self.n_layers):
+            for j in range(i, i + self.span(i)):
                 decoder[:, j - i].div_(targets[j])
             getattr(self, f"b_dec_{i}").div_(targets[i])
             if self.config.skip:
@@ -590,6 +600,8 @@ class CrossLayerTranscoder(SAE):
         for j in range(L):
             total = getattr(self, f"b_dec_{j}")
             for i in range(j + 1):
+                if j - i >= self.span(i):
+                    continue
                 total = total + decoded[i][:, (j - i) * d : (j - i + 1) * d]
             if self.config.skip:
                 total = total + x[:, j] @ getattr(self, f"W_skip_{j}").T
@@ -688,7 +700,7 @@ class CrossLayerTranscoder(SAE):
         total = error.new_zeros(())
         rows = error.shape[0]
         for i, aux_hat in enumerate(aux_decoded):
-            residual = (-error[:, i:]).reshape(rows, -1)  # y - y_hat of the layers latents_i write to
+            residual = (-error[:, i : i + self.span(i)]).reshape(rows, -1)  # y - y_hat where latents_i write
             variance = (residual - residual.mean(0)).pow(2).sum()
             sse = (aux_hat.to(residual.dtype) - residual).pow(2).sum()
             scale = (dead_mask[i].sum().to(total.dtype) / self.aux_k).clamp(max=1.0)
