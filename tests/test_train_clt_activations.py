@@ -54,3 +54,18 @@ def test_jumprelu_clt_resume_is_exact(tmp_path, text, optimizer):
     assert any("l0_controllers" in key for key in state)
     for key, value in state.items():
         assert torch.equal(value, resumed.saes["clt"].state_dict()[key]), key
+
+
+def test_per_layer_transcoders_train_together_and_save_as_a_transcoder_set(tmp_path, text):
+    options = {"sae_options": {"activation": "jumprelu", "cross_layer": False}}
+    trainer = Trainer(clt_config(tmp_path, "set", text, **options))
+    assert trainer.saes["clt"].W_dec_0.shape == (trainer.saes["clt"].n_latents, 32)
+    result = trainer.train()
+    saved = flashsae.load(result.sae_paths["clt"])
+    assert not saved.config.cross_layer
+    saved.save(tmp_path / "set_files", format="transcoder_set")
+    again = flashsae.load(tmp_path / "set_files")
+    batch = trainer.source.next_batch()
+    x = torch.stack([batch[s] for s in trainer.units["clt"].inputs], 1)
+    with torch.no_grad():
+        assert torch.equal(again.encode(x).indices, saved.encode(x).indices)
