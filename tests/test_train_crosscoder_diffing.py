@@ -67,3 +67,16 @@ def test_what_model_b_refuses(tmp_path, text):
         TrainConfig(model=str(tiny_bert()), model_b=str(tiny_bert()), architecture="topk")
     with pytest.raises(ValueError, match="model_b: --activations"):
         TrainConfig(model_b=str(tiny_bert()), architecture="crosscoder", activations=str(tmp_path))
+
+
+def test_flashsae_train_with_model_b_prints_per_site_metrics(tmp_path, text, perturbed_bert, capsys):
+    from flashsae.cli import main
+    from test_train_cli import tiny_flags
+
+    flags = tiny_flags(text, tmp_path / "cli", "--architecture", "crosscoder", "--model-b", str(perturbed_bert))
+    assert main(["train", *flags, "--train-tokens", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tiny_bert()} + {perturbed_bert} -> encoder.layer.1, model_b:encoder.layer.1 (Crosscoder" in printed
+    for site in ("crosscoder/site0", "crosscoder/site1"):
+        assert f"{site}: explained variance" in printed
+    assert "crosscoder: explained variance" in printed and "dead" in printed.split("crosscoder: explained")[1]
