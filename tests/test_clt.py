@@ -1,6 +1,5 @@
 """Cross-layer transcoders: forward and gradients against a dense float64 reference (every CPU
-backend, and triton under the interpreter), encode / decode, the decoder layout, JumpReLU / ReLU
-activations, configs, checkpoints, and row-sparse gradients with SparseAdam."""
+backend, and triton under the interpreter), encode / decode, the decoder layout, configs, checkpoints, and row-sparse gradients with SparseAdam."""
 
 import pytest
 import torch
@@ -114,22 +113,6 @@ def test_triton_backend_matches_dense_reference_float32(backend):
     x = torch.randn(6, L, D_IN)
     y = torch.randn(6, L, D_OUT)
     check(clt, x, y, torch.float32, dead_mask=torch.rand(L, N) < 0.4)
-
-
-@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
-def test_jumprelu_and_relu_match_dense_reference(activation):
-    clt = make_clt(activation=activation)
-    thresholds = []
-    with torch.no_grad():
-        for i in range(L):
-            if activation == "jumprelu":
-                clt.threshold(i).uniform_(0, 1.0)
-            thresholds.append(clt.threshold(i).clone())
-    x = torch.randn(15, L, D_IN, dtype=torch.float64)
-    out = check(clt, x, torch.randn(15, L, D_OUT, dtype=torch.float64), torch.float64, thresholds=thresholds)
-    assert (out.latents.indices >= 0).sum() > 0
-    with pytest.raises(ValueError, match="dead_mask: AuxK needs activation 'topk'"):
-        clt(x, torch.randn(15, L, D_OUT, dtype=torch.float64), dead_mask=torch.zeros(L, N, dtype=torch.bool))
 
 
 def test_decoder_layout_encode_decode_and_arguments():

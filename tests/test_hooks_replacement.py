@@ -96,8 +96,9 @@ class DenseCLTSplice:
         def hook(_m, _i, output):
             y = output_tensor(output)
             total = getattr(self.clt, f"b_dec_{j}").double()
-            for i in range(j + 1):
-                total = total + self.f[i] @ self.clt.decoder(i)[:, j - i].double()
+            cross = self.clt.config.cross_layer  # a per-layer transcoder set: layer j writes j only
+            for i in range(j + 1) if cross else (j,):
+                total = total + self.f[i] @ self.clt.decoder(i)[:, j - i if cross else 0].double()
             if self.clt.config.skip:
                 total = total + self.x[j].double() @ getattr(self.clt, f"W_skip_{j}").double().T
             new = total.to(y.dtype)
@@ -114,8 +115,8 @@ def final(output) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"skip": True}, {"activation": "jumprelu"}, {"activation": "relu"}],
-    ids=["topk", "skip", "jumprelu", "relu"],
+    [{}, {"skip": True}, {"activation": "jumprelu"}, {"activation": "relu"}, {"cross_layer": False}],
+    ids=["topk", "skip", "jumprelu", "relu", "transcoder-set"],
 )
 def test_clt_replacement_matches_a_dense_reference_on_a_tiny_gpt2(gpt2, options):
     clt = random_clt(3, 24, **options)

@@ -60,7 +60,8 @@ def test_round_trip_keeps_every_tensor_and_the_outputs(tmp_path, activation, ski
     loaded = flashsae.load(tmp_path / "ct")
     assert loaded.activation == activation and loaded.config.skip == skip and loaded.n_layers == L
     for name, t in clt.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], t), name
+        if name != "encode_slots":  # the encoders' slot hint, not a weight: the layout does not hold it
+            assert torch.equal(loaded.state_dict()[name], t), name
     x, y = torch.randn(10, L, D), torch.randn(10, L, D)
     assert torch.equal(loaded(x, y).x_hat, clt(x, y).x_hat)
 
@@ -96,7 +97,7 @@ def test_topk_converts_to_jumprelu_with_k_per_row_on_the_calibration_sample():
     both = (dense_topk > 0) & (dense_jump > 0)
     assert both.any()
     assert_close(dense_jump[both], dense_topk[both], torch.float32, "shared activations")
-    with pytest.raises(ValueError, match="activation: to_jumprelu converts a TopK CLT"):
+    with pytest.raises(ValueError, match="activation: to_jumprelu converts a TopK or BatchTopK CLT"):
         converted.to_jumprelu(x)
 
 

@@ -78,8 +78,9 @@ def _train(args: argparse.Namespace) -> int:
         else:
             config = TrainConfig(**kwargs)
         trainer = Trainer(config)
+        models = " + ".join(str(trainer.source_info[key]) for key in ("model", "model_b") if key in trainer.source_info)
         print(
-            f"flashsae train: {trainer.source_info['model']} -> {', '.join(trainer.hookpoints)} "
+            f"flashsae train: {models} -> {', '.join(trainer.hookpoints)} "
             f"({', '.join(f'{type(s).__name__} {s.d_in}x{s.n_latents}' for s in trainer.saes.values())}), "
             f"{config.train_tokens:,} tokens, run dir {trainer.run_dir}",
             flush=True,
@@ -97,9 +98,15 @@ def _train(args: argparse.Namespace) -> int:
         print(f"measured on {held_out['tokens']:,} held-out tokens: the {held_out['split']} of {held_out['dataset']}")
     for name, figures in result.metrics.items():
         if "explained_variance" in figures:
+            # a crosscoder's sites share its latents: their dead share is the crosscoder's, printed once
+            dead = (
+                f", dead {figures['dead_pct']:.1f}% (no firing in the last {trainer.dead_tokens:,} training tokens)"
+                if "dead_pct" in figures
+                else ""
+            )
             print(
-                f"{name}: explained variance {figures['explained_variance']:.3f}, L0 {figures['l0']:.1f} (held out), "
-                f"dead {figures['dead_pct']:.1f}% (no firing in the last {trainer.dead_tokens:,} training tokens)"
+                f"{name}: explained variance {figures['explained_variance']:.3f}, L0 {figures['l0']:.1f} (held out)"
+                + dead
             )
     for name, path in result.sae_paths.items():
         print(f"saved {name}: {path}  (flashsae.load({str(path)!r}))")

@@ -166,15 +166,17 @@ class replacement(HookContext):
 
     def _clt_prediction(self, j: int) -> torch.Tensor:
         clt = self.sae
-        missing = [self.inputs[i] for i in range(j + 1) if self._decoded[i] is None]
+        # a per-layer transcoder set (cross_layer=False) reads only its own layer's decode
+        sources = range(j + 1) if clt.config.cross_layer else (j,)
+        missing = [self.inputs[i] for i in sources if self._decoded[i] is None]
         if missing:
             raise RuntimeError(
                 f"replacement: {self.targets[j]} ran before {', '.join(missing)} in this forward; a clt's target j "
                 "needs the inputs of layers 0..j first"
             )
         total = getattr(clt, f"b_dec_{j}")
-        for i in range(j + 1):
-            total = total + self._decoded[i][..., j - i, :]
+        for i in sources:
+            total = total + self._decoded[i][..., j - i if clt.config.cross_layer else 0, :]
         if clt.config.skip:
             total = total + self._x[j] @ getattr(clt, f"W_skip_{j}").T
         if j == clt.n_layers - 1:  # the last target: the kept decodes are no longer needed

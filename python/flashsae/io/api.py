@@ -2,7 +2,7 @@
 
     sae  = flashsae.load("path/or/org/repo", subfolder=None, format=None)   # format auto-detected
     saes = flashsae.load_many("sparsify_run_dir")                           # {hookpoint: SAE}
-    sae.save("out", format="saelens")                   # native | saelens | sparsify | circuit_tracer
+    sae.save("out", format="saelens")     # native | saelens | sparsify | circuit_tracer | transcoder_set
 
 Detection (a local directory, or a file inside one):
     cfg.json with "format": "flashsae" + sae.safetensors       native
@@ -11,6 +11,7 @@ Detection (a local directory, or a file inside one):
     ae.pt (+ config.json)                                      dictionary_learning
     config.json or hyperparams.json with d_model + weights     lm_saes (lm-saes, Llama Scope)
     W_enc_0.safetensors + W_dec_0.safetensors                  circuit_tracer (cross-layer transcoders)
+    config.yaml + layer_0.safetensors                          transcoder_set (circuit-tracer's per-layer set)
     a .pt file with pre_bias / latent_bias                     openai
 A directory holding no SAE itself but SAE subdirectories (a sparsify run, a flashsae training run)
 is a multi-hookpoint directory: ``load_many`` reads all of them, ``load(path, subfolder=name)`` one.
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import circuit_tracer, dictionary_learning, lm_saes, native, openai, saelens, sparsify
+from . import circuit_tracer, dictionary_learning, lm_saes, native, openai, saelens, sparsify, transcoder_set
 from ._common import FormatError, Placement, read_json, read_torch_weights
 
 #: Every format flashsae reads, and the module that reads it.
@@ -43,10 +44,11 @@ FORMAT_MODULES = {
     "openai": openai,
     "lm_saes": lm_saes,
     "circuit_tracer": circuit_tracer,
+    "transcoder_set": transcoder_set,
 }
 FORMATS = tuple(FORMAT_MODULES)
 #: The formats flashsae writes.
-SAVE_FORMATS = ("native", "saelens", "sparsify", "circuit_tracer")
+SAVE_FORMATS = ("native", "saelens", "sparsify", "circuit_tracer", "transcoder_set")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/.+)?$")
 
 
@@ -83,6 +85,8 @@ def _detect_directory(path: Path) -> str | None:
         return "lm_saes"
     if circuit_tracer.is_circuit_tracer(path):
         return "circuit_tracer"
+    if transcoder_set.is_transcoder_set(path):
+        return "transcoder_set"
     return None
 
 

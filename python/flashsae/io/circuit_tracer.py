@@ -16,7 +16,8 @@ are, ``W_dec_i`` [n, (L - i) * d] is written as its [n, L - i, d] view (same mem
 
 A TopK CLT is not a function this layout can express (its k largest per row): convert it first with
 :meth:`~flashsae.CrossLayerTranscoder.to_jumprelu` (thresholds calibrated on a sample of inputs),
-whose JumpReLU CLT saves here. Nothing else is written (no config: circuit-tracer infers every size
+whose JumpReLU CLT saves here. A BatchTopK CLT's inference rule is a JumpReLU with one threshold per
+layer: it saves as that JumpReLU directly. Nothing else is written (no config: circuit-tracer infers every size
 from the tensors); writes are atomic (a fresh directory renamed into place).
 """
 
@@ -45,7 +46,8 @@ def is_circuit_tracer(path: str | os.PathLike) -> bool:
 
 def save(clt: Any, path: str | os.PathLike) -> Path:
     """Writes a JumpReLU or ReLU :class:`~flashsae.CrossLayerTranscoder` in circuit-tracer's layout
-    (module docstring), atomically. FormatError naming the field for what the layout cannot hold: a
+    (module docstring), atomically; a BatchTopK CLT as the JumpReLU of its inference thresholds.
+    FormatError naming the field for what the layout cannot hold: a
     TopK CLT (convert with ``clt.to_jumprelu(x)``), another architecture, or d_out != d_in."""
     if getattr(clt, "architecture", None) != "clt":
         raise FormatError(f"format: circuit_tracer holds cross-layer transcoders, not {clt.architecture!r} SAEs")
@@ -54,6 +56,12 @@ def save(clt: Any, path: str | os.PathLike) -> Path:
             "activation: circuit-tracer's CLTs are JumpReLU or ReLU; convert a TopK CLT with "
             "clt.to_jumprelu(x_sample) (thresholds calibrated on a sample of inputs) and save that"
         )
+    if not clt.config.cross_layer:
+        raise FormatError(
+            "cross_layer: a per-layer CLT is circuit-tracer's transcoder set: save with format='transcoder_set'"
+        )
+    if clt.activation == "batchtopk":  # its inference rule is a JumpReLU with its per-layer thresholds
+        clt = clt.to_jumprelu()
     if clt.d_out != clt.d_in:
         raise FormatError(f"d_out: circuit-tracer's CLTs read and write one width (d_in {clt.d_in}, d_out {clt.d_out})")
     with atomic_directory(path) as staging:

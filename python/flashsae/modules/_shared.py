@@ -74,6 +74,18 @@ def advance(module: torch.nn.Module) -> None:
     module.num_steps += 1
 
 
+@torch.no_grad()
+def ema_threshold(current: torch.Tensor, values: torch.Tensor, beta: float) -> torch.Tensor:
+    """The next BatchTopK inference threshold (no host sync) from the running estimate `current` (a
+    scalar, < 0 while unset) and a batch selection `values` (active slots > 0): the smallest selected
+    value sets it the first time, then beta * current + (1 - beta) * smallest; unchanged when
+    nothing was selected."""
+    positive = values.detach().to(current.dtype)
+    smallest = positive.masked_fill(positive <= 0, math.inf).min()
+    blended = torch.where(current < 0, smallest, beta * current + (1 - beta) * smallest)
+    return torch.where(torch.isfinite(smallest), blended, current)
+
+
 def warmed_up(coefficient: float, warmup_steps: int, num_steps: torch.Tensor) -> torch.Tensor:
     """coefficient * min(1, num_steps / warmup_steps): linear warm-up from 0 (no host sync).
     The first training step (num_steps = 0) uses 0 when warm-up is on."""

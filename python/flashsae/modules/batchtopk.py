@@ -187,12 +187,8 @@ class BatchTopKSAE(KeywordConfigSAE):
     @torch.no_grad()
     def _update_threshold(self, values: torch.Tensor) -> None:
         """One EMA step of the inference threshold from this batch's selection (no host sync)."""
-        positive = values.detach().to(self.threshold.dtype)
-        smallest = positive.masked_fill(positive <= 0, math.inf).min()
-        beta = self.config.threshold_beta
-        blended = torch.where(self.threshold < 0, smallest, beta * self.threshold + (1 - beta) * smallest)
-        update = (self.num_steps >= self.config.threshold_start_step) & torch.isfinite(smallest)
-        self.threshold.copy_(torch.where(update, blended, self.threshold))
+        updated = _shared.ema_threshold(self.threshold, values, self.config.threshold_beta)
+        self.threshold.copy_(torch.where(self.num_steps >= self.config.threshold_start_step, updated, self.threshold))
 
     # ------------------------------------------------------------------------------------ export
 

@@ -64,6 +64,7 @@ from .l0_controller import (
     center_encoder_bias_,
     check_target_l0,
     data_scale_of,
+    log_threshold_shift,
     step_initial_coefficient,
     uniform_cut,
 )
@@ -314,16 +315,9 @@ class JumpReLUSAE(_shared.DenseActivationSAE):
             self.log_threshold.fill_(math.log(cut))
         return cut
 
-    @torch.no_grad()
     def _threshold_shift(self, pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """log of the factor that, applied to every threshold, gives this batch target_l0 active
-        latents per row (clamped to +-1: a batch with fewer positive pre-activations than the target
-        lowers the thresholds by at most a factor e per step)."""
-        acc = torch.promote_types(pre.dtype, torch.float32)
-        floor = 1e-30 * self.l0_controller.data_scale.to(acc)
-        ratio = pre.detach().to(acc) / torch.maximum(theta.detach().to(acc), floor)
-        cut = uniform_cut(ratio, self.config.target_l0)
-        return cut.clamp_min(math.exp(-1.0)).log().clamp(-1.0, 1.0)
+        """The controller's shift of the log thresholds for this batch (l0_controller.log_threshold_shift)."""
+        return log_threshold_shift(pre, theta, self.config.target_l0, self.l0_controller.data_scale)
 
     @torch.no_grad()
     def _shift_thresholds(self, shift: torch.Tensor) -> None:

@@ -155,6 +155,21 @@ def uniform_cut(pre: torch.Tensor, target_l0: float) -> torch.Tensor:
     return (top[count - 1] + top[count]) / 2
 
 
+@torch.no_grad()
+def log_threshold_shift(
+    pre: torch.Tensor, theta: torch.Tensor, target_l0: float, data_scale: torch.Tensor
+) -> torch.Tensor:
+    """The shift of a JumpReLU's log thresholds: log of the factor that, applied to every threshold
+    theta [n], gives the pre-activations `pre` [rows, n] target_l0 active latents per row (clamped to
+    +-1: a batch with fewer positive pre-activations than the target lowers the thresholds by at
+    most a factor e per step). Thresholds below 1e-30 * data_scale count as that."""
+    acc = torch.promote_types(pre.dtype, torch.float32)
+    floor = 1e-30 * data_scale.to(acc)
+    ratio = pre.detach().to(acc) / torch.maximum(theta.detach().to(acc), floor)
+    cut = uniform_cut(ratio, target_l0)
+    return cut.clamp_min(math.exp(-1.0)).log().clamp(-1.0, 1.0)
+
+
 def check_target_l0(value: object, n_latents: int) -> float | None:
     """target_l0 of a config: None, or a number in (0, n_latents)."""
     if value is None:

@@ -85,12 +85,34 @@ class HookedModel:
         return captured
 
 
+#: How the hookpoints of a second model (TrainConfig.model_b, model diffing) are named.
+MODEL_B_PREFIX = "model_b:"
+
+
+def check_same_tokenizer(first: Any, second: Any, names: tuple[str, str]) -> None:
+    """ValueError naming model_b unless both tokenizers give the same ids (vocabulary, special tokens
+    and the ids of a probe text): two models read on the same token ids must mean the same text."""
+    probe = "Sparse autoencoders read activations; 12 tokens, café, über!\n  def f(x): return x"
+    same = (
+        first.get_vocab() == second.get_vocab()
+        and first.all_special_ids == second.all_special_ids
+        and first(probe)["input_ids"] == second(probe)["input_ids"]
+    )
+    if not same:
+        raise ValueError(
+            f"model_b: {names[1]}'s tokenizer differs from {names[0]}'s (vocabulary, special tokens or the "
+            "ids of a probe text); a crosscoder reads both models on the same tokens"
+        )
+
+
 class ModelActivations:
     """Text -> model -> activations of every hookpoint, chunk by chunk.
 
     Each chunk holds the same tokens for every hookpoint ([tokens, d_h] each, in context order),
     without padding and, by option, without special tokens. `part` is the side of the corpus
     split read (train, eval or all; split by config.eval_fraction). State: the packer's position.
+    With config.model_b (model diffing) a second model runs on the same token ids; its hookpoints
+    follow the first model's, named MODEL_B_PREFIX + module path.
     """
 
     def __init__(
@@ -106,6 +128,15 @@ class ModelActivations:
         self.model, tokenizer = load_model(config, self.device)
         self.hookpoints = resolve_hookpoints(self.model, config.model_hookpoints())
         self.hooked = HookedModel(self.model, self.hookpoints)
+        self.hooked_b = None
+        model_b = getattr(config, "model_b", None)
+        if model_b is not None:
+            self.model_b, tokenizer_b = model_loading.load_model(
+                model_b, device=self.device, model_dtype=config.model_dtype, trust_remote_code=config.trust_remote_code
+            )
+            check_same_tokenizer(tokenizer, tokenizer_b, (config.model, model_b))
+            self.hooked_b = HookedModel(self.model_b, resolve_hookpoints(self.model_b, config.model_hookpoints()))
+            self.hookpoints = self.hookpoints + [MODEL_B_PREFIX + name for name in self.hooked_b.hookpoints]
         self.tokenization = Tokenization(tokenizer)
         documents = document_source(
             config.dataset, text_field=config.text_field, split=config.dataset_split, config=config.dataset_config
@@ -121,8 +152,16 @@ class ModelActivations:
 
     def _probe_widths(self) -> dict[str, int]:
         ids = torch.tensor([self.tokenization.prefix + [self.tokenization.pad_id] * 2 + self.tokenization.suffix])
-        outputs = self.hooked(ids.to(self.device), torch.ones_like(ids).to(self.device))
+        outputs = self._run(ids.to(self.device), torch.ones_like(ids).to(self.device))
         return {name: out.shape[-1] for name, out in outputs.items()}
+
+    def _run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every hookpoint's output on these tokens: the model's, then model_b's (prefixed)."""
+        outputs = self.hooked(input_ids, attention_mask)
+        if self.hooked_b is not None:
+            second = self.hooked_b(input_ids, attention_mask)
+            outputs.update({MODEL_B_PREFIX + name: out for name, out in second.items()})
+        return outputs
 
     def other_part(self, part: str, *, cycle: bool = False) -> ModelActivations:
         """The same model, hookpoints and corpus, reading `part` from its start (no second model load)."""
@@ -152,7 +191,7 @@ class ModelActivations:
             if self.config.exclude_special_tokens:
                 keep &= ~torch.isin(input_ids, self.special_ids)
             keep = keep.flatten()
-            outputs = self.hooked(input_ids, attention_mask)
+            outputs = self._run(input_ids, attention_mask)
             chunk = {name: out.reshape(-1, out.shape[-1])[keep] for name, out in outputs.items()}
             kept = int(keep.sum())
             self._kept_this_pass += kept

@@ -158,6 +158,11 @@ class TrainConfig(ActivationSourceConfig):
     hookpoint, paired in model order (MiniLM: --hookpoints 'encoder.layer.*.attention.output'
     --targets 'encoder.layer.*.output.dense', each layer's MLP input and MLP output). Captured in
     the same forward pass as the hookpoints."""
+    model_b: str | None = None
+    """Architecture crosscoder, model diffing: a second Hugging Face model (as --model) run on the
+    same tokens; its modules at --hookpoints are the crosscoder's other sites, named
+    'model_b:<module path>' (sites = --model's hookpoints, then --model-b's). Both models must
+    share one tokenizer. Not with --activations (a cache holds one model)."""
     n_latents: int | None = None
     """Dictionary size (a CLT's: per layer); None: expansion_factor x the hookpoint's width."""
     expansion_factor: int = 8
@@ -280,6 +285,15 @@ class TrainConfig(ActivationSourceConfig):
                 raise ValueError(f"targets: only architecture clt predicts targets, not {self.architecture!r}")
         elif self.architecture == "clt":
             raise ValueError("targets: architecture clt needs --targets (the module outputs it predicts)")
+        if self.model_b is not None:
+            text("model_b", self.model_b)
+            if self.architecture != "crosscoder":
+                raise ValueError(
+                    "model_b: a second model is read by architecture crosscoder (model diffing), "
+                    f"not {self.architecture!r}"
+                )
+            if self.activations is not None:
+                raise ValueError("model_b: --activations reads one model's cache; run both models (drop --activations)")
         if self.n_latents is not None:
             positive_int("n_latents", self.n_latents)
         positive_int("expansion_factor", self.expansion_factor)

@@ -253,7 +253,8 @@ class Trainer:
         self.source = ShuffleBuffer(
             model, capacity=config.buffer_tokens, batch_size=config.batch_size, seed=config.seed
         )
-        return {key: getattr(config, key) for key in SOURCE_KEYS}
+        info = {key: getattr(config, key) for key in SOURCE_KEYS}
+        return info | ({"model_b": config.model_b} if config.model_b is not None else {})
 
     def _sae_options(self, architecture: str, d: int) -> dict[str, Any]:
         config = self.config
@@ -680,12 +681,27 @@ class Trainer:
         the train part (flashsae.train.calibration). Returns {hookpoint: {"tokens", "running_estimate",
         "threshold"}} for the summary; empty when nothing was calibrated."""
         wanted = self.config.calibration_tokens
-        targets = {name: sae for name, sae in self.saes.items() if isinstance(sae, BatchTopKSAE)}
+        targets = {
+            name: sae
+            for name, sae in self.saes.items()
+            if isinstance(sae, BatchTopKSAE) or getattr(sae, "activation", None) == "batchtopk"
+        }
         if not wanted or not targets:
             return {}
         sample, part = self._calibration_sample(wanted)
         report = {}
         for name, sae in targets.items():
+            if name == MULTI_SITE["clt"]:  # a BatchTopK CLT: every layer's threshold on its stacked inputs
+                inputs = self._inputs(name, sample, sae.dtype)[0]
+                inputs = inputs[torch.isfinite(inputs).flatten(1).all(1)]
+                if inputs.shape[0] == 0:
+                    continue
+                before = sae.threshold_estimate.tolist()
+                after = sae.calibrate_thresholds_(inputs)
+                report[name] = {
+                    "tokens": int(inputs.shape[0]), "part": part, "running_estimate": before, "threshold": after
+                }  # fmt: skip
+                continue
             rows = sample[name]
             if not self._batch_is_finite({name: rows}):
                 rows = rows[torch.isfinite(rows).all(1)]
