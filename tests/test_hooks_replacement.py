@@ -121,8 +121,9 @@ def final(output) -> torch.Tensor:
 def test_clt_replacement_matches_a_dense_reference_on_a_tiny_gpt2(gpt2, options):
     clt = random_clt(3, 24, **options)
     if clt.activation == "jumprelu":
-        for i in range(3):
-            clt.threshold(i).fill_(0.3)
+        with torch.no_grad():  # trainable thresholds are parameters
+            for i in range(3):
+                clt.threshold(i).fill_(0.3)
     tokens = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         clean = gpt2(tokens).logits
