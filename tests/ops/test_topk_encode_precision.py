@@ -187,3 +187,27 @@ def test_opcheck_cpu_precisions(precision):
     dead = torch.rand(70) < 0.3
     args = (t["x"], t["W_enc"], t["b_enc"], t["b_dec"], 5, dead, 4, "cpu", precision)
     opcheck(torch.ops.flashsae.topk_encode.default, args)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+@pytest.mark.parametrize("main_zeros", [False, True], ids=["aux-zeros", "main-zeros-too"])
+def test_zero_ties_are_certified_without_recompute(dtype, main_zeros):
+    # a few dead latents, fewer of them positive than aux_k: the aux_k-th value is 0 and so is the
+    # heap root, so the slots past the positives are the lowest-index dead latents (no recompute)
+    rows, d, n, k, aux_k = 37, 24, 601, 7, 41
+    t = sae_tensors(rows, d, n, dtype)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[torch.randperm(n)[:67]] = True
+    if main_zeros:  # most latents never fire: the main top-k has zero slots too
+        b_enc = torch.full((n,), -1e3, dtype=torch.float64)
+        b_enc[torch.randperm(n)[:5]] = 0.0  # at most 5 positives per row, k = 7
+        t["b_enc"] = b_enc.to(dtype)
+    topk_encode_stats(reset=True)
+    out = encode_all(t, k, dead, aux_k)
+    assert topk_encode_stats(reset=True).recomputed_rows == 0
+    assert (out["exact"][2][:, -1] == 0).any() and (out["exact"][3][:, -1] >= 0).all()
+    if main_zeros:
+        assert (out["exact"][0][:, -1] == 0).any()
+    assert_equal_outputs(out["exact"], out["certified"], "certified vs exact")
+    reference = canonical_topk(t["x"], t["W_enc"], t["b_enc"], k, t["b_dec"], dead, aux_k)
+    assert_equal_outputs(out["exact"], reference, "exact vs definition")

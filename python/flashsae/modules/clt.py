@@ -587,26 +587,30 @@ class CrossLayerTranscoder(SAE):
         With `aux` (AuxK latents per layer), the aux rows decode in the same sparse_decode as the
         main ones (stacked below them), so each decoder is read once per step: what an optimizer
         updating rows during backward needs. Returns each layer's aux decode [rows, (L - i) * d_out]."""
-        L, d = self.n_layers, self.d_out
+        L = self.n_layers
         decoded, aux_decoded = [], []
         for i, ((values, indices), W) in enumerate(zip(latents, self.decoder_matrices(), strict=True)):
             rows = values.shape[0]
             if aux is not None:
                 values, indices = _stack_slots((values, indices), aux[i])
             out = sparse_decode(values.contiguous(), indices.contiguous(), W, None, backend=self.backend)
-            decoded.append(out[:rows])
-            aux_decoded.append(out[rows:])
-        outputs = []
-        for j in range(L):
-            total = getattr(self, f"b_dec_{j}")
-            for i in range(j + 1):
-                if j - i >= self.span(i):
-                    continue
-                total = total + decoded[i][:, (j - i) * d : (j - i + 1) * d]
-            if self.config.skip:
-                total = total + x[:, j] @ getattr(self, f"W_skip_{j}").T
-            outputs.append(total)
-        return torch.stack(outputs, dim=1), aux_decoded if aux is not None else None
+            if aux is None:
+                decoded.append(out)
+            else:
+                # split, not two slices: its backward concatenates the two gradients instead of
+                # zero-filling a full [2 rows, (L - i) d] tensor for each and adding them
+                main, extra = out.split([rows, out.shape[0] - rows])
+                decoded.append(main)
+                aux_decoded.append(extra)
+        b_dec = torch.stack([getattr(self, f"b_dec_{j}") for j in range(L)])
+        if self.config.cross_layer:
+            y_hat = _target_sums(b_dec, decoded)
+        else:  # a transcoder set: target j is layer j's own decode
+            y_hat = torch.stack(decoded, dim=-2) + b_dec
+        if self.config.skip:
+            skips = [x[:, j] @ getattr(self, f"W_skip_{j}").T for j in range(L)]
+            y_hat = y_hat + torch.stack(skips, dim=1)
+        return y_hat, aux_decoded if aux is not None else None
 
     # ------------------------------------------------------------------------------ interface
 
@@ -738,6 +742,45 @@ class CrossLayerTranscoder(SAE):
             scale = (dead_mask[i].sum().to(total.dtype) / self.aux_k).clamp(max=1.0)
             total = total + sse / variance * scale
         return total / self.n_layers
+
+
+class _TargetSums(torch.autograd.Function):
+    """y_hat [..., L, d] from b_dec [L, d] and each source layer's decode decoded_i [..., (L - i) d]:
+    y_hat[..., j, :] = b_dec[j] + sum_{i <= j} decoded_i[..., j - i, :] (decoded_i viewed [..., L - i, d]).
+
+    Written as slices of each decoded_i summed per target (21 slices at L = 6), autograd's backward
+    zero-fills a full-size [rows, (L - i) d] gradient per slice and adds them up: 91 [rows, d] blocks
+    written twice at L = 6 where 21 are needed. Here the gradient of decoded_i is the slice
+    grad[..., i:, :] itself, flattened (one copy), and the forward is L in-place adds."""
+
+    generate_vmap_rule = True  # the forward is plain torch ops on the trailing dims: vmap-able
+
+    @staticmethod
+    def forward(b_dec: torch.Tensor, *decoded: torch.Tensor) -> torch.Tensor:
+        L, d = b_dec.shape
+        # a new tensor from decoded_0 (batched under vmap as the other decodes are; dtype promoted as
+        # b_dec + decoded_i promotes: fp32 under autocast's bf16 decodes), then in-place adds
+        out = decoded[0].unflatten(-1, (L, d)) + b_dec
+        for i in range(1, L):
+            out[..., i:, :] += decoded[i].unflatten(-1, (L - i, d))
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.lead = output.dim() - 2
+        ctx.dtypes = [t.dtype for t in inputs]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        L = grad.shape[-2]
+        db_dec = grad.sum(dim=tuple(range(ctx.lead))) if ctx.lead else grad
+        parts = (grad[..., i:, :].flatten(-2) for i in range(L))
+        return tuple(g.to(dtype) for g, dtype in zip((db_dec, *parts), ctx.dtypes, strict=True))
+
+
+def _target_sums(b_dec: torch.Tensor, decoded: list[torch.Tensor]) -> torch.Tensor:
+    """_TargetSums.apply: y_hat [..., L, d] of the stacked biases and the per-layer decodes."""
+    return _TargetSums.apply(b_dec, *decoded)
 
 
 def _check_layer_mask(mask: object, L: int, n: int, device: torch.device) -> torch.Tensor:

@@ -224,11 +224,11 @@ def encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols):
         )  # fmt: skip
     if not certify:
         return (*finish(heap, heap_ids, rows, k, x.dtype), *finish(aux, aux_ids, rows, aux_k, x.dtype))
-    values, indices, certified = _certified_top(x, W_enc, bias64, heap, heap_ids, k, n)
+    values, indices, certified = _certified_top(x, W_enc, bias64, heap, heap_ids, k, n, None)
     aux_values, aux_indices = finish(None, None, rows, 0, x.dtype)
     if aux_k:
         n_dead = int(dead_mask.sum())
-        aux_values, aux_indices, aux_certified = _certified_top(x, W_enc, bias64, aux, aux_ids, aux_k, n_dead)
+        aux_values, aux_indices, aux_certified = _certified_top(x, W_enc, bias64, aux, aux_ids, aux_k, n_dead, dead_mask)
         certified &= aux_certified
     if _force_uncertified is not None:
         certified &= ~_force_uncertified(rows)
@@ -243,9 +243,11 @@ def encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols):
     return values, indices, aux_values, aux_indices
 
 
-def _certified_top(x, W_enc, bias64, heap, heap_ids, k, eligible):
+def _certified_top(x, W_enc, bias64, heap, heap_ids, k, eligible, eligible_mask):
     """(values [rows, k] in x's dtype, int32 indices, certified [rows] bool) from a candidate heap:
-    the candidates rescored exactly, sorted, and the certificate of the module docstring."""
+    the candidates rescored exactly, sorted, and the certificate of the module docstring (with its
+    zero-tie case, :func:`_fill_zero_ties`). eligible_mask: bool [n] of the latents that may be
+    selected (the dead ones for AuxK), None for all."""
     rows, slots = heap_ids.shape
     n, d = W_enc.shape
     exact = torch.empty(rows, slots, dtype=torch.float32)
@@ -260,7 +262,42 @@ def _certified_top(x, W_enc, bias64, heap, heap_ids, k, eligible):
         certified = torch.ones(rows, dtype=torch.bool)
     else:
         certified = top[:, k - 1] > heap[:, 0]
+        _fill_zero_ties(top, top_ids, heap, certified, k, eligible_mask, W_enc.shape[0])
     return top[:, :k].to(x.dtype).contiguous(), top_ids[:, :k].contiguous(), certified
+
+
+def _fill_zero_ties(top, top_ids, heap, certified, k, eligible_mask, n) -> None:
+    """Certifies, in place, the rows whose k-th value is 0 and whose heap root T is 0: every latent
+    outside the candidates then has relu(S) <= T = 0, so the exact top-k is the row's positive
+    candidates (sorted already) followed by the lowest-index eligible latents among the rest (the
+    tie rule at value 0). Without this such rows were recomputed over every latent: AuxK over a few
+    hundred dead latents, fewer than aux_k of them positive, recomputed every row (3072 latents, 317
+    dead, aux_k = 192, B = 1024 on 2 busy cores: 707 ms per encode, 572 ms with this)."""
+    rows = (~certified & (top[:, k - 1] == 0) & (heap[:, 0] <= 0)).nonzero().squeeze(1)
+    if not rows.numel():
+        return
+    if eligible_mask is None:
+        latents = torch.arange(min(n, 2 * k), dtype=torch.int64)
+    else:
+        latents = eligible_mask.nonzero().squeeze(1)[: 2 * k]
+    # the k - p free latents needed lie among the first k + p <= 2k eligible ones (p positives < k)
+    m = latents.numel()
+    ids = top_ids[rows, :k].long()
+    positive = top[rows, :k] > 0
+    need = k - positive.sum(1)
+    position = torch.searchsorted(latents, ids).clamp_max(m - 1)
+    hit = positive & (latents[position] == ids)
+    taken = torch.zeros(rows.numel(), m + 1, dtype=torch.bool)
+    taken.scatter_(1, torch.where(hit, position, m), True)
+    free = ~taken[:, :m]
+    rank = free.cumsum(1)  # 1-based among the free latents
+    # the r-th free latent goes to slot k - need + r - 1 (the zero-valued slots, in index order);
+    # the others to a spare column k (scatter, no boolean gathers: those cost ~100 ms here)
+    target = torch.where(free & (rank <= need.unsqueeze(1)), rank + (k - need - 1).unsqueeze(1), k)
+    zeros = torch.empty(rows.numel(), k + 1, dtype=torch.int64).scatter_(1, target, latents.expand(rows.numel(), m))
+    slots = torch.arange(k).unsqueeze(0) >= (k - need).unsqueeze(1)
+    top_ids[rows, :k] = torch.where(slots, zeros[:, :k], ids).to(torch.int32)  # values there are 0 already
+    certified[rows] = True
 
 
 def _recompute_rows(x, W_enc, bias64, k, dead_mask, aux_k, cols):
