@@ -71,6 +71,24 @@ def test_step_initial_coefficient():
     assert step_initial_coefficient(0.0) == 1.0
 
 
+def test_gated_starts_with_a_penalty_that_holds_its_gates():
+    # Gated's lambda starts at twice the mean projection of the first batch's residual on the decoder
+    # rows of its open gates (shrinkage share 1.0; it stays near its start, see the constant), so
+    # the penalty on a typical open gate balances the auxiliary loss's pull; the former 0.3 left
+    # the controller's bias shifts fighting that pull (demo: explained variance 0.760 -> 0.847)
+    torch.manual_seed(3)
+    sae = flashsae.create("gated", d_in=24, n_latents=96, target_l0=6)
+    x = torch.randn(512, 24) * 3 + 1
+    sae.init_b_dec_(x)
+    sae(x)
+    with torch.no_grad():
+        residual = x - sae.b_dec
+        gates = residual @ sae.W_enc.T + sae.b_enc > 0  # the biases the first batch was cut with
+        unit = torch.nn.functional.normalize(sae.W_dec, dim=1)
+        expected = 2 * float((residual @ unit.T)[gates].mean())
+    assert float(sae.l0_controller.coefficient()) == pytest.approx(expected, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("architecture", "options", "pattern"),
     [

@@ -62,6 +62,22 @@ def test_init_follows_the_update():
     assert ReLUSAE.unit_norm_decoder is False and sae.unit_norm_decoder is False
 
 
+def test_default_init_reconstructs_at_the_data_scale():
+    # Adam moves every weight by ~lr per step, and flashsae train's lr is sized for unit rows: rows
+    # of norm 0.1 (the former default) start with x_hat ~ 0.01 x and move 10x as fast relative to
+    # their size. At the default norm the first training batch, cut to its target L0, already
+    # reconstructs much of x (FVU 0.43 here; 0.1 gives 0.991).
+    assert ReLUConfig(d_in=8, n_latents=32).decoder_init_norm == 1.0
+    torch.manual_seed(5)
+    x = torch.randn(1024, 64)
+    for norm, low, high in ((None, 0.0, 0.6), (0.1, 0.98, 1.0)):
+        torch.manual_seed(6)
+        options = {} if norm is None else {"decoder_init_norm": norm}
+        sae = flashsae.create("relu", d_in=64, n_latents=512, target_l0=32, **options)
+        fvu = float(sae(x).fvu.detach())
+        assert low <= fvu <= high, (norm, fvu)
+
+
 def test_sparse_encode_gives_the_training_latents():
     sae = make_sae()
     x = torch.randn(33, 14, dtype=torch.float64)
