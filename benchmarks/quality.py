@@ -22,7 +22,10 @@ defaults. What is held equal:
 Training time is the wall time and the CPU time of the training process (CPU time is the fairer
 figure when other work shares the machine); each library uses its own default learning rate.
 `--reuse-trained` keeps the runs already in --out (train.json present) and their evaluations (newer than
-the run), so a table can be completed library by library.
+the run), so a table can be completed library by library. `--update` merges this run's rows into the
+quality.json already in --out (a row of the same library and architecture is replaced, the others are
+kept), so a few rows can be rerun after a change without retraining the peers; every row records the
+date of the run that produced it and the table shows it.
 """
 
 from __future__ import annotations
@@ -202,6 +205,26 @@ def evaluate_one(args, library: str, architecture: str, manifest: dict[str, Any]
     return result["metrics"] | {"eval_tokens": result["tokens"], "loaded_as": sae.architecture}
 
 
+def load_earlier_results(path: Path) -> dict[str, Any]:
+    """The quality.json that --update merges into; read before training so a missing file fails fast."""
+    if not path.is_file():
+        raise SystemExit(f"--update: no earlier results at {path} (run once without --update first)")
+    earlier = json.loads(path.read_text())
+    for row in earlier["results"]:  # rows written before rows carried their own date
+        row.setdefault("run_date", earlier["environment"]["date"])
+    return earlier
+
+
+def merge_results(earlier: dict[str, Any], latest: dict[str, Any]) -> dict[str, Any]:
+    """Earlier rows in their order, each replaced by this run's row of the same library and
+    architecture; this run's new rows after them. The earlier runs' environments are kept."""
+    fresh = {(row["library"], row["architecture"]): row for row in latest["results"]}
+    merged = [fresh.pop((row["library"], row["architecture"]), row) for row in earlier["results"]]
+    history = earlier.get("earlier_environments", []) + [earlier["environment"]]
+    return {"environment": latest["environment"], "earlier_environments": history,
+            "results": merged + list(fresh.values())}  # fmt: skip
+
+
 def environment() -> dict[str, Any]:
     cpu = platform.processor()
     try:
@@ -226,8 +249,8 @@ def markdown(results: list[dict[str, Any]], args, env: dict[str, Any]) -> str:
         "spliced in vs without. Times: training only (wall / CPU seconds; the machine was shared, CPU time "
         "is the fairer figure). Coefficient: the searched sparsity coefficient, where one was needed.",
         "",
-        "| architecture | library | explained variance | L0 | dead | embedding cosine | wall s | CPU s | coefficient |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| architecture | library | explained variance | L0 | dead | embedding cosine | wall s | CPU s | coefficient | run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results:
         coefficient = row.get("coefficient")
@@ -235,7 +258,7 @@ def markdown(results: list[dict[str, Any]], args, env: dict[str, Any]) -> str:
             f"| {row['architecture']} | {row['library']} | {row['explained_variance']:.3f} | {row['l0']:.1f} | "
             f"{100 * row['dead_fraction']:.1f}% | {row.get('embedding_cosine', float('nan')):.3f} | "
             f"{row['wall_seconds']:.0f} | {row['cpu_seconds']:.0f} | "
-            f"{'' if coefficient is None else f'{coefficient:.3g}'} |"
+            f"{'' if coefficient is None else f'{coefficient:.3g}'} | {row.get('run_date', env['date'])[:16]} |"
         )
     lines += ["", "Reproduce:", "", "```", "python benchmarks/quality.py " + shlex.join(sys.argv[1:]), "```", ""]
     return "\n".join(lines)
@@ -254,6 +277,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--max-trials", type=int, default=3, help="coefficient-search runs per peer SAE")
     parser.add_argument("--reuse-trained", action="store_true", help="keep runs already trained in --out")
+    parser.add_argument("--update", action="store_true",
+                        help="merge this run's rows into the quality.json already in --out instead of replacing it")  # fmt: skip
     args = parser.parse_args()
     args.activations = args.activations.resolve()
     args.out = args.out.resolve()
@@ -262,6 +287,7 @@ def main() -> None:
         parser.error("--peers-python: needed to train " + " and ".join(peers))
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     (args.out / "eval").mkdir(parents=True, exist_ok=True)
+    earlier = load_earlier_results(args.out / "quality.json") if args.update else None
     manifest = json.loads((args.activations / "manifest.json").read_text())
     rows = eval_rows(args.activations)
     env = environment()
@@ -270,7 +296,7 @@ def main() -> None:
         for library in args.libraries:
             record = train_one(args, library, architecture, rows)
             metrics = evaluate_one(args, library, architecture, manifest)
-            results.append(record | metrics)
+            results.append(record | metrics | {"run_date": env["date"]})
             print(
                 f"{architecture:>10} {library:<19} EV {metrics['explained_variance']:.3f}  L0 {metrics['l0']:.1f}  "
                 f"dead {100 * metrics['dead_fraction']:.1f}%  train {record['wall_seconds']:.0f} s wall, "
@@ -278,7 +304,11 @@ def main() -> None:
                 flush=True,
             )
     env["load_average_end"] = os.getloadavg()
-    (args.out / "quality.json").write_text(json.dumps({"environment": env, "results": results}, indent=2))
+    document: dict[str, Any] = {"environment": env, "results": results}
+    if earlier is not None:
+        document = merge_results(earlier, document)
+        results = document["results"]
+    (args.out / "quality.json").write_text(json.dumps(document, indent=2))
     (args.out / "quality.md").write_text(markdown(results, args, env))
     print(f"results: {args.out / 'quality.md'}")
 
