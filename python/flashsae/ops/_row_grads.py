@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ._common import row_blocks
+from .. import _native
+from ._common import row_blocks, scratch
 
 _ATTRIBUTE = "_flashsae_row_grads"
 
@@ -54,7 +55,9 @@ class RowGrads:
         #: Set by an optimizer that updates rows during the backward pass
         #: (:class:`flashsae.optim.SparseAdam` with ``update_in_backward=True``): ``add`` then hands each
         #: part to it at once instead of keeping it, and the ops compute the gradient a chunk of rows at
-        #: a time (:func:`eager_chunks`), so no gradient larger than a chunk ever exists.
+        #: a time (:func:`eager_chunks`), so no gradient larger than a chunk ever exists. The consumer
+        #: uses (or copies) the gradient before it returns: the cpu backwards write every chunk into
+        #: one reused buffer (:func:`chunk_buffer`).
         self.consumer: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     def __len__(self) -> int:
@@ -294,3 +297,15 @@ def hand_over_chunk(sink: RowGrads, rows: slice, grads: torch.Tensor, flags: tor
         sink.add(torch.arange(rows.start, rows.stop, device=grads.device), grads)
     elif chosen.numel():
         sink.add(chosen + rows.start, grads.index_select(0, chosen))
+
+
+def chunk_buffer(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized [rows, width] tensor for one eager chunk's gradient (at most
+    EAGER_CHUNK_ELEMENTS elements; :func:`flashsae.ops._common.scratch`, one buffer per thread, dtype
+    and device, 16 MiB in float32), which the next chunk overwrites: the consumer has used the
+    gradient by then (SparseAdam's update is done when ``add`` returns, and a partial hand-over
+    copies the rows it keeps). Poisoned (NaN) like every kernel output while poisoning is on."""
+    out = scratch("eager_chunk", (rows, width), dtype, device, minimum=EAGER_CHUNK_ELEMENTS)
+    if _native._poison_outputs:
+        out.fill_(float("nan"))
+    return out

@@ -163,8 +163,9 @@ def _row_terms(x, x_low, b_dec, low, d):
     """(row_bound [3, rows] float32: p1, p2, z; rel) of the module docstring's bound."""
     u_out = _OUTPUT_ROUNDOFF[low]
     g = (d + 1) * _U32 / (1 - (d + 1) * _U32)
-    nx = _norms(x)
-    ndx = _norms(x.double() - x_low.double()) if x_low.dtype != x.dtype else torch.zeros_like(nx)
+    xd = x.double()  # widened once for both norms
+    nx = _norms(xd)
+    ndx = _norms(xd - x_low.double()) if x_low.dtype != x.dtype else torch.zeros_like(nx)
     nb = float(_norms(b_dec)) if b_dec is not None else 0.0
     tiny = _TINY * (nx + nb + 1.0)
     p1 = g * (nx + ndx) + ndx + tiny

@@ -69,11 +69,12 @@ def _decode_backward_torch(grad, values, indices, W_dec, need_db_dec):
     return d_values.to(values.dtype), dW_dec.to(W_dec.dtype), db_dec.to(W_dec.dtype)
 
 
-def _decode_backward_cpu(grad, values, indices, W_dec, need_db_dec):
+def _decode_backward_cpu(grad, values, indices, W_dec, need_db_dec, dW_out=None):
+    """dW_out: where dW_dec goes ([n, d], e.g. an eager chunk's reused buffer); None: a new tensor."""
     n, d = W_dec.shape
     rows, k = values.shape
     d_values = new_output((rows, k), values.dtype, values.device)
-    dW_dec = new_output((n, d), W_dec.dtype, W_dec.device)
+    dW_dec = new_output((n, d), W_dec.dtype, W_dec.device) if dW_out is None else dW_out
     db_dec = new_output((d,) if need_db_dec else (0,), W_dec.dtype, W_dec.device)
     _C.sparse_decode_backward(
         grad=addr(grad), values=addr(values), indices=addr(indices), rows=rows, k=k, W_dec=addr(W_dec), n_latents=n,
@@ -202,10 +203,15 @@ def _eager_backward(grad, values, indices, W_dec, need_b_dec, ctx):
     is non-zero in one chunk only, so the sum is exact)."""
     d_values, db_dec = None, None
     flags = _row_grads.contributing_rows(W_dec.shape[0], [indices], [values])
+    # the cpu kernel writes each chunk's dW_dec into one reused buffer (_row_grads.chunk_buffer)
+    cpu = _backend.dispatch("sparse_decode_backward", values.device, ctx.backend, values.dtype) is _decode_backward_cpu
     for rows, local in _row_grads.eager_chunks(W_dec.shape[0], W_dec.shape[1], indices):
-        part, dW_chunk, db = _sparse_decode_backward_op(
-            grad, values, local, W_dec[rows], need_b_dec and db_dec is None, ctx.backend
-        )
+        need_db = need_b_dec and db_dec is None
+        if cpu:
+            out = _row_grads.chunk_buffer(rows.stop - rows.start, W_dec.shape[1], W_dec.dtype, W_dec.device)
+            part, dW_chunk, db = _decode_backward_cpu(grad, values, local, W_dec[rows], need_db, dW_out=out)
+        else:
+            part, dW_chunk, db = _sparse_decode_backward_op(grad, values, local, W_dec[rows], need_db, ctx.backend)
         d_values = part if d_values is None else d_values.add_(part)
         if db.numel():
             db_dec = db

@@ -252,11 +252,12 @@ def _backward_torch(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db
     return dW_enc.to(W_enc.dtype), db_enc.to(W_enc.dtype), dx.to(x.dtype), db_dec.to(x.dtype)
 
 
-def _backward_cpu(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec):
+def _backward_cpu(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_dec, dW_out=None):
+    """dW_out: where dW_enc goes ([n, d], e.g. an eager chunk's reused buffer); None: a new tensor."""
     rows, d = x.shape
     n = W_enc.shape[0]
     k = values.shape[1]
-    dW_enc = new_output((n, d), W_enc.dtype, x.device)
+    dW_enc = new_output((n, d), W_enc.dtype, x.device) if dW_out is None else dW_out
     db_enc = new_output((n,), W_enc.dtype, x.device)
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
     db_dec = new_output((d,) if need_db_dec else (0,), x.dtype, x.device)
@@ -459,10 +460,18 @@ def _eager_backward(d_values, values, indices, x, W_enc, b_dec, need_x, need_b_d
     dx, db_dec = None, None
     gated = d_values * (values > 0)
     flags = _row_grads.contributing_rows(n, [indices], [gated])
+    # the cpu kernel writes each chunk's dW_enc into one reused buffer (_row_grads.chunk_buffer)
+    cpu = _backend.dispatch("topk_encode_backward", x.device, ctx.backend, x.dtype) is _backward_cpu
     for rows, local in _row_grads.eager_chunks(n, W_enc.shape[1], indices):
-        dW_chunk, db_chunk, dx_part, db_part = _topk_encode_backward_op(
-            d_values, values, local, x, W_enc[rows], b_dec, need_x, need_b_dec, ctx.backend
-        )
+        if cpu:
+            out = _row_grads.chunk_buffer(rows.stop - rows.start, W_enc.shape[1], W_enc.dtype, W_enc.device)
+            dW_chunk, db_chunk, dx_part, db_part = _backward_cpu(
+                d_values, values, local, x, W_enc[rows], b_dec, need_x, need_b_dec, dW_out=out
+            )
+        else:
+            dW_chunk, db_chunk, dx_part, db_part = _topk_encode_backward_op(
+                d_values, values, local, x, W_enc[rows], b_dec, need_x, need_b_dec, ctx.backend
+            )
         db_enc[rows] = db_chunk
         if need_x:
             dx = dx_part if dx is None else dx.add_(dx_part)
