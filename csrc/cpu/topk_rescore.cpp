@@ -29,6 +29,117 @@ typedef VectorTypes<kLanes>::u16 v8u16;
 typedef VectorTypes<kLanes>::u32 v8u32;
 
 
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+typedef float v16f32 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same blocks in AVX-512 intrinsics: GCC compiles widen_block's conversions as pairs of 128 ->
+// 256-bit ones plus inserts and extracts even in the avx512f clone; one vcvtps2pd zmm per eight
+// elements is what the block needs. Sums identical to widen_block's (products exact in float64).
+#define FLASHSAE_AVX512_BLOCKS 1
+#pragma GCC diagnostic push
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_* as the masked-off source: a false positive
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// (and _mm512_reduce_add_pd warns outright: sums go through memory instead, sum_lanes)
+__attribute__((target("avx512f"))) inline double sum_lanes(__m512d v) {
+  double lanes[8];
+  _mm512_storeu_pd(lanes, v);
+  return ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+}
+
+__attribute__((target("avx512f"))) void dot64_bf16_blocks_512(const double* xp, const bf16* w, int64_t blocks,
+                                                              double* lanes_out, bool squares, double* sq_out) {
+  __m512d p[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  __m512d q[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    v16u32 u;  // the shift and mask in vector extensions (GCC 12's _mm512_slli_epi32 warns)
+    std::memcpy(&u, w + 32 * blk, sizeof u);
+    const v16u32 bits[2] = {u << 16, u & 0xffff0000u};
+    __m512 halves[2];
+    std::memcpy(halves, bits, sizeof halves);
+    for (int h = 0; h < 2; ++h) {
+      __m256 eight[2];  // the halves by memcpy (GCC 12's cast / extract intrinsics warn as well)
+      std::memcpy(eight, &halves[h], sizeof eight);
+      const __m512d lo = _mm512_cvtps_pd(eight[0]);
+      const __m512d hi = _mm512_cvtps_pd(eight[1]);
+      if (xp != nullptr) {
+        p[2 * h] = _mm512_fmadd_pd(_mm512_loadu_pd(xp + 32 * blk + 16 * h), lo, p[2 * h]);
+        p[2 * h + 1] = _mm512_fmadd_pd(_mm512_loadu_pd(xp + 32 * blk + 16 * h + 8), hi, p[2 * h + 1]);
+      }
+      if (squares) {
+        q[2 * h] = _mm512_fmadd_pd(lo, lo, q[2 * h]);
+        q[2 * h + 1] = _mm512_fmadd_pd(hi, hi, q[2 * h + 1]);
+      }
+    }
+  }
+  for (int a = 0; a < 4; ++a) _mm512_storeu_pd(lanes_out + 8 * a, p[a]);
+  if (squares) {
+    const __m512d s = _mm512_add_pd(_mm512_add_pd(q[0], q[1]), _mm512_add_pd(q[2], q[3]));
+    *sq_out = sum_lanes(s);
+  }
+}
+
+// float32 rows, the same way (GCC splits the vector-extension float -> float64 conversions here too;
+// used for encoder_latent_stats only: in the rescoring of float32 candidates it measured no faster,
+// 12.8 ms either way, bound by fetching the candidates' scattered 3 KiB rows of W):
+// blocks of 32 in dot64's natural lane order (lanes_out[l] sums elements t = l mod 32), the dot with
+// xd (x or beta; null: none); with `low`, each element rounded to bfloat16 (round8's ties-to-even
+// formula) is written there and the squares of the rounded values and of the residuals (exact in
+// float32: v - round(v) is v's low mantissa bits) are summed, else the squares of the values.
+__attribute__((target("avx512f"))) void f32_blocks_512(const double* xd, const float* w, int64_t blocks,
+                                                       double* lanes_out, bf16* low, double* sq_out,
+                                                       double* res_out) {
+  __m512d p[4], q[4], r[4];
+  for (int a = 0; a < 4; ++a) p[a] = q[a] = r[a] = _mm512_setzero_pd();
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = 32 * blk + 16 * h;
+      const __m512 v = _mm512_loadu_ps(w + t);
+      __m256 eight[2];
+      std::memcpy(eight, &v, sizeof eight);
+      const __m512d vd[2] = {_mm512_cvtps_pd(eight[0]), _mm512_cvtps_pd(eight[1])};
+      if (xd != nullptr) {
+        p[2 * h] = _mm512_fmadd_pd(_mm512_loadu_pd(xd + t), vd[0], p[2 * h]);
+        p[2 * h + 1] = _mm512_fmadd_pd(_mm512_loadu_pd(xd + t + 8), vd[1], p[2 * h + 1]);
+      }
+      if (low != nullptr) {
+        v16u32 u;
+        std::memcpy(&u, &v, sizeof u);
+        const v16u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+        const v16u32 top = rounded >> 16;
+        __m512i top_i;
+        std::memcpy(&top_i, &top, sizeof top_i);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + t), _mm512_cvtepi32_epi16(top_i));
+        __m512 lo;
+        std::memcpy(&lo, &rounded, sizeof lo);
+        const __m512 residual = _mm512_sub_ps(v, lo);
+        __m256 lo8[2], res8[2];
+        std::memcpy(lo8, &lo, sizeof lo8);
+        std::memcpy(res8, &residual, sizeof res8);
+        for (int e = 0; e < 2; ++e) {
+          const __m512d lod = _mm512_cvtps_pd(lo8[e]);
+          const __m512d rd = _mm512_cvtps_pd(res8[e]);
+          q[2 * h + e] = _mm512_fmadd_pd(lod, lod, q[2 * h + e]);
+          r[2 * h + e] = _mm512_fmadd_pd(rd, rd, r[2 * h + e]);
+        }
+      } else {
+        q[2 * h] = _mm512_fmadd_pd(vd[0], vd[0], q[2 * h]);
+        q[2 * h + 1] = _mm512_fmadd_pd(vd[1], vd[1], q[2 * h + 1]);
+      }
+    }
+  }
+  for (int a = 0; a < 4; ++a) _mm512_storeu_pd(lanes_out + 8 * a, p[a]);
+  *sq_out = sum_lanes(_mm512_add_pd(_mm512_add_pd(q[0], q[1]), _mm512_add_pd(q[2], q[3])));
+  *res_out = sum_lanes(_mm512_add_pd(_mm512_add_pd(r[0], r[1]), _mm512_add_pd(r[2], r[3])));
+}
+#pragma GCC diagnostic pop
+
+inline bool has_avx512() {
+  static const bool value = __builtin_cpu_supports("avx512f");
+  return value;
+}
+#endif
+
 // Thirty-two lanes as four GCC / Clang vectors of eight (four AVX-512 registers: four independent
 // FMA chains, so a 768-long dot is not bound by one chain's latency); lane l sums t = l mod 32 in
 // order, exactly as a scalar loop over the lanes would, and the lanes combine in a fixed tree.
@@ -60,8 +171,6 @@ inline __attribute__((always_inline)) double dot64_body(const double* xd, const 
 // order, the result is bit for bit dot64_body's. Measured on 2 threads, d=768 (median of 9): 1024 rows x 42
 // random candidates 7.35 -> 4.82 ms (W in cache: 5.38 -> 3.03); encoder_latent_stats over all 24576
 // latents 7.4 -> 3.3 ms inside a bf16 topk_encode.
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
-typedef float v16f32 __attribute__((vector_size(64)));
 
 // Full blocks of 32 of a d-long row into the physical lane order above, in place; the tail stays.
 inline void permute_blocks(double* row, int64_t d) {
@@ -107,52 +216,6 @@ inline double tree(const double* lanes) {  // dot64's fixed tree over lanes 0 ..
   return ((sum[0] + sum[4]) + (sum[2] + sum[6])) + ((sum[1] + sum[5]) + (sum[3] + sum[7]));
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// The same blocks in AVX-512 intrinsics: GCC compiles widen_block's conversions as pairs of 128 ->
-// 256-bit ones plus inserts and extracts even in the avx512f clone; one vcvtps2pd zmm per eight
-// elements is what the block needs. Sums identical to widen_block's (products exact in float64).
-#define FLASHSAE_AVX512_BLOCKS 1
-#pragma GCC diagnostic push
-// GCC 12's AVX-512 intrinsics pass _mm512_undefined_* as the masked-off source: a false positive
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f"))) void dot64_bf16_blocks_512(const double* xp, const bf16* w, int64_t blocks,
-                                                              double* lanes_out, bool squares, double* sq_out) {
-  __m512d p[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
-  __m512d q[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    v16u32 u;  // the shift and mask in vector extensions (GCC 12's _mm512_slli_epi32 warns)
-    std::memcpy(&u, w + 32 * blk, sizeof u);
-    const v16u32 bits[2] = {u << 16, u & 0xffff0000u};
-    __m512 halves[2];
-    std::memcpy(halves, bits, sizeof halves);
-    for (int h = 0; h < 2; ++h) {
-      __m256 eight[2];  // the halves by memcpy (GCC 12's cast / extract intrinsics warn as well)
-      std::memcpy(eight, &halves[h], sizeof eight);
-      const __m512d lo = _mm512_cvtps_pd(eight[0]);
-      const __m512d hi = _mm512_cvtps_pd(eight[1]);
-      if (xp != nullptr) {
-        p[2 * h] = _mm512_fmadd_pd(_mm512_loadu_pd(xp + 32 * blk + 16 * h), lo, p[2 * h]);
-        p[2 * h + 1] = _mm512_fmadd_pd(_mm512_loadu_pd(xp + 32 * blk + 16 * h + 8), hi, p[2 * h + 1]);
-      }
-      if (squares) {
-        q[2 * h] = _mm512_fmadd_pd(lo, lo, q[2 * h]);
-        q[2 * h + 1] = _mm512_fmadd_pd(hi, hi, q[2 * h + 1]);
-      }
-    }
-  }
-  for (int a = 0; a < 4; ++a) _mm512_storeu_pd(lanes_out + 8 * a, p[a]);
-  if (squares) {
-    const __m512d s = _mm512_add_pd(_mm512_add_pd(q[0], q[1]), _mm512_add_pd(q[2], q[3]));
-    *sq_out = _mm512_reduce_add_pd(s);
-  }
-}
-#pragma GCC diagnostic pop
-
-inline bool has_avx512() {
-  static const bool value = __builtin_cpu_supports("avx512f");
-  return value;
-}
-#endif
 
 // xp: x in float64, full blocks permuted (permute_blocks).
 inline __attribute__((always_inline)) double dot64_bf16_body(const double* xp, const bf16* w, int64_t d) {
@@ -228,6 +291,19 @@ inline __attribute__((always_inline)) RowSums row_sums_body(const double* beta, 
   const v8d zero = {0, 0, 0, 0, 0, 0, 0, 0};
   v8d dot[4] = {zero, zero, zero, zero}, sq[4] = {zero, zero, zero, zero}, res[4] = {zero, zero, zero, zero};
   int64_t t = 0;
+  double sq512 = 0, res512 = 0;
+#ifdef FLASHSAE_AVX512_BLOCKS
+  if constexpr (std::is_same_v<T, float> && (std::is_same_v<L, bf16> || !HasLow)) {
+    if (has_avx512()) {  // float32 weights (certified): 13.5 -> 7.2 ms per fp32 topk_encode
+      double lanes[4 * kLanes];
+      t = d / (4 * kLanes) * (4 * kLanes);
+      bf16* low_bf16 = nullptr;
+      if constexpr (HasLow) low_bf16 = low;
+      f32_blocks_512(HasBeta ? beta : nullptr, w, d / (4 * kLanes), lanes, low_bf16, &sq512, &res512);
+      std::memcpy(dot, lanes, sizeof dot);
+    }
+  }
+#endif
   for (; t + 4 * kLanes <= d; t += 4 * kLanes) {
     for (int a = 0; a < 4; ++a) {
       const v8f v = load_lanes<8>(w + t + a * kLanes);
