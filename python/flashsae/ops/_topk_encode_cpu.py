@@ -168,8 +168,18 @@ def _reduced_precision_float32_matmul() -> bool:
 
 
 def _norms(t: torch.Tensor) -> torch.Tensor:
-    """Row norms in float64, rounded up by 2^-20 (the float64 sum is within d 2^-53 of exact)."""
-    return torch.linalg.vector_norm(t.double(), dim=-1) * (1.0 + 2.0**-20)
+    """Row norms in float64, rounded up by 2^-20 (the float64 sum is within d 2^-53 of exact). The
+    dtype argument casts inside the reduction: no float64 copy of t (with the float32 residual below,
+    the row terms of a [1024, 768] float32 x took 1.2 ms instead of 5.9)."""
+    return torch.linalg.vector_norm(t, dim=-1, dtype=torch.float64) * (1.0 + 2.0**-20)
+
+
+def _residual(x: torch.Tensor, x_low: torch.Tensor) -> torch.Tensor:
+    """x - x_low exactly: in float32 for float32 x (x_low is x rounded to fewer bits, so the
+    difference is a multiple of x's last place below 2^16 of them: representable), else in float64."""
+    if x.dtype == torch.float32:
+        return x - x_low.float()
+    return x.double() - x_low.double()
 
 
 def _row_terms(x, x_low, b_dec, low, d):
@@ -177,7 +187,7 @@ def _row_terms(x, x_low, b_dec, low, d):
     u_out = _OUTPUT_ROUNDOFF[low]
     g = (d + 1) * _U32 / (1 - (d + 1) * _U32)
     nx = _norms(x)
-    ndx = _norms(x.double() - x_low.double()) if x_low.dtype != x.dtype else torch.zeros_like(nx)
+    ndx = _norms(_residual(x, x_low)) if x_low.dtype != x.dtype else torch.zeros_like(nx)
     nb = float(_norms(b_dec)) if b_dec is not None else 0.0
     tiny = _TINY * (nx + nb + 1.0)
     p1 = g * (nx + ndx) + ndx + tiny
