@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._native import _C, DTYPE_CODES, addr, new_output, recycled_output
+from .._native import _C, DTYPE_CODES, addr, new_output
 
 PRECISIONS = ("exact", "fast", "certified")
 
@@ -229,11 +229,9 @@ def _encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols, margin
     code32 = DTYPE_CODES[torch.float32]
     x_low = x if x.dtype == low else x.to(low)
     copy_W = W_enc.dtype != low
-    first = latent is None
-    # the first pass's chunk buffer on recycled storage (_native.recycled_output: a fresh 8 MiB block
-    # pages in on every call); escalation passes have a different row count every call
-    scores = recycled_output((rows, cols), low, x.device) if first else torch.empty(rows, cols, dtype=low)
+    scores = torch.empty(rows, cols, dtype=low)
     W_low = torch.empty(cols, d, dtype=low) if copy_W else None
+    first = latent is None
     if first:
         bias64 = torch.empty(n, dtype=torch.float64)
         bias32 = torch.empty(n, dtype=torch.float32)
