@@ -6,15 +6,52 @@
 #include <omp.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dtype.h"
 
 namespace flashsae::cpu::detail {
 
+// The element loops of the sparse backward and decode, multi-versioned (FLASHSAE_CLONES) for float32
+// accumulators over float32 / bfloat16 rows: built for the baseline ISA they ran with SSE2, 4 lanes.
+// Each element's operations and their order are unchanged. bf16 TopK step (d=768, n=24576, k=32,
+// B=1024, fused Adam, 2 threads): backward 22.4 -> 16.5 ms, whole step 96 -> 84 ms.
+namespace {
+template <int U, typename T> inline void axpy_rows_body(float* acc, const float* c, const T* const* rows, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) {
+    float s = acc[t];
+    for (int u = 0; u < U; ++u) s += c[u] * to_float(rows[u][t]);
+    acc[t] = s;
+  }
+}
+FLASHSAE_CLONES void axpy_clone(float* acc, float c, const float* row, int64_t d) { axpy_rows_body<1>(acc, &c, &row, d); }
+FLASHSAE_CLONES void axpy_clone(float* acc, float c, const bf16* row, int64_t d) { axpy_rows_body<1>(acc, &c, &row, d); }
+FLASHSAE_CLONES void axpy4_clone(float* acc, const float* c, const float* const* rows, int64_t d) {
+  axpy_rows_body<4>(acc, c, rows, d);
+}
+FLASHSAE_CLONES void axpy4_clone(float* acc, const float* c, const bf16* const* rows, int64_t d) {
+  axpy_rows_body<4>(acc, c, rows, d);
+}
+FLASHSAE_CLONES void axpy8_clone(float* acc, const float* c, const float* const* rows, int64_t d) {
+  axpy_rows_body<8>(acc, c, rows, d);
+}
+FLASHSAE_CLONES void axpy8_clone(float* acc, const float* c, const bf16* const* rows, int64_t d) {
+  axpy_rows_body<8>(acc, c, rows, d);
+}
+FLASHSAE_CLONES void store_clone(bf16* out, const float* acc, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) out[t] = bf16_from_float(acc[t]);
+}
+template <typename T> constexpr bool kCloned = std::is_same_v<T, float> || std::is_same_v<T, bf16>;
+}  // namespace
+
 // acc[0:d] += c * row[0:d]
 template <typename A, typename T> inline void axpy(A* acc, A c, const T* row, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) acc[t] += c * load<A>(row[t]);
+  if constexpr (std::is_same_v<A, float> && kCloned<T>) {
+    axpy_clone(acc, c, row, d);
+  } else {
+    for (int64_t t = 0; t < d; ++t) acc[t] += c * load<A>(row[t]);
+  }
 }
 
 // acc[0:d] += sum_u c[u] * rows[u][0:d] for U rows at once, adding in u order (the same roundings as
@@ -22,10 +59,16 @@ template <typename A, typename T> inline void axpy(A* acc, A c, const T* row, in
 // d=768, k=32, 1024 rows, n=32768 float32 takes 7.2 ms instead of 18.8 ms on one EPYC core (U=8).
 template <int U, typename A, typename T>
 inline void axpy_rows(A* acc, const A* c, const T* const* rows, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) {
-    A s = acc[t];
-    for (int u = 0; u < U; ++u) s += c[u] * load<A>(rows[u][t]);
-    acc[t] = s;
+  if constexpr (std::is_same_v<A, float> && kCloned<T> && U == 8) {
+    axpy8_clone(acc, c, rows, d);
+  } else if constexpr (std::is_same_v<A, float> && kCloned<T> && U == 4) {
+    axpy4_clone(acc, c, rows, d);
+  } else {
+    for (int64_t t = 0; t < d; ++t) {
+      A s = acc[t];
+      for (int u = 0; u < U; ++u) s += c[u] * load<A>(rows[u][t]);
+      acc[t] = s;
+    }
   }
 }
 
@@ -67,7 +110,11 @@ inline void gather_into(A* acc, const C* coef, const int32_t* idx, int64_t k, co
 
 // out[0:d] = acc[0:d], each element rounded once to the storage type.
 template <typename T, typename A> inline void store_row(T* out, const A* acc, int64_t d) {
-  for (int64_t t = 0; t < d; ++t) out[t] = store_acc<T>(acc[t]);
+  if constexpr (std::is_same_v<T, bf16> && std::is_same_v<A, float>) {
+    store_clone(out, acc, d);
+  } else {
+    for (int64_t t = 0; t < d; ++t) out[t] = store_acc<T>(acc[t]);
+  }
 }
 
 // out[b] = bias + sum_j coef[b, j] * M[idx[b, j]] for every row b (bias may be null), accumulated
@@ -157,10 +204,12 @@ void scatter_impl(const LatentBuckets& buckets, const C* coef, int64_t k, const 
       csum += c;
       axpy(acc, c, rows_R + (p / k) * d, d);
     }
-    if (offset)
-      for (int64_t t = 0; t < d; ++t) acc[t] -= csum * load<A>(offset[t]);
-    for (int64_t t = 0; t < d; ++t)
-      dst[t] = store_acc<T>(accumulate ? load<A>(dst[t]) + acc[t] : acc[t]);
+    if (offset) axpy(acc, -csum, offset, d);  // acc - csum o == acc + (-csum) o, bit for bit
+    if (accumulate) {
+      for (int64_t t = 0; t < d; ++t) dst[t] = store_acc<T>(load<A>(dst[t]) + acc[t]);
+    } else {
+      store_row(dst, acc, d);
+    }
     if (coef_sum) coef_sum[i] = store_acc<T>(accumulate ? load<A>(coef_sum[i]) + csum : csum);
   });
 }

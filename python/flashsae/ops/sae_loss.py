@@ -26,7 +26,7 @@ import torch
 
 from .. import _backend
 from .._checks import INDEX_DTYPES, check_finite, check_tensor, narrow_indices
-from .._native import _C, addr, dtype_code, new_output
+from .._native import _C, addr, dtype_code, new_output, recycled_output
 from . import _autocast, _common, _functorch, _row_grads, _sparse_rows
 from .sparse_decode import sparse_decode_reference
 
@@ -147,7 +147,7 @@ def _loss_gradients(x, values, W_dec, aux_k, need_dx):
     return (
         new_output((rows, k), x.dtype, x.device),
         new_output((rows, aux_k) if aux_k else (0,), x.dtype, x.device),
-        new_output(W_dec.shape, W_dec.dtype, x.device),
+        recycled_output(W_dec.shape, W_dec.dtype, x.device),
         new_output(x.shape if need_dx else (0,), x.dtype, x.device),
     )
 

@@ -33,7 +33,7 @@ import torch
 
 from .. import _backend
 from .._checks import check_finite, check_k, check_tensor
-from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output
+from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output, recycled_output
 from . import _autocast, _common, _functorch, _row_grads, _sparse_rows, _topk_encode_cpu
 
 #: Values of topk_encode's ``precision`` argument.
@@ -257,7 +257,7 @@ def _backward_cpu(d_values, values, indices, x, W_enc, b_dec, need_dx, need_db_d
     rows, d = x.shape
     n = W_enc.shape[0]
     k = values.shape[1]
-    dW_enc = new_output((n, d), W_enc.dtype, x.device) if dW_out is None else dW_out
+    dW_enc = recycled_output((n, d), W_enc.dtype, x.device) if dW_out is None else dW_out
     db_enc = new_output((n,), W_enc.dtype, x.device)
     dx = new_output((rows, d) if need_dx else (0,), x.dtype, x.device)
     db_dec = new_output((d,) if need_db_dec else (0,), x.dtype, x.device)
