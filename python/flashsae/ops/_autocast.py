@@ -49,6 +49,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import _native
 from . import _row_grads
 
 #: Device types whose autocast the ops follow.
@@ -72,10 +73,45 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+class _CastWithRecycledGrad(torch.autograd.Function):
+    """``t.to(dtype)`` whose backward writes the gradient, cast back to t's dtype, into storage that
+    :func:`flashsae._native.recycled_output` hands out again step after step.
+
+    Why: under autocast the two [n, d] parameters are cast every step, and autograd's own cast
+    backward puts their float32 gradients in fresh memory that ``zero_grad(set_to_none=True)`` frees
+    again: every page faults and is zeroed by the kernel first. At n=24576, d=768 (CPU, 2 cores) a
+    fresh float32 [n, d] written once takes 17.6 ms against 2.7 ms on a reused block, twice a step."""
+
+    @staticmethod
+    def forward(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t.to(dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        t, _ = inputs
+        ctx.source = (t.dtype, t.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dtype, device = ctx.source
+        out = _native.recycled_output(tuple(grad.shape), dtype, device)
+        return out.copy_(grad), None
+
+
+def _eager_tensor(t: torch.Tensor) -> bool:
+    """A plain tensor or parameter in eager mode, not a tracer's (torch.compile, make_fx), where the
+    recycling pool must not be consulted."""
+    return not torch.compiler.is_compiling() and type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
 def _cast(t: object, device_type: str, dtype: torch.dtype) -> object:
     if not isinstance(t, torch.Tensor) or t.device.type != device_type or t.dtype not in CASTABLE or t.dtype == dtype:
         return t
-    cast = t.to(dtype)
+    if (t.requires_grad and device_type == "cpu" and t.numel() * t.element_size() >= _native.RECYCLE_MIN_BYTES
+            and _eager_tensor(t)):  # fmt: skip
+        cast = _CastWithRecycledGrad.apply(t, dtype)
+    else:
+        cast = t.to(dtype)
     _row_grads.share_row_grads(t, cast)  # see the module docstring
     return cast
 
