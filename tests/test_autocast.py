@@ -439,3 +439,32 @@ def test_autocast_bar_script_runs_at_a_tiny_size(capsys):
                           "--auxk"])  # fmt: skip
     assert set(result["median_ms"]) == {"torch_dense", "flashsae"} and result["ratio"] > 0
     assert "speed ratio" in capsys.readouterr().out
+
+
+def test_large_parameter_gradients_land_in_recycled_storage(monkeypatch):
+    """The backward of the cast of a large CPU parameter (>= RECYCLE_MIN_BYTES) writes its float32
+    gradient into storage reused step after step, with the values autograd's own cast backward gives."""
+    from flashsae.ops import _autocast
+
+    def grads_of_two_steps():
+        torch.manual_seed(0)
+        sae = TopKSAE(64, 4096, 8)  # W_enc, W_dec: 1 MiB each in float32
+        x = torch.randn(96, 64)
+        steps = []
+        for _ in range(2):
+            with torch.autocast("cpu", torch.bfloat16):
+                out = sae(x)
+            out.loss.backward()
+            steps.append({name: (p.grad.clone(), p.grad.dtype, p.grad.data_ptr()) for name, p in sae.named_parameters()})
+            sae.zero_grad(set_to_none=True)
+        return steps
+
+    recycled = grads_of_two_steps()
+    monkeypatch.setattr(_autocast, "_eager_tensor", lambda t: False)  # autograd's own cast backward
+    plain = grads_of_two_steps()
+    for step_recycled, step_plain in zip(recycled, plain, strict=True):
+        for name, (grad, dtype, _) in step_recycled.items():
+            assert dtype == torch.float32
+            torch.testing.assert_close(grad, step_plain[name][0], rtol=0, atol=0, msg=name)
+    for name in ("W_enc", "W_dec"):
+        assert recycled[0][name][2] == recycled[1][name][2], f"{name}: the second step's gradient is a fresh block"
