@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flashsae.cli import main
 
 TINY = ["--d-in", "16", "--n-latents", "96", "--k", "4", "--batch", "32", "--steps", "2", "--repeats", "2"]
@@ -26,7 +28,8 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     ]  # fmt: skip
     assert all(line.endswith("s elapsed)") for line in progress)
     outcome = json.loads((tmp_path / "out.json").read_text())
-    assert outcome["config"]["n_latents"] == 96
+    assert outcome["config"]["n_latents"] == 96 and outcome["config"]["precision"] == "auto"
+    assert "flashsae precision auto" in printed
     results = {r["provider"]: r for r in outcome["results"]}
     assert set(results) == {"torch_dense", "torch_sparse", "flashsae"}
     for r in results.values():
@@ -47,6 +50,18 @@ def test_bench_rejects_bad_settings(capsys):
     assert "k: expected <= n_latents (50), got 100" in capsys.readouterr().err
     assert main(["bench", *TINY, "--providers", "flashsae,sparsify"]) == 2
     assert "providers: expected names from" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own choices check
+        main(["bench", *TINY, "--precision", "bf16"])
+    assert exit_info.value.code == 2 and "--precision" in capsys.readouterr().err
+
+
+def test_bench_builds_flashsae_at_the_precision_asked_for():
+    from flashsae.bench.train_step import BenchConfig, prepare
+
+    config = BenchConfig(d_in=16, n_latents=96, k=4, batch=32, precision="certified")
+    sae, _, _ = prepare("flashsae", config)
+    assert sae.config.precision == "certified"
+    assert prepare("flashsae", BenchConfig(d_in=16, n_latents=96, k=4, batch=32))[0].config.encoder_precision == "certified"
 
 
 def test_console_script_is_installed():

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..modules import TopKSAE
+from ..modules.topk import TOPK_PRECISIONS
 from .baselines import DenseTopKSAE, SparsifyStyleTopKSAE
 from .environment import describe, environment
 from .memory import PeakMemory
@@ -103,8 +104,14 @@ class BenchConfig:
     threads: int | None = None
     """CPU threads (torch.set_num_threads); None keeps torch's default."""
     seed: int = 0
+    precision: str = "auto"
+    """flashsae's encoder precision (TopKConfig.precision): "auto" (default: what ``flashsae train``
+    uses, the certified encoder: exact results from bfloat16 scores), "exact", "certified" or "fast".
+    The baselines compute in the dtype as given."""
 
     def __post_init__(self) -> None:
+        if self.precision not in TOPK_PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(TOPK_PRECISIONS)}, got {self.precision!r}")
         for name in ("d_in", "n_latents", "k", "batch", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
@@ -124,7 +131,8 @@ def prepare(provider: str, config: BenchConfig) -> tuple[nn.Module, torch.optim.
     generator = torch.Generator().manual_seed(config.seed)
     x = torch.randn(config.batch, config.d_in, generator=generator).to(device=device, dtype=dtype)
     torch.manual_seed(config.seed)
-    sae = PROVIDERS[provider](config.d_in, config.n_latents, config.k, dtype=dtype, device=device)
+    options = {"precision": config.precision} if provider == "flashsae" else {}
+    sae = PROVIDERS[provider](config.d_in, config.n_latents, config.k, dtype=dtype, device=device, **options)
     return sae, make_optimizer(config.optimizer, sae.parameters()), x
 
 
@@ -250,7 +258,8 @@ def format_report(config: BenchConfig, results: list[ProviderSummary], gemm_ms: 
     mib = 1024 * 1024
     lines = [
         f"TopK SAE training step: d={config.d_in} n={config.n_latents} k={config.k} batch={config.batch} "
-        f"{config.dtype} on {config.device}, optimizer {config.optimizer}, {config.steps} steps x "
+        f"{config.dtype} on {config.device}, optimizer {config.optimizer}, flashsae precision {config.precision}, "
+        f"{config.steps} steps x "
         f"{config.repeats} runs per provider",
         describe(env),
         "",
