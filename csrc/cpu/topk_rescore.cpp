@@ -217,18 +217,26 @@ inline double tree(const double* lanes) {  // dot64's fixed tree over lanes 0 ..
 }
 
 
-// xp: x in float64, full blocks permuted (permute_blocks).
-inline __attribute__((always_inline)) double dot64_bf16_body(const double* xp, const bf16* w, int64_t d) {
-  v8d p[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
-  int64_t t = 0;
+// The full 4·kLanes blocks of a bfloat16 row through dot64_bf16_blocks_512 where the CPU has
+// AVX-512 (their lanes into acc, the sum of the squares of w into *sq unless sq is null); returns
+// where the portable loop goes on: d rounded down to whole blocks, or 0 without AVX-512.
+inline __attribute__((always_inline)) int64_t avx512_full_blocks(const double* xp, const bf16* w, int64_t d, v8d* acc,
+                                                                 double* sq) {
 #ifdef FLASHSAE_AVX512_BLOCKS
   if (has_avx512()) {
     double physical[4 * kLanes];
-    t = d / (4 * kLanes) * (4 * kLanes);
-    dot64_bf16_blocks_512(xp, w, d / (4 * kLanes), physical, false, nullptr);
-    std::memcpy(p, physical, sizeof p);
+    dot64_bf16_blocks_512(xp, w, d / (4 * kLanes), physical, sq != nullptr, sq);
+    std::memcpy(acc, physical, sizeof physical);
+    return d / (4 * kLanes) * (4 * kLanes);
   }
 #endif
+  return 0;
+}
+
+// xp: x in float64, full blocks permuted (permute_blocks).
+inline __attribute__((always_inline)) double dot64_bf16_body(const double* xp, const bf16* w, int64_t d) {
+  v8d p[4] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+  int64_t t = avx512_full_blocks(xp, w, d, p, nullptr);
   for (; t + 4 * kLanes <= d; t += 4 * kLanes) {
     v8d wv[4];
     widen_block(w + t, wv);
@@ -348,16 +356,8 @@ inline __attribute__((always_inline)) RowSums row_sums_body(const double* beta, 
 inline __attribute__((always_inline)) RowSums row_sums_bf16_body(const double* beta_p, const bf16* w, int64_t d) {
   const v8d zero = {0, 0, 0, 0, 0, 0, 0, 0};
   v8d dot[4] = {zero, zero, zero, zero}, sq[4] = {zero, zero, zero, zero};
-  int64_t t = 0;
   double sq512 = 0;
-#ifdef FLASHSAE_AVX512_BLOCKS
-  if (has_avx512()) {
-    double physical[4 * kLanes];
-    t = d / (4 * kLanes) * (4 * kLanes);
-    dot64_bf16_blocks_512(beta_p, w, d / (4 * kLanes), physical, true, &sq512);
-    std::memcpy(dot, physical, sizeof dot);
-  }
-#endif
+  int64_t t = avx512_full_blocks(beta_p, w, d, dot, &sq512);
   for (; t + 4 * kLanes <= d; t += 4 * kLanes) {
     v8d wv[4];
     widen_block(w + t, wv);

@@ -11,6 +11,7 @@ floats, ``INDEX_POISON`` for indices) so tests catch any element a kernel forgot
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Iterator
@@ -80,10 +81,7 @@ def recycled_output(shape: tuple[int, ...] | list[int], dtype: torch.dtype, devi
     allocated, as with ``zero_grad(set_to_none=False)``; the peak is unchanged.
     FLASHSAE_RECYCLE_OUTPUTS=0 turns it off."""
     device = torch.device(device)
-    numel = 1
-    for size in shape:
-        numel *= size
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if not _recycle or device.type != "cpu" or nbytes < RECYCLE_MIN_BYTES:
         return new_output(shape, dtype, device)
     with _recycled_lock:

@@ -6,6 +6,7 @@ The row primitives of the ``torch`` backend live in :mod:`flashsae.ops._sparse_r
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from collections.abc import Iterator
 from types import ModuleType
@@ -50,9 +51,7 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     cache = getattr(_scratch, "buffers", None)
     if cache is None:
         cache = _scratch.buffers = {}
-    need = 1
-    for size in shape:
-        need *= size
+    need = math.prod(shape)
     key = (tag, dtype, device)
     buffer = cache.get(key)
     if buffer is None or buffer.numel() < need:
