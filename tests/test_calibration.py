@@ -79,9 +79,15 @@ def test_trainer_calibrates_before_saving(tmp_path, text):
     assert record["running_estimate"] != record["threshold"]
     sample = trainer.source.peek(200)["encoder.layer.1"] * trainer.scales["encoder.layer.1"]
     sae.eval()
-    # the sparse float32 encoder sums in another order than the calibration's GEMM: the two
-    # activations the threshold sits between may be ~1e-7 apart, so allow one of them to flip
-    assert abs(int((sae.encode(sample).indices >= 0).sum()) - 200 * 6) <= 1
+    # the sparse float32 encoder sums in another order than the calibration's GEMM, so activations
+    # within ~1e-7 of the threshold may land on either side of it; and the sample repeats rows (the
+    # first position of every context), whose tied activations all fall on one side: allow the
+    # activations within 1e-6 of the threshold (at least one) to flip
+    p = {name: t.detach().double() for name, t in sae.named_parameters()}
+    act = ((sample.double() - p["b_dec"]) @ p["W_enc"].T + p["b_enc"]).relu()
+    threshold = record["threshold"]
+    ambiguous = int(((act - threshold).abs() <= 1e-6 * threshold).sum())
+    assert abs(int((sae.encode(sample).indices >= 0).sum()) - 200 * 6) <= max(1, ambiguous)
     saved = flashsae.load(result.sae_paths["encoder.layer.1"])
     assert float(saved.threshold) == pytest.approx(record["threshold"], rel=1e-6)
 

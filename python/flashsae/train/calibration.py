@@ -36,7 +36,9 @@ BLOCK_ELEMENTS = 1 << 24
 @torch.no_grad()
 def threshold_for_l0(sae: BatchTopKSAE, x: torch.Tensor) -> float:
     """The threshold that gives `sae` exactly k active latents per row on average over x [rows, d_in]
-    (the module docstring's rule; 0 when fewer than rows * k activations are positive)."""
+    (the module docstring's rule; 0 when fewer than rows * k activations are positive). Tied
+    activations at the threshold all fall below it (repeated rows, such as a model's first position
+    in every context, tie all of theirs), so the count can then come out a few under rows * k."""
     rows = sae._rows(x)
     count = rows.shape[0] * sae.k
     acc = acc_dtype(sae.dtype)
