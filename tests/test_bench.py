@@ -45,6 +45,19 @@ def test_environment_names_the_cpu_and_its_bf16_units():
     assert env["processor"] in line and f"torch {torch.__version__}" in line
     assert ("amx_bf16" in line) == env["amx_bf16"]
     assert "no AMX / AVX-512 BF16" in describe({**env, "amx_bf16": False, "avx512_bf16": False})
+    assert f"bf16 GEMM {env['bf16_gemm_share']:.2f}x the fp32 one's time" in line
+
+
+def test_report_headers_say_what_auto_runs_as(monkeypatch):
+    from flashsae.bench.environment import precision_label
+    from flashsae.ops import _topk_encode_cpu
+
+    monkeypatch.setattr(_topk_encode_cpu, "bf16_gemm_share", lambda: 0.3)
+    assert precision_label("auto", torch.float32, "cpu") == "auto (= certified on this CPU)"
+    monkeypatch.setattr(_topk_encode_cpu, "bf16_gemm_share", lambda: 3.0)
+    assert precision_label("auto", torch.float32, "cpu") == "auto (= exact on this CPU)"
+    assert precision_label("certified", torch.float32, "cpu") == "certified"
+    assert precision_label("auto", torch.float32, "cuda") == "auto"
 
 
 def test_providers_per_stage(monkeypatch):

@@ -61,7 +61,7 @@ def test_bench_builds_flashsae_at_the_precision_asked_for():
     config = BenchConfig(d_in=16, n_latents=96, k=4, batch=32, precision="certified")
     sae, _, _ = prepare("flashsae", config)
     assert sae.config.precision == "certified"
-    assert prepare("flashsae", BenchConfig(d_in=16, n_latents=96, k=4, batch=32))[0].config.encoder_precision == "certified"
+    assert prepare("flashsae", BenchConfig(d_in=16, n_latents=96, k=4, batch=32))[0].config.precision == "auto"
 
 
 def test_console_script_is_installed():

@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from flashsae.modules import TopKConfig
+from flashsae.modules import TopKConfig, TopKSAE
 from flashsae.ops import topk_encode, topk_encode_stats
 from flashsae.train import TrainConfig
 from helpers import assert_valid_topk, f64, sae_tensors
@@ -161,14 +161,40 @@ def test_reduced_precision_float32_matmul_stays_exact():
 
 def test_precision_is_validated():
     t = sae_tensors(3, 8, 20, torch.float32)
-    with pytest.raises(ValueError, match="precision: expected one of exact, fast, certified, got 'bf16'"):
+    with pytest.raises(ValueError, match="precision: expected one of auto, exact, fast, certified, got 'bf16'"):
         topk_encode(t["x"], t["W_enc"], t["b_enc"], 2, precision="bf16")
     with pytest.raises(ValueError, match="precision: expected one of"):
         TopKConfig(d_in=8, n_latents=20, k=2, precision="half")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="half")
-    assert TopKConfig(d_in=8, n_latents=20, k=2, precision="auto").encoder_precision == "certified"
-    assert TopKConfig(d_in=8, n_latents=20, k=2).encoder_precision == "exact"
+    assert TopKConfig(d_in=8, n_latents=20, k=2).precision == "exact"
+
+
+@pytest.mark.parametrize(("share", "dtype", "expected"), [
+    (0.3, torch.float32, "certified"), (0.3, torch.float16, "certified"), (2.0, torch.float32, "exact"),
+    (0.3, torch.bfloat16, "exact"),  # bfloat16 operands' exact already scores with the bfloat16 GEMM
+])  # fmt: skip
+def test_auto_is_certified_only_where_the_bf16_gemm_is_fast(monkeypatch, share, dtype, expected):
+    """"auto" reaches the cpu backend as the precision this CPU's GEMM speeds call for (CPUs that
+    emulate bfloat16 would run "certified" several times slower), through the op and the module, with
+    exact's results either way."""
+    monkeypatch.setattr(cpu_path, "bf16_gemm_share", lambda: share)
+    seen = []
+    encode = cpu_path.encode
+    monkeypatch.setattr(cpu_path, "encode", lambda *a: seen.append(a[7]) or encode(*a))
+    t = sae_tensors(16, 24, 200, dtype)
+    auto = topk_encode(t["x"], t["W_enc"], t["b_enc"], 5, t["b_dec"], backend="cpu", precision="auto")
+    assert seen == [expected]
+    exact = topk_encode(t["x"], t["W_enc"], t["b_enc"], 5, t["b_dec"], backend="cpu", precision="exact")
+    assert_equal_outputs(auto, exact, "auto vs exact")
+    sae = TopKSAE(24, 200, 5, dtype=dtype, precision="auto")
+    sae.encode(t["x"])
+    assert seen[-1] == expected
+
+
+def test_bf16_gemm_share_is_measured():
+    share = cpu_path.bf16_gemm_share()
+    assert 0.0 < share < 100.0 and cpu_path.bf16_gemm_share() == share  # once per process
 
 
 @pytest.mark.parametrize("precision", ["fast", "certified"])

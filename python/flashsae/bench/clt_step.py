@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..modules.topk import TOPK_PRECISIONS
-from .environment import describe, environment
+from .environment import describe, environment, precision_label
 from .memory import PeakMemory
 from .timer import Spread, time_ms
 
@@ -248,7 +248,7 @@ def format_report(config: CLTBenchConfig, results: list[CLTProviderSummary], env
     c = config
     lines = [
         f"CLT training step: L={c.n_layers} d={c.d_in} n={c.n_latents} per layer k={c.k} batch={c.batch} float32 "
-        f"on {c.device}, flashsae precision {c.precision}, {c.steps} steps x {c.repeats} runs per provider",
+        f"on {c.device}, flashsae precision {precision_label(c.precision, torch.float32, c.device)}, {c.steps} steps x {c.repeats} runs per provider",
         describe(env),
         f"load average (1, 5, 15 min) before: {env.get('load_before')}, after: {env.get('load_after')}",
         "",

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..ops import _topk_encode_cpu
+
 
 def environment() -> dict[str, Any]:
     """Date, Python / torch / oneDNN versions, the CPU (model, the bf16 matrix units torch's CPU
@@ -26,6 +28,8 @@ def environment() -> dict[str, Any]:
         "avx512_bf16": "avx512_bf16" in flags,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
+        # what precision="auto" goes by on this CPU (_topk_encode_cpu.AUTO_CERTIFIED_BELOW)
+        "bf16_gemm_share": round(_topk_encode_cpu.bf16_gemm_share(), 3),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -37,12 +41,22 @@ def describe(env: dict[str, Any]) -> str:
     """One line for a report header: date, device, CPU features, versions."""
     units = [name for name in ("amx_bf16", "avx512_bf16") if env.get(name)]
     cpu = f"{env.get('processor', 'unknown CPU')} ({env.get('cpu_threads', '?')} threads"
-    cpu += f", {' + '.join(units)})" if units else ", no AMX / AVX-512 BF16)"
+    cpu += f", {' + '.join(units)}" if units else ", no AMX / AVX-512 BF16"
+    if env.get("bf16_gemm_share") is not None:
+        cpu += f"; bf16 GEMM {env['bf16_gemm_share']:.2f}x the fp32 one's time"
+    cpu += ")"
     versions = f"python {env.get('python')}, torch {env.get('torch')}, oneDNN {env.get('onednn') or 'unknown'}"
     if env.get("cuda"):
         versions += f", CUDA {env['cuda']}"
     device = f"{env['gpu']}, " if env.get("gpu") else ""
     return f"{env.get('date', '')}, {device}{cpu}, {versions}"
+
+
+def precision_label(precision: str, dtype: torch.dtype, device: str) -> str:
+    """`precision` for a report header, with what "auto" runs as on this machine's cpu backend."""
+    if precision != "auto" or device != "cpu":
+        return precision
+    return f"auto (= {_topk_encode_cpu.resolve_precision(precision, dtype)} on this CPU)"
 
 
 def _cpu_name() -> str:

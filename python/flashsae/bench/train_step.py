@@ -41,7 +41,7 @@ from torch import nn
 from ..modules import TopKSAE
 from ..modules.topk import TOPK_PRECISIONS
 from .baselines import DenseTopKSAE, SparsifyStyleTopKSAE
-from .environment import describe, environment
+from .environment import describe, environment, precision_label
 from .memory import PeakMemory
 from .timer import Spread, time_ms
 
@@ -258,7 +258,8 @@ def format_report(config: BenchConfig, results: list[ProviderSummary], gemm_ms: 
     mib = 1024 * 1024
     lines = [
         f"TopK SAE training step: d={config.d_in} n={config.n_latents} k={config.k} batch={config.batch} "
-        f"{config.dtype} on {config.device}, optimizer {config.optimizer}, flashsae precision {config.precision}, "
+        f"{config.dtype} on {config.device}, optimizer {config.optimizer}, flashsae precision "
+        f"{precision_label(config.precision, DTYPES[config.dtype], config.device)}, "
         f"{config.steps} steps x "
         f"{config.repeats} runs per provider",
         describe(env),

@@ -155,7 +155,7 @@ class CrossLayerTranscoderConfig(SAEConfig):
     transcoder set, flashsae.io.transcoder_set)."""
     precision: str = "exact"
     """How the TopK encoders score latents, as TopKConfig.precision: "exact", "certified" (exact's
-    results from bfloat16 GEMM scores and a proven bound), "fast" or "auto" (= certified)."""
+    results from bfloat16 GEMM scores and a proven bound), "fast" or "auto" (certified where this CPU's bfloat16 GEMM is fast, else exact)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -456,9 +456,9 @@ class CrossLayerTranscoder(SAE):
         W_enc, b_enc = self.encoder(i)
         if self.activation == "topk":
             aux_k = self.aux_k if dead is not None else 0
-            precision = "certified" if self.config.precision == "auto" else self.config.precision
             encoded = topk_encode(
-                x_i, W_enc, b_enc, self.k, dead_mask=dead, aux_k=aux_k, backend=self.backend, precision=precision
+                x_i, W_enc, b_enc, self.k, dead_mask=dead, aux_k=aux_k, backend=self.backend,
+                precision=self.config.precision,
             )
             return encoded[0], encoded[1], (encoded[2], encoded[3]) if aux_k else None
         if self.activation == "batchtopk" and self.training:

@@ -34,8 +34,8 @@ from . import _shared
 from .base import ConfigField, KeywordConfigSAE, SAEConfig
 
 
-#: Values of TopKConfig.precision: topk_encode's precisions and "auto".
-TOPK_PRECISIONS = ("auto", *PRECISIONS)
+#: Values of TopKConfig.precision: topk_encode's precisions ("auto" among them).
+TOPK_PRECISIONS = PRECISIONS
 
 
 @dataclass
@@ -62,11 +62,13 @@ class TopKConfig(SAEConfig):
     precision: str = "exact"
     """How the encoder scores latents (:func:`flashsae.ops.topk_encode`'s precision): "exact",
     "certified" (exact's results, bit for bit, from bfloat16 GEMM scores, a proven error bound and
-    exact rescoring of a few candidates per row), "fast" (bfloat16 scores as computed) or "auto",
-    which is "certified" in training and at inference alike: it never changes a result, and it runs
-    at the bfloat16 GEMM's speed on CPUs (rows the bound cannot prove, under 1% on real activations,
-    are recomputed exactly). "fast" is never chosen automatically: it changes which latents win
-    near-ties."""
+    exact rescoring of a few candidates per row), "fast" (bfloat16 scores as computed) or "auto":
+    "certified" where torch's bfloat16 GEMM is fast on this CPU (AMX or AVX-512 BF16: measured once
+    per process, flashsae.ops._topk_encode_cpu.AUTO_CERTIFIED_BELOW), else "exact", in training and
+    at inference alike. Either never changes a result; certified runs at the bfloat16 GEMM's speed
+    (rows the bound cannot prove, under 1% on real activations, are recomputed exactly), but on CPUs
+    that emulate bfloat16 its GEMM is 2-4.5x slower than float32's. "fast" is never chosen
+    automatically: it changes which latents win near-ties."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,11 +77,6 @@ class TopKConfig(SAEConfig):
         boolean("apply_b_dec_to_input", self.apply_b_dec_to_input)
         choice("input_norm", self.input_norm, _shared.INPUT_NORMS)
         choice("precision", self.precision, TOPK_PRECISIONS)
-
-    @property
-    def encoder_precision(self) -> str:
-        """The topk_encode precision that ``precision`` names ("auto" resolved)."""
-        return "certified" if self.precision == "auto" else self.precision
 
 
 #: Multi-TopK (Gao et al. 2024, 5.3): the second reconstruction uses MULTI_TOPK_FACTOR * k latents
@@ -134,7 +131,7 @@ class TopKSAE(KeywordConfigSAE):
         rows, _ = self._prepared_rows(x)
         values, indices = topk_encode(
             rows, self.W_enc, self.b_enc, self.k, self._input_bias(), backend=self.backend,
-            precision=self.config.encoder_precision,
+            precision=self.config.precision,
         )  # fmt: skip
         lead = x.shape[:-1]
         return SparseLatents(values.reshape(*lead, self.k), indices.reshape(*lead, self.k))
@@ -174,7 +171,7 @@ class TopKSAE(KeywordConfigSAE):
         slots = min(MULTI_TOPK_FACTOR * self.k, self.n_latents) if self.config.multi_topk else self.k
         encoded = topk_encode(
             rows, self.W_enc, self.b_enc, slots, self._input_bias(), dead_mask=dead_mask, aux_k=aux_k,
-            backend=self.backend, precision=self.config.encoder_precision,
+            backend=self.backend, precision=self.config.precision,
         )  # fmt: skip
         values, indices = encoded[:2]
         wide = (values, indices)

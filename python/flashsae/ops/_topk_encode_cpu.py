@@ -66,6 +66,8 @@ row are further apart than twice the bound in all but a few rows with CERTIFY_MA
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +75,45 @@ import torch
 from .._native import _C, DTYPE_CODES, addr, new_output
 
 PRECISIONS = ("exact", "fast", "certified")
+
+#: "auto" chooses "certified" for float32 / float16 operands when torch's bfloat16 GEMM takes at most
+#: this share of its float32 GEMM's time on this CPU, else "exact" (results are the same either way).
+#: Certified's extra work (W rounded to bfloat16, the candidates' exact rescoring) is ~12-20% of the
+#: float32 GEMM, so it wins below ~0.8; the CPUs measured sit far from the line. bf16_gemm_share():
+#: 0.34 on a 2-core EPYC (Zen 4, AVX-512 BF16), 2.12 on the same EPYC with oneDNN held to AVX-512
+#: without BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE: Skylake / Cascade Lake-class). [1024, 768] x
+#: [768, 24576]: 0.25 on the 2-core Xeon with AMX; [1024, 768] x [768, 4096] on the EPYC held to AVX2
+#: (Zen 2/3, Haswell-class): 4.5. There "certified" would make a step several times slower.
+AUTO_CERTIFIED_BELOW = 0.6
+
+
+@functools.cache
+def bf16_gemm_share() -> float:
+    """torch's bfloat16 GEMM time as a share of its float32 GEMM time on this CPU, for a [256, 768] x
+    [768, 2048] product (the best of three after a warm-up each; about 50 ms once per process, most of
+    it oneDNN building its kernels on the first call)."""
+    x, w = torch.randn(256, 768), torch.randn(2048, 768)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        torch.mm(a, b.T)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.mm(a, b.T)
+            times.append(time.perf_counter() - start)
+        best[dtype] = min(times)
+    return best[torch.bfloat16] / best[torch.float32]
+
+
+def resolve_precision(precision: str, dtype: torch.dtype) -> str:
+    """The precision the cpu backend runs for `precision` ("auto" resolved for operands of `dtype`:
+    :data:`AUTO_CERTIFIED_BELOW`; bfloat16 operands' "exact" already scores with the bfloat16 GEMM)."""
+    if precision != "auto":
+        return precision
+    if dtype in (torch.float32, torch.float16) and bf16_gemm_share() <= AUTO_CERTIFIED_BELOW:
+        return "certified"
+    return "exact"
 
 #: Candidates per row beyond k (and beyond aux_k), by whether the GEMM operands had to be rounded to
 #: its dtype (float32 parameters under "certified"): enough that the k-th exact score clears the

@@ -36,8 +36,8 @@ from .._checks import check_finite, check_k, check_tensor
 from .._native import _C, DTYPE_CODES, addr, dtype_code, new_output, recycled_output
 from . import _autocast, _common, _functorch, _row_grads, _sparse_rows, _topk_encode_cpu
 
-#: Values of topk_encode's ``precision`` argument.
-PRECISIONS = _topk_encode_cpu.PRECISIONS
+#: Values of topk_encode's ``precision`` argument: "auto" and the cpu backend's precisions.
+PRECISIONS = ("auto", *_topk_encode_cpu.PRECISIONS)
 
 #: Largest aux_k the triton backend selects inside its fused encoder kernel: a second per-row state of
 #: next_pow2(aux_k) int64 keys has to stay in registers next to the main one (sm_90: 247 registers per
@@ -126,6 +126,7 @@ def _encode_cpu(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision):
     cols = tile_columns(x.shape[0], W_enc.shape[0])
     if x.dtype == torch.float64:
         return _topk_encode_cpu.encode_float64(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, cols)
+    precision = _topk_encode_cpu.resolve_precision(precision, x.dtype)
     return _topk_encode_cpu.encode(x, W_enc, b_enc, b_dec, k, dead_mask, aux_k, precision, cols)
 
 
@@ -518,7 +519,9 @@ def topk_encode(
         dead_mask: [n_latents] bool, latents eligible for the AuxK selection; needs aux_k > 0.
         aux_k: size of the AuxK selection among dead latents (0: none).
         backend: "auto" (default, or FLASHSAE_BACKEND), "cpu", "cuda", "triton" or "torch".
-        precision: how the scores are computed (cpu backend; see PRECISIONS):
+        precision: how the scores are computed (cpu backend; see PRECISIONS), "auto" being
+            "certified" for float32 / float16 operands where torch's bfloat16 GEMM is fast on this
+            CPU (_topk_encode_cpu.AUTO_CERTIFIED_BELOW, measured once per process), else "exact":
             "exact" (default): the top-k of the exact scores, values the exact scores rounded to
             x's dtype. On the cpu backend for float32 / bfloat16 / float16 operands "exact" is
             defined by one canonical score (the pre-activation computed with float64 products and
