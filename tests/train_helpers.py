@@ -48,6 +48,12 @@ def _wordpiece_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok.train_from_iterator(_corpus(), trainers.WordPieceTrainer(vocab_size=500, special_tokens=specials))
+    # the trainer numbers its tokens in a different order in every process (its hash maps are seeded
+    # per process), so the tiny model, and every result trained on it, differed from run to run: the
+    # same tokens, renumbered specials first, then in sorted order
+    trained = tok.get_vocab()
+    order = specials + sorted(set(trained) - set(specials))
+    tok.model = models.WordPiece(vocab={token: i for i, token in enumerate(order)}, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
