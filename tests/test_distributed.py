@@ -294,3 +294,27 @@ def test_sharded_sae_refuses_options_it_does_not_implement():
         from flashsae.distributed import Layout
 
         ShardedTopKSAE(TopKConfig(d_in=8, n_latents=3, k=1), Layout(4, 0, 4, 0, 1, 0))
+
+
+@pytest.mark.parametrize("precision", ["certified", "auto"])
+def test_sharded_sae_encodes_at_its_precision(monkeypatch, precision):
+    # the shards' candidate pass runs at the config's precision, with the exact precision's results
+    import importlib
+
+    from flashsae.modules.topk import TopKConfig
+
+    cpu_path = importlib.import_module("flashsae.ops._topk_encode_cpu")
+    monkeypatch.setattr(cpu_path, "bf16_gemm_share", lambda: 0.3)  # "auto" = certified
+    seen = []
+    encode = cpu_path.encode
+    monkeypatch.setattr(cpu_path, "encode", lambda *a: seen.append(a[7]) or encode(*a))
+    saes = {}
+    for p in ("exact", precision):
+        torch.manual_seed(0)
+        saes[p] = ShardedTopKSAE(TopKConfig(d_in=24, n_latents=300, k=5, precision=p), single_process())
+    x = torch.randn(40, 24)
+    seen.clear()
+    exact, other = saes["exact"](x), saes[precision](x)
+    assert seen == ["exact", "certified"]
+    assert torch.equal(exact.x_hat, other.x_hat) and torch.equal(exact.latents.indices, other.latents.indices)
+    assert torch.equal(saes["exact"].encode(x).values, saes[precision].encode(x).values)

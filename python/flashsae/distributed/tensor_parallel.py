@@ -106,7 +106,7 @@ class ShardedTopKSAE(SAE):
                 f"got apply_b_dec_to_input={config.apply_b_dec_to_input}, input_norm={config.input_norm!r}"
             )
         if config.precision == "fast":
-            # its shards encode exactly, which every other precision's results equal
+            # the global top-k merges the shards' exact scores; every other precision returns them
             raise ValueError("config: precision='fast' is not supported by ShardedTopKSAE")
         if config.n_latents < layout.tensor_parallel:
             raise ValueError(
@@ -201,7 +201,9 @@ class ShardedTopKSAE(SAE):
         """The global top-k latents of x [..., d_in] (global int32 indices), as TopKSAE.encode."""
         rows = self._rows(x)
         local, padded = self._slots(self.k)
-        values, idx = topk_encode(rows, self.W_enc, self.b_enc, local, self.b_dec, backend=self.backend)
+        values, idx = topk_encode(
+            rows, self.W_enc, self.b_enc, local, self.b_dec, backend=self.backend, precision=self.config.precision
+        )
         top_values, top_idx, _ = self._global_top(values, idx, self.k, padded)
         lead = x.shape[:-1]
         return SparseLatents(top_values.reshape(*lead, self.k), top_idx.reshape(*lead, self.k))
@@ -226,7 +228,7 @@ class ShardedTopKSAE(SAE):
         aux_local, aux_padded = self._slots(cfg.aux_k)
         encoded = topk_encode(
             rows, self.W_enc, self.b_enc, local, self.b_dec, dead_mask=dead_mask,
-            aux_k=aux_local if use_aux else 0, backend=self.backend,
+            aux_k=aux_local if use_aux else 0, backend=self.backend, precision=cfg.precision,
         )  # fmt: skip
         values, idx = encoded[:2]
         top_values, top_idx, mine = self._global_top(values, idx, cfg.k, padded)
