@@ -192,9 +192,18 @@ def test_auto_is_certified_only_where_the_bf16_gemm_is_fast(monkeypatch, share, 
     assert seen[-1] == expected
 
 
-def test_bf16_gemm_share_is_measured():
+def test_bf16_gemm_share_is_measured(monkeypatch):
     share = cpu_path.bf16_gemm_share()
     assert 0.0 < share < 100.0 and cpu_path.bf16_gemm_share() == share  # once per process
+    mm = torch.mm
+
+    def without_bf16(a, b, **kwargs):
+        if a.dtype == torch.bfloat16:
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'BFloat16'")
+        return mm(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", without_bf16)
+    assert cpu_path.bf16_gemm_share.__wrapped__() == float("inf")  # then "auto" is "exact"
 
 
 @pytest.mark.parametrize("precision", ["fast", "certified"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import re
 import time
@@ -29,7 +30,7 @@ def environment() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         # what precision="auto" goes by on this CPU (_topk_encode_cpu.AUTO_CERTIFIED_BELOW)
-        "bf16_gemm_share": round(_topk_encode_cpu.bf16_gemm_share(), 3),
+        "bf16_gemm_share": _finite_or_none(_topk_encode_cpu.bf16_gemm_share()),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -57,6 +58,10 @@ def precision_label(precision: str, dtype: torch.dtype, device: str) -> str:
     if precision != "auto" or device != "cpu":
         return precision
     return f"auto (= {_topk_encode_cpu.resolve_precision(precision, dtype)} on this CPU)"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return round(value, 3) if math.isfinite(value) else None
 
 
 def _cpu_name() -> str:

@@ -91,12 +91,16 @@ AUTO_CERTIFIED_BELOW = 0.6
 def bf16_gemm_share() -> float:
     """torch's bfloat16 GEMM time as a share of its float32 GEMM time on this CPU, for a [256, 768] x
     [768, 2048] product (the best of three after a warm-up each; about 50 ms once per process, most of
-    it oneDNN building its kernels on the first call)."""
+    it oneDNN building its kernels on the first call); infinity where torch has no bfloat16 GEMM on
+    this CPU (then "certified" cannot run, and "auto" is "exact")."""
     x, w = torch.randn(256, 768), torch.randn(2048, 768)
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = x.to(dtype), w.to(dtype)
-        torch.mm(a, b.T)
+        try:
+            torch.mm(a, b.T)
+        except RuntimeError:  # e.g. "not implemented for 'BFloat16'" in builds without it
+            return float("inf")
         times = []
         for _ in range(3):
             start = time.perf_counter()
