@@ -1,7 +1,8 @@
 """The C++ running top-k (topk_state_merge) against a stable sort of the same keys, chunk by chunk.
 
-A row whose heap is not yet full of positive keys first takes the k-th largest of its 16-wide groups'
-maxima as a floor (csrc/cpu/topk_encode.cpp): these cases make that floor decide, and not decide:
+A row whose heap is not yet full of positive keys first takes a floor that at least k of its
+disjoint column sets' maxima reach (16-wide groups, or lane-strided sets with AVX-512;
+csrc/cpu/topk_encode.cpp): these cases make that floor decide, and not decide:
 chunks with at least k groups and with fewer, rows with many exact ties (ties go to the lower
 index), rows with few or no positive keys, NaN keys, and a heap that is already full when a chunk
 arrives."""
