@@ -214,7 +214,7 @@ def test_backends_without_a_candidate_pass_compute_exactly(precision):
     assert_equal_outputs(exact, other, f"torch backend, precision={precision}")
 
 
-@pytest.mark.parametrize("precision", ["certified", "fast"])
+@pytest.mark.parametrize("precision", ["certified", "fast", "auto"])
 def test_opcheck_cpu_precisions(precision):
     from torch.library import opcheck
 
