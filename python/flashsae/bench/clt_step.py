@@ -67,7 +67,8 @@ class CLTBenchConfig:
     """Runs per provider, each in a fresh process."""
     precision: str = "auto"
     """flashsae's encoder precision (CrossLayerTranscoderConfig.precision): "auto" (the trainer's
-    default, = "certified": "exact"'s results from bfloat16 GEMM candidates), "exact" or "fast"."""
+    default: "certified", "exact"'s results from bfloat16 GEMM candidates, where this CPU's bfloat16
+    GEMM is fast, else "exact"), "exact", "certified" or "fast"."""
     threads: int | None = None
     """CPU threads (torch.set_num_threads); None keeps torch's default."""
     seed: int = 0

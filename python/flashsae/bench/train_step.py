@@ -106,7 +106,8 @@ class BenchConfig:
     seed: int = 0
     precision: str = "auto"
     """flashsae's encoder precision (TopKConfig.precision): "auto" (default: what ``flashsae train``
-    uses, the certified encoder: exact results from bfloat16 scores), "exact", "certified" or "fast".
+    uses, the certified encoder, exact results from bfloat16 scores, where this CPU's bfloat16 GEMM
+    is fast, else exact), "exact", "certified" or "fast".
     The baselines compute in the dtype as given."""
 
     def __post_init__(self) -> None:

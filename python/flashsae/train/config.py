@@ -234,7 +234,7 @@ class TrainConfig(ActivationSourceConfig):
     """Mixed precision of the SAE step: auto (bf16 autocast on CUDA, off on CPU), bf16 or off."""
     precision: str = "auto"
     """How a TopK encoder scores latents (architectures whose config has a precision field): auto
-    (certified), exact, certified (exact's results from bfloat16 GEMM scores, proven per row; the
+    (certified where this CPU's bfloat16 GEMM is fast, else exact; same results), exact, certified (exact's results from bfloat16 GEMM scores, proven per row; the
     rows it recomputes are logged as <hookpoint>/recomputed_rows_pct) or fast (bfloat16 scores as
     computed). See flashsae.modules.TopKConfig."""
     out: str | None = None
